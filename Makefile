@@ -1,0 +1,60 @@
+# Two commands do everything on a fresh machine:
+#   make course   set up .venv and run every notebook end to end, in order (headless)
+#   make test     set up .venv and run the unit tests plus nbval over every notebook
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch lies on this machine's disk; a bare `torch` requirement would pull a
+# multi-GB CUDA build. Where a GPU is present the package's own `torch>=` range picks the build.
+TORCH_CPU ?= torch==2.13.0
+PYTEST_NB := --nbval-lax --nbval-current-env --sanitize-with notebooks/sanitize.cfg
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+# Nothing downloads at run time by default; set HF_HUB_OFFLINE=0 to use a hub model.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export MPLBACKEND ?= Agg
+
+.PHONY: setup course test unit notebooks lab lint env clean
+
+setup: $(VENV)/.ready
+
+$(VENV)/.ready: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+	  $(PY) -m pip install -q $(TORCH_CPU); fi
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+course: setup
+	mkdir -p artifacts/notebooks
+	for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb"; \
+	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=1200 \
+	    --output-dir artifacts/notebooks "$$nb" || exit 1; \
+	done
+	@echo "Executed notebooks are in artifacts/notebooks/"
+
+test: setup
+	$(PY) -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -v --durations=15
+
+unit: setup
+	$(PY) -m pytest tests -v --durations=15
+
+notebooks: setup
+	$(PY) -m pytest $(NOTEBOOKS) $(PYTEST_NB) -v --durations=15
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks
+
+lint: setup
+	$(VENV)/bin/ruff check lmref tests benchmarks notebooks
+
+env: setup
+	$(PY) -m lmref.env
+
+clean:
+	rm -rf artifacts

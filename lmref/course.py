@@ -1,0 +1,115 @@
+"""Glue for the notebooks: where artifacts live, the course's recipes, and rebuilding artifacts.
+
+Each notebook runs standalone in a fresh kernel. When it needs an earlier notebook's output
+(the data of 01, the base model of 02) and that is missing, it calls ``ensure_*`` here, which
+runs the same code, with the same recipe, as the earlier notebook. This module is the one place
+that ties the other ``lmref`` modules together; they stay copyable on their own.
+
+Usage::
+
+    from lmref.course import ARTIFACTS, ensure_base, load_instruction_eval
+
+    base_dir = ensure_base()                     # pretrains artifacts/base/ if it is not there
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from datasets import DatasetDict, load_from_disk
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from lmref.data import InstructionCollator, format_prompt, prepare_data, tokenize_instructions
+from lmref.modeling import build_model, load_model
+from lmref.training import TrainingConfig, TrainResult, train
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("LMREF_ARTIFACTS", REPO_ROOT / "artifacts"))
+
+# The recipes of notebook 02, sized for 2 CPU cores (a few minutes). Notebooks override the
+# step counts from environment variables; ensure_base()/ensure_full_ft() use these values.
+PRETRAIN = TrainingConfig(
+    output_dir=str(ARTIFACTS / "runs" / "pretrain"), max_steps=200,
+    per_device_train_batch_size=16, learning_rate=3e-3, warmup_steps=20, weight_decay=0.1,
+    eval_steps=50, eval_max_batches=8, logging_steps=10, save_steps=50,
+)
+FINETUNE = TrainingConfig(
+    output_dir=str(ARTIFACTS / "runs" / "full-ft"), max_steps=200,
+    per_device_train_batch_size=32, learning_rate=1e-3, warmup_steps=10, weight_decay=0.0,
+    eval_steps=100, eval_max_batches=4, logging_steps=10, save_steps=50,
+)
+
+
+def ensure_data(data_dir: Path | str | None = None) -> Path:
+    """``artifacts/data`` (corpus, tokenizer, instructions), built by notebook 01's code if missing."""
+    data_dir = Path(data_dir or ARTIFACTS / "data")
+    if not (data_dir / "report.json").exists():
+        prepare_data(out_dir=data_dir)
+    return data_dir
+
+
+def load_corpus(data_dir: Path | str | None = None) -> tuple[PreTrainedTokenizerBase, DatasetDict]:
+    data_dir = ensure_data(data_dir)
+    return (AutoTokenizer.from_pretrained(data_dir / "tokenizer"),
+            load_from_disk(str(data_dir / "corpus")))
+
+
+def load_instructions(tokenizer: PreTrainedTokenizerBase, data_dir: Path | str | None = None,
+                      ) -> tuple[DatasetDict, DatasetDict, InstructionCollator]:
+    """The instruction set raw (task, instruction, answer) and tokenized with prompt masking."""
+    raw = load_from_disk(str(ensure_data(data_dir) / "instructions"))
+    tokenized = DatasetDict({k: tokenize_instructions(v, tokenizer) for k, v in raw.items()})
+    return raw, tokenized, InstructionCollator(tokenizer)
+
+
+def load_instruction_eval(raw_split) -> tuple[list[str], list[str]]:
+    """Prompts (in the course's template) and answers for exact-match evaluation."""
+    return [format_prompt(x) for x in raw_split["instruction"]], list(raw_split["answer"])
+
+
+def pretrain_base(out_dir: Path | str | None = None, config: TrainingConfig = PRETRAIN,
+                  preset: str = "tiny", data_dir: Path | str | None = None) -> TrainResult:
+    """Notebook 02's pretraining: a ``preset`` model on the packed corpus, saved in HF format."""
+    out_dir = Path(out_dir or ARTIFACTS / "base")
+    tokenizer, corpus = load_corpus(data_dir)
+    model = build_model(preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    result = train(model, corpus["train"], config, eval_dataset=corpus["validation"])
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "train_result.json").write_text(json.dumps(
+        {k: v for k, v in vars(result).items() if k != "history"}, indent=1))
+    return result
+
+
+def finetune(base_dir: Path | str, out_dir: Path | str, config: TrainingConfig = FINETUNE,
+             data_dir: Path | str | None = None, callbacks=()) -> TrainResult:
+    """Notebook 02's full fine-tuning on the instruction set, saved in HF format."""
+    out_dir = Path(out_dir)
+    model = load_model(str(base_dir))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    _, tokenized, collator = load_instructions(tokenizer, data_dir)
+    result = train(model, tokenized["train"], config, eval_dataset=tokenized["test"],
+                   collate_fn=collator, callbacks=callbacks)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return result
+
+
+def ensure_base(base_dir: Path | str | None = None) -> Path:
+    """``artifacts/base``: the pretrained base model, pretrained with notebook 02's recipe if missing."""
+    base_dir = Path(base_dir or ARTIFACTS / "base")
+    if not (base_dir / "model.safetensors").exists():
+        pretrain_base(base_dir, replace(PRETRAIN, disable_tqdm=True))
+    return base_dir
+
+
+def ensure_full_ft(out_dir: Path | str | None = None) -> Path:
+    """``artifacts/full-ft``: the fully fine-tuned model, rebuilt with notebook 02's recipe if missing."""
+    out_dir = Path(out_dir or ARTIFACTS / "full-ft")
+    if not (out_dir / "model.safetensors").exists():
+        finetune(ensure_base(), out_dir, replace(FINETUNE, disable_tqdm=True))
+    return out_dir

@@ -1,0 +1,50 @@
+"""Environment report: library versions, device and precision support — paste it into bug reports.
+
+Usage::
+
+    python -m lmref.env            # or: make env
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+
+PACKAGES = ["torch", "transformers", "accelerate", "datasets", "tokenizers", "peft",
+            "bitsandbytes", "safetensors", "flask", "nbval", "lmref"]
+
+
+def environment_report() -> dict:
+    import torch
+
+    report = {"python": sys.version.split()[0], "platform": platform.platform(),
+              "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    for name in PACKAGES:
+        try:
+            report[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            report[name] = "not installed"
+    report["cuda"] = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        report["device"] = torch.cuda.get_device_name(0)
+        report["cuda_version"] = torch.version.cuda
+        report["bf16"] = torch.cuda.is_bf16_supported()
+        report["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    else:
+        report["device"] = f"cpu ({platform.processor() or platform.machine()})"
+        report["bf16"] = "autocast only (fp32 is the default on CPU)"
+    report["default_precision"] = ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+                                   else "fp16" if torch.cuda.is_available() else "fp32")
+    report["hf_hub_offline"] = os.environ.get("HF_HUB_OFFLINE", "0")
+    return report
+
+
+def main() -> None:
+    for key, value in environment_report().items():
+        print(f"{key:>20}: {value}")
+
+
+if __name__ == "__main__":
+    main()

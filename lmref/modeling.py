@@ -1,0 +1,135 @@
+"""Model presets and loading: build a small model from a named shape, or load any HF causal LM.
+
+The course trains its own base model (the ``tiny`` preset) so that nothing is downloaded; the
+same functions take any Hugging Face model id or local path, so a notebook switches to a real
+model by changing one string.
+
+Usage::
+
+    from lmref.modeling import build_model, load_model, model_report
+
+    model = build_model("tiny", vocab_size=4096)          # random init, Llama-shaped, ~2.4M params
+    print(model_report(model))                            # parameters, bytes, training memory estimate
+    model = load_model("artifacts/base")                  # or "HuggingFaceTB/SmolLM2-135M" online
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A model shape. ``arch`` is "llama" or "gpt2"; sizes follow the Llama config names."""
+
+    arch: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    vocab_size: int
+    tie_word_embeddings: bool = True
+
+
+PRESETS: dict[str, ModelPreset] = {
+    # Trains on 2 CPU cores in minutes; GQA (6 query heads share 2 key/value heads) like Llama 3.
+    "tiny": ModelPreset("llama", 192, 4, 6, 2, 512, 512, 4096),
+    "tiny-gpt2": ModelPreset("gpt2", 192, 4, 6, 6, 768, 512, 4096),
+    # GPU shapes for the benchmarks: GPT-2 small, and the TinyLlama 1.1B shape.
+    "gpt2-124m": ModelPreset("gpt2", 768, 12, 12, 12, 3072, 1024, 50257),
+    "llama-1b": ModelPreset("llama", 2048, 22, 32, 4, 5632, 2048, 32000, tie_word_embeddings=False),
+}
+
+
+def default_device() -> torch.device:
+    """``cuda`` when present, else ``cpu`` (Apple ``mps`` is left out: bf16/compile support varies)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (CPU bf16 matmuls are slow)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def build_model(preset: str = "tiny", vocab_size: int | None = None, seed: int = 0,
+                **overrides) -> PreTrainedModel:
+    """A randomly initialised model of a named shape; ``overrides`` replace config fields."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    vocab_size = vocab_size or p.vocab_size
+    torch.manual_seed(seed)
+    if p.arch == "llama":
+        fields = dict(
+            vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+            num_hidden_layers=p.num_hidden_layers, num_attention_heads=p.num_attention_heads,
+            num_key_value_heads=p.num_key_value_heads,
+            max_position_embeddings=p.max_position_embeddings,
+            tie_word_embeddings=p.tie_word_embeddings,
+        )
+        model = LlamaForCausalLM(LlamaConfig(**{**fields, **overrides}))
+    else:
+        fields = dict(
+            vocab_size=vocab_size, n_embd=p.hidden_size, n_layer=p.num_hidden_layers,
+            n_head=p.num_attention_heads, n_inner=p.intermediate_size,
+            n_positions=p.max_position_embeddings, tie_word_embeddings=p.tie_word_embeddings,
+        )
+        model = GPT2LMHeadModel(GPT2Config(**{**fields, **overrides}))
+    return model
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | str = "auto",
+               device: torch.device | str = "auto", attn_implementation: str = "sdpa",
+               **kwargs) -> PreTrainedModel:
+    """Load any causal LM by hub id or local folder, in the dtype and on the device of this machine.
+
+    Weights are read from safetensors only: a pickled ``pytorch_model.bin`` can run code on load.
+    """
+    device = default_device() if device == "auto" else torch.device(device)
+    if dtype == "auto":
+        dtype = default_dtype(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=dtype, attn_implementation=attn_implementation,
+        use_safetensors=True, **kwargs,
+    )
+    return model.to(device)
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Parameters counted once each (tied embeddings are one tensor)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def model_report(model: torch.nn.Module) -> dict:
+    """Parameter counts and memory: weights as stored, and a rule-of-thumb for AdamW training.
+
+    Training with AdamW in fp32 holds weights + gradients + two moments = 16 bytes a trainable
+    parameter (mixed precision keeps fp32 master weights, so it is no smaller), before activations.
+    """
+    total = count_parameters(model)
+    trainable = count_parameters(model, trainable_only=True)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    return {
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "trainable_share": trainable / total if total else 0.0,
+        "weight_mb": weight_bytes / 2**20,
+        "adamw_training_state_mb": 16 * trainable / 2**20,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }

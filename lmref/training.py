@@ -1,0 +1,484 @@
+"""One training loop for causal language models: pretraining, full fine-tuning, LoRA, DDP.
+
+No Trainer class owns the run: ``train()`` is a plain function whose loop reads top to bottom
+(see the ``while`` loop below). It handles what production runs need:
+
+- AdamW with decay / no-decay groups (fused on CUDA), warmup + cosine schedule (transformers');
+- bf16 autocast where supported, fp16 with a gradient scaler where not, fp32 on CPU;
+- gradient accumulation with a loss weighted by tokens across micro-batches and ranks, so
+  4 micro-batches of b equal one batch of 4b; clipping with the norm logged;
+- optional ``torch.compile`` and gradient checkpointing;
+- periodic evaluation, best model by validation loss, metrics to JSONL, a tqdm bar;
+- atomic checkpoints (safetensors weights + optimizer, scheduler, RNG and data position) that
+  resume to the same weights as an uninterrupted run (bitwise on CPU);
+- DistributedDataParallel when the model comes wrapped in it: per-rank data shards, no
+  all-reduce on accumulation micro-steps, rank 0 alone writes files.
+
+Only parameters with ``requires_grad`` are trained and checkpointed, so a peft LoRA model goes
+through the same loop.
+
+Usage::
+
+    from lmref.training import TrainingConfig, train
+
+    config = TrainingConfig(output_dir="artifacts/run", max_steps=200, learning_rate=3e-3,
+                            per_device_train_batch_size=16, eval_steps=50, save_steps=50)
+    result = train(model, corpus["train"], config, eval_dataset=corpus["validation"])
+    print(result.best_eval_loss, result.tokens_per_second)
+    # after a crash: the same call with resume_from_checkpoint=True picks up where it stopped
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+# bf16 dense peak of common accelerators, for MFU (model FLOPs utilisation).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+              "A10": 125e12, "4090": 165e12}
+
+
+@dataclass
+class TrainingConfig:
+    """Knobs of a run; names follow Hugging Face ``TrainingArguments`` where one exists."""
+
+    output_dir: str = "artifacts/run"
+    max_steps: int = 100
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1          # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
+    precision: str = "auto"            # auto | fp32 | bf16 | fp16
+    torch_compile: bool = False
+    gradient_checkpointing: bool = False
+    eval_steps: int = 0                # 0: evaluate once, at the end
+    per_device_eval_batch_size: int = 16
+    eval_max_batches: int | None = None
+    save_steps: int = 0                # 0: no checkpoints
+    save_total_limit: int = 2
+    save_best_model: bool = False      # save_pretrained into output_dir/best on a new best eval loss
+    logging_steps: int = 10
+    seed: int = 0
+    resume_from_checkpoint: bool | str = False  # True: the latest in output_dir; or a path
+    disable_tqdm: bool = False
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float
+    eval_loss: float | None
+    best_eval_loss: float | None
+    tokens_seen: int
+    train_seconds: float
+    tokens_per_second: float
+    peak_memory_mb: float
+    resumed_from_step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def select_precision(device: torch.device | str, requested: str = "auto") -> str:
+    """bf16 where the GPU supports it, fp16 (with a gradient scaler) on older GPUs, fp32 on CPU."""
+    if requested not in {"auto", "fp32", "bf16", "fp16"}:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {requested!r}")
+    if requested != "auto":
+        return requested
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"  # CPU autocast to bf16 exists, but its matmuls are slower than fp32 on most CPUs
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, biases and norm weights do not (decaying a gain towards 0 hurts)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = all(p.is_cuda for p in params)  # the fused kernel is one launch for all tensors
+    return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused or None,
+                             betas=(config.adam_beta1, config.adam_beta2))
+
+
+def causal_lm_loss_sum(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token NLL over the label tokens, and how many there were.
+
+    A sum, not a mean: the caller divides by the tokens of the whole optimizer step, so every
+    token weighs the same whatever micro-batch or rank it landed on (labels -100 are ignored).
+    """
+    labels = batch.get("labels", batch["input_ids"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                           ignore_index=-100, reduction="sum")
+    return loss, (targets != -100).sum()
+
+
+def collate_input_ids(rows: list[dict]) -> dict:
+    """Default collator for packed blocks: stack ``input_ids`` (labels = inputs, shifted in the loss)."""
+    return {"input_ids": torch.tensor([list(r["input_ids"]) for r in rows], dtype=torch.long)}
+
+
+def train(model: torch.nn.Module, train_dataset, config: TrainingConfig, eval_dataset=None,
+          collate_fn: Callable | None = None,
+          callbacks: Sequence[Callable[[int, dict], None]] = ()) -> TrainResult:
+    """Train ``model`` in place for ``config.max_steps`` optimizer steps; returns the run's numbers.
+
+    ``callbacks`` are called as ``callback(step, metrics)`` after every optimizer step on every
+    rank; ``metrics`` holds loss, lr, grad norm and throughput on logging steps, else the step
+    alone. Raise in one to stop a run: that is how the notebooks and tests simulate a crash.
+    """
+    rank, world = _rank_and_world()
+    is_main = rank == 0
+    raw_model = model.module if isinstance(model, DistributedDataParallel) else model
+    device = next(raw_model.parameters()).device
+    precision = select_precision(device, config.precision)
+    autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+                if precision != "fp32" else nullcontext())
+    collate_fn = collate_fn or collate_input_ids
+    out_dir = Path(config.output_dir)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if config.gradient_checkpointing:
+        raw_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        raw_model.config.use_cache = False
+
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(raw_model, config)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    state = {"step": 0, "micro_step": 0, "best_eval_loss": None}
+
+    checkpoint = _find_checkpoint(out_dir, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, raw_model, optimizer, scheduler, scaler)
+        _truncate_metrics(out_dir / "metrics.jsonl", state["step"], is_main)
+    else:
+        torch.manual_seed(config.seed)
+        if is_main:  # a fresh run owns its output_dir: stale logs/checkpoints would mislead a resume
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            for old in out_dir.glob("checkpoint-*"):
+                shutil.rmtree(old)
+    resumed_from = state["step"]
+
+    # Compile the module we call, but save the raw one: no "_orig_mod." prefixes in checkpoints.
+    forward_model = torch.compile(model) if config.torch_compile else model
+    batches = _micro_batches(train_dataset, config.per_device_train_batch_size, config.seed,
+                             rank, world, state["micro_step"], collate_fn)
+    flops_per_token = _flops_per_token(raw_model, train_dataset)
+    peak_flops = _peak_flops(device)
+    history: list[dict] = []
+    window = {"loss": 0.0, "tokens": 0, "inputs": 0, "t0": time.perf_counter()}
+    start_time, tokens_seen, eval_loss = time.perf_counter(), 0, None
+    bar = tqdm(total=config.max_steps, initial=state["step"], desc="train",
+               disable=config.disable_tqdm or not is_main, dynamic_ncols=True)
+    model.train()
+
+    while state["step"] < config.max_steps:
+        micro_batches = [_to_device(next(batches), device)
+                         for _ in range(config.gradient_accumulation_steps)]
+        state["micro_step"] += len(micro_batches)
+        step_tokens = _all_reduce_sum(sum(_label_tokens(b) for b in micro_batches), device)
+        step_loss = torch.zeros((), device=device)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # DDP all-reduces gradients in backward(); on all but the last micro-step that is waste.
+            sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast:
+                    loss_sum, _ = causal_lm_loss_sum(forward_model, batch)
+                # DDP averages gradients over ranks; "* world" turns that average into a sum.
+                scaler.scale(loss_sum * world / step_tokens).backward()
+            step_loss += loss_sum.detach()
+            window["inputs"] += batch["input_ids"].numel() * world
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
+        scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state["step"] += 1
+        step = state["step"]
+
+        # Tensors accumulate on the device; .item() (a host sync) only on logging steps.
+        window["loss"] = window["loss"] + step_loss
+        window["tokens"] = window["tokens"] + step_tokens
+        metrics = {"step": step}
+        bar.update(1)
+        if step % config.logging_steps == 0 or step == config.max_steps:
+            seconds = time.perf_counter() - window["t0"]
+            window_loss = _all_reduce_sum(window["loss"], device)  # step_tokens is global already
+            metrics.update(loss=(window_loss / window["tokens"]).item(),
+                           lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(),
+                           tokens_per_s=window["inputs"] / seconds)
+            metrics["mfu"] = (metrics["tokens_per_s"] * flops_per_token / (peak_flops * world)
+                              if peak_flops else None)
+            metrics["memory_mb"] = peak_memory_mb(device)
+            tokens_seen += window["inputs"]
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            _log(out_dir, metrics, is_main, history)
+            window = {"loss": 0.0, "tokens": 0, "inputs": 0, "t0": time.perf_counter()}
+
+        if eval_dataset is not None and (
+                step == config.max_steps or (config.eval_steps and step % config.eval_steps == 0)):
+            with autocast:
+                eval_loss = evaluate_loss(raw_model, eval_dataset, config.per_device_eval_batch_size,
+                                          collate_fn, config.eval_max_batches)
+            best = state["best_eval_loss"]
+            if best is None or eval_loss < best:
+                state["best_eval_loss"] = eval_loss
+                if config.save_best_model and is_main:
+                    _atomic_save_pretrained(raw_model, out_dir / "best")
+            _log(out_dir, {"step": step, "eval_loss": eval_loss,
+                           "eval_perplexity": math.exp(eval_loss)}, is_main, history)
+        if config.save_steps and (step % config.save_steps == 0 or step == config.max_steps):
+            save_checkpoint(out_dir, raw_model, optimizer, scheduler, scaler, state,
+                            config.save_total_limit, is_main)
+        for callback in callbacks:
+            callback(step, metrics)
+
+    bar.close()
+    seconds = time.perf_counter() - start_time
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    return TrainResult(
+        step=state["step"], train_loss=train_losses[-1] if train_losses else float("nan"),
+        eval_loss=eval_loss, best_eval_loss=state["best_eval_loss"], tokens_seen=tokens_seen,
+        train_seconds=seconds, tokens_per_second=tokens_seen / seconds if seconds else 0.0,
+        peak_memory_mb=peak_memory_mb(device), resumed_from_step=resumed_from, history=history,
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, dataset, batch_size: int = 16,
+                  collate_fn: Callable | None = None, max_batches: int | None = None) -> float:
+    """Token-weighted mean NLL over ``dataset`` (sharded over ranks under DDP)."""
+    rank, world = _rank_and_world()
+    device = next(model.parameters()).device
+    indices = list(range(len(dataset)))[rank::world]
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches[:max_batches],
+                        collate_fn=collate_fn or collate_input_ids, generator=torch.Generator())
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in loader:
+        loss_sum, n = causal_lm_loss_sum(model, _to_device(batch, device))
+        total += torch.stack([loss_sum.double(), n.double()])
+    model.train(was_training)
+    loss_sum, n = _all_reduce_sum(total, device).tolist()
+    if n == 0:
+        raise ValueError("the evaluation set has no label tokens")
+    return loss_sum / n
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer, scheduler, scaler,
+                    state: dict, keep: int = 2, is_main: bool = True) -> Path:
+    """Write ``out_dir/checkpoint-<step>/`` atomically: a temp folder, then one rename.
+
+    A crash mid-write leaves a ``.tmp-*`` folder that resume ignores, so the previous checkpoint
+    stays the latest loadable one.
+    """
+    final = Path(out_dir) / f"checkpoint-{state['step']:07d}"
+    if is_main:
+        tmp = Path(out_dir) / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # Trainable tensors only: frozen ones (a LoRA base) never change, so reload them as before.
+        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+                   if p.requires_grad}
+        save_file(weights, tmp / "model.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "training_state.pt")
+        np_state = np.random.get_state()
+        (tmp / "trainer_state.json").write_text(json.dumps({
+            **state, "python_rng": _jsonable(random.getstate()),
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(Path(out_dir).glob("checkpoint-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank races ahead and reads a half-written checkpoint
+    return final
+
+
+def load_checkpoint(path: Path | str, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    scaler=None) -> dict:
+    """Restore what ``save_checkpoint`` wrote; returns the trainer state (step, data position)."""
+    path = Path(path)
+    weights = {_strip_wrappers(k): v for k, v in load_file(path / "model.safetensors").items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(n in missing for n, p in model.named_parameters() if p.requires_grad):
+        raise ValueError(f"checkpoint {path} does not match the model "
+                         f"(unexpected: {unexpected[:3]}, trainable missing)")
+    training = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
+    if optimizer is not None:
+        optimizer.load_state_dict(training["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(training["scheduler"])
+    if scaler is not None:
+        scaler.load_state_dict(training["scaler"])
+    torch.set_rng_state(training["torch_rng"])
+    if training["cuda_rng"]:
+        torch.cuda.set_rng_state_all(training["cuda_rng"])
+    state = json.loads((path / "trainer_state.json").read_text())
+    random.setstate(_tupled(state.pop("python_rng")))
+    name, keys, *rest = state.pop("numpy_rng")
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    return state
+
+
+def latest_checkpoint(out_dir: Path | str) -> Path | None:
+    """The newest complete ``checkpoint-*`` folder (temp folders of a crashed write are skipped)."""
+    found = sorted(Path(out_dir).glob("checkpoint-*"))
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------- helpers
+
+def _find_checkpoint(out_dir: Path, resume: bool | str) -> Path | None:
+    if not resume:
+        return None
+    if resume is True:
+        return latest_checkpoint(out_dir)  # none yet: a fresh start, as torchrun restarts expect
+    if not Path(resume).is_dir():
+        raise FileNotFoundError(f"no checkpoint at {resume}")
+    return Path(resume)
+
+
+def _micro_batches(dataset, batch_size: int, seed: int, rank: int, world: int,
+                   start_micro_step: int, collate_fn: Callable) -> Iterator[dict]:
+    """Shuffled micro-batches forever, resumable at any micro-step.
+
+    Every epoch is one seeded permutation split across ranks (DistributedSampler), so the
+    position in the data is a single counter and ranks together see each sample once an epoch.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    per_epoch = len(sampler) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{len(dataset)} samples make no batch of {batch_size} on {world} rank(s)")
+    epoch, offset = divmod(start_micro_step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        order = [indices[i * batch_size:(i + 1) * batch_size] for i in range(offset, per_epoch)]
+        # A generator of its own: each new DataLoader iterator otherwise draws a seed from the
+        # global RNG, which would shift dropout after a resume that starts mid-epoch.
+        yield from DataLoader(dataset, batch_sampler=order, collate_fn=collate_fn,
+                              generator=torch.Generator())
+        epoch, offset = epoch + 1, 0
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(value, device: torch.device) -> torch.Tensor:
+    tensor = torch.as_tensor(value, device=device)
+    if dist.is_available() and dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _label_tokens(batch: dict) -> torch.Tensor:
+    return (batch.get("labels", batch["input_ids"])[:, 1:] != -100).sum()
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _strip_wrappers(name: str) -> str:
+    """Names saved from a compiled or DDP-wrapped model elsewhere: drop those prefixes."""
+    for prefix in ("_orig_mod.", "module."):
+        name = name.replace(prefix, "")
+    return name
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory allocated, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _flops_per_token(model: torch.nn.Module, dataset) -> float:
+    """6 N (forward + backward matmuls) + attention, as in the PaLM paper's appendix B."""
+    config = getattr(model, "config", None)
+    n = sum(p.numel() for p in model.parameters())
+    layers = getattr(config, "num_hidden_layers", 0)
+    hidden = getattr(config, "hidden_size", 0)
+    seq = len(dataset[0]["input_ids"]) if len(dataset) else 0
+    return 6 * n + 12 * layers * hidden * seq
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def _log(out_dir: Path, record: dict, is_main: bool, history: list[dict]) -> None:
+    history.append(record)
+    if is_main:
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int, is_main: bool) -> None:
+    """On resume, drop the lines an interrupted run logged after its last checkpoint."""
+    if is_main and path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _atomic_save_pretrained(model, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _tupled(value):
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value

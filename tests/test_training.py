@@ -1,0 +1,236 @@
+"""The training loop: exact resume (exception and real SIGKILL), crash-safe checkpoints,
+token-weighted gradient accumulation, schedule, precision choice, compiled checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import datasets
+import pytest
+import torch
+
+from lmref import training
+from lmref.modeling import build_model
+from lmref.training import (
+    TrainingConfig,
+    latest_checkpoint,
+    load_checkpoint,
+    select_precision,
+    train,
+)
+
+VOCAB = 256
+
+
+def make_data(n: int = 64, seq: int = 32, seed: int = 0) -> datasets.Dataset:
+    g = torch.Generator().manual_seed(seed)
+    return datasets.Dataset.from_dict({"input_ids": torch.randint(0, VOCAB, (n, seq), generator=g).tolist()})
+
+
+def small_model(dropout: float = 0.1):
+    # Dropout on, so that resume must restore the RNG to match bitwise.
+    return build_model("tiny", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       attention_dropout=dropout)
+
+
+def config(tmp_path, **kw) -> TrainingConfig:
+    base = dict(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
+                learning_rate=1e-2, warmup_steps=2, logging_steps=2, save_steps=3,
+                disable_tqdm=True)
+    return TrainingConfig(**{**base, **kw})
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_exception_is_bitwise_identical(tmp_path):
+    data = make_data()
+    reference = small_model()
+    train(reference, data, config(tmp_path / "ref"))
+
+    interrupted = small_model()
+
+    def crash_at_5(step, metrics):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(interrupted, data, config(tmp_path / "run"), callbacks=[crash_at_5])
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-0000003"
+
+    resumed = small_model(); resumed.model.embed_tokens.weight.data.zero_()  # state must come from disk
+    result = train(resumed, data, config(tmp_path / "run", resume_from_checkpoint=True))
+    assert result.resumed_from_step == 3 and result.step == 8
+    assert_bitwise_equal(weights(reference), weights(resumed))
+    # The metrics log holds each step once: lines the crashed run wrote after step 3 are dropped.
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in lines]
+    assert steps == sorted(set(steps))
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from test_training import make_data, small_model, config
+    from pathlib import Path
+    from lmref.training import train
+    slow = lambda step, metrics: time.sleep(0.3)  # leaves time to be killed mid-run
+    model = small_model()
+    train(model, make_data(), config(Path({out!r}), max_steps=12, resume_from_checkpoint=True),
+          callbacks=[slow])
+    torch.save(model.state_dict(), {out!r} + "/final.pt")
+""")
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+    out = tmp_path / "run"
+    script = tmp_path / "run_train.py"
+    script.write_text(SCRIPT.format(tests=os.path.dirname(__file__), out=str(out)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env)
+    deadline = time.time() + 120
+    while latest_checkpoint(out) is None or latest_checkpoint(out).name < "checkpoint-0000006":
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "final.pt").exists()
+
+    assert subprocess.run([sys.executable, str(script)], env=env, timeout=300).returncode == 0
+    # The reference runs the same script uninterrupted, in the same kind of process.
+    reference = tmp_path / "reference.py"
+    reference.write_text(SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path / "ref")))
+    assert subprocess.run([sys.executable, str(reference)], env=env, timeout=300).returncode == 0
+    assert_bitwise_equal(torch.load(tmp_path / "ref" / "final.pt", weights_only=True),
+                         torch.load(out / "final.pt", weights_only=True))
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    data = make_data()
+    model = small_model()
+    real_save = training.save_file
+    calls = {"n": 0}
+
+    def failing_save(tensors, path):
+        calls["n"] += 1
+        real_save(tensors, path)
+        if calls["n"] == 2:  # the second checkpoint dies after its weights hit the disk
+            raise OSError("disk full")
+
+    monkeypatch.setattr(training, "save_file", failing_save)
+    with pytest.raises(OSError):
+        train(model, data, config(tmp_path))
+    monkeypatch.setattr(training, "save_file", real_save)
+
+    assert latest_checkpoint(tmp_path).name == "checkpoint-0000003"
+    assert (tmp_path / ".tmp-checkpoint-0000006").exists()  # the torn write is left aside
+    state = load_checkpoint(latest_checkpoint(tmp_path), small_model())
+    assert state["step"] == 3
+    result = train(small_model(), data, config(tmp_path, resume_from_checkpoint=True))
+    assert result.resumed_from_step == 3 and result.step == 8
+
+
+def masked_collate(rows):
+    """Labels with a different number of masked positions per row, as in instruction data."""
+    ids = torch.tensor([r["input_ids"] for r in rows])
+    labels = ids.clone()
+    for i, row in enumerate(ids):
+        labels[i, : int(row[0]) % 20] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path):
+    data = make_data(n=64)
+    big, accumulated = small_model(dropout=0.0), small_model(dropout=0.0)
+    train(big, data, config(tmp_path / "a", max_steps=3, per_device_train_batch_size=16,
+                            save_steps=0), collate_fn=masked_collate)
+    train(accumulated, data, config(tmp_path / "b", max_steps=3, per_device_train_batch_size=4,
+                                    gradient_accumulation_steps=4, save_steps=0),
+          collate_fn=masked_collate)
+    for (name, a), b in zip(big.named_parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    # And it is not trivially equal: the weights moved.
+    assert not torch.equal(big.lm_head.weight, small_model(dropout=0.0).lm_head.weight)
+
+
+def test_schedule_warmup_then_cosine_to_min(tmp_path):
+    result = train(small_model(), make_data(), config(tmp_path, max_steps=10, warmup_steps=4,
+                                                      logging_steps=1, save_steps=0,
+                                                      min_lr_ratio=0.1))
+    lrs = [h["lr"] for h in result.history if "lr" in h]
+    peak = 1e-2
+    # After step s the scheduler holds the lr for step s+1: warmup is linear up to the peak ...
+    assert lrs[:4] == pytest.approx([peak * s / 4 for s in (1, 2, 3, 4)])
+    # ... then a cosine from the peak down to min_lr_ratio * peak at the last step.
+    progress = [(s - 4) / 6 for s in range(5, 11)]
+    expected = [peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))) for p in progress]
+    assert lrs[4:] == pytest.approx(expected)
+
+
+def test_precision_per_device(monkeypatch):
+    assert select_precision("cpu") == "fp32"
+    assert select_precision("cpu", "bf16") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert select_precision("cuda") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert select_precision("cuda") == "fp16"
+    with pytest.raises(ValueError, match="precision"):
+        select_precision("cpu", "fp8")
+
+
+def test_fp16_scaler_and_bf16_autocast_run_on_cpu(tmp_path):
+    # The mixed-precision code paths execute here too (CPU autocast supports both dtypes).
+    for precision in ("bf16", "fp16"):
+        result = train(small_model(), make_data(), config(tmp_path / precision, max_steps=3,
+                                                          precision=precision, save_steps=0))
+        assert math.isfinite(result.train_loss)
+
+
+def test_compiled_model_checkpoint_loads_into_plain_model(tmp_path):
+    model = small_model(dropout=0.0)
+    train(model, make_data(n=16), config(tmp_path, max_steps=2, torch_compile=True, save_steps=2))
+    from safetensors.torch import load_file
+
+    keys = load_file(latest_checkpoint(tmp_path) / "model.safetensors").keys()
+    assert not any("_orig_mod" in k for k in keys)
+    plain = small_model(dropout=0.0)
+    load_checkpoint(latest_checkpoint(tmp_path), plain)
+    assert_bitwise_equal(weights(model), weights(plain))
+
+
+def test_only_trainable_parameters_change(tmp_path):
+    model = small_model(dropout=0.0)
+    frozen = model.model.layers[0].mlp.up_proj.weight
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    train(model, make_data(), config(tmp_path, max_steps=3, save_steps=3))
+    assert torch.equal(before, frozen)
+    from safetensors.torch import load_file
+
+    saved = load_file(latest_checkpoint(tmp_path) / "model.safetensors")
+    assert "model.layers.0.mlp.up_proj.weight" not in saved and len(saved) > 0
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="make no batch"):
+        train(small_model(), make_data(n=4), config(tmp_path, per_device_train_batch_size=8))
+    with pytest.raises(FileNotFoundError):
+        train(small_model(), make_data(), config(tmp_path, resume_from_checkpoint=str(tmp_path / "nope")))
