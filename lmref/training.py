@@ -190,8 +190,8 @@ def train(model: torch.nn.Module, train_dataset, config: TrainingConfig, eval_da
     forward_model = torch.compile(model) if config.torch_compile else model
     batches = _micro_batches(train_dataset, config.per_device_train_batch_size, config.seed,
                              rank, world, state["micro_step"], collate_fn)
-    flops_per_token = _flops_per_token(raw_model, train_dataset)
-    peak_flops = _peak_flops(device)
+    token_flops = flops_per_token(raw_model, train_dataset)
+    peak_flops = device_peak_flops(device)
     history: list[dict] = []
     window = {"loss": 0.0, "tokens": 0, "inputs": 0, "t0": time.perf_counter()}
     start_time, tokens_seen, eval_loss = time.perf_counter(), 0, None
@@ -236,7 +236,7 @@ def train(model: torch.nn.Module, train_dataset, config: TrainingConfig, eval_da
             metrics.update(loss=(window_loss / window["tokens"]).item(),
                            lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(),
                            tokens_per_s=window["inputs"] / seconds)
-            metrics["mfu"] = (metrics["tokens_per_s"] * flops_per_token / (peak_flops * world)
+            metrics["mfu"] = (metrics["tokens_per_s"] * token_flops / (peak_flops * world)
                               if peak_flops else None)
             metrics["memory_mb"] = peak_memory_mb(device)
             tokens_seen += window["inputs"]
@@ -271,6 +271,18 @@ def train(model: torch.nn.Module, train_dataset, config: TrainingConfig, eval_da
         train_seconds=seconds, tokens_per_second=tokens_seen / seconds if seconds else 0.0,
         peak_memory_mb=peak_memory_mb(device), resumed_from_step=resumed_from, history=history,
     )
+
+
+class SimulatedFailure(RuntimeError):
+    """Raised by ``fail_at_step``: a stand-in for a crash (OOM, preemption) to practise resuming."""
+
+
+def fail_at_step(step: int) -> Callable[[int, dict], None]:
+    """A callback for ``train(callbacks=...)`` that raises ``SimulatedFailure`` after ``step``."""
+    def callback(current: int, metrics: dict) -> None:
+        if current == step:
+            raise SimulatedFailure(f"simulated failure after step {step}")
+    return callback
 
 
 @torch.no_grad()
@@ -436,7 +448,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _flops_per_token(model: torch.nn.Module, dataset) -> float:
+def flops_per_token(model: torch.nn.Module, dataset) -> float:
     """6 N (forward + backward matmuls) + attention, as in the PaLM paper's appendix B."""
     config = getattr(model, "config", None)
     n = sum(p.numel() for p in model.parameters())
@@ -446,7 +458,7 @@ def _flops_per_token(model: torch.nn.Module, dataset) -> float:
     return 6 * n + 12 * layers * hidden * seq
 
 
-def _peak_flops(device: torch.device) -> float | None:
+def device_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)

@@ -18,7 +18,9 @@ import torch
 from lmref import training
 from lmref.modeling import build_model
 from lmref.training import (
+    SimulatedFailure,
     TrainingConfig,
+    fail_at_step,
     latest_checkpoint,
     load_checkpoint,
     select_precision,
@@ -57,23 +59,13 @@ def assert_bitwise_equal(a: dict, b: dict):
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_after_exception_is_bitwise_identical(tmp_path):
     data = make_data()
     reference = small_model()
     train(reference, data, config(tmp_path / "ref"))
 
-    interrupted = small_model()
-
-    def crash_at_5(step, metrics):
-        if step == 5:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(interrupted, data, config(tmp_path / "run"), callbacks=[crash_at_5])
+    with pytest.raises(SimulatedFailure):
+        train(small_model(), data, config(tmp_path / "run"), callbacks=[fail_at_step(5)])
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-0000003"
 
     resumed = small_model(); resumed.model.embed_tokens.weight.data.zero_()  # state must come from disk
