@@ -1,0 +1,512 @@
+"""Tests for lmref.data: every public function, bad input included. Real parts, no mocks."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmref import data
+from lmref.data import (
+    IGNORE_INDEX,
+    TASK_SPECS,
+    CleanConfig,
+    DataConfig,
+    Document,
+    FilterConfig,
+    InstructionCollator,
+    InstructionConfig,
+    clean_documents,
+    clean_text,
+    deduplicate,
+    filter_documents,
+    format_prompt,
+    load_documents,
+    load_hf_dataset,
+    load_prepared,
+    load_stdlib_docstrings,
+    load_text_files,
+    make_instruction_dataset,
+    pack_blocks,
+    prepare_data,
+    save_artifacts,
+    split_documents,
+    split_of,
+    tokenize_instructions,
+    train_tokenizer,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("file list string value name type object error data line path time key module class "
+         "text word code node user host port mode size queue stack lock event task thread").split()
+
+
+def prose(seed: int, n_words: int = 60) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+# ---------------------------------------------------------------------------------------------
+
+def test_load_text_files_counts_and_replaces_undecodable_bytes(tmp_path):
+    (tmp_path / "good.txt").write_text("plain UTF-8 text, caf\u00e9 included")
+    (tmp_path / "bad.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("cp1252"))
+    with pytest.warns(UserWarning, match="2 bytes that are not UTF-8"):
+        docs, stats = load_text_files(tmp_path)
+    assert stats["undecodable_bytes"] == 2 and stats["files_with_undecodable_bytes"] == 1
+    assert stats["undecodable_by_file"] == {str(tmp_path / "bad.txt"): 2}
+    assert [d.source for d in docs] == [str(tmp_path / "bad.txt"), str(tmp_path / "good.txt")]
+    assert docs[0].text == "caf\ufffd cr\ufffdme"
+    assert docs[1].text == "plain UTF-8 text, caf\u00e9 included"  # valid multi-byte kept
+
+
+@pytest.mark.parametrize("policy, expected", [("drop", ["caf crme"]), ("skip", [])])
+def test_load_text_files_drop_and_skip_policies(tmp_path, policy, expected):
+    (tmp_path / "bad.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("cp1252"))
+    (tmp_path / "ok.txt").write_text("fine")
+    with pytest.warns(UserWarning):
+        docs, stats = load_text_files(tmp_path, on_decode_error=policy)
+    assert [d.text for d in docs if "bad" in d.source] == expected
+    assert stats["undecodable_bytes"] == 2
+    assert stats["skipped_undecodable_files"] == (policy == "skip")
+
+
+def test_load_text_files_raise_policy_names_the_file(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"abc \xff\xfe")
+    with pytest.raises(UnicodeDecodeError, match="bad.txt"):
+        load_text_files(tmp_path, on_decode_error="raise")
+    with pytest.raises(ValueError, match="on_decode_error"):
+        load_text_files(tmp_path, on_decode_error="ignore")
+
+
+def test_load_text_files_counts_empty_and_binary_files_and_splits(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.md").write_text("  \n\n ")
+    (tmp_path / "binary.txt").write_bytes(b"\x00\x01\x02 not text")
+    (tmp_path / "ignored.bin").write_bytes(b"some bytes")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "two.rst").write_text("first doc\n%%\nsecond doc\n%%\n")
+    docs, stats = load_text_files(tmp_path, separator="\n%%\n")
+    assert stats["files"] == 4 and stats["empty_files"] == 2 and stats["binary_files"] == 1
+    assert [d.text for d in docs] == ["first doc", "second doc"]
+    assert docs[1].source.endswith("two.rst#1")
+
+
+def test_load_text_files_clear_errors_without_text(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    with pytest.raises(ValueError, match="no text found.*1 empty"):
+        load_text_files(tmp_path)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="no text found.*0 file"):
+        load_text_files(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_text_files(tmp_path / "missing")
+
+
+def test_shipped_messy_sample_shows_every_problem():
+    with pytest.warns(UserWarning, match="not UTF-8"):
+        docs, stats = load_text_files(REPO / "data" / "messy", separator="\n%%\n")
+    assert stats["empty_files"] == 1 and stats["undecodable_bytes"] > 0
+    cleaned, c = clean_documents(docs)
+    assert c["control_chars_removed"] > 0 and c["doctest_lines_removed"] > 0
+    assert c["rest_markup_replaced"] > 0 and c["unicode_normalized_docs"] > 0
+    _, d = deduplicate(cleaned)
+    assert d["exact_duplicates"] >= 1 and d["near_duplicates"] >= 1
+
+
+@pytest.fixture(scope="module")
+def stdlib_docs():
+    return load_stdlib_docstrings()
+
+
+def test_stdlib_docstrings_are_a_real_corpus(stdlib_docs):
+    docs, stats = stdlib_docs
+    assert stats["chars"] > 1_000_000 and stats["docs"] == len(docs) > 5000
+    assert stats["source_modules"] > 100 and stats["compiled_modules"] > 10
+    sources = {d.source for d in docs}
+    assert "json.dumps" in sources and "math.sqrt" in sources and "builtins.len" in sources
+    assert not any(s.startswith(("test.", "idlelib", "tkinter", "antigravity", "this."))
+                   for s in sources)
+
+
+def test_stdlib_docstrings_are_deterministic_and_never_import_side_effects():
+    before = set(sys.modules)
+    a, stats = load_stdlib_docstrings(["this", "antigravity", "json", "math", "turtle", "idlelib"])
+    b, _ = load_stdlib_docstrings(["math", "json", "idlelib", "antigravity"])
+    assert a == b and stats["modules_skipped"] == 4
+    assert a[0].source == "json" and any(d.source == "math.sqrt" for d in a)
+    # pure-Python modules are parsed, not imported
+    assert {"this", "antigravity", "turtle"}.isdisjoint(set(sys.modules) - before)
+
+
+def test_stdlib_docstrings_ignore_functions_injected_into_builtins(monkeypatch):
+    import builtins
+
+    def lmref_injected():
+        """Injected by a notebook kernel, like IPython's get_ipython."""
+
+    monkeypatch.setattr(builtins, "lmref_injected", lmref_injected, raising=False)
+    docs, _ = load_stdlib_docstrings(["builtins", "_collections"])
+    sources = {d.source for d in docs}
+    assert "builtins.len" in sources and "_collections.deque.append" in sources
+    assert "builtins.lmref_injected" not in sources
+
+
+def test_load_documents_dispatches_and_hf_loader(tmp_path):
+    (tmp_path / "a.txt").write_text("line one\nline two\n")
+    docs, stats = load_documents(tmp_path)
+    assert [d.text for d in docs] == ["line one\nline two\n"] and stats["files"] == 1
+    docs, stats = load_documents("stdlib", modules=["json"])
+    assert docs and all(d.source.startswith("json") for d in docs)
+    # the `text` builder ships with datasets: works offline, one document a line
+    docs, stats = load_hf_dataset("text", data_files=str(tmp_path / "a.txt"))
+    assert [d.text for d in docs] == ["line one", "line two"] and stats["rows"] == 2
+    with pytest.raises(ValueError, match="no column 'body'"):
+        load_hf_dataset("text", data_files=str(tmp_path / "a.txt"), text_column="body")
+    with pytest.raises(RuntimeError, match="could not load dataset"):
+        load_documents("no-such-user/no-such-dataset-lmref")
+
+
+# ---------------------------------------------------------------------------------------------
+# cleaning
+# ---------------------------------------------------------------------------------------------
+
+def test_clean_text_unicode_forms():
+    text = "\uff26\uff55\uff4c\uff4c width \ufb01le\u00a0x\u00b2 e\u0301"
+    nfkc, counts = clean_text(text, CleanConfig(unicode_form="NFKC"))
+    assert nfkc == "Full width file x2 \u00e9" and counts["unicode_normalized_docs"] == 1
+    nfc, _ = clean_text(text, CleanConfig(unicode_form="NFC"))
+    assert nfc.startswith("\uff26") and nfc.endswith("\u00e9")  # NFC composes, does not fold
+    raw, counts = clean_text(text, CleanConfig(unicode_form=None, normalize_whitespace=False))
+    assert raw == text and counts["unicode_normalized_docs"] == 0
+
+
+def test_clean_text_control_chars_and_whitespace():
+    text = "\ufeffa\x07b\u200bc\r\nline\t\ttwo   three   \n\n\n\n\nend  "
+    out, counts = clean_text(text)
+    assert out == "abc\nline two three\n\nend"
+    assert counts["control_chars_removed"] == 3
+    kept, _ = clean_text(text, CleanConfig(remove_control_chars=False, normalize_whitespace=False))
+    assert "\x07" in kept and "\n\n\n" in kept
+
+
+def test_clean_text_doctest_modes():
+    text = "Add numbers.\n\n>>> add(1,\n...     2)\n3\n>>> add(2, 2)\n4\n\nThe end."
+    dropped, counts = clean_text(text, CleanConfig(doctest="drop"))
+    assert dropped == "Add numbers.\n\nThe end." and counts["doctest_lines_removed"] == 5
+    prompts, counts = clean_text(text, CleanConfig(doctest="prompts"))
+    assert ">>>" not in prompts and "add(1,\n    2)\n3" in prompts
+    assert counts["doctest_lines_removed"] == 3
+    kept, _ = clean_text(text, CleanConfig(doctest="keep"))
+    assert ">>> add(2, 2)" in kept
+
+
+def test_clean_text_rest_markup():
+    text = ("See :func:`json.dumps`, :class:`~collections.OrderedDict`, "
+            ":py:meth:`title <str.title>` and ``None``.")
+    out, counts = clean_text(text)
+    assert out == "See json.dumps, OrderedDict, title and None."
+    assert counts["rest_markup_replaced"] == 4
+    kept, _ = clean_text(text, CleanConfig(rest_markup=False))
+    assert kept == text
+
+
+def test_clean_config_rejects_unknown_values():
+    with pytest.raises(ValueError, match="unicode_form"):
+        CleanConfig(unicode_form="NFX")
+    with pytest.raises(ValueError, match="doctest"):
+        CleanConfig(doctest="maybe")
+
+
+def test_clean_documents_reports_and_drops_emptied_docs():
+    docs = [Document("  hello\x07  world ", "a"), Document(">>> 1 + 1\n2", "b"), "already clean"]
+    out, stats = clean_documents(docs)
+    assert [d.text for d in out] == ["hello world", "already clean"]
+    assert out[1].source == "doc[2]"  # plain strings get a position as source
+    assert stats["docs_in"] == 3 and stats["docs_out"] == 2 and stats["removed_empty"] == 1
+    assert stats["docs_changed"] == 2 and stats["chars_out"] < stats["chars_in"]
+
+
+# ---------------------------------------------------------------------------------------------
+# dedup, filters, split
+# ---------------------------------------------------------------------------------------------
+
+def test_deduplicate_exact_and_near_duplicates():
+    base = prose(1, 80)
+    words = base.split()
+    near = " ".join(words[:40] + ["changed"] + words[41:])  # one word in 80 differs
+    docs = [Document(base, "a"), Document("  " + base.replace(" ", "\n", 3), "a-copy"),
+            Document(near, "a-near"), Document(prose(2, 80), "b"), Document(prose(3, 80), "c")]
+    kept, stats = deduplicate(docs)
+    assert [d.source for d in kept] == ["a", "b", "c"]
+    assert stats["exact_duplicates"] == 1 and stats["near_duplicates"] == 1
+    assert stats["exact_examples"] == [("a", "a-copy")]
+    assert stats["near_examples"] == [("a", "a-near")]
+    kept, stats = deduplicate(docs, near=False)
+    assert [d.source for d in kept] == ["a", "a-near", "b", "c"] and stats["near_duplicates"] == 0
+    with pytest.raises(ValueError, match="threshold"):
+        deduplicate(docs, threshold=0)
+
+
+def test_deduplicate_keeps_short_distinct_docs():
+    kept, stats = deduplicate(["Return self==value.", "Return the length.", "Return x."])
+    assert len(kept) == 3 and stats["docs_out"] == 3
+
+
+def test_filter_documents_reasons():
+    good = prose(4, 30)
+    docs = {
+        "too_short": "Short.",
+        "too_long": good * 200,
+        "too_few_words": "a" * 30 + " " + "b" * 40,
+        "symbol_ratio": "+----+----+ | a | b | +====+====+ | 1 | 2 | +----+----+ ---- ====",
+        "alpha_word_ratio": "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 x",
+        "replacement_chars": good.replace("e", "\ufffd"),
+    }
+    kept, stats = filter_documents([good, *docs.values()], FilterConfig())
+    assert [d.text for d in kept] == [good]
+    assert stats["removed"] == {reason: 1 for reason in docs}
+    kept, stats = filter_documents(docs.values(), FilterConfig(min_chars=1, min_words=1,
+                                                               max_symbol_ratio=1.0))
+    assert stats["removed"]["too_long"] == 1 and "too_short" not in stats["removed"]
+
+
+def test_split_is_stable_when_documents_are_added():
+    docs = [prose(i, 20) for i in range(400)]
+    first, stats = split_documents(docs, 0.1, 0.1)
+    assert sum(stats["docs"].values()) == 400
+    assert 20 <= stats["docs"]["test"] <= 60 and 20 <= stats["docs"]["validation"] <= 60
+    more = docs[:200] + [prose(i, 20) for i in range(1000, 1300)] + docs[200:]
+    random.Random(0).shuffle(more)
+    second, _ = split_documents(more, 0.1, 0.1)
+    for name in first:
+        assert {d.text for d in first[name]} <= {d.text for d in second[name]}
+    assert split_of(docs[0], 0.1, 0.1) == split_of(docs[0], 0.1, 0.1)
+    assert split_of(docs[0], 0.1, 0.1, salt="other") in ("train", "validation", "test")
+    with pytest.raises(ValueError, match="fractions"):
+        split_documents(docs, 0.5, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer and packing
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    docs, _ = load_stdlib_docstrings(["json", "textwrap", "string", "math"])
+    tokenizer, stats = train_tokenizer([d.text for d in docs], vocab_size=600)
+    return tokenizer, stats
+
+
+def test_train_tokenizer_round_trips_and_saves(small_tokenizer, tmp_path):
+    tokenizer, stats = small_tokenizer
+    assert stats["vocab_size"] == len(tokenizer) == 600 and stats["chars_per_token"] > 1.5
+    assert tokenizer.bos_token == tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    for text in ["def f(x):\n    return x ** 2  # squared", "caf\u00e9 \u65e5\u672c \U0001f600 \ufffd",
+                 "  leading and trailing  ", "2024-07-14 12345", "a\tb\r\nc"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.tokenize("12345") == ["1", "2", "3", "4", "5"]  # digits one by one
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = type(tokenizer).from_pretrained(tmp_path)
+    assert reloaded("json dumps")["input_ids"] == tokenizer("json dumps")["input_ids"]
+    assert reloaded.pad_token_id == tokenizer.pad_token_id
+    with pytest.raises(ValueError, match="at least one text"):
+        train_tokenizer([])
+
+
+def test_pack_blocks_exact_lengths_zero_padding(small_tokenizer):
+    tokenizer, _ = small_tokenizer
+    texts = [prose(i, random.Random(i).randint(5, 120)) for i in range(50)]
+    blocks, stats = pack_blocks(texts, tokenizer, block_size=32, batch_size=20)
+    lengths = {len(ids) for ids in blocks["input_ids"]}
+    assert lengths == {32} and stats["blocks"] == len(blocks) > 0
+    flat = [t for ids in blocks["input_ids"] for t in ids]
+    assert tokenizer.pad_token_id not in flat and stats["padding_tokens"] == 0
+    expected = sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts)  # + EOS after each doc
+    assert stats["tokens"] == expected
+    assert stats["tokens"] == stats["tokens_in_blocks"] + stats["dropped_tokens"]
+    assert 0 <= stats["dropped_tokens"] < 32 * 3  # at most a partial block per map batch (3)
+    # the stream is the documents joined by EOS, in order
+    first = tokenizer(texts[0])["input_ids"] + [tokenizer.eos_token_id]
+    assert flat[:len(first)] == first[:len(flat)]
+    with pytest.raises(ValueError, match="block_size"):
+        pack_blocks(texts, tokenizer, block_size=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# instruction data
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def instructions():
+    return make_instruction_dataset(InstructionConfig(train_per_task=200, test_per_task=20))
+
+
+def test_instruction_dataset_splits_share_no_input(instructions):
+    ds, stats = instructions
+    tasks = InstructionConfig().tasks
+    assert set(ds["train"]["task"]) == set(ds["test"]["task"]) == set(tasks)
+    assert len(ds["train"]) == 200 * len(tasks) and len(ds["test"]) == 20 * len(tasks)
+    assert not set(ds["train"]["instruction"]) & set(ds["test"]["instruction"])
+    assert stats["shared_inputs"] == 0
+    assert ds["train"].column_names == ["task", "instruction", "answer"]
+
+
+def test_instruction_answers_are_correct_transformations(instructions):
+    ds, _ = instructions
+    months = TASK_SPECS["date"]["months"]
+    for row in ds["train"]:
+        instruction, answer = row["instruction"], row["answer"]
+        assert answer not in instruction  # never a copy of a span of the input
+        words = instruction.split(": ")[-1].split()
+        if row["task"] == "date":
+            y, m, d = instruction.split()[3].split("-")
+            assert answer == f"{int(d)} {months[int(m) - 1]} {y}"
+        elif row["task"] == "sort":
+            assert answer.split() == sorted(words)
+        elif row["task"] == "uppercase":
+            assert answer == " ".join(words).upper()
+        elif row["task"] == "time":
+            h, m = map(int, instruction.split()[1].split(":"))
+            assert answer == f"{h % 12 or 12}:{m:02d} {'am' if h < 12 else 'pm'}"
+        elif row["task"] == "digits":
+            number = instruction.split()[-1].rstrip(".")
+            names = TASK_SPECS["digits"]["names"]
+            assert answer == " ".join(names[int(c)] for c in number)
+
+
+def test_instruction_dataset_is_deterministic_and_checks_tasks(tmp_path):
+    config = InstructionConfig(tasks=("reverse", "add"), train_per_task=30, test_per_task=5, seed=3)
+    a, stats = make_instruction_dataset(config)
+    b, _ = make_instruction_dataset(config)
+    assert list(a["train"]["instruction"]) == list(b["train"]["instruction"])
+    row = a["test"][0]
+    assert row["task"] == "reverse" and row["answer"].split() == row["instruction"].split(": ")[1].split()[::-1]
+    with pytest.raises(ValueError, match="unknown task"):
+        make_instruction_dataset(InstructionConfig(tasks=("poetry",)))
+    with pytest.raises(ValueError, match="distinct inputs"):
+        make_instruction_dataset(InstructionConfig(tasks=("add",), test_per_task=900))
+    specs = tmp_path / "tasks.json"
+    specs.write_text(json.dumps({"add": {"template": "{a}+{b}=", "a": [1, 3], "b": [5, 5]}}))
+    ds, stats = make_instruction_dataset(InstructionConfig(tasks=("add",), test_per_task=1,
+                                                           task_specs_path=str(specs)))
+    assert sorted(list(ds["train"]["answer"]) + list(ds["test"]["answer"])) == ["6", "7", "8"]
+    assert stats["tasks"]["add"]["train"] == 2
+
+
+def test_shipped_task_definitions_match_the_code():
+    shipped = json.loads((REPO / "data" / "instruction_tasks.json").read_text())
+    assert shipped == json.loads(json.dumps(TASK_SPECS))
+
+
+def test_format_prompt():
+    prompt = format_prompt("Sort the words alphabetically: b a")
+    assert prompt == data.PROMPT_TEMPLATE.format(instruction="Sort the words alphabetically: b a")
+    assert "Sort the words alphabetically: b a" in prompt and prompt.endswith("\n")
+
+
+def test_tokenize_instructions_masks_exactly_the_prompt(instructions, tiny_tokenizer):
+    ds, _ = instructions
+    tokenized = tokenize_instructions(ds["test"], tiny_tokenizer)
+    assert tokenized.column_names == ["input_ids", "labels"]
+    for row, tok in zip(ds["test"], tokenized):
+        prompt_ids = tiny_tokenizer(format_prompt(row["instruction"]))["input_ids"]
+        n = len(prompt_ids)
+        assert tok["input_ids"][:n] == prompt_ids  # what generation will see
+        assert tok["labels"][:n] == [IGNORE_INDEX] * n
+        assert tok["labels"][n:] == tok["input_ids"][n:]
+        assert tok["input_ids"][-1] == tiny_tokenizer.eos_token_id
+        assert tiny_tokenizer.decode(tok["input_ids"][n:-1]) == row["answer"]
+    with pytest.raises(ValueError, match="max_length"):
+        tokenize_instructions(ds["test"], tiny_tokenizer, max_length=8)
+    with pytest.raises(ValueError, match="missing"):
+        tokenize_instructions(ds["test"].remove_columns("answer"), tiny_tokenizer)
+
+
+def test_collator_pads_dynamically_and_masks_prompt_and_padding(instructions, tiny_tokenizer):
+    ds, _ = instructions
+    tokenized = tokenize_instructions(ds["test"].select(range(0, 100, 20)), tiny_tokenizer)
+    features = list(tokenized)
+    batch = InstructionCollator(tiny_tokenizer)(features)
+    longest = max(len(f["input_ids"]) for f in features)
+    assert batch["input_ids"].shape == batch["labels"].shape == (5, longest)
+    assert batch["input_ids"].dtype == torch.long
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (longest - n)
+        assert batch["input_ids"][i, n:].eq(tiny_tokenizer.pad_token_id).all()
+        assert batch["labels"][i].tolist() == f["labels"] + [IGNORE_INDEX] * (longest - n)
+        masked = sum(1 for x in f["labels"] if x == IGNORE_INDEX)
+        assert masked == len(tiny_tokenizer(format_prompt(ds["test"][i * 20]["instruction"]))["input_ids"])
+    padded = InstructionCollator(tiny_tokenizer, pad_to_multiple_of=16)(features)
+    assert padded["input_ids"].shape[1] % 16 == 0
+    with pytest.raises(ValueError, match="empty batch"):
+        InstructionCollator(tiny_tokenizer)([])
+    with pytest.raises(ValueError, match="labels"):
+        InstructionCollator(tiny_tokenizer)([{"input_ids": [1, 2]}])
+    with pytest.raises(ValueError, match="differ in length"):
+        InstructionCollator(tiny_tokenizer)([{"input_ids": [1, 2], "labels": [1]}])
+
+
+def test_collator_batch_trains_a_model(tiny_model_dir, tiny_tokenizer, instructions):
+    from transformers import AutoModelForCausalLM
+
+    ds, _ = instructions
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    batch = InstructionCollator(tiny_tokenizer)(list(tokenize_instructions(ds["test"].select(range(8)),
+                                                                           tiny_tokenizer)))
+    loss = model(**batch).loss
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole pipeline
+# ---------------------------------------------------------------------------------------------
+
+def test_prepare_data_end_to_end_and_load_prepared(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(120):
+        (corpus / f"{i:03d}.txt").write_text(prose(i, 80) + "\n\n>>> doctest()\n1\n")
+    (corpus / "dup.txt").write_text(prose(0, 80))
+    config = DataConfig(source=str(corpus), vocab_size=300, block_size=64,
+                        val_fraction=0.1, test_fraction=0.1,
+                        instructions=InstructionConfig(train_per_task=40, test_per_task=10))
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no undecodable bytes here: no warning either
+        report = prepare_data(config, out_dir=out)
+    assert report["source"]["docs"] == 121 and report["clean"]["doctest_lines_removed"] == 240
+    assert report["dedup"]["exact_duplicates"] == 1 and report["dedup"]["docs_out"] == 120
+    assert sum(report["split"]["docs"].values()) == report["filter"]["docs_out"]
+    assert report["tokenizer"]["vocab_size"] == 300
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["packing"]["train"]["blocks"] == report["packing"]["train"]["blocks"] > 0
+    tokenizer, blocks, instr = load_prepared(out)
+    assert set(blocks) == {"train", "validation", "test"} and set(instr) == {"train", "test"}
+    assert {len(x) for x in blocks["train"]["input_ids"]} == {64}
+    assert len(instr["test"]) == 10 * len(config.instructions.tasks)
+    assert tokenizer.pad_token == "<|pad|>" and len(tokenizer) == 300
+    with pytest.raises(FileNotFoundError, match="no prepared data"):
+        load_prepared(tmp_path / "nowhere")
+
+
+def test_save_artifacts_layout(tmp_path, small_tokenizer, instructions):
+    from datasets import Dataset, DatasetDict
+
+    tokenizer, _ = small_tokenizer
+    corpus = DatasetDict({"train": Dataset.from_dict({"input_ids": [[1, 2], [3, 4]]})})
+    out = save_artifacts(tmp_path / "d", tokenizer, corpus, instructions[0], {"x": 1})
+    assert sorted(p.name for p in out.iterdir()) == ["corpus", "instructions", "report.json",
+                                                     "tokenizer"]
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
