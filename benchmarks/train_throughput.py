@@ -45,7 +45,12 @@ def make_data(vocab: int, n: int, seq: int):
 def run_variant(variant: str, s: dict) -> dict:
     from lmref.modeling import build_model, default_device
     from lmref.training import (
-        TrainingConfig, device_peak_flops, flops_per_token, peak_memory_mb, train)
+        TrainingConfig,
+        device_peak_flops,
+        flops_per_token,
+        peak_memory_mb,
+        train,
+    )
 
     device = default_device()
     model = build_model(s["preset"]).to(device)

@@ -179,7 +179,7 @@ def train(model: torch.nn.Module, train_dataset, config: TrainingConfig, eval_da
         state = load_checkpoint(checkpoint, raw_model, optimizer, scheduler, scaler)
         _truncate_metrics(out_dir / "metrics.jsonl", state["step"], is_main)
     else:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + rank)  # ranks draw different dropout masks
         if is_main:  # a fresh run owns its output_dir: stale logs/checkpoints would mislead a resume
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
             for old in out_dir.glob("checkpoint-*"):
@@ -291,9 +291,11 @@ def evaluate_loss(model: torch.nn.Module, dataset, batch_size: int = 16,
     """Token-weighted mean NLL over ``dataset`` (sharded over ranks under DDP)."""
     rank, world = _rank_and_world()
     device = next(model.parameters()).device
-    indices = list(range(len(dataset)))[rank::world]
+    # Cap the samples before sharding, so 1 and N processes evaluate the same ones.
+    limit = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size)
+    indices = list(range(limit))[rank::world]
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    loader = DataLoader(dataset, batch_sampler=batches[:max_batches],
+    loader = DataLoader(dataset, batch_sampler=batches,
                         collate_fn=collate_fn or collate_input_ids, generator=torch.Generator())
     was_training = model.training
     model.eval()
@@ -318,6 +320,10 @@ def save_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer, scheduler,
     stays the latest loadable one.
     """
     final = Path(out_dir) / f"checkpoint-{state['step']:07d}"
+    rank, world = _rank_and_world()
+    torch_rng = [torch.get_rng_state()] * world
+    if world > 1:  # rank 0 writes every rank's generator state (only rank 0 writes files)
+        dist.all_gather_object(torch_rng, torch.get_rng_state())
     if is_main:
         tmp = Path(out_dir) / f".tmp-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -327,7 +333,7 @@ def save_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer, scheduler,
                    if p.requires_grad}
         save_file(weights, tmp / "model.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "scaler": scaler.state_dict(), "torch_rng": torch.stack(torch_rng),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    tmp / "training_state.pt")
         np_state = np.random.get_state()
@@ -360,7 +366,10 @@ def load_checkpoint(path: Path | str, model: torch.nn.Module, optimizer=None, sc
         scheduler.load_state_dict(training["scheduler"])
     if scaler is not None:
         scaler.load_state_dict(training["scaler"])
-    torch.set_rng_state(training["torch_rng"])
+    # One generator state per rank (a resume at another world size is not exact anyway: the
+    # data shards change; extra ranks then reuse saved states).
+    rng = training["torch_rng"]
+    torch.set_rng_state(rng[_rank_and_world()[0] % len(rng)].clone())
     if training["cuda_rng"]:
         torch.cuda.set_rng_state_all(training["cuda_rng"])
     state = json.loads((path / "trainer_state.json").read_text())
@@ -475,8 +484,13 @@ def _log(out_dir: Path, record: dict, is_main: bool, history: list[dict]) -> Non
 def _truncate_metrics(path: Path, step: int, is_main: bool) -> None:
     """On resume, drop the lines an interrupted run logged after its last checkpoint."""
     if is_main and path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= step]
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                pass  # a line torn by the crash itself
         path.write_text("".join(line + "\n" for line in kept))
 
 

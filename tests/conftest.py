@@ -16,7 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _stdlib_text(limit: int = 400) -> list[str]:
-    import collections, json, re, string, textwrap  # noqa: E401  (a handful of modules is enough)
+    import collections  # noqa: E401  (a handful of modules is enough)
+    import json
+    import re
+    import string
+    import textwrap
 
     docs = []
     for mod in (collections, json, re, string, textwrap, inspect):

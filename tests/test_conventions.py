@@ -39,7 +39,8 @@ def test_notebook_is_thin(path):
     assert "parameters" in code[0].get("metadata", {}).get("tags", []), "first code cell: parameters"
     for cell in code:
         source = "".join(cell["source"])
-        tree = ast.parse("\n".join(l for l in source.splitlines() if not l.lstrip().startswith(("%", "!"))))
+        tree = ast.parse("\n".join(line for line in source.splitlines()
+                                   if not line.lstrip().startswith(("%", "!"))))
         defined = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef)]
         assert not defined, f"defines {defined[0].name}: move it into lmref"
         assert len(source.splitlines()) <= 25, f"a code cell of {len(source.splitlines())} lines"

@@ -68,7 +68,8 @@ def test_resume_after_exception_is_bitwise_identical(tmp_path):
         train(small_model(), data, config(tmp_path / "run"), callbacks=[fail_at_step(5)])
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-0000003"
 
-    resumed = small_model(); resumed.model.embed_tokens.weight.data.zero_()  # state must come from disk
+    resumed = small_model()
+    resumed.model.embed_tokens.weight.data.zero_()  # the state must come from disk
     result = train(resumed, data, config(tmp_path / "run", resume_from_checkpoint=True))
     assert result.resumed_from_step == 3 and result.step == 8
     assert_bitwise_equal(weights(reference), weights(resumed))
