@@ -132,8 +132,10 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict) -> tuple[torch.Tenso
     """
     labels = batch.get("labels", batch["input_ids"])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+    # Shift the labels, not the logits: slicing logits[:, :-1] would copy the largest tensor of
+    # the step (batch x sequence x vocabulary) before the loss and again in backward.
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                            ignore_index=-100, reduction="sum")
     return loss, (targets != -100).sum()
 
