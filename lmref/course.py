@@ -22,7 +22,13 @@ from pathlib import Path
 from datasets import DatasetDict, load_from_disk
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lmref.data import InstructionCollator, format_prompt, prepare_data, tokenize_instructions
+from lmref.data import (
+    InstructionCollator,
+    format_prompt,
+    load_prepared,
+    prepare_data,
+    tokenize_instructions,
+)
 from lmref.modeling import build_model, load_model
 from lmref.training import TrainingConfig, TrainResult, train
 
@@ -56,9 +62,8 @@ def ensure_data(data_dir: Path | str | None = None) -> Path:
 
 
 def load_corpus(data_dir: Path | str | None = None) -> tuple[PreTrainedTokenizerBase, DatasetDict]:
-    data_dir = ensure_data(data_dir)
-    return (AutoTokenizer.from_pretrained(data_dir / "tokenizer"),
-            load_from_disk(str(data_dir / "corpus")))
+    tokenizer, corpus, _ = load_prepared(ensure_data(data_dir))
+    return tokenizer, corpus
 
 
 def load_instructions(tokenizer: PreTrainedTokenizerBase, data_dir: Path | str | None = None,

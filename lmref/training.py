@@ -322,7 +322,7 @@ def save_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer, scheduler,
     stays the latest loadable one.
     """
     final = Path(out_dir) / f"checkpoint-{state['step']:07d}"
-    rank, world = _rank_and_world()
+    world = _rank_and_world()[1]
     torch_rng = [torch.get_rng_state()] * world
     if world > 1:  # rank 0 writes every rank's generator state (only rank 0 writes files)
         dist.all_gather_object(torch_rng, torch.get_rng_state())
