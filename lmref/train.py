@@ -58,6 +58,7 @@ class RunConfig:
 
     model: str = "tiny"                      # a preset of lmref.modeling, or an HF id / folder
     model_overrides: dict = field(default_factory=dict)  # config fields for a preset
+    attn_implementation: str | None = None   # None: the model's default (eager, sdpa, ...)
     data: str | None = None                  # load_from_disk folder; default: the course corpus
     tokenizer: str | None = None             # default: <data>/../tokenizer when it exists
     train_split: str = "train"
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help=f"preset ({', '.join(PRESETS)}) or HF model id/folder")
     run.add_argument("--model-overrides", type=json.loads,
                      help='JSON of config fields for a preset, e.g. \'{"num_hidden_layers": 2}\'')
+    run.add_argument("--attn-implementation", type=_optional(str),
+                     help="eager, sdpa, flash_attention_2...; default: the model's own")
     run.add_argument("--data", help="datasets.load_from_disk folder with an input_ids column")
     run.add_argument("--tokenizer", help="tokenizer folder (saved with the final model)")
     run.add_argument("--train-split")
@@ -181,12 +184,15 @@ def make_model(config: RunConfig, tokenizer) -> torch.nn.Module:
         if tokenizer is not None:
             special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        if config.attn_implementation:
+            special["attn_implementation"] = config.attn_implementation
         return build_model(config.model, seed=config.training.seed,
                            **{**special, **config.model_overrides})
     if config.model_overrides:
         raise SystemExit("error: --model-overrides applies to presets, not to a pretrained model")
     # fp32 master weights: mixed precision comes from autocast (TrainingConfig.precision).
-    return load_model(config.model, dtype=torch.float32, device="cpu")
+    return load_model(config.model, dtype=torch.float32, device="cpu",
+                      attn_implementation=config.attn_implementation)
 
 
 def check_vocabulary(dataset: Dataset, model: torch.nn.Module) -> None:

@@ -4,7 +4,8 @@ No Trainer class owns the run: ``train()`` is a plain function whose loop reads 
 (see the ``while`` loop below). It handles what production runs need:
 
 - AdamW with decay / no-decay groups (fused on CUDA), warmup + cosine schedule (transformers');
-- bf16 autocast where supported, fp16 with a gradient scaler where not, fp32 on CPU;
+- bf16 autocast where supported, fp16 with a gradient scaler where not, fp32 on CPU (the
+  policy lives in ``lmref.device``, shared by every module that picks a dtype);
 - gradient accumulation with a loss weighted by tokens across micro-batches and ranks, so
   4 micro-batches of b equal one batch of 4b; clipping with the norm logged;
 - optional ``torch.compile`` and gradient checkpointing;
@@ -51,6 +52,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+from lmref.device import select_precision
 
 # bf16 dense peak of common accelerators, for MFU (model FLOPs utilisation).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
@@ -99,17 +102,6 @@ class TrainResult:
     peak_memory_mb: float
     resumed_from_step: int = 0
     history: list[dict] = field(default_factory=list)
-
-
-def select_precision(device: torch.device | str, requested: str = "auto") -> str:
-    """bf16 where the GPU supports it, fp16 (with a gradient scaler) on older GPUs, fp32 on CPU."""
-    if requested not in {"auto", "fp32", "bf16", "fp16"}:
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {requested!r}")
-    if requested != "auto":
-        return requested
-    if torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"  # CPU autocast to bf16 exists, but its matmuls are slower than fp32 on most CPUs
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.AdamW:

@@ -3,6 +3,8 @@ clean save/load, quantized quality within a stated bound, sizes that match the s
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from lmref.compression import (
     load_bnb,
     measure,
     memory_bytes,
+    out_in_weight,
     prunable_linears,
     prune_model,
     pruning_leftovers,
@@ -229,3 +232,38 @@ def test_bnb_4bit_saves_and_reloads_quantized(fitted_dir, token_rows, tmp_path):
     assert again.perplexity == pytest.approx(m.perplexity, rel=1e-4)
     fp32_bytes = memory_bytes(AutoModelForCausalLM.from_pretrained(fitted_dir))
     assert disk_bytes(tmp_path, "*.safetensors") < fp32_bytes
+
+
+def test_bnb_4bit_saved_after_a_forward_reloads_to_the_same_logits(fitted_dir, token_rows, tmp_path):
+    """bitsandbytes repacks 4-bit weights for its CPU kernel on the first inference forward (on
+    CPUs with AVX512-BF16); a folder saved after that used to reload as garbage."""
+    ids = token_rows[1]
+    for double_quant in (False, True):
+        nf4 = load_bnb(fitted_dir, "nf4", device="cpu", double_quant=double_quant)
+        with torch.inference_mode():
+            before = nf4(input_ids=ids).logits
+        save_model(nf4, tmp_path / str(double_quant))
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / str(double_quant), device_map="cpu")
+        with torch.inference_mode():
+            assert torch.equal(reloaded.eval()(input_ids=ids).logits, before)
+            assert torch.equal(nf4(input_ids=ids).logits, before)   # saving changed nothing in memory
+
+
+def test_gpt2_conv1d_layers_prune_and_quantize(token_rows):
+    from lmref.modeling import build_model
+
+    gpt2 = build_model("tiny-gpt2", vocab_size=512, num_hidden_layers=2).eval()
+    layers = prunable_linears(gpt2)
+    assert {type(m).__name__ for m in layers.values()} == {"Conv1D"}
+    for method in ("magnitude", "wanda"):
+        model = copy.deepcopy(gpt2)
+        report = prune_model(model, PruneConfig(method, n_m=(2, 4)), calibration_batches=[token_rows[0][:2]])
+        assert report["global"] == pytest.approx(0.5, abs=1e-3)
+        for layer in prunable_linears(model).values():   # 2 of every 4 kept along the INPUT dim
+            assert is_n_m_sparse(out_in_weight(layer), 2, 4)
+            assert (out_in_weight(layer) != 0).reshape(-1, 4).sum(1).eq(2).all()
+    int8 = quantize_int8_dynamic(gpt2)
+    assert memory_bytes(int8) < 0.7 * memory_bytes(gpt2)
+    with torch.inference_mode():
+        dense, quant = gpt2(input_ids=token_rows[1]).logits, int8(input_ids=token_rows[1]).logits
+    assert (quant - dense).abs().mean() < 0.05 * dense.abs().mean()

@@ -1,0 +1,45 @@
+"""One device/dtype policy (lmref.device), used by every module that picks a dtype."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmref import compression, lora
+from lmref.device import compute_dtype, resolve_device, select_precision
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_gpus_with_and_without_bf16_get_the_same_answer_everywhere(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_device("auto").type == "cuda"
+    assert compute_dtype("cuda") == expected
+    assert select_precision("cuda") == {torch.bfloat16: "bf16", torch.float16: "fp16"}[expected]
+    assert lora.nf4_config("cuda").bnb_4bit_compute_dtype == expected
+    # compression.load_bnb used to pick bf16 on every GPU; it now asks the policy
+    assert compression.policy_dtype(resolve_device("auto")) == expected
+
+
+def test_cpu_is_fp32_and_explicit_requests_win():
+    assert compute_dtype("cpu") == torch.float32 and select_precision("cpu") == "fp32"
+    assert select_precision("cpu", "bf16") == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        select_precision("cpu", "fp8")
+
+
+def test_no_module_decides_precision_on_its_own():
+    """Only lmref/device.py may ask the hardware which float types it supports."""
+    offenders = []
+    for path in sorted((ROOT / "lmref").glob("*.py")):
+        if path.name in ("device.py", "env.py"):   # env.py reports the hardware, decides nothing
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "is_bf16_supported":
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
