@@ -16,6 +16,12 @@ Each module is one concern and can be copied into another project on its own:
 __version__ = "0.1.0"
 
 import logging as _logging
+import warnings as _warnings
+
+# Progress bars are text everywhere, notebooks included: saved notebooks then show them on GitHub,
+# where widget outputs (tqdm.auto's notebook bars) render as errors. ipywidgets is therefore not a
+# dependency, and tqdm.auto's note that it is missing is expected, not a problem to report.
+_warnings.filterwarnings("ignore", message="IProgress not found")
 
 # bitsandbytes >= 0.50 tries, on CPUs with AVX512-BF16, to fetch a faster 4-bit kernel from the
 # Hugging Face hub through the optional `kernels` package, and warns when it cannot. Offline its

@@ -64,6 +64,9 @@ from lmref.device import resolve_device
 
 DEFAULT_SKIP = ("lm_head",)
 
+# LLM.int8 on CPU computes in fp16 by design and bitsandbytes says so on every matmul call.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
 # Which format each variant saves in, and why not where it cannot.
 SAVE_SUPPORT = {
     "pruned": "save_pretrained: a plain safetensors model (zeros stored densely: pruning alone "
@@ -147,21 +150,25 @@ def _batch_input_ids(batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_input_norms(model: nn.Module, batches: Iterable, modules: dict[str, nn.Linear],
-                        ) -> dict[str, torch.Tensor]:
-    """L2 norm of every input channel of ``modules`` over all calibration tokens.
+def collect_input_stats(model: nn.Module, batches: Iterable, modules: dict[str, nn.Module],
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+    """Per input channel of each of ``modules``, over all calibration tokens: the L2 ``norm``
+    (Wanda's score) and the largest magnitude ``absmax`` (what int8 activation scales and
+    LLM.int8's outlier threshold see).
 
-    Forward hooks accumulate the sum of squares per channel; they are removed in ``finally`` so a
-    failing batch cannot leave them behind.
+    Forward hooks accumulate the statistics; they are removed in ``finally`` so a failing batch
+    cannot leave them behind.
     """
-    sums = {name: torch.zeros(out_in_weight(mod).shape[1], dtype=torch.float64)
-            for name, mod in modules.items()}
+    width = {name: out_in_weight(mod).shape[1] for name, mod in modules.items()}
+    sums = {name: torch.zeros(w, dtype=torch.float64) for name, w in width.items()}
+    absmax = {name: torch.zeros(w) for name, w in width.items()}
     counts = dict.fromkeys(modules, 0)
 
     def make_hook(name: str):
         def hook(_module, inputs, _output):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
             sums[name] += x.double().pow(2).sum(0).cpu()
+            absmax[name] = torch.maximum(absmax[name], x.abs().amax(0).float().cpu())
             counts[name] += x.shape[0]
         return hook
 
@@ -178,7 +185,13 @@ def collect_input_norms(model: nn.Module, batches: Iterable, modules: dict[str, 
         model.train(was_training)
     if not any(counts.values()):
         raise ValueError("no calibration tokens: pass at least one batch of input_ids")
-    return {name: s.sqrt().float() for name, s in sums.items()}
+    return {name: {"norm": sums[name].sqrt().float(), "absmax": absmax[name]} for name in modules}
+
+
+def collect_input_norms(model: nn.Module, batches: Iterable, modules: dict[str, nn.Module],
+                        ) -> dict[str, torch.Tensor]:
+    """L2 norm of every input channel of ``modules`` over all calibration tokens (Wanda's score)."""
+    return {name: stats["norm"] for name, stats in collect_input_stats(model, batches, modules).items()}
 
 
 def _row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:

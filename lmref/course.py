@@ -23,6 +23,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmref.data import (
+    PROMPT_TEMPLATE,
     InstructionCollator,
     format_prompt,
     load_prepared,
@@ -78,6 +79,12 @@ def load_instruction_eval(raw_split) -> tuple[list[str], list[str]]:
     return [format_prompt(x) for x in raw_split["instruction"]], list(raw_split["answer"])
 
 
+# The course's instruction format as a Jinja chat template, saved with the fine-tuned model so that
+# /v1/chat/completions (and apply_chat_template) send it exactly the prompt it was trained on.
+COURSE_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}"
+                        + PROMPT_TEMPLATE.replace("{instruction}", "{{ m['content'] }}")
+                        + "{% endif %}{% endfor %}")
+
 # The real pretrained chat model of the course (converted from its packaged GGUF on first use).
 REAL_MODEL = "smollm2-135m-instruct"
 
@@ -115,6 +122,8 @@ def chat_instructions(tokenizer: PreTrainedTokenizerBase, split: str = "train", 
     raw = load_from_disk(str(ensure_data(data_dir) / "instructions"))[split]
     if task is not None:
         raw = raw.filter(lambda row: row["task"] == task)
+    if len(raw) == 0:
+        raise ValueError(f"no {task!r} examples in the {split!r} split of the instruction set")
     raw = raw.select(range(min(n or len(raw), len(raw))))
     prompts = [chat_prompt(tokenizer, x) for x in raw["instruction"]]
     rows = []
@@ -150,6 +159,7 @@ def finetune(base_dir: Path | str, out_dir: Path | str, config: TrainingConfig =
     result = train(model, tokenized["train"], config, eval_dataset=tokenized["test"],
                    collate_fn=collator, callbacks=callbacks)
     model.save_pretrained(out_dir)
+    tokenizer.chat_template = COURSE_CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
     return result
 

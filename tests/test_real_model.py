@@ -61,3 +61,12 @@ def test_names_resolve_and_paths_pass_through(tmp_path):
     assert resolve_model(NAME).endswith(NAME)
     assert resolve_model(str(tmp_path)) == str(tmp_path)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_server_cli_resolves_course_names_and_defaults_to_the_real_model(tmp_path):
+    from lmref.serve import resolve_model_args
+
+    folder = resolve_model(NAME)
+    assert resolve_model_args([]) == ["--model", f"smollm2={folder}"]
+    argv = resolve_model_args(["--model", f"chat={NAME}", "--model", f"mine={tmp_path}", "--port", "0"])
+    assert argv == ["--model", f"chat={folder}", "--model", f"mine={tmp_path}", "--port", "0"]
