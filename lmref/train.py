@@ -1,9 +1,9 @@
 """``python -m lmref.train``: the training loop as a command, for one process or many (torchrun).
 
 Every ``TrainingConfig`` field is a flag (``--max-steps``, ``--per-device-train-batch-size`` or
-``--batch-size``, ``--learning-rate`` or ``--lr``, ``--resume`` ...), and a JSON or YAML file
-given with ``--config`` may set any of them plus the run's own keys (model, data, ...); flags on
-the command line win over the file. The final model is saved in Hugging Face format (rank 0).
+``--batch-size``, ``--learning-rate`` or ``--lr``, ``--resume``, ``--allow-config-change`` ...),
+and a JSON or YAML file given with ``--config`` may set any of them plus the run's own keys
+(model, data, ...); flags on the command line win over the file. The final model is saved in Hugging Face format (rank 0).
 
 Usage::
 
@@ -42,7 +42,7 @@ from lmref.distributed import (
     wrap_model,
 )
 from lmref.modeling import PRESETS, build_model, load_model
-from lmref.training import TrainingConfig, train
+from lmref.training import CheckpointError, ConfigChangeError, TrainingConfig, train
 
 ALIASES = {
     "per_device_train_batch_size": ["--batch-size"],
@@ -139,7 +139,10 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         values["disable_tqdm"] = True
     if isinstance(values.get("eval_split"), str) and values["eval_split"].lower() == "none":
         values["eval_split"] = None
-    training = TrainingConfig(**{k: v for k, v in values.items() if k in train_keys})
+    try:
+        training = TrainingConfig(**{k: v for k, v in values.items() if k in train_keys})
+    except ValueError as e:  # a setting that cannot make a run: say which, no traceback
+        raise SystemExit(f"error: {e}") from None
     return RunConfig(**{k: v for k, v in values.items() if k in run_keys}, training=training)
 
 
@@ -215,9 +218,16 @@ def main(argv: list[str] | None = None) -> int:
                f"{training.per_device_train_batch_size * training.gradient_accumulation_steps * env.world_size}"
                f", attempt {env.restart_count}")
         callbacks = [cb for cb in [fault_injection_from_env(env=env)] if cb is not None]
-        result = train(model, train_set, training, eval_dataset=eval_set, callbacks=callbacks)
+        try:
+            result = train(model, train_set, training, eval_dataset=eval_set, callbacks=callbacks)
+        except (CheckpointError, ConfigChangeError) as e:  # the message says what to do
+            raise SystemExit(f"error: {e}") from None
         final_dir = Path(config.final_dir or Path(training.output_dir) / "final")
-        if env.is_main:
+        if result.step == result.resumed_from_step and (final_dir / "train_result.json").exists():
+            # A finished run resumed again trains nothing: its final model and numbers stand.
+            print0(f"lmref.train: the run had already finished at step {result.step}; "
+                   f"{final_dir} left as it was")
+        elif env.is_main:
             unwrap_model(model).save_pretrained(final_dir)
             if tokenizer is not None:
                 tokenizer.save_pretrained(final_dir)

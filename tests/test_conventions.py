@@ -20,9 +20,12 @@ def test_module_is_copyable_alone_and_documented(path):
     docstring = ast.get_docstring(tree)
     assert docstring and "Usage" in docstring, f"{path.name}: top docstring with a usage example"
     for node in ast.walk(tree):
+        # The one exception the house rules allow: a dependency that is the point, named in the
+        # top docstring (e.g. lmref.training saves through lmref.checkpoints).
         if isinstance(node, ast.ImportFrom):
-            assert node.level == 0 and (node.module or "").split(".")[0] != "lmref", \
-                f"{path.name} imports another lmref module: copy it alone and it breaks"
+            module = node.module or ""
+            assert node.level == 0 and (module.split(".")[0] != "lmref" or module in docstring), \
+                f"{path.name} imports {module} without naming it in its docstring: copy it alone and it breaks"
         if isinstance(node, ast.Import):
             assert all(a.name.split(".")[0] != "lmref" for a in node.names), path.name
 
