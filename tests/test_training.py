@@ -348,3 +348,41 @@ def test_eval_set_without_label_tokens_fails_before_training(tmp_path):
         train(small_model(), make_data(), config(tmp_path), eval_dataset=make_data(n=8),
               collate_fn=no_labels, callbacks=[lambda step, metrics: steps.append(step)])
     assert steps == []  # before the fix: 8 steps trained, then the final evaluation raised
+
+
+def cli_run(tmp_path, model_dir, *extra: str) -> list[str]:
+    data = tmp_path / "blocks"
+    if not data.exists():
+        make_data(n=32, seq=16).save_to_disk(str(data))
+    return ["--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+            "--max-steps", "4", "--batch-size", "8", "--lr", "1e-2", "--save-steps", "2",
+            "--eval-split", "none", "--disable-tqdm", *extra]
+
+
+def test_cli_resume_of_a_finished_run_keeps_its_result(tmp_path, tiny_model_dir):
+    from lmref.train import main
+
+    assert main(cli_run(tmp_path, tiny_model_dir)) == 0
+    result_file = tmp_path / "run" / "final" / "train_result.json"
+    first = result_file.read_text()
+    assert main(cli_run(tmp_path, tiny_model_dir, "--resume")) == 0
+    assert result_file.read_text() == first  # not rewritten (before: train_loss NaN)
+    # And train() itself reports the last logged loss, not NaN, when nothing was left to train.
+    result = train(small_model(), make_data(), config(tmp_path / "t", max_steps=3, save_steps=3))
+    again = train(small_model(), make_data(), config(tmp_path / "t", max_steps=3, save_steps=3,
+                                                     resume_from_checkpoint=True))
+    assert again.step == again.resumed_from_step == 3 and again.train_loss == result.train_loss
+
+
+def test_cli_refuses_changed_settings_unless_allowed(tmp_path, tiny_model_dir, capsys):
+    from lmref.train import main
+
+    assert main(cli_run(tmp_path, tiny_model_dir, "--max-steps", "2")) == 0
+    with pytest.raises(SystemExit, match=r"learning_rate: 0\.01 -> 0\.005; .*max_steps: 2 -> 4; "
+                                         r"per_device_train_batch_size: 8 -> 16"):
+        main(cli_run(tmp_path, tiny_model_dir, "--resume", "--batch-size", "16", "--lr", "5e-3"))
+    with pytest.warns(UserWarning, match="resuming with changed settings"):
+        assert main(cli_run(tmp_path, tiny_model_dir, "--resume", "--batch-size", "16", "--lr",
+                            "5e-3", "--allow-config-change")) == 0
+    with pytest.raises(SystemExit, match="TrainingConfig.max_steps must be an integer >= 1, got 0"):
+        main(cli_run(tmp_path, tiny_model_dir, "--max-steps", "0"))
