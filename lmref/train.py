@@ -168,6 +168,10 @@ def load_data(config: RunConfig) -> tuple[Dataset, Dataset | None, Path | None]:
         eval_set = data.get(config.eval_split) if config.eval_split else None
     else:
         train_set, eval_set = data, None
+    for name, split in ((config.train_split, train_set), (config.eval_split, eval_set)):
+        if split is not None and len(split) == 0:
+            raise SystemExit(f"error: the {name!r} split of {data_path} has no rows; prepare "
+                             "the data again (see lmref.data.prepare_data) or pick another split")
     if "input_ids" not in train_set.column_names:
         raise SystemExit(f"error: {data_path} has no input_ids column ({train_set.column_names})")
     if config.max_train_samples:
