@@ -127,8 +127,9 @@ def latest_checkpoint(out_dir: Path | str, warn: bool = True) -> Path | None:
     else:
         candidate = None
     if found and candidate is None:
-        raise CheckpointError(f"no checkpoint in {out_dir} verifies: " + "; ".join(skipped) +
-                         ". Move them away to start afresh, or resume from a copy you trust.")
+        raise CheckpointError(f"no checkpoint in {out_dir} verifies: " + "; ".join(skipped)
+                              + ". Move them away to start afresh; one written before manifests "
+                              "existed loads when its path is given as resume_from_checkpoint.")
     if warn:
         for message in skipped:
             warnings.warn(message, stacklevel=2)
@@ -139,7 +140,6 @@ def read_run_config(path: Path | str) -> dict | None:
     """The ``run_config`` that ``save_checkpoint`` recorded (None when there was none)."""
     f = Path(path) / RUN_CONFIG
     return json.loads(f.read_text()) if f.is_file() else None
-
 
 
 def load_checkpoint(path: Path | str, model: torch.nn.Module, optimizer=None, scheduler=None,

@@ -98,7 +98,11 @@ class TrainingConfig:
     logging_steps: int = 10
     seed: int = 0
     resume_from_checkpoint: bool | str = False  # True: the latest in output_dir; or a path
-    allow_config_change: bool = False  # resume although settings differ from the checkpoint's
+    # Resume although settings differ from the checkpoint's. The new values then hold from the
+    # resumed step on: the lr schedule is rebuilt with the new peak/warmup/floor/length and read at
+    # that step, AdamW's betas and weight decay are replaced, and the data position is converted
+    # to batches of the new size (same epoch, same share of it done).
+    allow_config_change: bool = False
     disable_tqdm: bool = False
 
     def __post_init__(self) -> None:
@@ -123,9 +127,6 @@ class TrainingConfig:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainingConfig.max_grad_norm must be None or > 0, "
                              f"got {self.max_grad_norm!r}")
-        if self.precision not in {"auto", "fp32", "bf16", "fp16"}:
-            raise ValueError(f"TrainingConfig.precision must be auto, fp32, bf16 or fp16, "
-                             f"got {self.precision!r}")
 
 
 # Settings that do not change the trained weights: they may differ on resume without a word.

@@ -386,3 +386,14 @@ def test_cli_refuses_changed_settings_unless_allowed(tmp_path, tiny_model_dir, c
                             "5e-3", "--allow-config-change")) == 0
     with pytest.raises(SystemExit, match="TrainingConfig.max_steps must be an integer >= 1, got 0"):
         main(cli_run(tmp_path, tiny_model_dir, "--max-steps", "0"))
+
+
+def test_cli_names_an_empty_split(tmp_path, tiny_model_dir):
+    from lmref.train import main
+
+    data = tmp_path / "blocks"
+    datasets.DatasetDict({"train": make_data(n=32, seq=16),
+                          "validation": make_data(n=32, seq=16).select([])}).save_to_disk(str(data))
+    with pytest.raises(SystemExit, match="the 'validation' split of .*blocks has no rows"):
+        main(["--model", str(tiny_model_dir), "--data", str(data), "--output-dir",
+              str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "8", "--disable-tqdm"])
