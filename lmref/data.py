@@ -459,6 +459,17 @@ def save_artifacts(out_dir: str | Path, tokenizer: PreTrainedTokenizerBase, corp
     return out
 
 
+def empty_splits_on_disk(folder: str | Path) -> list[str]:
+    """Splits of a ``save_to_disk`` folder that hold no rows (``load_from_disk`` fails on them
+    with a bare ``IndexError`` inside ``datasets``); ``[]`` for a single data set folder."""
+    folder = Path(folder)
+    empty = []
+    for state in sorted(folder.glob("*/state.json")):
+        if not json.loads(state.read_text()).get("_data_files"):
+            empty.append(state.parent.name)
+    return empty
+
+
 def load_prepared(out_dir: str | Path = "artifacts/data") -> tuple[PreTrainedTokenizerFast, DatasetDict]:
     """``(tokenizer, corpus DatasetDict)`` written by :func:`prepare_data`."""
     from datasets import load_from_disk
@@ -467,6 +478,10 @@ def load_prepared(out_dir: str | Path = "artifacts/data") -> tuple[PreTrainedTok
     out = Path(out_dir)
     if not (out / "report.json").is_file():
         raise FileNotFoundError(f"no prepared data in {out}; run prepare_data(out_dir={str(out)!r})")
+    empty = empty_splits_on_disk(out / "corpus")
+    if empty:  # written by an older prepare_data, which let a split end with no block
+        raise ValueError(f"the corpus in {out} has empty split(s) {empty}; prepare it again "
+                         "with more text or a smaller block_size")
     return PreTrainedTokenizerFast.from_pretrained(out / "tokenizer"), load_from_disk(str(out / "corpus"))
 
 

@@ -32,6 +32,7 @@ from datasets import Dataset, DatasetDict, disable_progress_bars, load_from_disk
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from lmref.data import empty_splits_on_disk
 from lmref.distributed import (
     barrier,
     distributed,
@@ -160,6 +161,9 @@ def load_data(config: RunConfig) -> tuple[Dataset, Dataset | None, Path | None]:
         data_path = Path(config.data)
     if not data_path.exists():
         raise SystemExit(f"error: no dataset at {data_path}")
+    for name in empty_splits_on_disk(data_path):  # load_from_disk fails on them, deep inside
+        raise SystemExit(f"error: the {name!r} split of {data_path} has no rows; prepare the "
+                         "data again (see lmref.data.prepare_data) or save it without that split")
     data = load_from_disk(str(data_path))
     if isinstance(data, DatasetDict):
         if config.train_split not in data:
@@ -168,10 +172,8 @@ def load_data(config: RunConfig) -> tuple[Dataset, Dataset | None, Path | None]:
         eval_set = data.get(config.eval_split) if config.eval_split else None
     else:
         train_set, eval_set = data, None
-    for name, split in ((config.train_split, train_set), (config.eval_split, eval_set)):
-        if split is not None and len(split) == 0:
-            raise SystemExit(f"error: the {name!r} split of {data_path} has no rows; prepare "
-                             "the data again (see lmref.data.prepare_data) or pick another split")
+    if len(train_set) == 0:
+        raise SystemExit(f"error: the training data at {data_path} has no rows")
     if "input_ids" not in train_set.column_names:
         raise SystemExit(f"error: {data_path} has no input_ids column ({train_set.column_names})")
     if config.max_train_samples:

@@ -450,3 +450,13 @@ def test_corpus_emptied_by_the_filters_says_so(tmp_path):
     with pytest.raises(ValueError, match=r"no document is left after filter .*too_short.*"
                                          r"relax DataConfig.filters"):
         prepare_data(config, out_dir=tmp_path / "out")
+
+
+def test_load_prepared_names_an_empty_split(tmp_path, small_tokenizer):
+    from datasets import Dataset, DatasetDict
+
+    tokenizer, _ = small_tokenizer
+    blocks = Dataset.from_dict({"input_ids": [[1, 2], [3, 4]]})
+    save_artifacts(tmp_path, tokenizer, DatasetDict({"train": blocks, "test": blocks.select([])}), {})
+    with pytest.raises(ValueError, match=r"empty split\(s\) \['test'\]"):
+        load_prepared(tmp_path)
