@@ -39,11 +39,6 @@ class Document:
     source: str
 
 
-
-# ----------------------------------------------------------------------------------------------
-# Sources
-# ----------------------------------------------------------------------------------------------
-
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 _SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")  # one per byte that was not valid UTF-8
 
