@@ -2,9 +2,12 @@
 
 Each module is one concern and can be copied into another project on its own:
 
-- ``lmref.data``        corpus, cleaning, dedup, split, tokenizer, packing, instruction data
+- ``lmref.sources``     where a corpus comes from: text files, stdlib docstrings, HF datasets
+- ``lmref.data``        corpus cleaning, dedup, filters, split, tokenizer, packing (uses sources)
+- ``lmref.instruction_data``  the instruction task set, prompt template, loss masking, collator
 - ``lmref.modeling``    model presets and loading any Hugging Face causal LM
 - ``lmref.training``    one training loop: mixed precision, accumulation, checkpoint/resume
+- ``lmref.checkpoints`` crash-safe checkpoint folders: manifest, verification (used by training)
 - ``lmref.evaluation``  perplexity, exact match, sample generation
 - ``lmref.lora``        LoRA and QLoRA with peft + bitsandbytes
 - ``lmref.distributed`` data parallelism under torchrun

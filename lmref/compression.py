@@ -67,6 +67,46 @@ DEFAULT_SKIP = ("lm_head",)
 # LLM.int8 on CPU computes in fp16 by design and bitsandbytes says so on every matmul call.
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
+
+def fix_bitsandbytes_cpu_unpacking() -> bool:
+    """Make bitsandbytes' undoing of its CPU 4-bit layout exact (applied when this module loads).
+
+    bitsandbytes 0.50, on CPUs with AVX512-BF16, repacks each ``Linear4bit`` for its CPU kernel on
+    the first inference forward: nibbles reordered, ``absmax`` cast to bf16 and stored as
+    [blocks, N], double quantization unpacked. Every ``state_dict()`` (``save_pretrained``, peft's
+    adapter saving, ``memory_bytes``) first undoes that through
+    ``_convert_weight_packed_for_cpu_inverse``, which restores the nibbles but leaves ``absmax``
+    in [blocks, N] order (or re-quantizes it when nested). The saved folder then reloads as
+    garbage (SmolLM2-135M: perplexity 19 -> 10 million) and the model in memory is damaged too.
+    The wrapper below puts ``absmax`` back in row order, in fp32, un-nested: exactly the scales
+    the model computed with, so save/reload and the next forward reproduce the same logits.
+    A patch of a private function, on purpose: it is the one place all those paths go through;
+    the dependency range (<0.51) keeps it checked by tests/test_compression.py.
+    """
+    try:
+        from bitsandbytes import functional
+        from bitsandbytes import nn as bnb_nn
+    except ImportError:
+        return False
+    original = functional._convert_weight_packed_for_cpu_inverse
+    if getattr(original, "lmref_exact", False):
+        return True
+
+    def exact_inverse(packed_weight, quant_state, block_n: int = 32):
+        absmax = quant_state.absmax.T.reshape(-1).float()    # [K/blocksize, N] -> [N*K/blocksize]
+        quant_state.original_nested = False                  # keep the scales, not re-quantized
+        weight, state = original(packed_weight, quant_state, block_n)
+        state.absmax = absmax
+        return weight, state
+
+    exact_inverse.lmref_exact = True
+    functional._convert_weight_packed_for_cpu_inverse = exact_inverse
+    bnb_nn.modules._convert_weight_packed_for_cpu_inverse = exact_inverse
+    return True
+
+
+fix_bitsandbytes_cpu_unpacking()
+
 # Which format each variant saves in, and why not where it cannot.
 SAVE_SUPPORT = {
     "pruned": "save_pretrained: a plain safetensors model (zeros stored densely: pruning alone "
@@ -385,34 +425,6 @@ def is_dynamic_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
 
 
-def restore_bnb_4bit_layout(model: nn.Module) -> int:
-    """Undo bitsandbytes' CPU repacking of 4-bit weights exactly, so the model saves correctly.
-
-    bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks each ``Linear4bit`` for its CPU kernel
-    on the first inference forward: weight nibbles reordered, ``absmax`` turned to bf16 in
-    [blocks, N] order (double quantization unpacked). Its own inverse, run on save, restores the
-    nibbles but leaves ``absmax`` in that order (or re-quantizes it when nested), so a folder
-    saved after one forward reloads as garbage (perplexity 19 -> 10 million on SmolLM2-135M).
-    Here the nibbles go back through bitsandbytes' inverse (an exact permutation) and ``absmax``
-    back to fp32 in row order, left un-nested: exactly the scales the model computes with now.
-    The next forward repacks (milliseconds). Returns how many layers were restored.
-    """
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    restored = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        if not getattr(state, "packing_format_for_cpu", False):
-            continue
-        absmax = state.absmax.T.reshape(-1).float()          # [K/blocksize, N] -> [N*K/blocksize]
-        state.original_nested = False                        # keep the exact scales, not re-quantized
-        weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-        state.absmax = absmax
-        restored += 1
-    return restored
-
-
 def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     """``save_pretrained`` (safetensors) for plain, pruned and bitsandbytes models.
 
@@ -424,7 +436,6 @@ def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
         raise ValueError(f"masks or hooks left on {pruning_leftovers(model)[:3]}: "
                          "call make_permanent(model) first")
     out_dir = Path(out_dir)
-    restore_bnb_4bit_layout(model)
     model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

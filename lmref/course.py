@@ -22,12 +22,12 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lmref.data import (
+from lmref.data import load_prepared, prepare_data
+from lmref.instruction_data import (
     PROMPT_TEMPLATE,
     InstructionCollator,
     format_prompt,
-    load_prepared,
-    prepare_data,
+    save_instruction_dataset,
     tokenize_instructions,
 )
 from lmref.modeling import ARTIFACTS, build_model, load_model
@@ -58,12 +58,13 @@ def ensure_data(data_dir: Path | str | None = None) -> Path:
     data_dir = Path(data_dir or ARTIFACTS / "data")
     if not (data_dir / "report.json").exists():
         prepare_data(out_dir=data_dir)
+    if not (data_dir / "instructions" / "dataset_dict.json").exists():
+        save_instruction_dataset(out_dir=data_dir / "instructions")
     return data_dir
 
 
 def load_corpus(data_dir: Path | str | None = None) -> tuple[PreTrainedTokenizerBase, DatasetDict]:
-    tokenizer, corpus, _ = load_prepared(ensure_data(data_dir))
-    return tokenizer, corpus
+    return load_prepared(ensure_data(data_dir))
 
 
 def load_instructions(tokenizer: PreTrainedTokenizerBase, data_dir: Path | str | None = None,

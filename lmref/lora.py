@@ -26,6 +26,9 @@ the base model exactly. The knobs (fields of ``LoraSettings``):
   embeddings peft keeps the head tied to the trained copy (``ensure_weight_tying``), so merging
   stays exact. LoRA on a tied embedding itself does not merge correctly, hence this route.
 
+A 4-bit base evaluated on a CPU and then saved (``save_adapter`` calls ``state_dict()``) relies on
+``lmref.compression.fix_bitsandbytes_cpu_unpacking``; ``load_4bit`` makes sure it is applied.
+
 QLoRA (Dettmers et al., 2023) keeps the frozen base in 4-bit NormalFloat (nf4, with the
 quantisation constants themselves quantised: "double quantisation") and computes in a higher
 precision (bf16 on GPUs, fp32 on CPU: ``lmref.device``'s policy); gradients flow through the dequantised weights into the
@@ -64,6 +67,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from lmref.compression import fix_bitsandbytes_cpu_unpacking
 from lmref.device import compute_dtype, resolve_device
 
 # Leaf names of the attention projections across common architectures (Llama/Mistral/Qwen:
@@ -176,6 +180,7 @@ def load_4bit(name_or_path: str | os.PathLike, device: torch.device | str = "aut
     """A causal LM with its linear layers in nf4 (bitsandbytes ``Linear4bit``), others in the
     compute dtype. Embeddings and the output head stay unquantised, as in transformers."""
     device = resolve_device(device)
+    fix_bitsandbytes_cpu_unpacking()
     return AutoModelForCausalLM.from_pretrained(
         str(name_or_path), quantization_config=nf4_config(device), dtype=compute_dtype(device),
         device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},

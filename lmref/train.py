@@ -1,9 +1,9 @@
 """``python -m lmref.train``: the training loop as a command, for one process or many (torchrun).
 
 Every ``TrainingConfig`` field is a flag (``--max-steps``, ``--per-device-train-batch-size`` or
-``--batch-size``, ``--learning-rate`` or ``--lr``, ``--resume`` ...), and a JSON or YAML file
-given with ``--config`` may set any of them plus the run's own keys (model, data, ...); flags on
-the command line win over the file. The final model is saved in Hugging Face format (rank 0).
+``--batch-size``, ``--learning-rate`` or ``--lr``, ``--resume``, ``--allow-config-change`` ...),
+and a JSON or YAML file given with ``--config`` may set any of them plus the run's own keys
+(model, data, ...); flags on the command line win over the file. The final model is saved in Hugging Face format (rank 0).
 
 Usage::
 
@@ -32,6 +32,7 @@ from datasets import Dataset, DatasetDict, disable_progress_bars, load_from_disk
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from lmref.data import empty_splits_on_disk
 from lmref.distributed import (
     barrier,
     distributed,
@@ -42,7 +43,7 @@ from lmref.distributed import (
     wrap_model,
 )
 from lmref.modeling import PRESETS, build_model, load_model
-from lmref.training import TrainingConfig, train
+from lmref.training import CheckpointError, ConfigChangeError, TrainingConfig, train
 
 ALIASES = {
     "per_device_train_batch_size": ["--batch-size"],
@@ -142,7 +143,10 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         values["disable_tqdm"] = True
     if isinstance(values.get("eval_split"), str) and values["eval_split"].lower() == "none":
         values["eval_split"] = None
-    training = TrainingConfig(**{k: v for k, v in values.items() if k in train_keys})
+    try:
+        training = TrainingConfig(**{k: v for k, v in values.items() if k in train_keys})
+    except ValueError as e:  # a setting that cannot make a run: say which, no traceback
+        raise SystemExit(f"error: {e}") from None
     return RunConfig(**{k: v for k, v in values.items() if k in run_keys}, training=training)
 
 
@@ -160,6 +164,9 @@ def load_data(config: RunConfig) -> tuple[Dataset, Dataset | None, Path | None]:
         data_path = Path(config.data)
     if not data_path.exists():
         raise SystemExit(f"error: no dataset at {data_path}")
+    for name in empty_splits_on_disk(data_path):  # load_from_disk fails on them, deep inside
+        raise SystemExit(f"error: the {name!r} split of {data_path} has no rows; prepare the "
+                         "data again (see lmref.data.prepare_data) or save it without that split")
     data = load_from_disk(str(data_path))
     if isinstance(data, DatasetDict):
         if config.train_split not in data:
@@ -168,6 +175,8 @@ def load_data(config: RunConfig) -> tuple[Dataset, Dataset | None, Path | None]:
         eval_set = data.get(config.eval_split) if config.eval_split else None
     else:
         train_set, eval_set = data, None
+    if len(train_set) == 0:
+        raise SystemExit(f"error: the training data at {data_path} has no rows")
     if "input_ids" not in train_set.column_names:
         raise SystemExit(f"error: {data_path} has no input_ids column ({train_set.column_names})")
     if config.max_train_samples:
@@ -221,9 +230,16 @@ def main(argv: list[str] | None = None) -> int:
                f"{training.per_device_train_batch_size * training.gradient_accumulation_steps * env.world_size}"
                f", attempt {env.restart_count}")
         callbacks = [cb for cb in [fault_injection_from_env(env=env)] if cb is not None]
-        result = train(model, train_set, training, eval_dataset=eval_set, callbacks=callbacks)
+        try:
+            result = train(model, train_set, training, eval_dataset=eval_set, callbacks=callbacks)
+        except (CheckpointError, ConfigChangeError) as e:  # the message says what to do
+            raise SystemExit(f"error: {e}") from None
         final_dir = Path(config.final_dir or Path(training.output_dir) / "final")
-        if env.is_main:
+        if result.step == result.resumed_from_step and (final_dir / "train_result.json").exists():
+            # A finished run resumed again trains nothing: its final model and numbers stand.
+            print0(f"lmref.train: the run had already finished at step {result.step}; "
+                   f"{final_dir} left as it was")
+        elif env.is_main:
             unwrap_model(model).save_pretrained(final_dir)
             if tokenizer is not None:
                 tokenizer.save_pretrained(final_dir)

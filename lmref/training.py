@@ -11,12 +11,18 @@ No Trainer class owns the run: ``train()`` is a plain function whose loop reads 
 - optional ``torch.compile`` and gradient checkpointing;
 - periodic evaluation, best model by validation loss, metrics to JSONL, a tqdm bar;
 - atomic checkpoints (safetensors weights + optimizer, scheduler, RNG and data position) that
-  resume to the same weights as an uninterrupted run (bitwise on CPU);
+  resume to the same weights as an uninterrupted run (bitwise on CPU); each ends with a
+  ``manifest.json`` (sizes and sha256 of its files, written last), and a resume takes the newest
+  checkpoint that verifies, warning about the ones it skipped;
+- the run's settings saved with each checkpoint: a resume with different settings stops and
+  lists them, unless ``allow_config_change`` (see ``check_config_change``);
+- settings checked before anything runs (``TrainingConfig.validate``), errors naming the field;
 - DistributedDataParallel when the model comes wrapped in it: per-rank data shards, no
   all-reduce on accumulation micro-steps, rank 0 alone writes files.
 
 Only parameters with ``requires_grad`` are trained and checkpointed, so a peft LoRA model goes
-through the same loop.
+through the same loop. Checkpoint folders are written and verified by ``lmref.checkpoints`` (the
+one other lmref module this one needs: copy both).
 
 Usage::
 
@@ -34,25 +40,32 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import resource
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
+from lmref.checkpoints import (  # noqa: F401  (save/load/verify re-exported: one import for a run)
+    MANIFEST,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_run_config,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from lmref.device import select_precision
 
 # bf16 dense peak of common accelerators, for MFU (model FLOPs utilisation).
@@ -87,7 +100,42 @@ class TrainingConfig:
     logging_steps: int = 10
     seed: int = 0
     resume_from_checkpoint: bool | str = False  # True: the latest in output_dir; or a path
+    # Resume although settings differ from the checkpoint's. The new values then hold from the
+    # resumed step on: the lr schedule is rebuilt with the new peak/warmup/floor/length and read at
+    # that step, AdamW's betas and weight decay are replaced, and the data position is converted
+    # to batches of the new size (same epoch, same share of it done).
+    allow_config_change: bool = False
     disable_tqdm: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field whose value cannot make a sensible run."""
+        at_least = {"max_steps": 1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
+                    "per_device_eval_batch_size": 1, "logging_steps": 1, "save_total_limit": 1,
+                    "warmup_steps": 0, "eval_steps": 0, "save_steps": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"TrainingConfig.{name} must be an integer >= {low}, got {value!r}")
+        if self.eval_max_batches is not None and self.eval_max_batches < 1:
+            raise ValueError(f"TrainingConfig.eval_max_batches must be None or >= 1, "
+                             f"got {self.eval_max_batches!r}")
+        if not (isinstance(self.learning_rate, int | float) and self.learning_rate > 0):
+            raise ValueError(f"TrainingConfig.learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainingConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"TrainingConfig.max_grad_norm must be None or > 0, "
+                             f"got {self.max_grad_norm!r}")
+
+
+# Settings that do not change the trained weights: they may differ on resume without a word.
+BOOKKEEPING_FIELDS = frozenset({
+    "output_dir", "resume_from_checkpoint", "allow_config_change", "disable_tqdm", "logging_steps",
+    "eval_steps", "per_device_eval_batch_size", "eval_max_batches", "save_steps", "save_total_limit",
+    "save_best_model"})
 
 
 @dataclass
@@ -146,6 +194,7 @@ def train(model: torch.nn.Module, train_dataset, config: TrainingConfig, eval_da
     rank; ``metrics`` holds loss, lr, grad norm and throughput on logging steps, else the step
     alone. Raise in one to stop a run: that is how the notebooks and tests simulate a crash.
     """
+    config.validate()  # the fields may have been set after construction
     rank, world = _rank_and_world()
     is_main = rank == 0
     raw_model = model.module if isinstance(model, DistributedDataParallel) else model
@@ -154,6 +203,8 @@ def train(model: torch.nn.Module, train_dataset, config: TrainingConfig, eval_da
     autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
                 if precision != "fp32" else nullcontext())
     collate_fn = collate_fn or collate_input_ids
+    if eval_dataset is not None:  # now, not at the first evaluation after hours of training
+        check_eval_dataset(eval_dataset, config, collate_fn)
     out_dir = Path(config.output_dir)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,9 +219,15 @@ def train(model: torch.nn.Module, train_dataset, config: TrainingConfig, eval_da
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     state = {"step": 0, "micro_step": 0, "best_eval_loss": None}
 
-    checkpoint = _find_checkpoint(out_dir, config.resume_from_checkpoint)
+    checkpoint = _find_checkpoint(out_dir, config.resume_from_checkpoint, is_main)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, raw_model, optimizer, scheduler, scaler)
+        changed = check_config_change(read_run_config(checkpoint), config, world, is_main)
+        state = load_checkpoint(checkpoint, raw_model, optimizer, None if changed else scheduler,
+                                scaler)
+        if changed:
+            scheduler = _apply_new_settings(optimizer, config, state["step"])
+            state["micro_step"] = _rescale_data_position(
+                state["micro_step"], len(train_dataset), read_run_config(checkpoint), config, world)
         _truncate_metrics(out_dir / "metrics.jsonl", state["step"], is_main)
     else:
         torch.manual_seed(config.seed + rank)  # ranks draw different dropout masks
@@ -234,6 +291,7 @@ def train(model: torch.nn.Module, train_dataset, config: TrainingConfig, eval_da
                               if peak_flops else None)
             metrics["memory_mb"] = peak_memory_mb(device)
             tokens_seen += window["inputs"]
+            state["last_train_loss"] = metrics["loss"]  # a resumed finished run still reports it
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             _log(out_dir, metrics, is_main, history)
             window = {"loss": 0.0, "tokens": 0, "inputs": 0, "t0": time.perf_counter()}
@@ -252,7 +310,8 @@ def train(model: torch.nn.Module, train_dataset, config: TrainingConfig, eval_da
                            "eval_perplexity": math.exp(eval_loss)}, is_main, history)
         if config.save_steps and (step % config.save_steps == 0 or step == config.max_steps):
             save_checkpoint(out_dir, raw_model, optimizer, scheduler, scaler, state,
-                            config.save_total_limit, is_main)
+                            config.save_total_limit, is_main,
+                            run_config={"training": asdict(config), "world_size": world})
         for callback in callbacks:
             callback(step, metrics)
 
@@ -260,11 +319,16 @@ def train(model: torch.nn.Module, train_dataset, config: TrainingConfig, eval_da
     seconds = time.perf_counter() - start_time
     train_losses = [h["loss"] for h in history if "loss" in h]
     return TrainResult(
-        step=state["step"], train_loss=train_losses[-1] if train_losses else float("nan"),
+        step=state["step"],
+        train_loss=train_losses[-1] if train_losses else state.get("last_train_loss", math.nan),
         eval_loss=eval_loss, best_eval_loss=state["best_eval_loss"], tokens_seen=tokens_seen,
         train_seconds=seconds, tokens_per_second=tokens_seen / seconds if seconds else 0.0,
         peak_memory_mb=peak_memory_mb(device), resumed_from_step=resumed_from, history=history,
     )
+
+
+class ConfigChangeError(ValueError):
+    """Resuming with settings that differ from the checkpoint's, without ``allow_config_change``."""
 
 
 class SimulatedFailure(RuntimeError):
@@ -306,88 +370,94 @@ def evaluate_loss(model: torch.nn.Module, dataset, batch_size: int = 16,
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer, scheduler, scaler,
-                    state: dict, keep: int = 2, is_main: bool = True) -> Path:
-    """Write ``out_dir/checkpoint-<step>/`` atomically: a temp folder, then one rename.
+def check_config_change(saved: dict | None, config: TrainingConfig, world: int = 1,
+                        is_main: bool = True) -> list[str]:
+    """The settings (and world size) that differ from the checkpoint's, as ``"name: old -> new"``.
 
-    A crash mid-write leaves a ``.tmp-*`` folder that resume ignores, so the previous checkpoint
-    stays the latest loadable one.
+    Settings that only change what is logged or saved (``BOOKKEEPING_FIELDS``) are not compared.
+    Raises ``ConfigChangeError`` listing them unless ``config.allow_config_change``; then warns and
+    returns them, and ``train`` applies the new values from the resumed step on (see there).
     """
-    final = Path(out_dir) / f"checkpoint-{state['step']:07d}"
-    world = _rank_and_world()[1]
-    torch_rng = [torch.get_rng_state()] * world
-    if world > 1:  # rank 0 writes every rank's generator state (only rank 0 writes files)
-        dist.all_gather_object(torch_rng, torch.get_rng_state())
-    if is_main:
-        tmp = Path(out_dir) / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        # Trainable tensors only: frozen ones (a LoRA base) never change, so reload them as before.
-        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-                   if p.requires_grad}
-        save_file(weights, tmp / "model.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "torch_rng": torch.stack(torch_rng),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   tmp / "training_state.pt")
-        np_state = np.random.get_state()
-        (tmp / "trainer_state.json").write_text(json.dumps({
-            **state, "python_rng": _jsonable(random.getstate()),
-            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(Path(out_dir).glob("checkpoint-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # no rank races ahead and reads a half-written checkpoint
-    return final
+    if saved is None:
+        return []
+    now = {**asdict(config), "world_size": world}
+    before = {**saved["training"], "world_size": saved["world_size"]}
+    changes = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in sorted(now)
+               if k in before and k not in BOOKKEEPING_FIELDS and _differs(before[k], now[k])]
+    if changes and not config.allow_config_change:
+        raise ConfigChangeError("the checkpoint was written with other settings: " + "; ".join(changes)
+                         + ". Resume with the same settings, or set allow_config_change=True "
+                         "(--allow-config-change) to continue with the new ones.")
+    if changes and is_main:
+        warnings.warn("resuming with changed settings: " + "; ".join(changes), stacklevel=2)
+    return changes
 
 
-def load_checkpoint(path: Path | str, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    scaler=None) -> dict:
-    """Restore what ``save_checkpoint`` wrote; returns the trainer state (step, data position)."""
-    path = Path(path)
-    weights = {_strip_wrappers(k): v for k, v in load_file(path / "model.safetensors").items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or any(n in missing for n, p in model.named_parameters() if p.requires_grad):
-        raise ValueError(f"checkpoint {path} does not match the model "
-                         f"(unexpected: {unexpected[:3]}, trainable missing)")
-    training = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
-    if optimizer is not None:
-        optimizer.load_state_dict(training["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(training["scheduler"])
-    if scaler is not None:
-        scaler.load_state_dict(training["scaler"])
-    # One generator state per rank (a resume at another world size is not exact anyway: the
-    # data shards change; extra ranks then reuse saved states).
-    rng = training["torch_rng"]
-    torch.set_rng_state(rng[_rank_and_world()[0] % len(rng)].clone())
-    if training["cuda_rng"]:
-        torch.cuda.set_rng_state_all(training["cuda_rng"])
-    state = json.loads((path / "trainer_state.json").read_text())
-    random.setstate(_tupled(state.pop("python_rng")))
-    name, keys, *rest = state.pop("numpy_rng")
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    return state
+def _differs(a, b) -> bool:
+    return json.loads(json.dumps(a)) != json.loads(json.dumps(b))  # tuples vs JSON lists
 
 
-def latest_checkpoint(out_dir: Path | str) -> Path | None:
-    """The newest complete ``checkpoint-*`` folder (temp folders of a crashed write are skipped)."""
-    found = sorted(Path(out_dir).glob("checkpoint-*"))
-    return found[-1] if found else None
+def _apply_new_settings(optimizer, config: TrainingConfig, step: int):
+    """After an allowed change: optimizer hyperparameters and the schedule from ``config``.
+
+    ``optimizer.load_state_dict`` brought back the old lr, betas and weight decay, and the old
+    scheduler would keep the old peak. The schedule is rebuilt with the new peak, warmup, floor
+    and length, evaluated at the resumed step, as if the run had used them from the start
+    (so a new peak lr is not jumped to through a fresh warmup; past the old end the lr is the floor).
+    """
+    for group, decay in zip(optimizer.param_groups, (config.weight_decay, 0.0)):
+        group.update(initial_lr=config.learning_rate, weight_decay=decay,
+                     betas=(config.adam_beta1, config.adam_beta2))
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio,
+        last_epoch=step - 1)  # the constructor steps once, to ``step``
+
+
+def _rescale_data_position(micro_step: int, samples: int, saved: dict | None,
+                           config: TrainingConfig, world: int) -> int:
+    """The data position in micro-batches of the new size: same epoch, same share of it done.
+
+    Rounded up to the next whole batch, so no sample is seen twice within the epoch.
+    """
+    if saved is None:
+        return micro_step
+    old_batch, old_world = saved["training"]["per_device_train_batch_size"], saved["world_size"]
+    old_per_epoch = samples // old_world // old_batch
+    new_per_epoch = samples // world // config.per_device_train_batch_size
+    if old_per_epoch == 0 or new_per_epoch == 0:
+        return micro_step  # _micro_batches raises the clear error for the new size
+    epoch, offset = divmod(micro_step, old_per_epoch)
+    done = offset * old_batch * old_world
+    return epoch * new_per_epoch + min(-(-done // (config.per_device_train_batch_size * world)),
+                                       new_per_epoch)
+
+
+def check_eval_dataset(dataset, config: TrainingConfig, collate_fn: Callable | None = None) -> None:
+    """Raise ``ValueError`` when the samples ``evaluate_loss`` would use hold no label token."""
+    batch_size = config.per_device_eval_batch_size
+    limit = len(dataset) if config.eval_max_batches is None else min(
+        len(dataset), config.eval_max_batches * batch_size)
+    for start in range(0, limit, batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, limit))]
+        if _label_tokens((collate_fn or collate_input_ids)(rows)) > 0:
+            return
+    raise ValueError(f"eval_dataset has no label tokens in the {limit} sample(s) it would evaluate "
+                     f"(of {len(dataset)}): empty, every label -100, or one-token sequences. "
+                     "Pass another eval_dataset, or none.")
 
 
 # ---------------------------------------------------------------- helpers
 
-def _find_checkpoint(out_dir: Path, resume: bool | str) -> Path | None:
+def _find_checkpoint(out_dir: Path, resume: bool | str, is_main: bool = True) -> Path | None:
     if not resume:
         return None
     if resume is True:
-        return latest_checkpoint(out_dir)  # none yet: a fresh start, as torchrun restarts expect
+        return latest_checkpoint(out_dir, warn=is_main)  # none: a fresh start, as torchrun expects
     if not Path(resume).is_dir():
         raise FileNotFoundError(f"no checkpoint at {resume}")
+    reason = verify_checkpoint(resume)
+    if reason is not None and (Path(resume) / MANIFEST).exists():
+        raise CheckpointError(f"checkpoint {resume} is damaged: {reason}")
     return Path(resume)
 
 
@@ -435,13 +505,6 @@ def _label_tokens(batch: dict) -> torch.Tensor:
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _strip_wrappers(name: str) -> str:
-    """Names saved from a compiled or DDP-wrapped model elsewhere: drop those prefixes."""
-    for prefix in ("_orig_mod.", "module."):
-        name = name.replace(prefix, "")
-    return name
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -494,11 +557,3 @@ def _atomic_save_pretrained(model, path: Path) -> None:
     model.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
-
-
-def _jsonable(value):
-    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
-
-
-def _tupled(value):
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value

@@ -242,6 +242,7 @@ def test_bnb_4bit_saved_after_a_forward_reloads_to_the_same_logits(fitted_dir, t
         nf4 = load_bnb(fitted_dir, "nf4", device="cpu", double_quant=double_quant)
         with torch.inference_mode():
             before = nf4(input_ids=ids).logits
+        memory_bytes(nf4)                          # a state_dict() before saving, as measure() does
         save_model(nf4, tmp_path / str(double_quant))
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / str(double_quant), device_map="cpu")
         with torch.inference_mode():

@@ -1,43 +1,36 @@
-"""Tests for lmref.data: every public function, bad input included. Real parts, no mocks."""
+"""Tests for lmref.data and lmref.sources: every public function, bad input included. Real parts, no mocks."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
-from lmref import data
 from lmref.data import (
-    IGNORE_INDEX,
-    TASK_SPECS,
     CleanConfig,
     DataConfig,
     Document,
     FilterConfig,
-    InstructionCollator,
-    InstructionConfig,
     clean_documents,
     clean_text,
     deduplicate,
     filter_documents,
-    format_prompt,
     load_documents,
     load_hf_dataset,
     load_prepared,
     load_stdlib_docstrings,
     load_text_files,
-    make_instruction_dataset,
     pack_blocks,
     prepare_data,
     save_artifacts,
     split_documents,
     split_of,
-    tokenize_instructions,
     train_tokenizer,
 )
 
@@ -344,132 +337,6 @@ def test_pack_blocks_exact_lengths_zero_padding(small_tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
-# instruction data
-# ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def instructions():
-    return make_instruction_dataset(InstructionConfig(train_per_task=200, test_per_task=20))
-
-
-def test_instruction_dataset_splits_share_no_input(instructions):
-    ds, stats = instructions
-    tasks = InstructionConfig().tasks
-    assert set(ds["train"]["task"]) == set(ds["test"]["task"]) == set(tasks)
-    assert len(ds["train"]) == 200 * len(tasks) and len(ds["test"]) == 20 * len(tasks)
-    assert not set(ds["train"]["instruction"]) & set(ds["test"]["instruction"])
-    assert stats["shared_inputs"] == 0
-    assert ds["train"].column_names == ["task", "instruction", "answer"]
-
-
-def test_instruction_answers_are_correct_transformations(instructions):
-    ds, _ = instructions
-    months = TASK_SPECS["date"]["months"]
-    for row in ds["train"]:
-        instruction, answer = row["instruction"], row["answer"]
-        assert answer not in instruction  # never a copy of a span of the input
-        words = instruction.split(": ")[-1].split()
-        if row["task"] == "date":
-            y, m, d = instruction.split()[3].split("-")
-            assert answer == f"{int(d)} {months[int(m) - 1]} {y}"
-        elif row["task"] == "sort":
-            assert answer.split() == sorted(words)
-        elif row["task"] == "uppercase":
-            assert answer == " ".join(words).upper()
-        elif row["task"] == "time":
-            h, m = map(int, instruction.split()[1].split(":"))
-            assert answer == f"{h % 12 or 12}:{m:02d} {'am' if h < 12 else 'pm'}"
-        elif row["task"] == "digits":
-            number = instruction.split()[-1].rstrip(".")
-            names = TASK_SPECS["digits"]["names"]
-            assert answer == " ".join(names[int(c)] for c in number)
-
-
-def test_instruction_dataset_is_deterministic_and_checks_tasks(tmp_path):
-    config = InstructionConfig(tasks=("reverse", "add"), train_per_task=30, test_per_task=5, seed=3)
-    a, stats = make_instruction_dataset(config)
-    b, _ = make_instruction_dataset(config)
-    assert list(a["train"]["instruction"]) == list(b["train"]["instruction"])
-    row = a["test"][0]
-    assert row["task"] == "reverse" and row["answer"].split() == row["instruction"].split(": ")[1].split()[::-1]
-    with pytest.raises(ValueError, match="unknown task"):
-        make_instruction_dataset(InstructionConfig(tasks=("poetry",)))
-    with pytest.raises(ValueError, match="distinct inputs"):
-        make_instruction_dataset(InstructionConfig(tasks=("add",), test_per_task=900))
-    specs = tmp_path / "tasks.json"
-    specs.write_text(json.dumps({"add": {"template": "{a}+{b}=", "a": [1, 3], "b": [5, 5]}}))
-    ds, stats = make_instruction_dataset(InstructionConfig(tasks=("add",), test_per_task=1,
-                                                           task_specs_path=str(specs)))
-    assert sorted(list(ds["train"]["answer"]) + list(ds["test"]["answer"])) == ["6", "7", "8"]
-    assert stats["tasks"]["add"]["train"] == 2
-
-
-def test_shipped_task_definitions_match_the_code():
-    shipped = json.loads((REPO / "data" / "instruction_tasks.json").read_text())
-    assert shipped == json.loads(json.dumps(TASK_SPECS))
-
-
-def test_format_prompt():
-    prompt = format_prompt("Sort the words alphabetically: b a")
-    assert prompt == data.PROMPT_TEMPLATE.format(instruction="Sort the words alphabetically: b a")
-    assert "Sort the words alphabetically: b a" in prompt and prompt.endswith("\n")
-
-
-def test_tokenize_instructions_masks_exactly_the_prompt(instructions, tiny_tokenizer):
-    ds, _ = instructions
-    tokenized = tokenize_instructions(ds["test"], tiny_tokenizer)
-    assert tokenized.column_names == ["input_ids", "labels"]
-    for row, tok in zip(ds["test"], tokenized):
-        prompt_ids = tiny_tokenizer(format_prompt(row["instruction"]))["input_ids"]
-        n = len(prompt_ids)
-        assert tok["input_ids"][:n] == prompt_ids  # what generation will see
-        assert tok["labels"][:n] == [IGNORE_INDEX] * n
-        assert tok["labels"][n:] == tok["input_ids"][n:]
-        assert tok["input_ids"][-1] == tiny_tokenizer.eos_token_id
-        assert tiny_tokenizer.decode(tok["input_ids"][n:-1]) == row["answer"]
-    with pytest.raises(ValueError, match="max_length"):
-        tokenize_instructions(ds["test"], tiny_tokenizer, max_length=8)
-    with pytest.raises(ValueError, match="missing"):
-        tokenize_instructions(ds["test"].remove_columns("answer"), tiny_tokenizer)
-
-
-def test_collator_pads_dynamically_and_masks_prompt_and_padding(instructions, tiny_tokenizer):
-    ds, _ = instructions
-    tokenized = tokenize_instructions(ds["test"].select(range(0, 100, 20)), tiny_tokenizer)
-    features = list(tokenized)
-    batch = InstructionCollator(tiny_tokenizer)(features)
-    longest = max(len(f["input_ids"]) for f in features)
-    assert batch["input_ids"].shape == batch["labels"].shape == (5, longest)
-    assert batch["input_ids"].dtype == torch.long
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (longest - n)
-        assert batch["input_ids"][i, n:].eq(tiny_tokenizer.pad_token_id).all()
-        assert batch["labels"][i].tolist() == f["labels"] + [IGNORE_INDEX] * (longest - n)
-        masked = sum(1 for x in f["labels"] if x == IGNORE_INDEX)
-        assert masked == len(tiny_tokenizer(format_prompt(ds["test"][i * 20]["instruction"]))["input_ids"])
-    padded = InstructionCollator(tiny_tokenizer, pad_to_multiple_of=16)(features)
-    assert padded["input_ids"].shape[1] % 16 == 0
-    with pytest.raises(ValueError, match="empty batch"):
-        InstructionCollator(tiny_tokenizer)([])
-    with pytest.raises(ValueError, match="labels"):
-        InstructionCollator(tiny_tokenizer)([{"input_ids": [1, 2]}])
-    with pytest.raises(ValueError, match="differ in length"):
-        InstructionCollator(tiny_tokenizer)([{"input_ids": [1, 2], "labels": [1]}])
-
-
-def test_collator_batch_trains_a_model(tiny_model_dir, tiny_tokenizer, instructions):
-    from transformers import AutoModelForCausalLM
-
-    ds, _ = instructions
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    batch = InstructionCollator(tiny_tokenizer)(list(tokenize_instructions(ds["test"].select(range(8)),
-                                                                           tiny_tokenizer)))
-    loss = model(**batch).loss
-    assert torch.isfinite(loss) and loss.item() > 0
-
-
-# ---------------------------------------------------------------------------------------------
 # the whole pipeline
 # ---------------------------------------------------------------------------------------------
 
@@ -480,8 +347,7 @@ def test_prepare_data_end_to_end_and_load_prepared(tmp_path):
         (corpus / f"{i:03d}.txt").write_text(prose(i, 80) + "\n\n>>> doctest()\n1\n")
     (corpus / "dup.txt").write_text(prose(0, 80))
     config = DataConfig(source=str(corpus), vocab_size=300, block_size=64,
-                        val_fraction=0.1, test_fraction=0.1,
-                        instructions=InstructionConfig(train_per_task=40, test_per_task=10))
+                        val_fraction=0.1, test_fraction=0.1)
     out = tmp_path / "out"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no undecodable bytes here: no warning either
@@ -492,21 +358,105 @@ def test_prepare_data_end_to_end_and_load_prepared(tmp_path):
     assert report["tokenizer"]["vocab_size"] == 300
     saved = json.loads((out / "report.json").read_text())
     assert saved["packing"]["train"]["blocks"] == report["packing"]["train"]["blocks"] > 0
-    tokenizer, blocks, instr = load_prepared(out)
-    assert set(blocks) == {"train", "validation", "test"} and set(instr) == {"train", "test"}
+    tokenizer, blocks = load_prepared(out)
+    assert set(blocks) == {"train", "validation", "test"}
     assert {len(x) for x in blocks["train"]["input_ids"]} == {64}
-    assert len(instr["test"]) == 10 * len(config.instructions.tasks)
     assert tokenizer.pad_token == "<|pad|>" and len(tokenizer) == 300
     with pytest.raises(FileNotFoundError, match="no prepared data"):
         load_prepared(tmp_path / "nowhere")
 
 
-def test_save_artifacts_layout(tmp_path, small_tokenizer, instructions):
+def test_save_artifacts_layout(tmp_path, small_tokenizer):
     from datasets import Dataset, DatasetDict
 
     tokenizer, _ = small_tokenizer
     corpus = DatasetDict({"train": Dataset.from_dict({"input_ids": [[1, 2], [3, 4]]})})
-    out = save_artifacts(tmp_path / "d", tokenizer, corpus, instructions[0], {"x": 1})
-    assert sorted(p.name for p in out.iterdir()) == ["corpus", "instructions", "report.json",
-                                                     "tokenizer"]
+    out = save_artifacts(tmp_path / "d", tokenizer, corpus, {"x": 1})
+    assert sorted(p.name for p in out.iterdir()) == ["corpus", "report.json", "tokenizer"]
     assert (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: each failure says what happened and what to do
+# ---------------------------------------------------------------------------------------------
+
+HUGE_LINE = """
+import json, random, resource, sys
+from lmref.data import Document, deduplicate
+rng = random.Random(0)
+vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+         for _ in range(20000)]
+text = " ".join(rng.choice(vocab) for _ in range(400_000))  # one line of varied words
+small = Document("a short document about files, paths and the modes they open in", "small")
+deduplicate([small])  # imports datasketch and numpy before the measurement
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+kept, stats = deduplicate([small, Document(text, "huge")])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"grew_mb": (after - before) / 1024, "chars": len(text), "kept": len(kept)}))
+"""
+
+
+def test_near_dedup_memory_per_document_is_bounded():
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", HUGE_LINE], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = json.loads(run.stdout)
+    assert measured["chars"] > 2_000_000 and measured["kept"] == 2
+    # Unbounded, datasketch holds 128 hashes x 400k shingles (400 MB) several times over.
+    assert measured["grew_mb"] < 150, measured
+
+
+def test_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no such file or folder: .*corpsu"):
+        load_documents(tmp_path / "corpsu")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_documents(str(tmp_path / "corpsu"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(FileNotFoundError, match="no such file or folder: data/mesy"):
+        load_documents("data/mesy")  # "owner/name" in form, but data/ is a local folder
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_documents("notes.txt")
+
+
+def small_corpus(folder: Path, n: int, words: int = 12) -> str:
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"{i:03d}.txt").write_text(prose(i, words))
+    return str(folder)
+
+
+def test_prepare_data_fails_on_a_split_without_one_block(tmp_path):
+    config = DataConfig(source=small_corpus(tmp_path / "c", 60, words=6), vocab_size=300,
+                        block_size=256, val_fraction=0.1, test_fraction=0.1,
+                        filters=FilterConfig(min_chars=20, min_words=3))
+    with pytest.raises(ValueError, match=r"the (validation|test) split has \d+ tokens in \d+ "
+                                         r"document\(s\), not enough for one block of block_size=256"):
+        prepare_data(config, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written for load_prepared to trip on
+
+
+def test_pack_blocks_without_a_block_is_a_clear_error(small_tokenizer):
+    tokenizer, _ = small_tokenizer
+    with pytest.raises(ValueError, match=r"\d+ tokens make no block of block_size=512"):
+        pack_blocks(["a few words"], tokenizer, block_size=512)
+
+
+def test_corpus_emptied_by_the_filters_says_so(tmp_path):
+    config = DataConfig(source=small_corpus(tmp_path / "c", 10), vocab_size=300,
+                        filters=FilterConfig(min_chars=10_000, max_chars=20_000))
+    with pytest.raises(ValueError, match=r"no document is left after filter .*too_short.*"
+                                         r"relax DataConfig.filters"):
+        prepare_data(config, out_dir=tmp_path / "out")
+
+
+def test_load_prepared_names_an_empty_split(tmp_path, small_tokenizer):
+    from datasets import Dataset, DatasetDict
+
+    tokenizer, _ = small_tokenizer
+    blocks = Dataset.from_dict({"input_ids": [[1, 2], [3, 4]]})
+    save_artifacts(tmp_path, tokenizer, DatasetDict({"train": blocks, "test": blocks.select([])}), {})
+    with pytest.raises(ValueError, match=r"empty split\(s\) \['test'\]"):
+        load_prepared(tmp_path)

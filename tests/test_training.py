@@ -1,5 +1,6 @@
 """The training loop: exact resume (exception and real SIGKILL), crash-safe checkpoints,
-token-weighted gradient accumulation, schedule, precision choice, compiled checkpoints."""
+token-weighted gradient accumulation, schedule, precision choice, compiled checkpoints; damaged
+checkpoints skipped, changed settings refused or applied, bad settings caught before a step."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import datasets
 import pytest
 import torch
 
-from lmref import training
+from lmref import checkpoints, training
 from lmref.modeling import build_model
 from lmref.training import (
     SimulatedFailure,
@@ -119,7 +120,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     data = make_data()
     model = small_model()
-    real_save = training.save_file
+    real_save = checkpoints.save_file
     calls = {"n": 0}
 
     def failing_save(tensors, path):
@@ -128,10 +129,10 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         if calls["n"] == 2:  # the second checkpoint dies after its weights hit the disk
             raise OSError("disk full")
 
-    monkeypatch.setattr(training, "save_file", failing_save)
+    monkeypatch.setattr(checkpoints, "save_file", failing_save)
     with pytest.raises(OSError):
         train(model, data, config(tmp_path))
-    monkeypatch.setattr(training, "save_file", real_save)
+    monkeypatch.setattr(checkpoints, "save_file", real_save)
 
     assert latest_checkpoint(tmp_path).name == "checkpoint-0000003"
     assert (tmp_path / ".tmp-checkpoint-0000006").exists()  # the torn write is left aside
@@ -227,3 +228,172 @@ def test_bad_input_is_a_clear_error(tmp_path):
         train(small_model(), make_data(n=4), config(tmp_path, per_device_train_batch_size=8))
     with pytest.raises(FileNotFoundError):
         train(small_model(), make_data(), config(tmp_path, resume_from_checkpoint=str(tmp_path / "nope")))
+
+
+# ---------------------------------------------------------------- bad input and damaged checkpoints
+
+def damage(checkpoint, how: str) -> None:
+    if how == "truncated weights":
+        f = checkpoint / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:100])
+    elif how == "missing trainer state":
+        (checkpoint / "trainer_state.json").unlink()
+    elif how == "torn training state":
+        f = checkpoint / "training_state.pt"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+DAMAGE = {"truncated weights": "model.safetensors", "missing trainer state": "trainer_state.json",
+          "torn training state": "training_state.pt"}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, how):
+    data = make_data()
+    reference = small_model()
+    train(reference, data, config(tmp_path / "ref"))
+    with pytest.raises(SimulatedFailure):
+        train(small_model(), data, config(tmp_path / "run"), callbacks=[fail_at_step(7)])
+    damage(tmp_path / "run" / "checkpoint-0000006", how)
+
+    resumed = small_model()
+    with pytest.warns(UserWarning, match=f"checkpoint-0000006.*{DAMAGE[how]}"):
+        result = train(resumed, data, config(tmp_path / "run", resume_from_checkpoint=True))
+    assert result.resumed_from_step == 3 and result.step == 8
+    assert_bitwise_equal(weights(reference), weights(resumed))
+
+
+def test_damaged_checkpoint_given_by_path_or_loaded_names_the_file(tmp_path):
+    with pytest.raises(SimulatedFailure):
+        train(small_model(), make_data(), config(tmp_path), callbacks=[fail_at_step(4)])
+    checkpoint = tmp_path / "checkpoint-0000003"
+    damage(checkpoint, "truncated weights")
+    with pytest.raises(ValueError, match="checkpoint-0000003.*model.safetensors"):
+        train(small_model(), make_data(), config(tmp_path, resume_from_checkpoint=str(checkpoint)))
+    (checkpoint / "manifest.json").unlink()  # no manifest to compare: the reader names the file
+    with pytest.raises(ValueError, match="cannot read .*checkpoint-0000003/model.safetensors"):
+        load_checkpoint(checkpoint, small_model())
+
+
+def test_no_checkpoint_that_verifies_stops_the_resume_and_deletes_nothing(tmp_path):
+    with pytest.raises(SimulatedFailure):
+        train(small_model(), make_data(), config(tmp_path), callbacks=[fail_at_step(7)])
+    for name in ("checkpoint-0000003", "checkpoint-0000006"):
+        damage(tmp_path / name, "torn training state")
+    with pytest.raises(ValueError, match="no checkpoint in .* verifies.*checkpoint-0000006.*"
+                                         "training_state.pt.*checkpoint-0000003"):
+        train(small_model(), make_data(), config(tmp_path, resume_from_checkpoint=True))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
+        "checkpoint-0000003", "checkpoint-0000006"]
+
+
+def test_resume_with_other_settings_is_refused_with_the_list(tmp_path):
+    with pytest.raises(SimulatedFailure):
+        train(small_model(), make_data(), config(tmp_path, save_steps=2), callbacks=[fail_at_step(5)])
+    changed = config(tmp_path, save_steps=2, resume_from_checkpoint=True, learning_rate=5e-3,
+                     per_device_train_batch_size=16, logging_steps=1)
+    with pytest.raises(ValueError, match=r"learning_rate: 0\.01 -> 0\.005; "
+                                         r"per_device_train_batch_size: 8 -> 16\. .*allow_config_change"):
+        train(small_model(), make_data(), changed)
+
+
+def test_allowed_settings_change_applies_the_new_lr_and_batch_size(tmp_path):
+    data = make_data(n=64)
+    with pytest.raises(SimulatedFailure):
+        train(small_model(), data, config(tmp_path, save_steps=2), callbacks=[fail_at_step(5)])
+    batches = []
+
+    def recording_collate(rows):
+        batches.append([tuple(r["input_ids"]) for r in rows])
+        return training.collate_input_ids(rows)
+
+    changed = config(tmp_path, save_steps=2, resume_from_checkpoint=True, learning_rate=5e-3,
+                     per_device_train_batch_size=16, logging_steps=1, allow_config_change=True)
+    with pytest.warns(UserWarning, match="learning_rate: 0.01 -> 0.005"):
+        result = train(small_model(), data, changed, collate_fn=recording_collate)
+    assert result.resumed_from_step == 4 and result.step == 8
+    # The schedule is the new one (peak 5e-3, warmup 2, cosine to 0.1 x peak at step 8) from step 5.
+    lrs = {h["step"]: h["lr"] for h in result.history if "lr" in h}
+    expected = {s: 5e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 6))) for s in range(5, 9)}
+    assert lrs == pytest.approx(expected)
+    # Batches of 16 from where the old run stopped in the epoch: 4 steps x 8 = 32 samples done,
+    # so the next batch is positions 32..47 of the epoch's permutation (none repeated or skipped).
+    assert [len(b) for b in batches] == [16] * 4
+    order = list(torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, seed=0))
+    rows = [tuple(r) for r in data["input_ids"]]
+    assert batches[0] == [rows[i] for i in order[32:48]]
+
+
+@pytest.mark.parametrize("field,value", [("max_steps", 0), ("gradient_accumulation_steps", 0),
+                                         ("per_device_train_batch_size", 0),
+                                         ("per_device_eval_batch_size", 0), ("logging_steps", 0),
+                                         ("warmup_steps", -1), ("learning_rate", 0.0)])
+def test_settings_are_checked_before_anything_runs(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"TrainingConfig.{field} must be"):
+        config(tmp_path, **{field: value})
+    changed_later = config(tmp_path / "out")
+    setattr(changed_later, field, value)  # set after construction: train() checks again
+    with pytest.raises(ValueError, match=f"TrainingConfig.{field} must be"):
+        train(small_model(), make_data(), changed_later)
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+def test_eval_set_without_label_tokens_fails_before_training(tmp_path):
+    def no_labels(rows):
+        ids = torch.tensor([r["input_ids"] for r in rows])
+        return {"input_ids": ids, "labels": torch.full_like(ids, -100)}
+
+    steps = []
+    with pytest.raises(ValueError, match="eval_dataset has no label tokens"):
+        train(small_model(), make_data(), config(tmp_path), eval_dataset=make_data(n=8),
+              collate_fn=no_labels, callbacks=[lambda step, metrics: steps.append(step)])
+    assert steps == []  # before the fix: 8 steps trained, then the final evaluation raised
+
+
+def cli_run(tmp_path, model_dir, *extra: str) -> list[str]:
+    data = tmp_path / "blocks"
+    if not data.exists():
+        make_data(n=32, seq=16).save_to_disk(str(data))
+    return ["--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+            "--max-steps", "4", "--batch-size", "8", "--lr", "1e-2", "--save-steps", "2",
+            "--eval-split", "none", "--disable-tqdm", *extra]
+
+
+def test_cli_resume_of_a_finished_run_keeps_its_result(tmp_path, tiny_model_dir):
+    from lmref.train import main
+
+    assert main(cli_run(tmp_path, tiny_model_dir)) == 0
+    result_file = tmp_path / "run" / "final" / "train_result.json"
+    first = result_file.read_text()
+    assert main(cli_run(tmp_path, tiny_model_dir, "--resume")) == 0
+    assert result_file.read_text() == first  # not rewritten (before: train_loss NaN)
+    # And train() itself reports the last logged loss, not NaN, when nothing was left to train.
+    result = train(small_model(), make_data(), config(tmp_path / "t", max_steps=3, save_steps=3))
+    again = train(small_model(), make_data(), config(tmp_path / "t", max_steps=3, save_steps=3,
+                                                     resume_from_checkpoint=True))
+    assert again.step == again.resumed_from_step == 3 and again.train_loss == result.train_loss
+
+
+def test_cli_refuses_changed_settings_unless_allowed(tmp_path, tiny_model_dir, capsys):
+    from lmref.train import main
+
+    assert main(cli_run(tmp_path, tiny_model_dir, "--max-steps", "2")) == 0
+    with pytest.raises(SystemExit, match=r"learning_rate: 0\.01 -> 0\.005; .*max_steps: 2 -> 4; "
+                                         r"per_device_train_batch_size: 8 -> 16"):
+        main(cli_run(tmp_path, tiny_model_dir, "--resume", "--batch-size", "16", "--lr", "5e-3"))
+    with pytest.warns(UserWarning, match="resuming with changed settings"):
+        assert main(cli_run(tmp_path, tiny_model_dir, "--resume", "--batch-size", "16", "--lr",
+                            "5e-3", "--allow-config-change")) == 0
+    with pytest.raises(SystemExit, match="TrainingConfig.max_steps must be an integer >= 1, got 0"):
+        main(cli_run(tmp_path, tiny_model_dir, "--max-steps", "0"))
+
+
+def test_cli_names_an_empty_split(tmp_path, tiny_model_dir):
+    from lmref.train import main
+
+    data = tmp_path / "blocks"
+    datasets.DatasetDict({"train": make_data(n=32, seq=16),
+                          "validation": make_data(n=32, seq=16).select([])}).save_to_disk(str(data))
+    with pytest.raises(SystemExit, match="the 'validation' split of .*blocks has no rows"):
+        main(["--model", str(tiny_model_dir), "--data", str(data), "--output-dir",
+              str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "8", "--disable-tqdm"])
