@@ -19,14 +19,9 @@ import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lmref.serving import (
-    ModelSpec,
-    ServingConfig,
-    create_app,
-    run_load,
-    spawn_server,
-    start_server,
-)
+from lmref.loadtest import run_load, spawn_server
+from lmref.serve import start_server
+from lmref.serving import ModelSpec, ServingConfig, create_app
 
 KEY = "test-key-123"
 ERROR_FIELDS = {"message", "type", "param", "code"}
