@@ -41,7 +41,6 @@ from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask
 
 from lmref.engine import ModelSpec
-from lmref.modeling import resolve_model
 from lmref.serving import HTTP_ERRORS, APIError, ServingConfig, ServingState, create_app
 
 log = logging.getLogger("lmref.serve")
@@ -207,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_path(parser: argparse.ArgumentParser, name: str, path: str) -> str:
     """The folder to load, or a usage error: a mistyped path must not 'load' forever."""
-    path = resolve_model(path)
+    if "/" not in path and os.sep not in path:  # a course name (imports transformers: seconds)
+        from lmref.modeling import resolve_model
+
+        path = resolve_model(path)
     if os.path.isdir(path):
         return path
     if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith("."):
@@ -261,6 +263,8 @@ def config_from_args(argv: list[str] | None) -> ServingConfig:
 
 def resolve_model_args(argv: list[str]) -> list[str]:
     """Each ``--model NAME=PATH`` with a course name as PATH gets the converted folder instead."""
+    from lmref.modeling import resolve_model
+
     argv = list(argv) if "--model" in argv else ["--model", DEFAULT_MODEL, *argv]
     for i, arg in enumerate(argv[:-1]):
         if arg == "--model" and "=" in argv[i + 1]:
