@@ -198,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
             flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
             kind = _port if f.name == "port" else _kind(f.type)
             help_ = ("a Jinja chat template for every --model: a file, or the template text"
-                     if f.name == "chat_template" else None)
+                     if f.name == "chat_template" else "default: %(default)s")
             group.add_argument(*flags, dest=f.name, type=kind, default=f.default, help=help_,
-                               metavar=kind.__name__.upper())
+                               metavar=f.type.split(" |")[0].upper())
     return parser
 
 

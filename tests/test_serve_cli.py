@@ -74,3 +74,14 @@ def test_api_keys_from_the_flag_and_documented(tiny_model_dir, monkeypatch):
     assert "--api-key" in help_text and "LMREF_API_KEYS" in help_text
     readme = (ROOT / "README.md").read_text()
     assert "--api-key" in readme and "LMREF_API_KEYS" in readme
+
+
+def test_a_model_that_fails_to_load_ends_the_process(tmp_path):
+    """An existing folder that holds no model: the process says why and exits 1, instead of
+    answering 503 'loading' for ever."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LMREF_API_KEYS": "",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "lmref.serve", "--model", f"empty={tmp_path}",
+                             "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1
+    assert "model failed to load" in result.stderr and str(tmp_path) in result.stderr
