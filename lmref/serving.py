@@ -258,9 +258,8 @@ class ServingState:  # what one app holds: engines, aliases, keys, cache, metric
         self.cache = ResponseCache(config.cache_size)
         self.engines = {m.name: Engine(m, self.metrics, self.cache) for m in config.models}
         self.default_model = config.default_model or config.models[0].name
-        keys = config.resolved_api_keys()
         # Digests, so compare_digest compares equal-length values and no key sits in memory twice.
-        self.key_digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+        self.key_digests = [hashlib.sha256(k.encode()).digest() for k in config.resolved_api_keys()]
         self.draining = threading.Event()
         self._inflight = 0
         self._inflight_lock = threading.Condition()
@@ -271,8 +270,7 @@ class ServingState:  # what one app holds: engines, aliases, keys, cache, metric
         return all(e.ready for e in self.engines.values()) and not self.draining.is_set()
 
     def resolve(self, name: Any, user: Any) -> Engine:
-        if name is None:
-            name = self.default_model
+        name = self.default_model if name is None else name
         if not isinstance(name, str):
             raise _bad("'model' must be a string", "model")
         split = self.config.aliases.get(name)
@@ -458,6 +456,8 @@ def create_app(config: ServingConfig, start: bool = True) -> Flask:
             if not prompts or len(prompts) > 64:
                 raise _bad("'prompt' must be a string or a non-empty list of strings", "prompt")
             prompts = [_text(p, "prompt") for p in prompts]
+        if len(prompts) * n > engine.spec.max_queue_size:  # could never be queued: not a 429
+            raise _bad(f"{len(prompts)} prompts x n={n} exceed the queue size", "n")
         job = Job(engine.spec.name, stream)
         for prompt in prompts:
             for k in range(n):  # n choices per prompt: seeded ones each get their own seed

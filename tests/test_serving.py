@@ -368,6 +368,9 @@ def test_n_choices(client):
         temperature=0, stream=True))
     finished = {c.choices[0].index for c in chunks if c.choices[0].finish_reason}
     assert finished == {0, 1}
+    with pytest.raises(openai.BadRequestError) as info:  # more rows than the queue could hold
+        client.completions.create(model="tiny-b", prompt=["a"] * 20, n=16, max_tokens=1)
+    assert info.value.body["param"] == "n"
 
 
 def test_predict_and_models(server):
