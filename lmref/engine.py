@@ -436,7 +436,7 @@ class Engine:
         limit, wanted = self.context_length, row.params.max_tokens
         if len(ids) + (wanted or 1) > limit:
             raise EngineError("invalid", f"This model's maximum context length is {limit} tokens; "
-                              f"the prompt has {len(ids)} and max_tokens is {wanted}.",
+                              f"the prompt has {len(ids)} and max_tokens is {wanted or 'unset'}.",
                               param="max_tokens", code="context_length_exceeded")
         row.max_tokens = wanted or limit - len(ids)
         return ids
