@@ -14,7 +14,9 @@ modules it names in its docstring, e.g. ``lmref.device``):
 - ``lmref.lora``        LoRA and QLoRA with peft + bitsandbytes
 - ``lmref.distributed`` data parallelism under torchrun
 - ``lmref.compression`` pruning and quantization
-- ``lmref.serving``     an OpenAI-compatible Flask model server
+- ``lmref.engine``      the generation engine: queue, batching, KV cache, sampling, stops
+- ``lmref.serving``     an OpenAI-compatible Flask app over the engine (``python -m lmref.serve``)
+- ``lmref.loadtest``    a load generator and a server-process helper for benchmarks
 - ``lmref.course``      glue for the notebooks: rebuild earlier artifacts when missing
 """
 

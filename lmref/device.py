@@ -2,7 +2,7 @@
 
 Every module that loads, trains, quantizes or serves a model asks this module instead of
 deciding for itself (``lmref.modeling``, ``lmref.training``, ``lmref.lora``,
-``lmref.compression``, ``lmref.serving`` import it and say so), so a GPU without bf16 gets the
+``lmref.compression``, ``lmref.engine`` import it and say so), so a GPU without bf16 gets the
 same answer everywhere. The policy, and why:
 
 - **device**: ``cuda`` when present, else ``cpu``. Apple ``mps`` is left out on purpose: its

@@ -7,9 +7,11 @@ Servers run waitress in a thread of this process (``start_server``), one as a ch
 from __future__ import annotations
 
 import concurrent.futures as cf
+import http.client
 import json
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -19,14 +21,9 @@ import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lmref.serving import (
-    ModelSpec,
-    ServingConfig,
-    create_app,
-    run_load,
-    spawn_server,
-    start_server,
-)
+from lmref.loadtest import run_load, spawn_server
+from lmref.serve import start_server
+from lmref.serving import ModelSpec, ServingConfig, create_app
 
 KEY = "test-key-123"
 ERROR_FIELDS = {"message", "type", "param", "code"}
@@ -57,6 +54,26 @@ def small_server(tiny_model_dir):
     handle.stop(drain_timeout=5)
 
 
+# A template that raises on some messages, as real ones do (roles must alternate).
+ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('roles must alternate user/assistant/user/...') }}{% endif %}"
+               "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>\n")
+
+
+@pytest.fixture(scope="module")
+def scripted_server(scripted_model_dir):
+    """The crafted model twice: as is, and with ALTERNATING and a long batch window (so requests
+    sent together share a batch)."""
+    config = ServingConfig(
+        models=[ModelSpec("scripted", str(scripted_model_dir)),
+                ModelSpec("alternating", str(scripted_model_dir), max_batch_size=8,
+                          batch_wait_ms=1000, chat_template=ALTERNATING)],
+        api_keys=[], cache_size=0, torch_threads=1)
+    handle = start_server(config)
+    yield handle
+    handle.stop(drain_timeout=5)
+
+
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -82,6 +99,48 @@ def reference(tiny_model_dir):
     return greedy
 
 
+# Two prompts and the text a crafted model writes after each (greedy): the last character of
+# "😀" and of "は" is several byte tokens of the tiny BPE, so a stop string ending in one spans
+# tokens. The chains share no token (the model maps a token to its successor, whatever came before).
+SCRIPTED = {"Say:": "ok😀done", "Run": "xyは!"}
+
+
+@pytest.fixture(scope="module")
+def scripted_model_dir(tiny_tokenizer, tmp_path_factory):
+    """A real 1-layer Llama whose weights make it write SCRIPTED[prompt] and then EOS: attention
+    and MLP outputs are zeroed (each layer passes its input through), and the output head maps
+    each token's embedding to the next token of its chain."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=256, tie_word_embeddings=False,
+                         eos_token_id=tiny_tokenizer.eos_token_id,
+                         bos_token_id=tiny_tokenizer.bos_token_id,
+                         pad_token_id=tiny_tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    successor = {}
+    for prompt, text in SCRIPTED.items():
+        chain = [tiny_tokenizer.encode(prompt)[-1], *tiny_tokenizer.encode(text),
+                 tiny_tokenizer.eos_token_id]
+        for a, b in zip(chain, chain[1:]):
+            assert successor.setdefault(a, b) == b, "the chains must not share a token"
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = model.model.embed_tokens.weight
+        model.lm_head.weight.zero_()
+        for a, b in successor.items():
+            model.lm_head.weight[b] += 10 * emb[a] / emb[a].norm()  # EOS: two predecessors
+    path = tmp_path_factory.mktemp("scripted-llama")
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
 def metric(url: str, name: str, **labels) -> float:
     """Sum of the samples of one Prometheus metric matching the labels."""
     total = 0.0
@@ -93,6 +152,16 @@ def metric(url: str, name: str, **labels) -> float:
         if all(found.get(k) == v for k, v in labels.items()):
             total += float(m.group(3))
     return total
+
+
+def raw_http(url: str, data: bytes, timeout: float = 10) -> tuple[int, str, bytes]:
+    """Send raw bytes (no client library fixing them up); status, content type, body."""
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.getheader("Content-Type", ""), response.read()
 
 
 def sse_events(response: requests.Response) -> list:
@@ -191,6 +260,117 @@ def test_stop_strings_never_leak(client):
     streamed = "".join(c.choices[0].text for c in chunks)
     assert streamed == expected and stop not in streamed
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("prompt, stop, expected", [
+    ("Say:", "😀", "ok"), ("Say:", "k😀", "o"), ("Run", "yは", "x"), ("Run", "は!", "xy")])
+def test_stop_string_ending_in_a_split_character(scripted_server, prompt, stop, expected):
+    client = openai.OpenAI(base_url=scripted_server.url + "/v1", api_key="-", max_retries=0,
+                           timeout=60)
+    request = {"model": "scripted", "prompt": prompt, "max_tokens": 20, "temperature": 0}
+    assert client.completions.create(**request).choices[0].text == SCRIPTED[prompt]
+    plain = client.completions.create(**request, stop=[stop]).choices[0]
+    assert (plain.text, plain.finish_reason) == (expected, "stop")
+    chunks = list(client.completions.create(**request, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_chat_template_error_is_a_400_for_that_request_only(scripted_server):
+    url = scripted_server.url
+    good = [{"role": "user", "content": "Say:"}]
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    batches = metric(url, "lmref:batch_size_count", model_name="alternating")
+    rows = metric(url, "lmref:batch_size_sum", model_name="alternating")
+
+    def one(messages):
+        return post(url, "/v1/chat/completions", {"model": "alternating", "messages": messages,
+                                                  "max_tokens": 4, "temperature": 0}, key=None)
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(one, [good, bad, good, good]))
+    assert [r.status_code for r in responses] == [200, 400, 200, 200]
+    error = responses[1].json()["error"]
+    assert error["param"] == "messages" and "alternate" in error["message"]
+    # the four shared one batch: the bad one left it, the others were generated together
+    assert metric(url, "lmref:batch_size_count", model_name="alternating") == batches + 1
+    assert metric(url, "lmref:batch_size_sum", model_name="alternating") == rows + 3
+
+
+def test_body_over_the_limit_is_refused_before_it_is_read(server):
+    # 50 MB announced, one byte sent, no key: answered at once (not after reading, not 401)
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 50000000\r\n\r\n{")
+    status, kind, body = raw_http(server.url, head)
+    assert status == 413 and kind == "application/json"
+    assert json.loads(body)["error"]["code"] == "request_too_large"
+
+
+def test_errors_below_flask_are_openai_json(server):
+    big_header = (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000
+                  + b"\r\n\r\n")
+    bad_chunks = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                  b"\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n")
+    for raw, expected in ((big_header, 431), (bad_chunks, 400)):
+        status, kind, body = raw_http(server.url, raw)
+        assert status == expected and kind == "application/json"
+        assert set(json.loads(body)["error"]) == ERROR_FIELDS
+
+
+def test_model_by_id(client):
+    assert client.models.retrieve("tiny").id == "tiny"
+    assert client.models.retrieve("ab").id == "ab"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_chat_without_max_tokens_runs_to_the_context(client):
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                          temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens == 256  # the context length
+    plain = client.completions.create(model="tiny", prompt="x", temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert plain.usage.completion_tokens == 16  # completions keep OpenAI's default
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("response_format", {"type": "json_object"}), ("logit_bias", {"5": 10}),
+    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("suffix", "end")])
+def test_unimplemented_fields_are_400_naming_them(server, path, field, value):
+    body = {"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 2}
+    r = post(server.url, path, {**body, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+    assert field in r.json()["error"]["message"]
+    unused = {"tools": [], "response_format": {"type": "text"}, "logit_bias": {},
+              "presence_penalty": 0, "frequency_penalty": 0, "suffix": ""}[field]
+    assert post(server.url, path, {**body, field: unused}).status_code == 200  # lm-eval sends these
+
+
+def test_n_choices(client):
+    def sample():
+        return client.completions.create(model="tiny", prompt=["a", "b"], n=2, max_tokens=8,
+                                         temperature=1.0, seed=3)
+
+    first = sample()
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    texts = [c.text for c in first.choices]
+    assert texts[0] != texts[1] and texts[2] != texts[3]  # each choice its own sample
+    assert [c.text for c in sample().choices] == texts  # seeded: the same again
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                          n=3, max_tokens=6, temperature=0)
+    assert len({c.message.content for c in chat.choices}) == 1 and len(chat.choices) == 3
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], n=2, max_tokens=6,
+        temperature=0, stream=True))
+    finished = {c.choices[0].index for c in chunks if c.choices[0].finish_reason}
+    assert finished == {0, 1}
+    with pytest.raises(openai.BadRequestError) as info:  # more rows than the queue could hold
+        client.completions.create(model="tiny-b", prompt=["a"] * 20, n=16, max_tokens=1)
+    assert info.value.body["param"] == "n"
 
 
 def test_predict_and_models(server):
@@ -496,5 +676,6 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir):
         assert all(r.json()["usage"]["completion_tokens"] == 200 for r in done)
         assert server.proc.wait(30) == 0
         assert any('"drained": true' in line for line in server.output)
+        assert any("NO API KEYS" in line for line in server.output)  # said loudly at start
     finally:
         server.stop()

@@ -1,0 +1,598 @@
+"""The generation engine, with no web framework: request queue, batching, KV cache, sampling, stops.
+
+One ``Engine`` per model version: a worker thread owns model and tokenizer, batches queued
+``Job``s (one per request, a ``Row`` per prompt) with a ``DynamicCache``, samples each row with its
+own temperature/top-p/seed and ends it on EOS, a stop string or ``max_tokens``. Results come back
+as named events (``Admitted``, ``Delta``, ``Finished``, ``Failed``). Device and dtype come from
+``lmref.device`` (the project's one policy); ``lmref.serving`` (the Flask app) is built on this.
+
+Usage::
+
+    from lmref.engine import Engine, EngineMetrics, Job, ModelSpec, ResponseCache, SamplingParams
+
+    engine = Engine(ModelSpec("base", "artifacts/base"), EngineMetrics(), ResponseCache(0))
+    engine.start(); engine.loaded.wait()
+    job = Job("base", stream=False)
+    job.add_row("def add(", SamplingParams(max_tokens=16, temperature=0))
+    engine.submit(job)
+    print(engine.results(job)[0].text)       # list[Finished]; stream: engine.events(job)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from lmref.device import compute_dtype, resolve_device
+
+log = logging.getLogger("lmref.engine")
+
+# Used when the tokenizer brings no chat template (a base model): plain role markers, and the
+# next "<|user|>" marker is treated as a stop so a base model does not write the user's turn.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+DEFAULT_CHAT_STOP = ("<|user|>",)
+_LOAD_LOCK = threading.Lock()
+
+
+@dataclass
+class ModelSpec:
+    """One served model version: a name clients use and a Hugging Face folder (safetensors)."""
+
+    name: str
+    path: str
+    max_batch_size: int = 16        # rows (prompts) in one batched generation; 1 turns batching off
+    batch_wait_ms: float = 5.0      # how long the worker gathers requests before it starts a batch
+    max_queue_size: int = 256       # rows waiting; more -> QueueFull (the app answers 429)
+    device: str = "auto"            # cuda when present, else cpu
+    chat_template: str | None = None  # Jinja; None: the tokenizer's, else DEFAULT_CHAT_TEMPLATE
+    dtype: str = "auto"             # bf16 on GPUs that support it, fp32 on CPU
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = 16     # None: until EOS or the context length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+class EngineError(Exception):
+    """A request the engine could not serve. ``kind``: "invalid" (the request's fault),
+    "closed" (shutting down) or "internal"; ``param`` names the request field at fault."""
+
+    def __init__(self, kind: str, message: str, param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.kind, self.message, self.param, self.code = kind, message, param, code
+
+
+class QueueFull(Exception):
+    """More rows waiting than ``ModelSpec.max_queue_size``."""
+
+
+# The events of a job, in order: Admitted (or Failed), Delta* (streaming only), one Finished per
+# row; Failed ends the job.
+@dataclass(frozen=True)
+class Admitted:  # the prompts were tokenized and fit the context: generation starts
+    pass
+
+
+@dataclass(frozen=True)
+class Delta:  # new text of one row: never half a character nor a possible stop string's start
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:  # one row is done; reason: "stop" (EOS, a stop string) or "length"
+    index: int
+    text: str
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool = False            # answered from the response cache, no Delta came before
+
+
+@dataclass(frozen=True)
+class Failed:  # the whole job failed: its rows end here
+    error: EngineError
+
+
+Event = Admitted | Delta | Finished | Failed
+
+
+class EngineMetrics:
+    """Prometheus metrics, named like vLLM's (``vllm:`` -> ``lmref:``), in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.e2e_latency = Histogram("lmref:e2e_request_latency_seconds", "End-to-end latency",
+                                     ["model_name"], buckets=latency, registry=r)
+        self.ttft = Histogram("lmref:time_to_first_token_seconds", "Time to first token",
+                              ["model_name"], buckets=latency, registry=r)
+        self.itl = Histogram("lmref:inter_token_latency_seconds", "Time between output tokens",
+                             ["model_name"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                      0.1, 0.25, 0.5, 1), registry=r)
+        self.prompt_tokens = Counter("lmref:prompt_tokens", "Prompt tokens processed",
+                                     ["model_name"], registry=r)
+        self.generation_tokens = Counter("lmref:generation_tokens", "Tokens generated",
+                                         ["model_name"], registry=r)
+        self.request_success = Counter("lmref:request_success", "Finished sequences by reason",
+                                       ["model_name", "finished_reason"], registry=r)
+        self.running = Gauge("lmref:num_requests_running", "Sequences in the running batch",
+                             ["model_name"], registry=r)
+        self.waiting = Gauge("lmref:num_requests_waiting", "Sequences waiting in the queue",
+                             ["model_name"], registry=r)
+        self.batch_size = Histogram("lmref:batch_size", "Sequences per batched generation",
+                                    ["model_name"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.cache_hits = Counter("lmref:response_cache_hits", "Greedy responses served from cache",
+                                  ["model_name"], registry=r)
+        self.cache_misses = Counter("lmref:response_cache_misses", "Greedy requests not in cache",
+                                    ["model_name"], registry=r)
+
+
+class ResponseCache:
+    """A thread-safe LRU of finished greedy rows: same model, prompt and limits -> same text."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key) -> Finished | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key, value: Finished) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+class Row:
+    """One prompt being generated: its state lives in the worker thread only."""
+
+    def __init__(self, job: Job, index: int, prompt: str | list, params: SamplingParams,
+                 is_chat: bool):
+        self.job, self.index, self.prompt, self.params = job, index, prompt, params
+        self.is_chat, self.cache_key = is_chat, None
+        self.prompt_ids: list[int] = []
+        self.out_ids: list[int] = []
+        self.max_tokens = 0             # params.max_tokens, or what the context leaves
+        self.completion_tokens = 0
+        self.emitted = 0                # characters of text already sent to a streaming client
+        self.search_from = 0            # where the next stop-string search starts
+        self.text = ""
+        self.last_token_at = 0.0
+        self.generator: torch.Generator | None = None
+
+
+class Job:
+    """One HTTP request: its rows are batched together; events flow back on ``events``."""
+
+    def __init__(self, model_name: str, stream: bool):
+        self.model_name, self.stream = model_name, stream
+        self.rows: list[Row] = []
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+        self.arrival = time.perf_counter()
+        self.rows_total = 0             # rows including those answered from the cache
+
+    def add_row(self, prompt: str | list, params: SamplingParams, is_chat: bool = False) -> Row:
+        row = Row(self, self.rows_total, prompt, params, is_chat)
+        self.rows.append(row)
+        self.rows_total += 1
+        return row
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that could be the start of a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+class Engine:
+    """One model version: a worker thread that owns model and tokenizer and batches requests.
+
+    Only the worker touches the tokenizer: a fast (Rust) tokenizer used by several threads at once
+    raises "Already borrowed" when one thread changes its padding/truncation state mid-call.
+    """
+
+    def __init__(self, spec: ModelSpec, metrics: EngineMetrics, cache: ResponseCache):
+        self.spec, self.metrics, self.cache = spec, metrics, cache
+        self.model = self.tokenizer = None
+        self.context_length = 0
+        self.load_error: str | None = None
+        self.loaded = threading.Event()
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._waiting_rows = 0
+        self._running_jobs: list[Job] = []
+        self._closed = False
+        self._abort_message: str | None = None
+        self._thread = threading.Thread(target=self._work, name=f"engine-{spec.name}", daemon=True)
+        self._labels = {"model_name": spec.name}
+        metrics.waiting.labels(**self._labels).set(0)
+        metrics.running.labels(**self._labels).set(0)
+        # Labelled children looked up once: the decode loop touches them for every token.
+        self._ttft = metrics.ttft.labels(**self._labels)
+        self._itl = metrics.itl.labels(**self._labels)
+        self._generated = metrics.generation_tokens.labels(**self._labels)
+
+    # -- lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def _load(self) -> None:
+        device = resolve_device(self.spec.device)
+        dtype = compute_dtype(device) if self.spec.dtype == "auto" else self.spec.dtype
+        # Weights from safetensors only: a pickled pytorch_model.bin can run code when loaded.
+        # One load at a time: from_pretrained switches process-wide init state (meta device),
+        # so two threads loading at once corrupt each other's model.
+        # transformers' lazy imports are not thread-safe either.
+        with _LOAD_LOCK:
+            from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+            self._cache_class = DynamicCache
+            model = AutoModelForCausalLM.from_pretrained(self.spec.path, dtype=dtype,
+                                                         use_safetensors=True)
+            self.model = model.to(device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(self.spec.path)
+        cfg = model.config.get_text_config(decoder=True)
+        self.context_length = int(getattr(cfg, "max_position_embeddings", None)
+                                  or getattr(cfg, "n_positions", 2048))
+        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None \
+            else model.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (next(iter(self.eos_ids), 0))
+        self.device = device
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded.is_set() and self.load_error is None
+
+    def close(self, abort_message: str | None = "server is shutting down") -> None:
+        """Stop the worker; queued and running jobs get a ``Failed`` event ("closed")."""
+        with self._cond:
+            self._closed = True
+            self._abort_message = abort_message
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            self._waiting_rows = 0
+            self._cond.notify_all()
+        for job in waiting:
+            job.events.put(Failed(EngineError("closed", abort_message or "shutting down",
+                                              code="shutting_down")))
+        self.metrics.waiting.labels(**self._labels).set(0)
+
+    # -- request side
+    def submit(self, job: Job) -> None:
+        """Queue the job's rows; greedy rows already in the response cache finish at once."""
+        for row in [r for r in job.rows if r.params.temperature == 0 and self.cache.size > 0]:
+            p = row.params
+            row.cache_key = (self.spec.name, row.is_chat, repr(row.prompt), p.max_tokens, p.stop,
+                             p.ignore_eos)
+            hit = self.cache.get(row.cache_key)
+            (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels(
+                **self._labels).inc()
+            if hit:
+                job.rows.remove(row)
+                job.events.put(dataclasses.replace(hit, index=row.index, cached=True))
+        if not job.rows:
+            job.events.put(Admitted())
+            return
+        rows = len(job.rows)
+        with self._cond:
+            if self._closed:
+                raise EngineError("closed", "server is shutting down", code="shutting_down")
+            if self._waiting_rows + rows > self.spec.max_queue_size:
+                raise QueueFull()
+            self._waiting.append(job)
+            self._waiting_rows += rows
+            self.metrics.waiting.labels(**self._labels).set(self._waiting_rows)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """A client went away: drop its queued rows now, running rows at the next decode step."""
+        job.cancelled.set()
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._waiting_rows -= len(job.rows)
+                self.metrics.waiting.labels(**self._labels).set(self._waiting_rows)
+                self.metrics.request_success.labels(finished_reason="abort", **self._labels).inc(
+                    len(job.rows))
+
+    def events(self, job: Job, disconnected: Callable[[], bool] = lambda: False
+               ) -> Iterator[Event]:
+        """The job's events until all rows finished; cancels it if the reader goes away."""
+        finished = 0
+        try:
+            while finished < job.rows_total:
+                try:
+                    event = job.events.get(timeout=0.25)
+                except queue.Empty:
+                    event = None
+                if disconnected():
+                    return
+                if event is not None:
+                    finished += isinstance(event, Finished)
+                    yield event
+        finally:
+            if finished < job.rows_total:
+                self.cancel(job)
+
+    def results(self, job: Job, disconnected: Callable[[], bool] = lambda: False
+                ) -> list[Finished] | None:
+        """Every row's ``Finished`` in order; None when the client went away; a ``Failed``
+        event is raised as its EngineError."""
+        done: dict[int, Finished] = {}
+        for event in self.events(job, disconnected):
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Finished):
+                done[event.index] = event
+        return [done[i] for i in range(job.rows_total)] if len(done) == job.rows_total else None
+
+    # -- worker side
+    def _work(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:  # a broken folder must not kill the process: /ready reports it
+            log.exception("loading %s failed", self.spec.path)
+            self.load_error = f"{type(exc).__name__}: {exc}"
+        self.loaded.set()
+        if self.load_error:
+            return
+        while True:
+            jobs = self._next_batch()
+            if jobs is None:
+                return
+            try:
+                self._run_batch(jobs)
+            except Exception:
+                log.exception("batch failed")
+                for job in jobs:
+                    job.events.put(Failed(EngineError("internal", "generation failed",
+                                                      code="internal_error")))
+            finally:
+                with self._cond:
+                    self._running_jobs = []
+                self.metrics.running.labels(**self._labels).set(0)
+
+    def _next_batch(self) -> list[Job] | None:
+        spec = self.spec
+        with self._cond:
+            while not self._waiting and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            # Gather for up to batch_wait_ms after the oldest request arrived, or until full.
+            deadline = self._waiting[0].arrival + spec.batch_wait_ms / 1000
+            while self._waiting_rows < spec.max_batch_size and not self._closed:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            jobs, rows = [], 0
+            while self._waiting and (not jobs or rows + len(self._waiting[0].rows)
+                                     <= spec.max_batch_size):
+                job = self._waiting.popleft()
+                jobs.append(job)
+                rows += len(job.rows)
+            self._waiting_rows -= rows
+            self._running_jobs = jobs
+            self.metrics.waiting.labels(**self._labels).set(self._waiting_rows)
+            return jobs
+
+    def _encode(self, row: Row) -> list[int]:
+        tok = self.tokenizer
+        if row.is_chat:
+            template = self.spec.chat_template or tok.chat_template or DEFAULT_CHAT_TEMPLATE
+            if self.spec.chat_template is None and tok.chat_template is None:  # a base model
+                row.params = dataclasses.replace(row.params, stop=row.params.stop + DEFAULT_CHAT_STOP)
+            try:
+                text = tok.apply_chat_template(row.prompt, chat_template=template, tokenize=False,
+                                               add_generation_prompt=True)
+            except Exception as exc:  # a template's raise_exception(), or one that breaks on
+                # these messages: this request's fault, not the batch's (jinja2's errors vary)
+                raise EngineError("invalid", f"the chat template failed on these messages: {exc}",
+                                  param="messages", code="chat_template_error") from None
+            ids = tok(text, add_special_tokens=tok.chat_template is None)["input_ids"]
+        else:
+            ids = tok(row.prompt)["input_ids"]
+        if not ids:
+            if tok.bos_token_id is None:
+                raise EngineError("invalid", "prompt is empty", param="prompt", code="empty_prompt")
+            ids = [tok.bos_token_id]
+        limit, wanted = self.context_length, row.params.max_tokens
+        if len(ids) + (wanted or 1) > limit:
+            raise EngineError("invalid", f"This model's maximum context length is {limit} tokens; "
+                              f"the prompt has {len(ids)} and max_tokens is {wanted or 'unset'}.",
+                              param="max_tokens", code="context_length_exceeded")
+        row.max_tokens = wanted or limit - len(ids)
+        return ids
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        rows: list[Row] = []
+        for job in jobs:
+            if job.cancelled.is_set():
+                continue
+            try:
+                for row in job.rows:
+                    row.prompt_ids = self._encode(row)
+            except EngineError as err:
+                job.events.put(Failed(err))
+                continue
+            job.events.put(Admitted())
+            rows.extend(job.rows)
+        if not rows:
+            return
+        labels = self._labels
+        self.metrics.batch_size.labels(**labels).observe(len(rows))
+        self.metrics.running.labels(**labels).set(len(rows))
+        for row in rows:
+            self.metrics.prompt_tokens.labels(**labels).inc(len(row.prompt_ids))
+            if row.params.temperature >= 1e-5:
+                row.generator = torch.Generator(device=self.device)
+                seed = row.params.seed if row.params.seed is not None else secrets.randbits(63)
+                row.generator.manual_seed(seed % (1 << 63))
+        self._decode(rows)
+
+    @torch.inference_mode()
+    def _decode(self, rows: list[Row]) -> None:
+        # A hand-written decode loop instead of model.generate(): generate() applies ONE
+        # temperature/top_p/seed/stop/max_new_tokens to the whole batch, while a server batches
+        # requests that each bring their own. The loop is the same idea as generate's: one
+        # prefill over the left-padded prompts, then one forward per token with the KV cache
+        # (DynamicCache), dropping finished rows from the cache so they cost nothing more.
+        model, device = self.model, self.device
+        longest = max(len(r.prompt_ids) for r in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every row's last prompt token is at -1
+            input_ids[i, longest - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
+            attention[i, longest - len(row.prompt_ids):] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        # Positions count real tokens only, so a padded row sees the positions it would alone.
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        cache = self._cache_class(config=model.config)
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        next_position = positions[:, -1:] + 1
+        active = list(range(len(rows)))
+        while True:
+            tokens = self._sample(logits, [rows[i] for i in active])
+            now = time.perf_counter()
+            keep = []
+            for k, (i, token) in enumerate(zip(active, tokens)):
+                row = rows[i]
+                if row.job.cancelled.is_set() or self._abort_message is not None and self._closed:
+                    self._finish(row, "abort", now)
+                    continue
+                if not self._append(row, token, now):
+                    keep.append(k)
+            if not keep:
+                return
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                attention, next_position = attention[index], next_position[index]
+                active = [active[k] for k in keep]
+                tokens = [tokens[k] for k in keep]
+            attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
+            step = torch.tensor(tokens, device=device).unsqueeze(1)
+            logits = model(input_ids=step, attention_mask=attention, position_ids=next_position,
+                           past_key_values=cache, use_cache=True).logits[:, -1, :]
+            next_position = next_position + 1
+            self.metrics.running.labels(**self._labels).set(len(active))
+
+    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
+        """Per-row sampling: greedy, or temperature + top-p with the row's own seeded generator,
+        so a seeded request gives the same text whatever else shares its batch."""
+        greedy = logits.argmax(dim=-1).tolist()
+        tokens = []
+        for k, row in enumerate(rows):
+            p = row.params
+            if p.temperature < 1e-5:  # dividing by ~0 overflows: that limit is greedy anyway
+                tokens.append(greedy[k])
+                continue
+            probs = torch.softmax(logits[k].float() / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                outside = sorted_probs.cumsum(0) - sorted_probs >= p.top_p  # always keeps the top one
+                sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+                choice = torch.multinomial(sorted_probs, 1, generator=row.generator)
+                tokens.append(int(order[choice]))
+            else:
+                tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+        return tokens
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
+
+    def _append(self, row: Row, token: int, now: float) -> bool:
+        """Add one token to a row; returns True when the row is finished."""
+        if row.completion_tokens == 0:
+            self._ttft.observe(now - row.job.arrival)
+        else:
+            self._itl.observe(now - row.last_token_at)
+        row.last_token_at = now
+        row.completion_tokens += 1
+        self._generated.inc()
+        if token in self.eos_ids and not row.params.ignore_eos:
+            self._finish(row, "stop", now)
+            return True
+        row.out_ids.append(token)
+        stops = row.params.stop
+        if stops or row.job.stream:
+            text = self._decode_text(row.out_ids)
+            # A character split over tokens decodes as U+FFFD until its last byte comes: only
+            # the text before it is final, so searches restart from there (else a stop string
+            # ending in such a character is skipped over).
+            settled = len(text.rstrip("\ufffd"))
+            if stops:
+                hits = [i for i in (text.find(s, row.search_from) for s in stops) if i >= 0]
+                if hits:
+                    row.text = text[:min(hits)]
+                    self._finish(row, "stop", now, decoded=True)
+                    return True
+                row.search_from = max(0, settled - max(map(len, stops)) + 1)
+            if row.job.stream:
+                safe = settled - held_back(text[:settled], stops)  # a possible stop start waits
+                if safe > row.emitted:
+                    row.job.events.put(Delta(row.index, text[row.emitted:safe]))
+                    row.emitted = safe
+        if row.completion_tokens >= row.max_tokens:
+            self._finish(row, "length", now)
+            return True
+        return False
+
+    def _finish(self, row: Row, reason: str, now: float, decoded: bool = False) -> None:
+        labels = self._labels
+        if not decoded:
+            row.text = self._decode_text(row.out_ids)
+        if reason == "abort":
+            self.metrics.request_success.labels(finished_reason="abort", **labels).inc()
+            if self._closed and self._abort_message and not row.job.cancelled.is_set():
+                row.job.events.put(Failed(EngineError("closed", self._abort_message,
+                                                      code="shutting_down")))
+            return
+        if row.job.stream and len(row.text) > row.emitted:
+            row.job.events.put(Delta(row.index, row.text[row.emitted:]))
+            row.emitted = len(row.text)
+        self.metrics.request_success.labels(finished_reason=reason, **labels).inc()
+        self.metrics.e2e_latency.labels(**labels).observe(now - row.job.arrival)
+        result = Finished(row.index, row.text, reason, len(row.prompt_ids), row.completion_tokens)
+        if row.cache_key is not None:
+            self.cache.put(row.cache_key, result)
+        row.job.events.put(result)
