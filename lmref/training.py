@@ -187,8 +187,14 @@ def collate_input_ids(rows: list[dict]) -> dict:
 
 def train(model: torch.nn.Module, train_dataset, config: TrainingConfig, eval_dataset=None,
           collate_fn: Callable | None = None,
-          callbacks: Sequence[Callable[[int, dict], None]] = ()) -> TrainResult:
+          callbacks: Sequence[Callable[[int, dict], None]] = (),
+          loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+          = causal_lm_loss_sum) -> TrainResult:
     """Train ``model`` in place for ``config.max_steps`` optimizer steps; returns the run's numbers.
+
+    ``loss_fn(model, batch)`` returns ``(loss summed over label tokens, label tokens)`` like
+    ``causal_lm_loss_sum`` (the default); e.g. ``lmref.distillation.distillation_loss(teacher)``.
+    Evaluation stays plain cross-entropy.
 
     ``callbacks`` are called as ``callback(step, metrics)`` after every optimizer step on every
     rank; ``metrics`` holds loss, lr, grad norm and throughput on logging steps, else the step
@@ -262,7 +268,7 @@ def train(model: torch.nn.Module, train_dataset, config: TrainingConfig, eval_da
             sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast:
-                    loss_sum, _ = causal_lm_loss_sum(forward_model, batch)
+                    loss_sum, _ = loss_fn(forward_model, batch)
                 # DDP averages gradients over ranks; "* world" turns that average into a sum.
                 scaler.scale(loss_sum * world / step_tokens).backward()
             step_loss += loss_sum.detach()
