@@ -24,7 +24,7 @@ from pathlib import Path
 import optuna
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from lmref.data import load_prepared, prepare_data
 from lmref.instruction_data import (
@@ -256,7 +256,7 @@ def build_student(teacher_dir: Path | str, width: float = 0.5, depth: float = 0.
                   seed: int = 0) -> torch.nn.Module:
     """A randomly initialised Llama of ``width`` x the teacher's hidden size (and heads, MLP) and
     ``depth`` x its layers, with the teacher's vocabulary and special tokens (same tokenizer)."""
-    t = load_model(str(teacher_dir), device="cpu").config
+    t = AutoConfig.from_pretrained(teacher_dir)
     heads = max(1, round(t.num_attention_heads * width))
     kv_heads = max(1, round(t.num_key_value_heads * width))
     head_dim = t.hidden_size // t.num_attention_heads
