@@ -20,7 +20,7 @@ caller passes in (this module trains nothing itself). Around Optuna it adds what
 
 Usage::
 
-    from lmref.tuning import Param, StudyConfig, run_study, pruning_callback, best_so_far
+    from lmref.tuning import Param, StudyConfig, best_so_far, pruning_callback, run_study, suggest
 
     space = [Param("learning_rate", 1e-4, 1e-2, log=True), Param("r", choices=(4, 8, 16))]
 
