@@ -27,6 +27,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from lmref.data import load_prepared, prepare_data
+from lmref.distillation import DistillationConfig, distillation_loss
 from lmref.instruction_data import (
     PROMPT_TEMPLATE,
     InstructionCollator,
@@ -34,7 +35,6 @@ from lmref.instruction_data import (
     save_instruction_dataset,
     tokenize_instructions,
 )
-from lmref.distillation import DistillationConfig, distillation_loss
 from lmref.lora import LoraSettings, add_lora
 from lmref.modeling import ARTIFACTS, build_model, load_model
 from lmref.training import TrainingConfig, TrainResult, train
