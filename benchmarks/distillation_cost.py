@@ -7,6 +7,9 @@ micro-batch, plus the KL at temperature T). The difference per step is split int
 forward pass and the loss itself (timed alone on the same batches).
 
     python benchmarks/distillation_cost.py   # writes benchmarks/results/distillation_cost-<device>.json
+
+On a CPU that other jobs share, run it with ``OMP_NUM_THREADS=1``: two-thread torch processes on
+busy cores spend their time waiting on each other (the JSON records the thread count).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@
    through plain ``study.optimize``.
 2. Workers: the course's real LoRA trial (``lmref.course:lora_objective``, a short fine-tune of
    the base on the instruction set) run by 1 worker process and by 2, same trial count, random
-   sampler, ``OMP_NUM_THREADS=1`` per process; wall time including process start-up, and trials
-   per second between the first trial's start and the last one's end.
+   sampler's settings queued in advance so both runs train the same trials, ``OMP_NUM_THREADS=1``
+   per process; wall time including process start-up, and trials per second between the first
+   trial's start and the last one's end.
 
     python benchmarks/tuning_overhead.py     # writes benchmarks/results/tuning_overhead-<device>.json
 """
@@ -63,9 +64,18 @@ def overhead(sampler: str, n_trials: int, folder: Path) -> dict:
             "ms_per_trial_journal_lmref": journal * 1e3, "ms_per_trial_in_memory": in_memory * 1e3}
 
 
+def queued_params(n_trials: int) -> list[dict]:
+    """The same settings for every worker count (trials of other batch sizes cost differently)."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    return [tuning.suggest(study.ask(), course.LORA_SPACE) for _ in range(n_trials)]
+
+
 def workers(n_workers: int, n_trials: int, steps: int, folder: Path) -> dict:
     config = StudyConfig(f"workers-{n_workers}", str(folder / f"workers-{n_workers}.journal"),
                          sampler="random", n_trials=n_trials)
+    study = tuning.open_study(config, course.LORA_SPACE)
+    for params in queued_params(n_trials):
+        study.enqueue_trial(params)
     run = tuning.run_workers(n_workers, config, "lmref.course:LORA_SPACE",
                              "lmref.course:lora_objective", {"steps": steps}, threads_per_worker=1)
     study = optuna.load_study(study_name=config.name, storage=tuning.open_storage(config.storage))
