@@ -17,6 +17,8 @@ modules it names in its docstring, e.g. ``lmref.device``):
 - ``lmref.engine``      the generation engine: queue, batching, KV cache, sampling, stops
 - ``lmref.serving``     an OpenAI-compatible Flask app over the engine (``python -m lmref.serve``)
 - ``lmref.loadtest``    a load generator and a server-process helper for benchmarks
+- ``lmref.tuning``      hyperparameter search with Optuna: samplers, pruning, resumable studies
+- ``lmref.distillation`` knowledge distillation loss (KL at a temperature + CE), chunked
 - ``lmref.course``      glue for the notebooks: rebuild earlier artifacts when missing
 """
 
