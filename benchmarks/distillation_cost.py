@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,20 +26,11 @@ import torch.nn.functional as F
 
 from lmref import course
 from lmref.distillation import DistillationConfig, distillation_loss_sum
+from lmref.env import cpu_model
 from lmref.modeling import count_parameters, load_model
 from lmref.training import TrainingConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def seconds_per_step(teacher, teacher_dir, steps: int, batch: int, distill) -> float:
@@ -100,7 +89,7 @@ def main() -> None:
                for s in range(0, 10 * args.batch, args.batch)]
     components = component_ms(teacher, student, batches, distill)
     report = {
-        "benchmark": "distillation_cost", "device": cpu_name(), "torch": torch.__version__,
+        "benchmark": "distillation_cost", "device": f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
         "teacher_parameters": count_parameters(teacher),
         "student_parameters": count_parameters(student),
         "steps": args.steps, "batch": args.batch, "distillation": vars(distill),

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,19 +27,10 @@ import optuna
 import torch
 
 from lmref import course, tuning
+from lmref.env import cpu_model
 from lmref.tuning import StudyConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def free_objective(trial: optuna.Trial) -> float:
@@ -106,7 +95,7 @@ def main() -> None:
             print(row, flush=True)
     one, two = scaling
     report = {
-        "benchmark": "tuning_overhead", "device": cpu_name(), "torch": torch.__version__,
+        "benchmark": "tuning_overhead", "device": f"{cpu_model()}, {os.cpu_count()} cores", "torch": torch.__version__,
         "optuna": optuna.__version__, "search_space": [p.name for p in course.LORA_SPACE],
         "overhead": per_sampler, "workers": scaling,
         "speedup_2_workers_wall": one["wall_seconds"] / two["wall_seconds"],

@@ -16,6 +16,19 @@ PACKAGES = ["torch", "transformers", "accelerate", "datasets", "tokenizers", "pe
             "bitsandbytes", "safetensors", "flask", "nbval", "lmref"]
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name ("AMD EPYC", "Intel(R) Xeon(R) ..."), for reports and benchmarks:
+    speeds are only comparable on the same model, and the course's machines vary."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment_report() -> dict:
     import torch
 
@@ -33,7 +46,7 @@ def environment_report() -> dict:
         report["bf16"] = torch.cuda.is_bf16_supported()
         report["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     else:
-        report["device"] = f"cpu ({platform.processor() or platform.machine()})"
+        report["device"] = f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
         report["bf16"] = "autocast only (fp32 is the default on CPU)"
     report["default_precision"] = ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
                                    else "fp16" if torch.cuda.is_available() else "fp32")
