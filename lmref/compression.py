@@ -46,7 +46,7 @@ Usage::
 from __future__ import annotations
 
 import copy
-import functools
+import logging
 import math
 import time
 import warnings
@@ -64,6 +64,10 @@ from lmref.device import compute_dtype as policy_dtype
 from lmref.device import resolve_device
 
 DEFAULT_SKIP = ("lm_head",)
+
+# LLM.int8 on CPU computes in fp16 by design, and bitsandbytes logs a warning saying so on every
+# matmul call: thousands of lines per evaluation.
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
 def fix_bitsandbytes_cpu_unpacking() -> bool:
@@ -504,18 +508,6 @@ class Measurement:
         return asdict(self)
 
 
-def _quiet_llm_int8(fn):
-    """LLM.int8 on CPU computes in fp16 by design, and bitsandbytes warns so on every matmul call;
-    silenced per call, because libraries and notebook kernels reset module-level filters."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-            return fn(*args, **kwargs)
-    return wrapper
-
-
-@_quiet_llm_int8
 @torch.inference_mode()
 def measure(model: nn.Module, eval_dataset, name: str = "model", saved_dir: str | Path | None = None,
             batch_size: int = 8, max_batches: int | None = None, prompt_tokens: int = 16,
