@@ -32,6 +32,8 @@ def cpu_model() -> str:
 def environment_report() -> dict:
     import torch
 
+    from lmref.device import select_precision
+
     report = {"python": sys.version.split()[0], "platform": platform.platform(),
               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     for name in PACKAGES:
@@ -48,8 +50,7 @@ def environment_report() -> dict:
     else:
         report["device"] = f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
         report["bf16"] = "autocast only (fp32 is the default on CPU)"
-    report["default_precision"] = ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-                                   else "fp16" if torch.cuda.is_available() else "fp32")
+    report["default_precision"] = select_precision()   # the policy every module uses
     report["hf_hub_offline"] = os.environ.get("HF_HUB_OFFLINE", "0")
     return report
 
