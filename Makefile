@@ -22,9 +22,19 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 # No MPLBACKEND here: an exported Agg would override the kernel's inline backend, and executed
 # notebooks would hold no plot at all.
 
-.PHONY: setup course test unit notebooks lab lint env clean
+# Servers the tests and notebooks start on 127.0.0.1 (chat-page browser test, queue, cache, load
+# balancer), from Debian's packages; installed only where missing (needs root and apt).
+APT_PACKAGES ?= chromium chromium-driver redis-server rabbitmq-server nginx
 
-setup: $(VENV)/.ready
+.PHONY: setup system course test unit notebooks lab lint env clean
+
+setup: system $(VENV)/.ready
+
+system:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 $(VENV)/.ready: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
