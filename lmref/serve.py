@@ -7,7 +7,10 @@ The app is ``lmref.serving`` (over ``lmref.engine``); this module runs it under 
 ``--model NAME=PATH`` (repeatable; a folder, a hub id in the local cache, or a course name from
 ``lmref.modeling``: ``smollm2-135m-instruct``; default: that real chat model as ``smollm2``),
 ``--alias NAME=V1:W1,V2:W2`` (weighted A/B), ``--unbatched NAME`` and ``--api-key KEY``
-(repeatable; or env ``LMREF_API_KEYS``, a comma list). Without keys anyone who reaches the port
+(repeatable; or env ``LMREF_API_KEYS``, a comma list), and the ``SharedServices`` of a replica:
+``--cache-url redis://...`` (a response cache shared by replicas, ``lmref.redis_cache``) and
+``--broker-url amqp://... --store-url redis://...`` (the OpenAI Batch API on Celery workers,
+``lmref.batch_queue``; env ``LMREF_CACHE_URL``, ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``). Without keys anyone who reaches the port
 may use the models: the server says so loudly at start. SIGTERM: new requests get 503, in-flight
 ones get ``--drain-timeout-s`` to finish.
 
@@ -45,6 +48,44 @@ from lmref.serving import HTTP_ERRORS, APIError, ServingConfig, ServingState, cr
 
 log = logging.getLogger("lmref.serve")
 DEFAULT_MODEL = "smollm2=smollm2-135m-instruct"
+
+
+@dataclasses.dataclass
+class SharedServices:
+    """What replicas share, all off by default; the flags default to env LMREF_CACHE_URL,
+    LMREF_BROKER_URL, LMREF_STORE_URL (a container's config)."""
+
+    cache_url: str | None = None   # redis://HOST:PORT/DB: response cache shared by replicas
+    cache_ttl_s: float = 3600.0
+    broker_url: str | None = None  # amqp://...: the Batch API's queue (needs store_url)
+    store_url: str | None = None   # redis://...: the Batch API's files, batches and results
+
+
+SHARED_ENV = {"cache_url": "LMREF_CACHE_URL", "broker_url": "LMREF_BROKER_URL",
+              "store_url": "LMREF_STORE_URL"}
+
+
+def build_app(config: ServingConfig, shared: SharedServices | None = None) -> Flask:
+    """``create_app`` plus the shared services asked for (imported only then: Celery and redis
+    are optional dependencies)."""
+    shared = shared or SharedServices()
+    if bool(shared.broker_url) != bool(shared.store_url):
+        raise ValueError("the Batch API needs both --broker-url and --store-url")
+    cache = None
+    if shared.cache_url:
+        from lmref.redis_cache import RedisResponseCache
+
+        cache = RedisResponseCache(shared.cache_url, shared.cache_ttl_s,
+                                   {m.name: m.path for m in config.models})
+    app = create_app(config, cache=cache)
+    if cache is not None:
+        cache.register(app.extensions["lmref"].metrics.registry)
+    if shared.broker_url:
+        from lmref.batch_queue import BatchConfig, register_batch_api
+
+        register_batch_api(app, BatchConfig(broker_url=shared.broker_url,
+                                            store_url=shared.store_url))
+    return app
 
 
 class _JSONErrorTask(ErrorTask):
@@ -131,12 +172,13 @@ def _waitress_server(app: Flask, config: ServingConfig, port: int):
     return server
 
 
-def start_server(config: ServingConfig, port: int = 0, wait: bool = True) -> ServerHandle:
+def start_server(config: ServingConfig, port: int = 0, wait: bool = True,
+                 shared: SharedServices | None = None) -> ServerHandle:
     """Serve ``config`` with waitress in a background thread on ``config.host`` (port 0: free).
     ``config.torch_threads`` is applied to this whole process."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    app = create_app(config)
+    app = build_app(config, shared)
     server = _waitress_server(app, config, port)
     stop = threading.Event()
     thread = threading.Thread(target=_run_waitress, args=(server, stop), name="waitress",
@@ -201,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
                      if f.name == "chat_template" else "default: %(default)s")
             group.add_argument(*flags, dest=f.name, type=kind, default=f.default, help=help_,
                                metavar=f.type.split(" |")[0].upper())
+    group = parser.add_argument_group("SharedServices (lmref.redis_cache, lmref.batch_queue)")
+    for f in dataclasses.fields(SharedServices):
+        default = os.environ.get(SHARED_ENV.get(f.name, ""), f.default)
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_kind(f.type),
+                           default=default, help="default: %(default)s",
+                           metavar=f.type.split(" |")[0].upper())
     return parser
 
 
@@ -273,7 +321,13 @@ def resolve_model_args(argv: list[str]) -> list[str]:
     return argv
 
 
-def serve(config: ServingConfig) -> int:
+def shared_from_args(argv: list[str] | None) -> SharedServices:
+    args = build_parser().parse_args(argv)
+    return SharedServices(**{f.name: getattr(args, f.name)
+                             for f in dataclasses.fields(SharedServices)})
+
+
+def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
     """Run until SIGTERM/SIGINT in this process: one process, waitress threads, the batching
     workers inside. On the signal, new requests get 503 and in-flight ones get
     ``drain_timeout_s`` to finish. Prints one JSON line with the URL once listening. Exits 1
@@ -283,7 +337,7 @@ def serve(config: ServingConfig) -> int:
                     "Set --api-key KEY or LMREF_API_KEYS=k1,k2.", config.host, config.port)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    app = create_app(config)
+    app = build_app(config, shared)
     server = _waitress_server(app, config, config.port)
     state: ServingState = app.extensions["lmref"]
     stop = threading.Event()
@@ -313,7 +367,7 @@ def serve(config: ServingConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return serve(config_from_args(argv))
+    return serve(config_from_args(argv), shared_from_args(argv))
 
 
 if __name__ == "__main__":

@@ -249,13 +249,13 @@ def _messages(body: dict) -> list[dict]:
 
 
 class ServingState:  # what one app holds: engines, aliases, keys, cache, metrics, drain flag
-    def __init__(self, config: ServingConfig):
+    def __init__(self, config: ServingConfig, cache: Any = None):  # cache: ResponseCache's API
         config.validate()
         self.config = config
         self.metrics = EngineMetrics()
         self.http_requests = Counter("lmref:http_requests", "HTTP requests by endpoint and status",
                                      ["endpoint", "status"], registry=self.metrics.registry)
-        self.cache = ResponseCache(config.cache_size)
+        self.cache = ResponseCache(config.cache_size) if cache is None else cache
         self.engines = {m.name: Engine(m, self.metrics, self.cache) for m in config.models}
         self.default_model = config.default_model or config.models[0].name
         # Digests, so compare_digest compares equal-length values and no key sits in memory twice.
@@ -354,10 +354,11 @@ def _parse_json() -> dict:
     return body
 
 
-def create_app(config: ServingConfig, start: bool = True) -> Flask:
+def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> Flask:
     """The Flask app. ``start`` launches the model workers (they load in the background unless
-    ``config.load_in_background`` is False). The state is in ``app.extensions["lmref"]``."""
-    state = ServingState(config)
+    ``config.load_in_background`` is False). The state is in ``app.extensions["lmref"]``.
+    ``cache``: another response cache (``lmref.redis_cache``); default an in-process LRU."""
+    state = ServingState(config, cache)
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=config.max_content_length, DEBUG=False,
                       PROPAGATE_EXCEPTIONS=False, TRAP_HTTP_EXCEPTIONS=False)

@@ -1,0 +1,286 @@
+"""The production architecture against real servers on 127.0.0.1: RabbitMQ and Redis (Debian's
+packages), Celery workers in their own processes, server replicas behind nginx.
+
+Covers lmref.batch_queue (OpenAI Batch API on Celery: a worker killed mid-job, poisoned jobs,
+time limits, queue depth), lmref.redis_cache (a cache shared by replicas) and the deploy/
+manifests (validated offline with kubernetes-validate)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+pytest.importorskip("celery")
+pytest.importorskip("redis")
+openai = pytest.importorskip("openai")
+
+from lmref.local_services import (  # noqa: E402
+    Services,
+    start_nginx,
+    start_python,
+    start_rabbitmq,
+    start_redis,
+    start_replica,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-test"
+needs_servers = pytest.mark.skipif(
+    not all(shutil.which(b) for b in ("redis-server", "nginx"))
+    or not Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists(),
+    reason="redis-server, rabbitmq-server and nginx come from Debian (make system)")
+
+
+@pytest.fixture(scope="module")
+def backends():
+    with Services() as services:
+        yield services.add(start_redis()), services.add(start_rabbitmq())
+
+
+def worker_env(backends, model_dir, **extra) -> dict:
+    redis_, rabbit = backends
+    return {"LMREF_BROKER_URL": rabbit.url, "LMREF_STORE_URL": redis_.url,
+            "LMREF_WORKER_MODELS": f"tiny={model_dir}", "LMREF_BATCH_QUEUE": "test-batch",
+            **extra}
+
+
+def start_worker(backends, model_dir, name: str, **extra):
+    return start_python(name, ["-m", "celery", "-A", "lmref.batch_queue", "worker", "--pool",
+                               "prefork", "--concurrency", "1", "-n", f"{name}@%h", "-l", "INFO",
+                               "--without-gossip", "--without-mingle", "--without-heartbeat",
+                               "-Q", "test-batch"],
+                        env=worker_env(backends, model_dir, **extra), ready_text=" ready.",
+                        timeout=120)
+
+
+@pytest.fixture(scope="module")
+def api(backends, tiny_model_dir):
+    """A server replica (in this process) with the Batch API on the test queue."""
+    from lmref.batch_queue import BatchConfig, register_batch_api
+    from lmref.serve import start_server
+    from lmref.serving import ModelSpec, ServingConfig
+
+    redis_, rabbit = backends
+    handle = start_server(ServingConfig(models=[ModelSpec("tiny", str(tiny_model_dir))],
+                                        api_keys=[KEY]))
+    register_batch_api(handle.app, BatchConfig(broker_url=rabbit.url, store_url=redis_.url,
+                                               queue="test-batch"))
+    client = openai.OpenAI(base_url=handle.url + "/v1", api_key=KEY, max_retries=0)
+    yield handle, client
+    handle.stop(drain_timeout=5)
+
+
+def request_line(custom_id: str, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "tiny", "messages": [{"role": "user", "content": custom_id}],
+                     "temperature": 0, "max_tokens": 4, **body}}
+
+
+def submit(client, lines: list[dict], tmp_path, **kw):
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    uploaded = client.files.create(file=path.open("rb"), purpose="batch")
+    return client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h", **kw)
+
+
+def wait_done(client, batch_id: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status == "completed":
+            return batch
+        assert time.monotonic() < deadline, f"batch not done: {batch}"
+        time.sleep(0.2)
+
+
+def jsonl(client, file_id: str | None) -> list[dict]:
+    if file_id is None:
+        return []
+    return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
+
+
+def queue_depth(url: str) -> float | None:
+    text = requests.get(url + "/metrics", timeout=10).text
+    found = re.search(r'^lmref:batch_queue_depth\{queue="test-batch"\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else None
+
+
+@needs_servers
+def test_worker_killed_mid_job_loses_nothing(backends, api, tiny_model_dir, tmp_path):
+    handle, client = api
+    from lmref.batch_queue import Store
+
+    # Submitted before any worker runs: the queue depth the autoscaler reads shows all of them.
+    lines = [request_line(f"job-{i}", max_tokens=200, ignore_eos=True, n=8) for i in range(6)]
+    batch = submit(client, lines, tmp_path)
+    assert batch.status == "in_progress" and batch.request_counts.total == 6
+    assert queue_depth(handle.url) == 6
+    store = Store(backends[0].url)
+    with Services() as services:
+        workers = {name: services.add(start_worker(backends, tiny_model_dir, name))
+                   for name in ("w1", "w2")}
+        # Wait until a worker holds a job it has not finished, then kill it (SIGKILL, its whole
+        # process group: the pool process with the model and the consumer).
+        deadline = time.monotonic() + 60
+        while True:
+            running = {c: w for c, w in store.workers(batch.id).items()
+                       if not store.has_result(batch.id, c)}
+            if running:
+                break
+            assert time.monotonic() < deadline, "no worker started a job"
+            time.sleep(0.02)
+        victim_job, victim = next(iter(running.items()))
+        workers[victim.split("@")[0]].kill()
+        assert not store.has_result(batch.id, victim_job)  # killed before it finished
+        done = wait_done(client, batch.id)
+    output = jsonl(client, done.output_file_id)
+    assert [x["custom_id"] for x in output] == [f"job-{i}" for i in range(6)]  # once, in order
+    assert done.error_file_id is None and done.request_counts.completed == 6
+    assert all(x["response"]["status_code"] == 200 for x in output)
+    assert all(len(x["response"]["body"]["choices"]) == 8 for x in output)
+    attempts = store.attempts(batch.id)
+    assert attempts[victim_job] == 2, attempts             # delivered again ...
+    assert store.workers(batch.id)[victim_job] != victim   # ... and completed by the other
+    assert queue_depth(handle.url) == 0
+
+
+@needs_servers
+def test_poisoned_jobs_fail_alone(backends, api, tiny_model_dir, tmp_path):
+    handle, client = api
+    # The quick ones take ~15 ms, the slow one ~1 s on a 2-core CPU: a 0.3 s limit parts them.
+    lines = [request_line("ok-1", max_tokens=2), request_line("bad-max-tokens", max_tokens=-3),
+             request_line("ok-2", max_tokens=2), request_line("unknown-model", model="nope"),
+             request_line("too-slow", max_tokens=220, ignore_eos=True, n=16),
+             request_line("ok-3", max_tokens=2)]
+    with Services() as services:
+        services.add(start_worker(backends, tiny_model_dir, "w3"))
+        # metadata job_time_limit_s: each request's Celery soft time limit (hard: +15 s)
+        batch = submit(client, lines, tmp_path, metadata={"job_time_limit_s": "0.3"})
+        done = wait_done(client, batch.id)
+    output, errors = jsonl(client, done.output_file_id), jsonl(client, done.error_file_id)
+    assert [x["custom_id"] for x in output] == ["ok-1", "ok-2", "ok-3"]
+    assert done.request_counts.completed == 3 and done.request_counts.failed == 3
+    by_id = {x["custom_id"]: x for x in errors}
+    assert list(by_id) == ["bad-max-tokens", "unknown-model", "too-slow"]
+    assert by_id["bad-max-tokens"]["response"]["status_code"] == 400
+    assert by_id["bad-max-tokens"]["response"]["body"]["error"]["param"] == "max_tokens"
+    assert by_id["unknown-model"]["error"]["code"] == "model_not_found"
+    assert by_id["too-slow"]["response"]["status_code"] == 504, by_id["too-slow"]
+    assert by_id["too-slow"]["error"]["code"] == "time_limit_exceeded"
+    assert "0.3 s" in by_id["too-slow"]["error"]["message"]
+
+
+@needs_servers
+def test_batch_api_rejects_bad_input_naming_it(api, tmp_path):
+    _, client = api
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(request_line("a")) + "\n" + json.dumps({"custom_id": "b"}) + "\n")
+    uploaded = client.files.create(file=bad.open("rb"), purpose="batch")
+    with pytest.raises(openai.BadRequestError, match="line 2: 'url'"):
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        client.files.create(file=bad.open("rb"), purpose="fine-tune")
+    with pytest.raises(openai.NotFoundError, match="batch_nope"):
+        client.batches.retrieve("batch_nope")
+    with pytest.raises(openai.NotFoundError, match="file-nope"):
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).batches.retrieve(
+            "batch_x")
+
+
+@needs_servers
+def test_cache_shared_by_replicas_behind_nginx(backends, tiny_model_dir):
+    redis_url = backends[0].url
+    with Services() as services:
+        replicas = [services.add(start_replica(f"tiny={tiny_model_dir}", [
+            "--cache-url", redis_url, "--cache-ttl-s", "600", "--torch-threads", "1"],
+            env={"LMREF_API_KEYS": ""})) for _ in range(2)]
+        lb = services.add(start_nginx([f"127.0.0.1:{r.port}" for r in replicas]))
+        body = {"model": "tiny", "prompt": "def shared(", "max_tokens": 12, "temperature": 0}
+        answers = []
+        for _ in range(4):  # round robin: the replicas alternate
+            response = requests.post(lb.url + "/v1/completions", json=body, timeout=30)
+            assert response.status_code == 200
+            answers.append((response.headers["X-Upstream"], response.json()["choices"][0]["text"]))
+        assert len({a[0] for a in answers}) == 2 and len({a[1] for a in answers}) == 1
+        hits = [_metric(r.url, "lmref:response_cache_hits_total") for r in replicas]
+        misses = [_metric(r.url, "lmref:response_cache_misses_total") for r in replicas]
+        # One replica generated it once (one miss in all); every other answer was a hit, on
+        # both replicas, including the one that never generated it.
+        assert sum(misses) == 1 and sum(hits) == 3 and min(hits) >= 1
+        keys = _redis(redis_url).keys("lmref:response:*")
+        assert len(keys) == 1 and 0 < _redis(redis_url).ttl(keys[0]) <= 600
+
+        # Kill one replica under load: nginx routes new requests to the survivor; only the
+        # requests that were inside the killed replica fail (a POST is never retried mid-way).
+        stop, results = threading.Event(), []
+        long_body = {"model": "tiny", "prompt": "x", "max_tokens": 64, "temperature": 1.0}
+
+        def client():
+            while not stop.is_set():
+                try:
+                    r = requests.post(lb.url + "/v1/completions", json=long_body, timeout=30)
+                    results.append((time.monotonic(), r.status_code))
+                except requests.RequestException as exc:
+                    results.append((time.monotonic(), type(exc).__name__))
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            for _ in range(4):
+                pool.submit(client)
+            time.sleep(1.5)
+            killed_at = time.monotonic()
+            replicas[0].kill()
+            time.sleep(3)
+            stop.set()
+        failed = [s for _, s in results if s != 200]
+        after = [s for t, s in results if t > killed_at + 0.5]
+        assert len(results) > len(failed) and len(failed) <= 4  # at most the in-flight ones
+        assert all(s in (502, 504) for s in failed)            # nginx: upstream went away
+        assert after and all(s == 200 for s in after)
+
+
+def _metric(url: str, name: str) -> float:
+    text = requests.get(url + "/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+
+def _redis(url: str):
+    import redis
+
+    return redis.Redis.from_url(url)
+
+
+def test_shared_cache_misses_when_redis_is_down_and_keys_carry_the_version(tiny_model_dir,
+                                                                          tmp_path):
+    from lmref.engine import Finished
+    from lmref.local_services import free_port
+    from lmref.redis_cache import RedisResponseCache
+
+    down = RedisResponseCache(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
+    row = Finished(0, "text", "stop", 3, 1)
+    down.put(("tiny", False, "'p'", 4, (), False), row)
+    assert down.get(("tiny", False, "'p'", 4, (), False)) is None
+    assert down.errors.labels(operation="get")._value.get() == 1
+    assert down.errors.labels(operation="put")._value.get() == 1
+    # Same version name, other weights: another key.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    (other / "config.json").write_text((other / "config.json").read_text() + " ")
+    a = RedisResponseCache("redis://127.0.0.1:1/0", versions={"tiny": str(tiny_model_dir)})
+    b = RedisResponseCache("redis://127.0.0.1:1/0", versions={"tiny": str(other)})
+    key = ("tiny", False, "'p'", 4, (), False)
+    assert a.key(key) != b.key(key)
+    assert a.key(key) == RedisResponseCache("redis://127.0.0.1:1/0",
+                                            versions={"tiny": str(tiny_model_dir)}).key(key)
