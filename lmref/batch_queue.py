@@ -21,7 +21,8 @@ Two sides of one queue:
 Depends on ``lmref.serving`` (the dependency is the point): a worker runs each request through
 the very Flask app the HTTP server runs (in process, no socket), so validation, errors and
 response bodies are the server's own. Files, batches and results live in Redis (shared by every
-replica); Redis is also Celery's result backend.
+replica); Redis is also Celery's result backend. With env ``LMREF_CACHE_URL`` workers share the
+replicas' response cache (``lmref.redis_cache``).
 
 Usage::
 
@@ -173,6 +174,11 @@ class Store:
     def attempts(self, batch_id: str) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in
                 self.r.hgetall(self._key(batch_id, "attempts")).items()}
+
+    def running(self, batch_id: str) -> dict[str, str]:
+        """Requests a worker has taken and not finished: custom_id -> worker."""
+        done = set(k.decode() for k in self.r.hkeys(self._key(batch_id, "results")))
+        return {c: w for c, w in self.workers(batch_id).items() if c not in done}
 
     def workers(self, batch_id: str) -> dict[str, str]:
         """Which worker took each request last (a redelivered one: the one that finished it)."""

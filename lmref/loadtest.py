@@ -9,6 +9,10 @@ so the file can be copied alone next to any server that prints a JSON "listening
 - ``stream_completion(url, body)``: one streaming ``/v1/completions`` call, timed.
 - ``run_load(url, prompts, concurrency)``: a closed loop of clients; requests/s, output tokens/s,
   TTFT, TPOT and end-to-end p50/p99 (the numbers vLLM's serving benchmark reports).
+- ``closed_loop(url, body, clients, seconds)``: the same request back to back for a while, each
+  one's outcome kept (status or error, which upstream answered): what fails when a replica dies.
+- ``MetricsRecorder(url, names)``: scrapes ``/metrics`` in a thread, a time series of the named
+  metrics (summed over their labels), e.g. a queue depth going down.
 
 Usage::
 
@@ -207,3 +211,83 @@ def run_load(url: str, prompts: list[str], concurrency: int, model: str | None =
         summary[f"{name}_p50_ms"] = _percentile(values, 0.5)
         summary[f"{name}_p99_ms"] = _percentile(values, 0.99)
     return summary
+
+
+def closed_loop(url: str, body: dict, clients: int, seconds: float,
+                path: str = "/v1/completions", api_key: str | None = None,
+                timeout: float = 60.0) -> list[dict]:
+    """``clients`` threads send ``body`` (not streamed) back to back for ``seconds``. Returns
+    every request: ``start`` and ``end`` (seconds from the start), ``status`` (the HTTP status,
+    or the exception's name when no answer came) and ``upstream`` (nginx's X-Upstream)."""
+    host = url.split("//", 1)[1]
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    payload = json.dumps(body)
+    lock, results = threading.Lock(), []
+    t0 = time.perf_counter()
+
+    def client() -> None:
+        while time.perf_counter() - t0 < seconds:
+            start = time.perf_counter() - t0
+            conn = http.client.HTTPConnection(host, timeout=timeout)
+            try:
+                conn.request("POST", path, payload, headers)
+                response = conn.getresponse()
+                response.read()
+                status, upstream = response.status, response.getheader("X-Upstream", "")
+            except (OSError, http.client.HTTPException) as exc:
+                status, upstream = type(exc).__name__, ""
+            finally:
+                conn.close()
+            with lock:
+                results.append({"start": start, "end": time.perf_counter() - t0,
+                                "status": status, "upstream": upstream})
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(results, key=lambda r: r["start"])
+
+
+class MetricsRecorder:
+    """Scrapes ``url + "/metrics"`` every ``every_s`` seconds in a thread; ``stop()`` returns the
+    samples: ``{"t": seconds, name: value, ...}``, each value summed over the metric's labels."""
+
+    def __init__(self, url: str, names: list[str], every_s: float = 0.25):
+        self.url, self.names, self.every_s = url, names, every_s
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        host = self.url.split("//", 1)[1]
+        while not self._stop.is_set():
+            try:
+                conn = http.client.HTTPConnection(host, timeout=5)
+                conn.request("GET", "/metrics")
+                text = conn.getresponse().read().decode()
+                conn.close()
+            except (OSError, http.client.HTTPException):
+                text = None
+            if text is not None:
+                sample = {"t": time.perf_counter() - self._t0}
+                for line in text.splitlines():
+                    name = line.split("{", 1)[0].split(" ", 1)[0]
+                    if name in self.names:
+                        sample[name] = sample.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+                self.samples.append(sample)
+            self._stop.wait(self.every_s)
+
+    def elapsed(self) -> float:
+        """Seconds since recording began: the time axis of the samples."""
+        return time.perf_counter() - self._t0
+
+    def stop(self) -> list[dict]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples

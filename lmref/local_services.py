@@ -13,7 +13,9 @@ Usage::
     with Services() as services:
         redis = services.add(start_redis())              # redis.url: redis://127.0.0.1:PORT/0
         rabbit = services.add(start_rabbitmq())          # rabbit.url: amqp://guest:guest@...
-        ...
+        replica = services.add(start_replica("base=artifacts/base"))   # python -m lmref.serve
+        lb = services.add(start_nginx([f"127.0.0.1:{replica.port}"]))  # lb.url
+        worker = services.add(start_celery_worker("lmref.batch_queue", "w1", env={...}))
     # everything stopped here
 """
 
@@ -126,6 +128,23 @@ class Service:
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return self.proc.returncode
+
+
+def remaining(sessions: list[int]) -> list[int]:
+    """Processes still running (zombies aside) in these sessions: a ``Service``'s session id is
+    its pid, so ``remaining([s.pid for s in started])`` lists what outlived its stop()."""
+    left = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if fields[0] != "Z" and int(fields[3]) in sessions:
+            left.append(int(entry))
+    return left
 
 
 class Services:
@@ -287,3 +306,14 @@ def start_replica(model: str, extra_args: list[str] = (), env: dict | None = Non
     return start_python(f"replica-{port}", ["-m", "lmref.serve", "--model", model, "--port",
                                             str(port), *extra_args], env=env,
                         ready_url=url + "/ready", timeout=timeout, url=url, port=port)
+
+
+def start_celery_worker(app: str, name: str, env: dict | None = None, concurrency: int = 1,
+                        pool: str = "prefork", timeout: float = 180.0) -> Service:
+    """``celery -A app worker`` named ``name@host``, one pool process by default, ready when
+    Celery logs "ready." (after ``worker_process_init`` handlers ran: a model is loaded)."""
+    return start_python(name, ["-m", "celery", "-A", app, "worker", "--pool", pool,
+                               "--concurrency", str(concurrency), "-n", f"{name}@%h",
+                               "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+                               "--without-heartbeat"],
+                        env=env, ready_text=" ready.", timeout=timeout)

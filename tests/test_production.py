@@ -11,7 +11,6 @@ import concurrent.futures
 import json
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -24,8 +23,8 @@ openai = pytest.importorskip("openai")
 
 from lmref.local_services import (  # noqa: E402
     Services,
+    start_celery_worker,
     start_nginx,
-    start_python,
     start_rabbitmq,
     start_redis,
     start_replica,
@@ -48,31 +47,26 @@ def backends():
 def worker_env(backends, model_dir, **extra) -> dict:
     redis_, rabbit = backends
     return {"LMREF_BROKER_URL": rabbit.url, "LMREF_STORE_URL": redis_.url,
-            "LMREF_WORKER_MODELS": f"tiny={model_dir}", "LMREF_BATCH_QUEUE": "test-batch",
-            **extra}
+            "LMREF_WORKER_MODELS": f"tiny={model_dir}", **extra}
 
 
 def start_worker(backends, model_dir, name: str, **extra):
-    return start_python(name, ["-m", "celery", "-A", "lmref.batch_queue", "worker", "--pool",
-                               "prefork", "--concurrency", "1", "-n", f"{name}@%h", "-l", "INFO",
-                               "--without-gossip", "--without-mingle", "--without-heartbeat",
-                               "-Q", "test-batch"],
-                        env=worker_env(backends, model_dir, **extra), ready_text=" ready.",
-                        timeout=120)
+    return start_celery_worker("lmref.batch_queue", name, worker_env(backends, model_dir, **extra),
+                               timeout=120)
 
 
 @pytest.fixture(scope="module")
 def api(backends, tiny_model_dir):
-    """A server replica (in this process) with the Batch API on the test queue."""
-    from lmref.batch_queue import BatchConfig, register_batch_api
-    from lmref.serve import start_server
+    """A server replica (in this process) with the Batch API and the shared cache, wired as
+    ``python -m lmref.serve --cache-url ... --broker-url ... --store-url ...`` wires them."""
+    from lmref.serve import SharedServices, start_server
     from lmref.serving import ModelSpec, ServingConfig
 
     redis_, rabbit = backends
     handle = start_server(ServingConfig(models=[ModelSpec("tiny", str(tiny_model_dir))],
-                                        api_keys=[KEY]))
-    register_batch_api(handle.app, BatchConfig(broker_url=rabbit.url, store_url=redis_.url,
-                                               queue="test-batch"))
+                                        api_keys=[KEY]),
+                          shared=SharedServices(cache_url=redis_.url.replace("/0", "/2"),
+                                                broker_url=rabbit.url, store_url=redis_.url))
     client = openai.OpenAI(base_url=handle.url + "/v1", api_key=KEY, max_retries=0)
     yield handle, client
     handle.stop(drain_timeout=5)
@@ -110,7 +104,7 @@ def jsonl(client, file_id: str | None) -> list[dict]:
 
 def queue_depth(url: str) -> float | None:
     text = requests.get(url + "/metrics", timeout=10).text
-    found = re.search(r'^lmref:batch_queue_depth\{queue="test-batch"\} (\S+)$', text, re.M)
+    found = re.search(r'^lmref:batch_queue_depth\{queue="lmref-batch"\} (\S+)$', text, re.M)
     return float(found.group(1)) if found else None
 
 
@@ -120,7 +114,7 @@ def test_worker_killed_mid_job_loses_nothing(backends, api, tiny_model_dir, tmp_
     from lmref.batch_queue import Store
 
     # Submitted before any worker runs: the queue depth the autoscaler reads shows all of them.
-    lines = [request_line(f"job-{i}", max_tokens=200, ignore_eos=True, n=8) for i in range(6)]
+    lines = [request_line(f"job-{i}", max_tokens=220, ignore_eos=True, n=16) for i in range(6)]
     batch = submit(client, lines, tmp_path)
     assert batch.status == "in_progress" and batch.request_counts.total == 6
     assert queue_depth(handle.url) == 6
@@ -132,8 +126,7 @@ def test_worker_killed_mid_job_loses_nothing(backends, api, tiny_model_dir, tmp_
         # process group: the pool process with the model and the consumer).
         deadline = time.monotonic() + 60
         while True:
-            running = {c: w for c, w in store.workers(batch.id).items()
-                       if not store.has_result(batch.id, c)}
+            running = store.running(batch.id)
             if running:
                 break
             assert time.monotonic() < deadline, "no worker started a job"
@@ -146,7 +139,7 @@ def test_worker_killed_mid_job_loses_nothing(backends, api, tiny_model_dir, tmp_
     assert [x["custom_id"] for x in output] == [f"job-{i}" for i in range(6)]  # once, in order
     assert done.error_file_id is None and done.request_counts.completed == 6
     assert all(x["response"]["status_code"] == 200 for x in output)
-    assert all(len(x["response"]["body"]["choices"]) == 8 for x in output)
+    assert all(len(x["response"]["body"]["choices"]) == 16 for x in output)
     attempts = store.attempts(batch.id)
     assert attempts[victim_job] == 2, attempts             # delivered again ...
     assert store.workers(batch.id)[victim_job] != victim   # ... and completed by the other
@@ -225,30 +218,22 @@ def test_cache_shared_by_replicas_behind_nginx(backends, tiny_model_dir):
 
         # Kill one replica under load: nginx routes new requests to the survivor; only the
         # requests that were inside the killed replica fail (a POST is never retried mid-way).
-        stop, results = threading.Event(), []
+        from lmref.loadtest import closed_loop
+
         long_body = {"model": "tiny", "prompt": "x", "max_tokens": 64, "temperature": 1.0}
-
-        def client():
-            while not stop.is_set():
-                try:
-                    r = requests.post(lb.url + "/v1/completions", json=long_body, timeout=30)
-                    results.append((time.monotonic(), r.status_code))
-                except requests.RequestException as exc:
-                    results.append((time.monotonic(), type(exc).__name__))
-
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            for _ in range(4):
-                pool.submit(client)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            started = time.perf_counter()
+            load = pool.submit(closed_loop, lb.url, long_body, clients=4, seconds=4.5)
             time.sleep(1.5)
-            killed_at = time.monotonic()
+            killed_at = time.perf_counter() - started
             replicas[0].kill()
-            time.sleep(3)
-            stop.set()
-        failed = [s for _, s in results if s != 200]
-        after = [s for t, s in results if t > killed_at + 0.5]
+            results = load.result()
+        failed = [r for r in results if r["status"] != 200]
+        after = [r for r in results if r["start"] > killed_at + 0.5]
         assert len(results) > len(failed) and len(failed) <= 4  # at most the in-flight ones
-        assert all(s in (502, 504) for s in failed)            # nginx: upstream went away
-        assert after and all(s == 200 for s in after)
+        assert all(r["status"] in (502, 504) for r in failed)  # nginx: upstream went away
+        assert after and all(r["status"] == 200 for r in after)
+        assert {r["upstream"] for r in after} == {f"127.0.0.1:{replicas[1].port}"}
 
 
 def _metric(url: str, name: str) -> float:
@@ -284,3 +269,57 @@ def test_shared_cache_misses_when_redis_is_down_and_keys_carry_the_version(tiny_
     assert a.key(key) != b.key(key)
     assert a.key(key) == RedisResponseCache("redis://127.0.0.1:1/0",
                                             versions={"tiny": str(tiny_model_dir)}).key(key)
+
+
+def k8s_resources() -> list[tuple[str, dict]]:
+    import yaml
+
+    return [(path.name, doc) for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_kubernetes_manifests_validate_offline():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    resources = k8s_resources()
+    for _name, doc in resources:  # strict: an unknown or misspelled field fails too
+        kubernetes_validate.validate(doc, "1.30", strict=True)
+    kinds = {(d["kind"], d["metadata"]["name"]): d for _, d in resources}
+    server = kinds[("Deployment", "lmref-server")]["spec"]["template"]["spec"]["containers"][0]
+    assert server["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert server["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert server["resources"]["requests"]["cpu"] and server["resources"]["limits"]["memory"]
+    assert ("Service", "lmref-server") in kinds and ("Deployment", "lmref-worker") in kinds
+    # The worker autoscaler reads the queue depth, through the adapter rule that maps the
+    # server's metric to it.
+    hpa = kinds[("HorizontalPodAutoscaler", "lmref-worker")]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "lmref-worker"
+    assert hpa["metrics"][0]["external"]["metric"]["name"] == "lmref_batch_queue_depth"
+    adapter = kinds[("ConfigMap", "prometheus-adapter-lmref")]["data"]["config.yaml"]
+    assert "name: {as: lmref_batch_queue_depth}" in adapter
+    assert "lmref:batch_queue_depth" in adapter
+    # The server's arguments are flags lmref.serve accepts.
+    from lmref.serve import build_parser
+
+    build_parser().parse_args(server["args"])
+    # A broken manifest does fail: the check is live.
+    broken = json.loads(json.dumps(kinds[("Deployment", "lmref-server")]))
+    broken["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.30", strict=True)
+
+
+@needs_servers
+def test_grafana_dashboard_uses_metrics_the_server_exports(api):
+    handle, _ = api
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "lmref-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    def base(name: str) -> str:
+        return re.sub(r"_(total|bucket|sum|count)$", "", name)
+
+    names = {base(n) for e in exprs for n in re.findall(r"lmref:[a-z0-9_]+", e)}
+    exported = {base(n) for n in re.findall(r"^# TYPE (\S+) ", requests.get(
+        handle.url + "/metrics", timeout=10).text, re.M)}
+    assert len(names) >= 8 and names <= exported, names - exported
+    adapter = next(d for n, d in k8s_resources() if d["kind"] == "ConfigMap"
+                   and "adapter" in d["metadata"]["name"])["data"]["config.yaml"]
+    assert set(re.findall(r"lmref:[a-z0-9_]+", adapter)) <= exported
