@@ -289,9 +289,16 @@ def worker_app() -> Flask:
     return _worker["app"]
 
 
+READY_LINE = "lmref worker: models loaded"
+
+
 @signals.worker_process_init.connect
 def _load_in_pool_process(**_: Any) -> None:  # the model loads before the first request comes
+    started = time.perf_counter()
     worker_app()
+    # Celery says "ready." before its pool processes finish this handler: this line (on stdout,
+    # which Celery logs) is the moment the worker can really serve.
+    print(f"{READY_LINE} in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 class _RequestTask(Task):

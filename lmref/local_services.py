@@ -21,6 +21,7 @@ Usage::
 
 from __future__ import annotations
 
+import atexit
 import collections
 import os
 import shutil
@@ -94,6 +95,10 @@ class Service:
         self.ready_s = time.monotonic() - self.started
         return self
 
+    def wait_for_text(self, text: str, timeout: float = 180.0) -> Service:
+        """Wait until ``text`` appears in the output (a server's "ready" line)."""
+        return self.wait_until(lambda: self.seen(text), timeout)
+
     def seen(self, text: str) -> bool:
         return any(text in line for line in list(self.output))
 
@@ -152,6 +157,9 @@ class Services:
 
     def __init__(self) -> None:
         self.items: list[Service] = []
+        # A notebook or script that stops with an error never reaches its stop(): the servers
+        # are in sessions of their own, so nothing else would end them.
+        atexit.register(self.stop)
 
     def add(self, service: Service) -> Service:
         self.items.append(service)
@@ -241,6 +249,7 @@ def start_nginx(upstreams: list[str], timeout: float = 30.0, max_fails: int = 1,
     ``fail_timeout_s``. Streaming responses pass through unbuffered."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="lmref-nginx-")
+    os.chmod(workdir, 0o755)  # nginx's workers may run as another user (nobody, under root)
     servers = "\n".join(f"        server {u} max_fails={max_fails} fail_timeout={fail_timeout_s}s;"
                         for u in upstreams)
     conf = os.path.join(workdir, "nginx.conf")
@@ -257,6 +266,7 @@ http {{
     uwsgi_temp_path {workdir}/uwsgi;
     scgi_temp_path {workdir}/scgi;
     client_max_body_size 64m;
+    client_body_buffer_size 1m;  # uploads (batch files) up to 1 MiB stay in memory
     upstream replicas {{
 {servers}
         keepalive 32;
@@ -309,11 +319,15 @@ def start_replica(model: str, extra_args: list[str] = (), env: dict | None = Non
 
 
 def start_celery_worker(app: str, name: str, env: dict | None = None, concurrency: int = 1,
-                        pool: str = "prefork", timeout: float = 180.0) -> Service:
+                        pool: str = "prefork", timeout: float = 180.0,
+                        ready_text: str = " ready.", wait: bool = True) -> Service:
     """``celery -A app worker`` named ``name@host``, one pool process by default, ready when
-    Celery logs "ready." (after ``worker_process_init`` handlers ran: a model is loaded)."""
+    ``ready_text`` appears in its log. Celery's own " ready." comes before its pool processes
+    have run their ``worker_process_init`` handlers (a model loading): an app that loads one
+    there prints its own line (``lmref.batch_queue.READY_LINE``). ``wait=False``: return at once
+    (start several, then ``wait_for_text`` on each)."""
     return start_python(name, ["-m", "celery", "-A", app, "worker", "--pool", pool,
                                "--concurrency", str(concurrency), "-n", f"{name}@%h",
                                "--loglevel", "INFO", "--without-gossip", "--without-mingle",
                                "--without-heartbeat"],
-                        env=env, ready_text=" ready.", timeout=timeout)
+                        env=env, ready_text=ready_text if wait else "", timeout=timeout)

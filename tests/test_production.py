@@ -51,8 +51,10 @@ def worker_env(backends, model_dir, **extra) -> dict:
 
 
 def start_worker(backends, model_dir, name: str, **extra):
+    from lmref.batch_queue import READY_LINE
+
     return start_celery_worker("lmref.batch_queue", name, worker_env(backends, model_dir, **extra),
-                               timeout=120)
+                               timeout=120, ready_text=READY_LINE)
 
 
 @pytest.fixture(scope="module")
