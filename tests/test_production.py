@@ -23,6 +23,7 @@ openai = pytest.importorskip("openai")
 
 from lmref.local_services import (  # noqa: E402
     Services,
+    remaining,
     start_celery_worker,
     start_nginx,
     start_rabbitmq,
@@ -124,6 +125,7 @@ def test_worker_killed_mid_job_loses_nothing(backends, api, tiny_model_dir, tmp_
     with Services() as services:
         workers = {name: services.add(start_worker(backends, tiny_model_dir, name))
                    for name in ("w1", "w2")}
+        sessions = [w.pid for w in workers.values()]
         # Wait until a worker holds a job it has not finished, then kill it (SIGKILL, its whole
         # process group: the pool process with the model and the consumer).
         deadline = time.monotonic() + 60
@@ -137,6 +139,7 @@ def test_worker_killed_mid_job_loses_nothing(backends, api, tiny_model_dir, tmp_
         workers[victim.split("@")[0]].kill()
         assert not store.has_result(batch.id, victim_job)  # killed before it finished
         done = wait_done(client, batch.id)
+    assert remaining(sessions) == []  # workers and their pool processes are gone
     output = jsonl(client, done.output_file_id)
     assert [x["custom_id"] for x in output] == [f"job-{i}" for i in range(6)]  # once, in order
     assert done.error_file_id is None and done.request_counts.completed == 6
