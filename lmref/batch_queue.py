@@ -9,7 +9,9 @@ Two sides of one queue:
   ``files.content`` work unchanged, and exports the queue depth (``lmref:batch_queue_depth``,
   messages waiting in RabbitMQ) on ``/metrics`` for an autoscaler.
 - **The workers**: ``celery -A lmref.batch_queue worker --pool prefork --concurrency 1``, env
-  ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``, ``LMREF_WORKER_MODELS=name=path[,name=path]``.
+  ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``, ``LMREF_WORKER_MODELS=name=path[,name=path]`` (or
+  ``LMREF_WORKER_UPSTREAM=http://vllm:8000``: forward each request to another OpenAI-compatible
+  server, vLLM, TGI, SGLang, with ``LMREF_WORKER_UPSTREAM_KEY``, instead of owning a model).
   Each worker owns the model and takes one request at a time; a request is acknowledged only
   when its result is stored (``acks_late``, ``task_reject_on_worker_lost``, prefetch 1), so a
   worker killed mid-request loses nothing: RabbitMQ delivers it again and another worker
@@ -41,6 +43,8 @@ import json
 import logging
 import os
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -151,13 +155,20 @@ class Store:
         return sorted((k.decode().rsplit(":", 1)[1] for k in self.r.scan_iter(
             self._key("batch_*")) if k.count(b":") == 2), reverse=True)
 
+    # The result and its count in one step (a Lua script runs atomically in Redis): a worker that
+    # dies in between cannot leave a result uncounted, and a batch that never completes.
+    _RECORD = """
+    if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+    redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+    redis.call('EXPIRE', KEYS[1], ARGV[4]); redis.call('EXPIRE', KEYS[2], ARGV[4])
+    return 1"""
+
     def record(self, batch_id: str, custom_id: str, line: dict) -> bool:
         """Store one request's result line; False when it was stored already (a redelivery)."""
-        results = self._key(batch_id, "results")
-        first = bool(self.r.hsetnx(results, custom_id, json.dumps(line)))
-        if first:
-            self.r.expire(results, self.ttl_s)
-        return first
+        outcome = "completed" if line["error"] is None else "failed"
+        keys = [self._key(batch_id, "results"), self._key(batch_id, "counts")]
+        return bool(self.r.eval(self._RECORD, 2, *keys, custom_id, json.dumps(line), outcome,
+                                self.ttl_s))
 
     def has_result(self, batch_id: str, custom_id: str) -> bool:
         return bool(self.r.hexists(self._key(batch_id, "results"), custom_id))
@@ -191,18 +202,18 @@ class Store:
         batch = self.batch(batch_id)
         if batch is None or batch["status"] in ("completed", "failed", "cancelled"):
             return batch
-        results = self.r.hgetall(self._key(batch_id, "results"))
+        done = {k.decode(): int(v) for k, v in
+                self.r.hgetall(self._key(batch_id, "counts")).items()}
         total = batch["request_counts"]["total"]
-        failed = sum(json.loads(v)["error"] is not None for v in results.values())
-        counts = {"total": total, "completed": len(results) - failed, "failed": failed}
-        if len(results) < total:
-            if counts != batch["request_counts"]:
-                self.update_batch(batch_id, request_counts=counts)
-                batch["request_counts"] = counts
+        counts = {"total": total, "completed": done.get("completed", 0),
+                  "failed": done.get("failed", 0)}
+        batch["request_counts"] = counts
+        if counts["completed"] + counts["failed"] < total:
             return batch
         # One finalizer at a time; the lock expires, so a finalizer that died is replaced.
         if not self.r.set(self._key(batch_id, "finalizing"), "1", nx=True, ex=30):
             return batch
+        results = self.r.hgetall(self._key(batch_id, "results"))
         order = [c.decode() for c in self.r.lrange(self._key(batch_id, "order"), 0, -1)]
         lines = [json.loads(results[c.encode()]) for c in order]
         ok = [line for line in lines if line["error"] is None]
@@ -259,6 +270,32 @@ def _worker_models() -> list[ModelSpec]:
     return specs
 
 
+def worker_store() -> Store:
+    if "store" not in _worker:
+        _worker["store"] = Store(CONFIG.store_url, CONFIG.ttl_s)
+    return _worker["store"]
+
+
+def forward(upstream: str, path: str, body: dict, api_key: str | None = None,
+            timeout: float = 600.0) -> tuple[int, Any]:
+    """POST one request to another OpenAI-compatible server; its status and JSON body (an HTTP
+    error is an answer too: it goes to the error file). Connection errors raise ``URLError``."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(upstream.rstrip("/") + path, json.dumps(body).encode(), headers,
+                                 method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        try:
+            return err.code, json.loads(raw)
+        except ValueError:
+            return err.code, {"error": {"message": raw.decode("utf-8", "replace")[:500]}}
+
+
 def worker_app() -> Flask:
     """This process's copy of the server app (loaded once; a worker owns its model)."""
     if "app" not in _worker:
@@ -285,7 +322,6 @@ def worker_app() -> Flask:
         if failed:
             raise RuntimeError(f"worker could not load its models: {failed}")
         _worker["app"] = app
-        _worker["store"] = Store(CONFIG.store_url, CONFIG.ttl_s)
     return _worker["app"]
 
 
@@ -295,7 +331,8 @@ READY_LINE = "lmref worker: models loaded"
 @signals.worker_process_init.connect
 def _load_in_pool_process(**_: Any) -> None:  # the model loads before the first request comes
     started = time.perf_counter()
-    worker_app()
+    if not os.environ.get("LMREF_WORKER_UPSTREAM"):
+        worker_app()
     # Celery says "ready." before its pool processes finish this handler: this line (on stdout,
     # which Celery logs) is the moment the worker can really serve.
     print(f"{READY_LINE} in {time.perf_counter() - started:.1f} s", flush=True)
@@ -306,7 +343,7 @@ class _RequestTask(Task):
         # Runs for exceptions and for the hard time limit (in the parent process, the pool
         # process having been killed): the request fails alone, with its error on record.
         batch_id, custom_id = args[0], args[1]
-        store = _worker.get("store") or Store(CONFIG.store_url, CONFIG.ttl_s)
+        store = worker_store()
         code = "time_limit_exceeded" if "TimeLimit" in type(exc).__name__ else "worker_error"
         store.record(batch_id, custom_id, failure_line(custom_id, code,
                                                         f"{type(exc).__name__}: {exc}"))
@@ -315,9 +352,9 @@ class _RequestTask(Task):
 
 @celery_app.task(name=TASK_NAME, base=_RequestTask, bind=True)
 def run_request(self: Task, batch_id: str, custom_id: str, url: str, body: dict) -> int:
-    """Run one request of a batch through the server app; store its line; returns the status."""
-    app = worker_app()
-    store: Store = _worker["store"]
+    """Run one request of a batch through the server app (or forward it to
+    ``LMREF_WORKER_UPSTREAM``); store its line; returns the status."""
+    store = worker_store()
     if store.has_result(batch_id, custom_id):  # done before, the ack was lost: nothing to do
         store.finalize(batch_id)
         return 0
@@ -330,12 +367,20 @@ def run_request(self: Task, batch_id: str, custom_id: str, url: str, body: dict)
             f"a worker was lost {attempts - 1} times while running this request"))
         store.finalize(batch_id)
         return 500
-    response = app.test_client().post(url, json=body)
-    line = result_line(custom_id, response.status_code, response.get_json(silent=True),
-                       f"req_{self.request.id}")
-    store.record(batch_id, custom_id, line)
+    upstream = os.environ.get("LMREF_WORKER_UPSTREAM")
+    if upstream:
+        try:
+            status, answer = forward(upstream, url, body, os.environ.get("LMREF_WORKER_UPSTREAM_KEY"),
+                                     timeout=_worker["limit"] + 15)
+        except urllib.error.URLError as exc:  # the upstream is down: not the request's fault
+            raise self.retry(exc=exc, countdown=2, max_retries=5) from None
+    else:
+        response = worker_app().test_client().post(url, json=body)
+        status, answer = response.status_code, response.get_json(silent=True)
+    store.record(batch_id, custom_id, result_line(custom_id, status, answer,
+                                                  f"req_{self.request.id}"))
     store.finalize(batch_id)
-    return response.status_code
+    return status
 
 
 # ----------------------------------------------------------------------------------- the API

@@ -178,6 +178,24 @@ def test_poisoned_jobs_fail_alone(backends, api, tiny_model_dir, tmp_path):
 
 
 @needs_servers
+def test_worker_forwards_to_an_upstream_openai_server(backends, api, tiny_model_dir, tmp_path):
+    """LMREF_WORKER_UPSTREAM: the worker owns no model and forwards each request to another
+    OpenAI-compatible server (here a replica of ours, standing in for vLLM or TGI)."""
+    handle, client = api
+    lines = [request_line("up-1"), request_line("up-bad", temperature=-1)]
+    with Services() as services:
+        services.add(start_worker(backends, tiny_model_dir, "w4", LMREF_WORKER_MODELS="",
+                                  LMREF_WORKER_UPSTREAM=handle.url,
+                                  LMREF_WORKER_UPSTREAM_KEY=KEY))
+        done = wait_done(client, submit(client, lines, tmp_path).id)
+    output, errors = jsonl(client, done.output_file_id), jsonl(client, done.error_file_id)
+    assert [x["custom_id"] for x in output] == ["up-1"]
+    assert output[0]["response"]["body"]["model"] == "tiny"
+    assert errors[0]["response"]["status_code"] == 400
+    assert errors[0]["response"]["body"]["error"]["param"] == "temperature"
+
+
+@needs_servers
 def test_batch_api_rejects_bad_input_naming_it(api, tmp_path):
     _, client = api
     bad = tmp_path / "bad.jsonl"
