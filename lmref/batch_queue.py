@@ -23,7 +23,8 @@ Two sides of one queue:
 Depends on ``lmref.serving`` (the dependency is the point): a worker runs each request through
 the very Flask app the HTTP server runs (in process, no socket), so validation, errors and
 response bodies are the server's own. Files, batches and results live in Redis (shared by every
-replica); Redis is also Celery's result backend. With env ``LMREF_CACHE_URL`` workers share the
+replica); Redis is also Celery's result backend. An upload is bounded by the server's
+``--max-content-length`` (1 MiB by default: raise it for large batch files). With env ``LMREF_CACHE_URL`` workers share the
 replicas' response cache (``lmref.redis_cache``).
 
 Usage::

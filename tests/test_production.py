@@ -51,11 +51,16 @@ def worker_env(backends, model_dir, **extra) -> dict:
             "LMREF_WORKER_MODELS": f"tiny={model_dir}", **extra}
 
 
-def start_worker(backends, model_dir, name: str, **extra):
+def start_workers(services, backends, model_dir, names: list[str], **extra) -> dict:
+    """Workers started together (each loads its model meanwhile), ready once all have."""
     from lmref.batch_queue import READY_LINE
 
-    return start_celery_worker("lmref.batch_queue", name, worker_env(backends, model_dir, **extra),
-                               timeout=120, ready_text=READY_LINE)
+    workers = {name: services.add(start_celery_worker(
+        "lmref.batch_queue", name, worker_env(backends, model_dir, **extra), wait=False))
+        for name in names}
+    for worker in workers.values():
+        worker.wait_for_text(READY_LINE, timeout=120)
+    return workers
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +128,7 @@ def test_worker_killed_mid_job_loses_nothing(backends, api, tiny_model_dir, tmp_
     assert queue_depth(handle.url) == 6
     store = Store(backends[0].url)
     with Services() as services:
-        workers = {name: services.add(start_worker(backends, tiny_model_dir, name))
-                   for name in ("w1", "w2")}
+        workers = start_workers(services, backends, tiny_model_dir, ["w1", "w2"])
         sessions = [w.pid for w in workers.values()]
         # Wait until a worker holds a job it has not finished, then kill it (SIGKILL, its whole
         # process group: the pool process with the model and the consumer).
@@ -152,6 +156,34 @@ def test_worker_killed_mid_job_loses_nothing(backends, api, tiny_model_dir, tmp_
 
 
 @needs_servers
+def test_a_request_that_keeps_killing_workers_fails_as_a_poison_pill(backends, api,
+                                                                     tiny_model_dir, tmp_path):
+    """With LMREF_MAX_ATTEMPTS=1 a request whose worker dies once is not run a second time: the
+    next worker records it as failed (a request that crashes every worker it reaches would
+    otherwise be redelivered forever), and the batch still completes."""
+    handle, client = api
+    from lmref.batch_queue import Store
+
+    store = Store(backends[0].url)
+    lines = [request_line("crashes-workers", max_tokens=220, ignore_eos=True, n=16)]
+    with Services() as services:
+        workers = start_workers(services, backends, tiny_model_dir, ["w5", "w6"],
+                                LMREF_MAX_ATTEMPTS="1")
+        batch = submit(client, lines, tmp_path)
+        deadline = time.monotonic() + 60
+        while not (running := store.running(batch.id)):
+            assert time.monotonic() < deadline, "no worker started the request"
+            time.sleep(0.02)
+        workers[running["crashes-workers"].split("@")[0]].kill()
+        done = wait_done(client, batch.id)
+    errors = jsonl(client, done.error_file_id)
+    assert done.output_file_id is None and done.request_counts.failed == 1
+    assert errors[0]["error"]["code"] == "max_attempts_exceeded"
+    assert "lost 1 times" in errors[0]["error"]["message"]
+    assert store.attempts(batch.id)["crashes-workers"] == 2
+
+
+@needs_servers
 def test_poisoned_jobs_fail_alone(backends, api, tiny_model_dir, tmp_path):
     handle, client = api
     # The quick ones take ~15 ms, the slow one ~1 s on a 2-core CPU: a 0.3 s limit parts them.
@@ -160,7 +192,7 @@ def test_poisoned_jobs_fail_alone(backends, api, tiny_model_dir, tmp_path):
              request_line("too-slow", max_tokens=220, ignore_eos=True, n=16),
              request_line("ok-3", max_tokens=2)]
     with Services() as services:
-        services.add(start_worker(backends, tiny_model_dir, "w3"))
+        start_workers(services, backends, tiny_model_dir, ["w3"])
         # metadata job_time_limit_s: each request's Celery soft time limit (hard: +15 s)
         batch = submit(client, lines, tmp_path, metadata={"job_time_limit_s": "0.3"})
         done = wait_done(client, batch.id)
@@ -184,15 +216,16 @@ def test_worker_forwards_to_an_upstream_openai_server(backends, api, tiny_model_
     handle, client = api
     lines = [request_line("up-1"), request_line("up-bad", temperature=-1)]
     with Services() as services:
-        services.add(start_worker(backends, tiny_model_dir, "w4", LMREF_WORKER_MODELS="",
-                                  LMREF_WORKER_UPSTREAM=handle.url,
-                                  LMREF_WORKER_UPSTREAM_KEY=KEY))
+        start_workers(services, backends, tiny_model_dir, ["w4"], LMREF_WORKER_MODELS="",
+                      LMREF_WORKER_UPSTREAM=handle.url, LMREF_WORKER_UPSTREAM_KEY=KEY)
         done = wait_done(client, submit(client, lines, tmp_path).id)
     output, errors = jsonl(client, done.output_file_id), jsonl(client, done.error_file_id)
     assert [x["custom_id"] for x in output] == ["up-1"]
     assert output[0]["response"]["body"]["model"] == "tiny"
     assert errors[0]["response"]["status_code"] == 400
     assert errors[0]["response"]["body"]["error"]["param"] == "temperature"
+    assert done.id in [b.id for b in client.batches.list(limit=100)]
+    assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
 
 
 @needs_servers
