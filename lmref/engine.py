@@ -5,7 +5,8 @@ One ``Engine`` per model version: a worker thread owns model and tokenizer, batc
 own temperature/top-p/seed (``lmref.sampling``, which also computes the logprobs a request asks
 for) and ends it on EOS, a stop string or ``max_tokens``. Results come back as named events
 (``Admitted``, ``Delta``, ``Finished``, ``Failed``). Device and dtype come from ``lmref.device``
-(the project's one policy); ``lmref.serving`` (the Flask app) is built on this.
+(the project's one policy), Prometheus metrics from ``lmref.serving_metrics``; ``lmref.serving``
+(the Flask app) is built on this.
 
 Usage::
 
@@ -33,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lmref import sampling
 from lmref.device import compute_dtype, resolve_device
+from lmref.sampling import TokenLogprob, TokenPieces, reported, sample, score_prompt, step_logprobs
 from lmref.serving_metrics import EngineMetrics
 
 log = logging.getLogger("lmref.engine")
@@ -100,7 +101,7 @@ class Admitted:  # the prompts were tokenized and fit the context: generation st
 class Delta:  # new text of one row: never half a character nor a possible stop string's start
     index: int
     text: str
-    logprobs: tuple[sampling.TokenLogprob, ...] = ()  # tokens that text starts in (when asked)
+    logprobs: tuple[TokenLogprob, ...] = ()  # tokens that text starts in (when asked)
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,8 @@ class Finished:  # one row is done; reason: "stop" (EOS, a stop string) or "leng
     prompt_tokens: int
     completion_tokens: int
     cached: bool = False            # answered from the response cache, no Delta came before
-    logprobs: tuple[sampling.TokenLogprob, ...] | None = None  # completion tokens, EOS included
-    prompt_logprobs: tuple[sampling.TokenLogprob, ...] | None = None  # echo, first: no logprob
+    logprobs: tuple[TokenLogprob, ...] | None = None  # completion tokens, EOS included
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # echo, first: no logprob
     prompt_text: str = ""           # echo: the prompt as text
 
 
@@ -165,7 +166,7 @@ class Row:
         self.text = ""
         self.last_token_at = 0.0
         self.generator: torch.Generator | None = None
-        self.logprobs: list[sampling.TokenLogprob] = []
+        self.logprobs: list[TokenLogprob] = []
         self.starts: list[int] = []     # where each reported token's text starts (stop cuts)
         self.settled = self.logprobs_sent = 0
         self.prompt_logprobs: list | None = None
@@ -256,7 +257,7 @@ class Engine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (next(iter(self.eos_ids), 0))
         self.device = device
-        self._pieces = sampling.TokenPieces(self.tokenizer)
+        self._pieces = TokenPieces(self.tokenizer)
 
     @property
     def ready(self) -> bool:
@@ -453,7 +454,7 @@ class Engine:
                 seed = row.params.seed if row.params.seed is not None else secrets.randbits(63)
                 row.generator.manual_seed(seed % (1 << 63))
             if row.params.echo and row.params.logprobs is not None:
-                row.prompt_logprobs = sampling.prompt_logprobs(
+                row.prompt_logprobs = score_prompt(
                     self.model, row.prompt_ids, row.params.logprobs, self._pieces)
             if row.max_tokens == 0:  # echo with max_tokens 0: the prompt scored, nothing generated
                 self._finish(row, "length", time.perf_counter())
@@ -485,7 +486,7 @@ class Engine:
         while True:
             tokens = self._sample(logits, [rows[i] for i in active])
             want = [k for k, i in enumerate(active) if rows[i].params.logprobs is not None]
-            entries = dict(zip(want, sampling.step_logprobs(
+            entries = dict(zip(want, step_logprobs(
                 logits[want], [tokens[k] for k in want],
                 [rows[active[k]].params.logprobs for k in want], self._pieces))) if want else {}
             now = time.perf_counter()
@@ -513,15 +514,15 @@ class Engine:
             self.metrics.running.labels(**self._labels).set(len(active))
 
     def _sample(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
-        return sampling.sample_rows(logits, [r.params.temperature for r in rows],
-                                    [r.params.top_p for r in rows], [r.generator for r in rows])
+        return sample(logits, [r.params.temperature for r in rows],
+                      [r.params.top_p for r in rows], [r.generator for r in rows])
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True,
                                      clean_up_tokenization_spaces=False)
 
     def _append(self, row: Row, token: int, now: float,
-                entry: sampling.TokenLogprob | None = None) -> bool:
+                entry: TokenLogprob | None = None) -> bool:
         """Add one token to a row; returns True when the row is finished."""
         if entry is not None:
             row.logprobs.append(entry)
@@ -555,7 +556,7 @@ class Engine:
                 safe = settled - held_back(text[:settled], stops)  # a possible stop start waits
                 if safe > row.emitted:
                     sent = row.logprobs_sent
-                    row.logprobs_sent = sampling.reported(row.starts, safe)
+                    row.logprobs_sent = reported(row.starts, safe)
                     row.job.events.put(Delta(row.index, text[row.emitted:safe],
                                              tuple(row.logprobs[sent:row.logprobs_sent])))
                     row.emitted = safe
@@ -569,7 +570,7 @@ class Engine:
         if not decoded:
             row.text = self._decode_text(row.out_ids)
         else:  # a stop string cut the text: tokens starting after the cut are not the answer's
-            del row.logprobs[sampling.reported(row.starts, len(row.text)):]
+            del row.logprobs[reported(row.starts, len(row.text)):]
         if reason == "abort":
             self.metrics.request_success.labels(finished_reason="abort", **labels).inc()
             if self._closed and self._abort_message and not row.job.cancelled.is_set():

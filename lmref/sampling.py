@@ -13,12 +13,12 @@ evaluation needs.
 
 Usage::
 
-    from lmref.sampling import TokenPieces, prompt_logprobs, sample_rows, step_logprobs
+    from lmref.sampling import TokenPieces, sample, score_prompt, step_logprobs
 
-    tokens = sample_rows(logits, temperatures=[0.0, 0.8], top_ps=[1.0, 0.9], generators=[None, g])
+    tokens = sample(logits, temperatures=[0.0, 0.8], top_ps=[1.0, 0.9], generators=[None, g])
     pieces = TokenPieces(tokenizer)
     entries = step_logprobs(logits, tokens, top_n=[2, 0], pieces=pieces)   # TokenLogprob per row
-    scored = prompt_logprobs(model, prompt_ids, top_n=1, pieces=pieces)    # [0].logprob: None
+    scored = score_prompt(model, prompt_ids, top_n=1, pieces=pieces)    # [0].logprob: None
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class TokenPieces:
         return self._cache[token_id]
 
 
-def sample_rows(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
+def sample(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
                 generators: list[torch.Generator | None]) -> list[int]:
     """One token per row: greedy below temperature 1e-5, else temperature + top-p with the row's
     own seeded generator, so a seeded request gives the same text whatever shares its batch."""
@@ -124,7 +124,7 @@ def step_logprobs(logits: torch.Tensor, tokens: list[int], top_n: list[int],
 
 
 @torch.inference_mode()
-def prompt_logprobs(model, ids: list[int], top_n: int, pieces: TokenPieces
+def score_prompt(model, ids: list[int], top_n: int, pieces: TokenPieces
                     ) -> list[TokenLogprob]:
     """Every prompt token's log-probability given the tokens before it (one forward pass over
     the prompt); the first token has no context, so its logprob is None, as in OpenAI's API."""
