@@ -9,6 +9,8 @@ batches and generates; this module speaks HTTP), for the official ``openai`` cli
   implement are a 400 that names them. Request checks and response shapes: ``lmref.openai_schema``.
 - ``GET /health`` (liveness), ``GET /ready`` (503 until the models are loaded or while draining),
   ``GET /metrics`` (Prometheus, vLLM-like names with an ``lmref:`` prefix).
+- ``GET /``: a chat page (``lmref/static/chat.html``: streams from the chat route, picks a model
+  version, shows TTFT and tokens/s; asks for an API key when auth is on).
 - 429 when a model's queue is full; API keys (``Authorization: Bearer``), model versions,
   weighted A/B aliases, a response cache for greedy requests.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import importlib.resources
 import itertools
 import json
 import logging
@@ -71,7 +74,7 @@ from lmref.openai_schema import (
 )
 
 log = logging.getLogger("lmref.serving")
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
+PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics"})  # "/": the page asks for a key
 @dataclass
 class ServingConfig:
     """Everything ``create_app`` needs. ``api_keys=None`` reads env ``LMREF_API_KEYS`` (comma list);
@@ -273,6 +276,12 @@ def create_app(config: ServingConfig, start: bool = True) -> Flask:
         if request.environ.pop("lmref.counted", False):
             response.call_on_close(state.leave)
         return response
+
+    chat_page = importlib.resources.files("lmref").joinpath("static/chat.html").read_text()
+
+    @app.get("/")
+    def index():
+        return Response(chat_page, mimetype="text/html")
 
     @app.get("/health")
     def health():
