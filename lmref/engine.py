@@ -485,6 +485,8 @@ class Engine:
         active = list(range(len(rows)))
         while True:
             tokens = self._sample(logits, [rows[i] for i in active])
+            # Reported logprobs: log-softmax of the raw logits, before temperature and top-p, as
+            # OpenAI's API reports them (lmref.sampling says why).
             want = [k for k, i in enumerate(active) if rows[i].params.logprobs is not None]
             entries = dict(zip(want, step_logprobs(
                 logits[want], [tokens[k] for k in want],

@@ -23,6 +23,7 @@ Usage::
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -137,11 +138,6 @@ def score_prompt(model, ids: list[int], top_n: int, pieces: TokenPieces
 
 def reported(starts: list[int], text_length: int) -> int:
     """How many tokens a reply of ``text_length`` characters reports, given where each token's
-    text starts: a stop string cuts the text, and tokens that start at or after the cut are not
-    part of the answer (a token the cut splits is)."""
-    count = 0
-    for start in starts:
-        if start >= text_length:
-            break
-        count += 1
-    return count
+    text starts (in order): a stop string cuts the text, and tokens that start at or after the cut
+    are not part of the answer (a token the cut splits is)."""
+    return bisect.bisect_left(starts, text_length)

@@ -205,3 +205,18 @@ def test_bad_logprob_fields_are_400_naming_them(server, path, body, param):
                                                       **base, **body}, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param, json.dumps(response.json())
+
+
+def test_tokens_holding_part_of_a_character_are_spelled_as_bytes(client, direct):
+    """The tiny BPE splits "😀" and "は" into byte tokens: each is reported as OpenAI spells such a
+    token ("bytes:\\xf0\\x9f"), and the tokens' bytes put together are the prompt's UTF-8."""
+    tokenizer, _, _ = direct
+    prompt = "ok 😀 は done"
+    ids = tokenizer(prompt)["input_ids"]
+    assert len(ids) > len(prompt.split()) + 3  # some characters span several tokens
+    tokens = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True,
+                                       logprobs=0).choices[0].logprobs.tokens
+    assert any(t.startswith("bytes:") for t in tokens)
+    data = b"".join(bytes(int(h, 16) for h in t[len("bytes:"):].split("\\x")[1:])
+                    if t.startswith("bytes:") else t.encode() for t in tokens)
+    assert data.decode("utf-8") == prompt
