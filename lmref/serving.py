@@ -374,7 +374,7 @@ def create_app(config: ServingConfig, start: bool = True) -> Flask:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         model = engine.spec.name
-        offsets: dict[int, int] = collections.defaultdict(int)  # streamed text so far, per choice
+        offsets: dict[int, int] = collections.defaultdict(int)  # next token's text_offset
 
         def shaped(index: int, entries) -> dict | None:  # logprobs in chat's or legacy shape
             if params.logprobs is None:

@@ -88,6 +88,7 @@ def chat_in_page(driver, url: str, model: str, question: str, max_tokens: int,
     return {"status": driver.find_element(By.ID, "status").text,
             "answer": driver.execute_script(read, "#messages .assistant:last-of-type .content"),
             "errors": [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".error")],
+            "key_asked": driver.find_element(By.ID, "key-box").is_displayed(),
             **{name: driver.find_element(By.ID, name).text
                for name in ("ttft", "tps", "tokens", "answered-by")}}
 
@@ -109,7 +110,7 @@ def test_page_streams_the_answer_the_api_gives(browser, tiny_model_dir, second_m
                                                temperature=0)
     finally:
         server.stop(drain_timeout=5)
-    assert shown["status"] == "done" and not shown["errors"], shown
+    assert shown["status"] == "done" and not shown["errors"] and shown["key_asked"], shown
     assert shown["answer"] == reply.choices[0].message.content
     assert reply.choices[0].message.content != other.choices[0].message.content  # it mattered
     assert shown["answered-by"] == "tiny-b"
@@ -136,6 +137,7 @@ def test_page_with_the_real_chat_model(browser, tmp_path):
     finally:
         server.stop(drain_timeout=5)
     assert shown["status"] == "done" and "Paris" in shown["answer"], shown
+    assert not shown["key_asked"]  # auth off: no key field
     assert shown["answer"] == reply.choices[0].message.content
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("LMREF_CHAT_SCREENSHOT"):
