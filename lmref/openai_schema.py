@@ -1,19 +1,21 @@
 """The OpenAI API's shapes for the model server: request fields checked, responses shaped.
 
-Validation turns a JSON body into the engine's ``SamplingParams`` (``lmref.engine``: the one
-dependency, and the point) or raises ``APIError``, a 400 that names the field at fault; fields
-the server does not implement are refused by name rather than ignored. Response shaping writes
+Validation turns a JSON body into sampling settings (the fields of a serving engine's
+``SamplingParams``) or raises ``APIError``, a 400 that names the field at fault; fields the
+server does not implement are refused by name rather than ignored. Response shaping writes
 log-probabilities the way OpenAI does: chat ``choices[].logprobs.content[]`` of ``{token,
 logprob, bytes, top_logprobs}``, and the legacy completions ``{tokens, token_logprobs,
-top_logprobs, text_offset}`` that lm-evaluation-harness reads. ``lmref.serving`` (the Flask app)
-uses this; it has no Flask import.
+top_logprobs, text_offset}`` that lm-evaluation-harness reads (entries: any objects with
+``token``, ``bytes``, ``logprob`` and ``top``). Standard library only; the Flask app
+(``lmref.serving``) uses it.
 
 Usage::
 
-    from lmref.openai_schema import APIError, chat_logprobs, sampling_params
+    from lmref.openai_schema import APIError, chat_logprobs, sampling_fields
 
-    params, n = sampling_params({"max_tokens": 8, "logprobs": True, "top_logprobs": 2},
+    fields, n = sampling_fields({"max_tokens": 8, "logprobs": True, "top_logprobs": 2},
                                 config, chat=True)        # config: a ServingConfig
+    params = SamplingParams(**fields)                     # lmref.engine's
     choice["logprobs"] = chat_logprobs(finished.logprobs)  # {"content": [...], "refusal": None}
 """
 
@@ -21,8 +23,6 @@ from __future__ import annotations
 
 import math
 from typing import Any
-
-from lmref.engine import EngineError, SamplingParams
 
 # Fields of the OpenAI API this server does not implement, with the values that mean "not used"
 # (clients such as lm-eval send the defaults): anything else is a 400 naming the field.
@@ -63,12 +63,6 @@ HTTP_ERRORS = {400: ("invalid_request_error", "bad_request"),
 def bad(message: str, param: str | None = None) -> APIError:
     """A 400 naming the field at fault."""
     return APIError(400, message, param=param, code="invalid_value")
-
-
-def api_error_of(err: EngineError) -> APIError:
-    status, type_ = {"invalid": (400, "invalid_request_error"),
-                     "closed": (503, "service_unavailable_error")}.get(err.kind, (500, "server_error"))
-    return APIError(status, err.message, type_, param=err.param, code=err.code)
 
 
 def number(body: dict, name: str, default: Any, low: float, high: float,
@@ -124,9 +118,10 @@ def _logprobs(body: dict, chat: bool) -> tuple[int | None, bool]:
     return logprobs, flag(body, "echo")
 
 
-def sampling_params(body: dict, config: Any, chat: bool) -> tuple[SamplingParams, int]:
-    """The request's sampling parameters and ``n`` (choices per prompt). ``config``: a
-    ``ServingConfig`` (its ``max_tokens_limit``, ``default_max_tokens``, ``max_stop_strings``)."""
+def sampling_fields(body: dict, config: Any, chat: bool) -> tuple[dict[str, Any], int]:
+    """The request's sampling settings (``SamplingParams`` fields) and ``n`` (choices per
+    prompt). ``config``: a ``ServingConfig`` (``max_tokens_limit``, ``default_max_tokens``,
+    ``max_stop_strings``)."""
     for name, unused in UNSUPPORTED.items():
         if body.get(name, None) not in unused:
             raise APIError(400, f"'{name}' is not supported by this server", param=name,
@@ -151,7 +146,7 @@ def sampling_params(body: dict, config: Any, chat: bool) -> tuple[SamplingParams
     for s in stops:
         if not text(s, "stop"):
             raise bad("stop strings must not be empty", "stop")
-    return SamplingParams(
+    return dict(
         max_tokens=max_tokens,
         temperature=number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),

@@ -63,13 +63,12 @@ from lmref.engine import (
 from lmref.openai_schema import (
     HTTP_ERRORS,
     APIError,
-    api_error_of,
     bad,
     chat_logprobs,
     chat_messages,
     completion_logprobs,
     completion_prompts,
-    sampling_params,
+    sampling_fields,
     stream_flags,
 )
 
@@ -200,6 +199,12 @@ class ServingState:  # what one app holds: engines, aliases, keys, cache, metric
             engine.close()
 
 
+def api_error_of(err: EngineError) -> APIError:
+    status, type_ = {"invalid": (400, "invalid_request_error"),
+                     "closed": (503, "service_unavailable_error")}.get(err.kind, (500, "server_error"))
+    return APIError(status, err.message, type_, param=err.param, code=err.code)
+
+
 def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n"
 
@@ -319,7 +324,8 @@ def create_app(config: ServingConfig, start: bool = True) -> Flask:
 
     def submit(body: dict, chat: bool) -> tuple[Engine, Job, bool, SamplingParams]:
         engine = state.resolve(body.get("model"), body.get("user"))
-        params, n = sampling_params(body, config, chat)
+        fields, n = sampling_fields(body, config, chat)
+        params = SamplingParams(**fields)
         stream, _ = stream_flags(body)
         if chat:
             prompts: list = [chat_messages(body)]
