@@ -19,6 +19,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # No download bars from transformers/datasets ("Loading weights"): noise in saved notebooks.
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
+export HF_DATASETS_DISABLE_PROGRESS_BARS ?= 1
 # No MPLBACKEND here: an exported Agg would override the kernel's inline backend, and executed
 # notebooks would hold no plot at all.
 

@@ -133,13 +133,9 @@ def chat_instructions(tokenizer: PreTrainedTokenizerBase, split: str = "train", 
     if len(raw) == 0:
         raise ValueError(f"no {task!r} examples in the {split!r} split of the instruction set")
     raw = raw.select(range(min(n or len(raw), len(raw))))
-    prompts = [chat_prompt(tokenizer, x) for x in raw["instruction"]]
-    rows = []
-    for prompt, answer in zip(prompts, raw["answer"]):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
-    return Dataset.from_list(rows), prompts, list(raw["answer"])
+    tokenized = tokenize_instructions(raw, tokenizer, max_length=512,
+                                      prompt_format=lambda x: chat_prompt(tokenizer, x))
+    return tokenized, [chat_prompt(tokenizer, x) for x in raw["instruction"]], list(raw["answer"])
 
 
 def pretrain_base(out_dir: Path | str | None = None, config: TrainingConfig = PRETRAIN,

@@ -2,9 +2,11 @@
 
 One ``Engine`` per model version: a worker thread owns model and tokenizer, batches queued
 ``Job``s (one per request, a ``Row`` per prompt) with a ``DynamicCache``, samples each row with its
-own temperature/top-p/seed and ends it on EOS, a stop string or ``max_tokens``. Results come back
-as named events (``Admitted``, ``Delta``, ``Finished``, ``Failed``). Device and dtype come from
-``lmref.device`` (the project's one policy); ``lmref.serving`` (the Flask app) is built on this.
+own temperature/top-p/seed (``lmref.sampling``, which also computes the logprobs a request asks
+for) and ends it on EOS, a stop string or ``max_tokens``. Results come back as named events
+(``Admitted``, ``Delta``, ``Finished``, ``Failed``). Device and dtype come from ``lmref.device``
+(the project's one policy), Prometheus metrics from ``lmref.serving_metrics``; ``lmref.serving``
+(the Flask app) is built on this.
 
 Usage::
 
@@ -31,9 +33,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from lmref.device import compute_dtype, resolve_device
+from lmref.sampling import TokenLogprob, TokenPieces, reported, sample, score_prompt, step_logprobs
+from lmref.serving_metrics import EngineMetrics
 
 log = logging.getLogger("lmref.engine")
 
@@ -69,6 +72,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None     # None: not reported; k: each token's + its k likeliest rivals
+    echo: bool = False              # also the prompt: its text, and with logprobs its tokens'
 
 
 class EngineError(Exception):
@@ -96,6 +101,7 @@ class Admitted:  # the prompts were tokenized and fit the context: generation st
 class Delta:  # new text of one row: never half a character nor a possible stop string's start
     index: int
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # tokens that text starts in (when asked)
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,9 @@ class Finished:  # one row is done; reason: "stop" (EOS, a stop string) or "leng
     prompt_tokens: int
     completion_tokens: int
     cached: bool = False            # answered from the response cache, no Delta came before
+    logprobs: tuple[TokenLogprob, ...] | None = None  # completion tokens, EOS included
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # echo, first: no logprob
+    prompt_text: str = ""           # echo: the prompt as text
 
 
 @dataclass(frozen=True)
@@ -114,37 +123,6 @@ class Failed:  # the whole job failed: its rows end here
 
 
 Event = Admitted | Delta | Finished | Failed
-
-
-class EngineMetrics:
-    """Prometheus metrics, named like vLLM's (``vllm:`` -> ``lmref:``), in a registry of their own."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = r = registry or CollectorRegistry()
-        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-        self.e2e_latency = Histogram("lmref:e2e_request_latency_seconds", "End-to-end latency",
-                                     ["model_name"], buckets=latency, registry=r)
-        self.ttft = Histogram("lmref:time_to_first_token_seconds", "Time to first token",
-                              ["model_name"], buckets=latency, registry=r)
-        self.itl = Histogram("lmref:inter_token_latency_seconds", "Time between output tokens",
-                             ["model_name"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                                                      0.1, 0.25, 0.5, 1), registry=r)
-        self.prompt_tokens = Counter("lmref:prompt_tokens", "Prompt tokens processed",
-                                     ["model_name"], registry=r)
-        self.generation_tokens = Counter("lmref:generation_tokens", "Tokens generated",
-                                         ["model_name"], registry=r)
-        self.request_success = Counter("lmref:request_success", "Finished sequences by reason",
-                                       ["model_name", "finished_reason"], registry=r)
-        self.running = Gauge("lmref:num_requests_running", "Sequences in the running batch",
-                             ["model_name"], registry=r)
-        self.waiting = Gauge("lmref:num_requests_waiting", "Sequences waiting in the queue",
-                             ["model_name"], registry=r)
-        self.batch_size = Histogram("lmref:batch_size", "Sequences per batched generation",
-                                    ["model_name"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
-        self.cache_hits = Counter("lmref:response_cache_hits", "Greedy responses served from cache",
-                                  ["model_name"], registry=r)
-        self.cache_misses = Counter("lmref:response_cache_misses", "Greedy requests not in cache",
-                                    ["model_name"], registry=r)
 
 
 class ResponseCache:
@@ -188,6 +166,10 @@ class Row:
         self.text = ""
         self.last_token_at = 0.0
         self.generator: torch.Generator | None = None
+        self.logprobs: list[TokenLogprob] = []
+        self.starts: list[int] = []     # where each reported token's text starts (stop cuts)
+        self.settled = self.logprobs_sent = 0
+        self.prompt_logprobs: list | None = None
 
 
 class Job:
@@ -275,6 +257,7 @@ class Engine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (next(iter(self.eos_ids), 0))
         self.device = device
+        self._pieces = TokenPieces(self.tokenizer)
 
     @property
     def ready(self) -> bool:
@@ -299,7 +282,7 @@ class Engine:
         for row in [r for r in job.rows if r.params.temperature == 0 and self.cache.size > 0]:
             p = row.params
             row.cache_key = (self.spec.name, row.is_chat, repr(row.prompt), p.max_tokens, p.stop,
-                             p.ignore_eos)
+                             p.ignore_eos, p.logprobs, p.echo)
             hit = self.cache.get(row.cache_key)
             (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels(
                 **self._labels).inc()
@@ -427,6 +410,11 @@ class Engine:
                 raise EngineError("invalid", f"the chat template failed on these messages: {exc}",
                                   param="messages", code="chat_template_error") from None
             ids = tok(text, add_special_tokens=tok.chat_template is None)["input_ids"]
+        elif isinstance(row.prompt, list):  # token ids, as lm-evaluation-harness sends them
+            ids, vocab = list(row.prompt), self.model.get_input_embeddings().num_embeddings
+            if any(i >= vocab for i in ids):
+                raise EngineError("invalid", f"prompt token ids must be below {vocab}, the "
+                                  "model's vocabulary size", param="prompt", code="invalid_token")
         else:
             ids = tok(row.prompt)["input_ids"]
         if not ids:
@@ -434,11 +422,11 @@ class Engine:
                 raise EngineError("invalid", "prompt is empty", param="prompt", code="empty_prompt")
             ids = [tok.bos_token_id]
         limit, wanted = self.context_length, row.params.max_tokens
-        if len(ids) + (wanted or 1) > limit:
+        if len(ids) + (1 if wanted is None else wanted) > limit:
             raise EngineError("invalid", f"This model's maximum context length is {limit} tokens; "
                               f"the prompt has {len(ids)} and max_tokens is {wanted or 'unset'}.",
                               param="max_tokens", code="context_length_exceeded")
-        row.max_tokens = wanted or limit - len(ids)
+        row.max_tokens = limit - len(ids) if wanted is None else wanted  # 0: echo, score only
         return ids
 
     def _run_batch(self, jobs: list[Job]) -> None:
@@ -465,7 +453,13 @@ class Engine:
                 row.generator = torch.Generator(device=self.device)
                 seed = row.params.seed if row.params.seed is not None else secrets.randbits(63)
                 row.generator.manual_seed(seed % (1 << 63))
-        self._decode(rows)
+            if row.params.echo and row.params.logprobs is not None:
+                row.prompt_logprobs = score_prompt(
+                    self.model, row.prompt_ids, row.params.logprobs, self._pieces)
+            if row.max_tokens == 0:  # echo with max_tokens 0: the prompt scored, nothing generated
+                self._finish(row, "length", time.perf_counter())
+        if any(row.max_tokens > 0 for row in rows):
+            self._decode([row for row in rows if row.max_tokens > 0])
 
     @torch.inference_mode()
     def _decode(self, rows: list[Row]) -> None:
@@ -491,6 +485,12 @@ class Engine:
         active = list(range(len(rows)))
         while True:
             tokens = self._sample(logits, [rows[i] for i in active])
+            # Reported logprobs: log-softmax of the raw logits, before temperature and top-p, as
+            # OpenAI's API reports them (lmref.sampling says why).
+            want = [k for k, i in enumerate(active) if rows[i].params.logprobs is not None]
+            entries = dict(zip(want, step_logprobs(
+                logits[want], [tokens[k] for k in want],
+                [rows[active[k]].params.logprobs for k in want], self._pieces))) if want else {}
             now = time.perf_counter()
             keep = []
             for k, (i, token) in enumerate(zip(active, tokens)):
@@ -498,7 +498,7 @@ class Engine:
                 if row.job.cancelled.is_set() or self._abort_message is not None and self._closed:
                     self._finish(row, "abort", now)
                     continue
-                if not self._append(row, token, now):
+                if not self._append(row, token, now, entries.get(k)):
                     keep.append(k)
             if not keep:
                 return
@@ -516,32 +516,19 @@ class Engine:
             self.metrics.running.labels(**self._labels).set(len(active))
 
     def _sample(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
-        """Per-row sampling: greedy, or temperature + top-p with the row's own seeded generator,
-        so a seeded request gives the same text whatever else shares its batch."""
-        greedy = logits.argmax(dim=-1).tolist()
-        tokens = []
-        for k, row in enumerate(rows):
-            p = row.params
-            if p.temperature < 1e-5:  # dividing by ~0 overflows: that limit is greedy anyway
-                tokens.append(greedy[k])
-                continue
-            probs = torch.softmax(logits[k].float() / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                outside = sorted_probs.cumsum(0) - sorted_probs >= p.top_p  # always keeps the top one
-                sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-                choice = torch.multinomial(sorted_probs, 1, generator=row.generator)
-                tokens.append(int(order[choice]))
-            else:
-                tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
-        return tokens
+        return sample(logits, [r.params.temperature for r in rows],
+                      [r.params.top_p for r in rows], [r.generator for r in rows])
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True,
                                      clean_up_tokenization_spaces=False)
 
-    def _append(self, row: Row, token: int, now: float) -> bool:
+    def _append(self, row: Row, token: int, now: float,
+                entry: TokenLogprob | None = None) -> bool:
         """Add one token to a row; returns True when the row is finished."""
+        if entry is not None:
+            row.logprobs.append(entry)
+            row.starts.append(row.settled)
         if row.completion_tokens == 0:
             self._ttft.observe(now - row.job.arrival)
         else:
@@ -559,7 +546,7 @@ class Engine:
             # A character split over tokens decodes as U+FFFD until its last byte comes: only
             # the text before it is final, so searches restart from there (else a stop string
             # ending in such a character is skipped over).
-            settled = len(text.rstrip("\ufffd"))
+            settled = row.settled = len(text.rstrip("\ufffd"))
             if stops:
                 hits = [i for i in (text.find(s, row.search_from) for s in stops) if i >= 0]
                 if hits:
@@ -570,7 +557,10 @@ class Engine:
             if row.job.stream:
                 safe = settled - held_back(text[:settled], stops)  # a possible stop start waits
                 if safe > row.emitted:
-                    row.job.events.put(Delta(row.index, text[row.emitted:safe]))
+                    sent = row.logprobs_sent
+                    row.logprobs_sent = reported(row.starts, safe)
+                    row.job.events.put(Delta(row.index, text[row.emitted:safe],
+                                             tuple(row.logprobs[sent:row.logprobs_sent])))
                     row.emitted = safe
         if row.completion_tokens >= row.max_tokens:
             self._finish(row, "length", now)
@@ -581,18 +571,28 @@ class Engine:
         labels = self._labels
         if not decoded:
             row.text = self._decode_text(row.out_ids)
+        else:  # a stop string cut the text: tokens starting after the cut are not the answer's
+            del row.logprobs[reported(row.starts, len(row.text)):]
         if reason == "abort":
             self.metrics.request_success.labels(finished_reason="abort", **labels).inc()
             if self._closed and self._abort_message and not row.job.cancelled.is_set():
                 row.job.events.put(Failed(EngineError("closed", self._abort_message,
                                                       code="shutting_down")))
             return
-        if row.job.stream and len(row.text) > row.emitted:
-            row.job.events.put(Delta(row.index, row.text[row.emitted:]))
-            row.emitted = len(row.text)
+        if row.job.stream and (len(row.text) > row.emitted or
+                               len(row.logprobs) > row.logprobs_sent):
+            row.job.events.put(Delta(row.index, row.text[row.emitted:],
+                                     tuple(row.logprobs[row.logprobs_sent:])))
+            row.emitted, row.logprobs_sent = len(row.text), len(row.logprobs)
         self.metrics.request_success.labels(finished_reason=reason, **labels).inc()
         self.metrics.e2e_latency.labels(**labels).observe(now - row.job.arrival)
-        result = Finished(row.index, row.text, reason, len(row.prompt_ids), row.completion_tokens)
+        p, prompt = row.params, row.prompt
+        result = Finished(
+            row.index, row.text, reason, len(row.prompt_ids), row.completion_tokens,
+            logprobs=None if p.logprobs is None else tuple(row.logprobs),
+            prompt_logprobs=None if row.prompt_logprobs is None else tuple(row.prompt_logprobs),
+            prompt_text=(prompt if isinstance(prompt, str) else self.tokenizer.decode(
+                row.prompt_ids, clean_up_tokenization_spaces=False)) if p.echo else "")
         if row.cache_key is not None:
             self.cache.put(row.cache_key, result)
         row.job.events.put(result)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,12 +202,13 @@ def format_prompt(instruction: str) -> str:
     return PROMPT_TEMPLATE.format(instruction=instruction)
 
 
-def tokenize_instructions(ds: Dataset, tokenizer: PreTrainedTokenizerBase,
-                          max_length: int = 128) -> Dataset:
+def tokenize_instructions(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int = 128,
+                          prompt_format: Callable[[str], str] = format_prompt) -> Dataset:
     """``input_ids`` = prompt + answer + EOS; ``labels`` = -100 on the prompt, the ids elsewhere.
 
     Prompt and answer are tokenized separately, so the prompt's tokens are exactly those the model
-    sees at generation time (``tokenizer(format_prompt(instruction))``). Raises ``ValueError``
+    sees at generation time (``tokenizer(prompt_format(instruction))``; a chat model passes its own
+    template here, e.g. ``lambda x: tokenizer.apply_chat_template(...)``). Raises ``ValueError``
     naming the example (and its task) when an instruction or answer is not a string, or when an
     example is longer than ``max_length`` (truncation would cut the answer off).
     """
@@ -220,7 +222,7 @@ def tokenize_instructions(ds: Dataset, tokenizer: PreTrainedTokenizerBase,
                 if not isinstance(value, str):
                     task = f" (task {batch['task'][i - indices[0]]!r})" if "task" in batch else ""
                     raise ValueError(f"example {i}{task}: field {field!r} is {value!r}, not a string")
-        prompts = tokenizer([format_prompt(i) for i in batch["instruction"]],
+        prompts = tokenizer([prompt_format(i) for i in batch["instruction"]],
                             add_special_tokens=False)["input_ids"]
         answers = tokenizer(batch["answer"], add_special_tokens=False)["input_ids"]
         input_ids, labels = [], []

@@ -3,11 +3,14 @@
 ``create_app(config)``: a WSGI app over one ``lmref.engine.Engine`` per model version (the engine
 batches and generates; this module speaks HTTP), for the official ``openai`` client unchanged:
 
-- ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE streaming), ``GET /v1/models``,
-  ``GET /v1/models/{id}`` and a plain ``POST /predict``; errors in the OpenAI shape
-  ``{"error": {...}}``; fields the server does not implement are a 400 that names them.
+- ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE streaming, ``logprobs``,
+  completions' ``echo``), ``GET /v1/models``, ``GET /v1/models/{id}`` and a plain
+  ``POST /predict``; errors in the OpenAI shape ``{"error": {...}}``; fields the server does not
+  implement are a 400 that names them. Request checks and response shapes: ``lmref.openai_schema``.
 - ``GET /health`` (liveness), ``GET /ready`` (503 until the models are loaded or while draining),
   ``GET /metrics`` (Prometheus, vLLM-like names with an ``lmref:`` prefix).
+- ``GET /``: a chat page (``lmref/static/chat.html``: streams from the chat route, picks a model
+  version, shows TTFT and tokens/s; asks for an API key when auth is on).
 - 429 when a model's queue is full; API keys (``Authorization: Bearer``), model versions,
   weighted A/B aliases, a response cache for greedy requests.
 
@@ -23,12 +26,13 @@ Run it with ``lmref.serve``: ``start_server(config)`` (a thread) or ``python -m 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import importlib.resources
 import itertools
 import json
 import logging
-import math
 import os
 import random
 import secrets
@@ -56,17 +60,20 @@ from lmref.engine import (
     ResponseCache,
     SamplingParams,
 )
+from lmref.openai_schema import (
+    HTTP_ERRORS,
+    APIError,
+    bad,
+    chat_logprobs,
+    chat_messages,
+    completion_logprobs,
+    completion_prompts,
+    sampling_fields,
+    stream_flags,
+)
 
 log = logging.getLogger("lmref.serving")
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
-# Fields of the OpenAI API this server does not implement, with the values that mean "not used"
-# (clients such as lm-eval send the defaults): anything else is a 400 naming the field.
-UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-               "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
-               "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-               "suffix": (None, ""), "best_of": (None, 1)}
-
-
+PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics"})  # "/": the page asks for a key
 @dataclass
 class ServingConfig:
     """Everything ``create_app`` needs. ``api_keys=None`` reads env ``LMREF_API_KEYS`` (comma list);
@@ -113,141 +120,6 @@ class ServingConfig:
         return [k.strip() for k in os.environ.get("LMREF_API_KEYS", "").split(",") if k.strip()]
 
 
-class APIError(Exception):
-    """An error a client sees, in the OpenAI shape."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-# HTTP errors raised below the routes (werkzeug's; waitress's, see lmref.serve) in OpenAI terms.
-HTTP_ERRORS = {400: ("invalid_request_error", "bad_request"),
-               401: ("authentication_error", "invalid_api_key"),
-               404: ("not_found_error", "not_found"),
-               405: ("invalid_request_error", "method_not_allowed"),
-               413: ("invalid_request_error", "request_too_large"),
-               415: ("invalid_request_error", "unsupported_media_type"),
-               429: ("rate_limit_error", "queue_full"),
-               431: ("invalid_request_error", "request_header_fields_too_large"),
-               503: ("service_unavailable_error", "unavailable")}
-
-
-
-def _bad(message: str, param: str | None = None) -> APIError:  # a 400 naming the field
-    return APIError(400, message, param=param, code="invalid_value")
-
-
-def _number(body: dict, name: str, default: Any, low: float, high: float,
-            low_open: bool = False, integer: bool = False) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    kinds = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
-        raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'}", name)
-    if value < low or value > high or (low_open and value == low):
-        raise _bad(f"'{name}' must be in {'(' if low_open else '['}{low}, {high}], got {value}",
-                   name)
-    return value if integer else float(value)
-
-
-def _integer(body: dict, name: str, default: int | None, low: int, high: int) -> int | None:
-    return _number(body, name, default, low, high, integer=True)
-
-
-def _text(value: Any, param: str) -> str:
-    if not isinstance(value, str):
-        raise _bad(f"'{param}' must be a string", param)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _bad(f"'{param}' is not valid unicode", param) from None
-    return value
-
-
-def _sampling(body: dict, config: ServingConfig, chat: bool) -> tuple[SamplingParams, int]:
-    """The request's sampling parameters and ``n`` (choices per prompt)."""
-    for name, unused in UNSUPPORTED.items():
-        if body.get(name, None) not in unused:
-            raise APIError(400, f"'{name}' is not supported by this server", param=name,
-                           code="unsupported_parameter")
-    if body.get("echo") not in (None, False) or body.get("logprobs") not in (None, False, 0):
-        raise _bad("echo and logprobs are not supported", "logprobs")
-    n = _integer(body, "n", 1, 1, 16)
-    limit = config.max_tokens_limit or (1 << 31)
-    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
-        else "max_tokens"
-    # Chat without max_tokens runs to EOS or the context, as OpenAI's does; completions keep
-    # OpenAI's default of 16.
-    default = config.max_tokens_limit if chat else min(config.default_max_tokens, limit)
-    max_tokens = _integer(body, name, default, 1, limit)
-    stop = body.get("stop")
-    stops = () if stop is None else (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stops, tuple | list):
-        raise _bad("'stop' must be a string or a list of strings", "stop")
-    if len(stops) > config.max_stop_strings:
-        raise _bad(f"at most {config.max_stop_strings} stop strings are allowed", "stop")
-    for s in stops:
-        if not _text(s, "stop"):
-            raise _bad("stop strings must not be empty", "stop")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise _bad("'ignore_eos' must be a boolean", "ignore_eos")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        seed=_integer(body, "seed", None, -(1 << 63), (1 << 64) - 1),
-        stop=tuple(stops), ignore_eos=ignore_eos), n
-
-
-def _stream_flags(body: dict) -> tuple[bool, bool]:
-    stream = False if body.get("stream") is None else body["stream"]
-    if not isinstance(stream, bool):
-        raise _bad("'stream' must be a boolean", "stream")
-    options = body.get("stream_options")
-    if options is None:
-        return stream, False
-    if not isinstance(options, dict):
-        raise _bad("'stream_options' must be an object", "stream_options")
-    if not stream:
-        raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    include = options.get("include_usage", False)
-    if not isinstance(include, bool):
-        raise _bad("'stream_options.include_usage' must be a boolean", "stream_options")
-    return stream, include
-
-
-def _messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or len(messages) > 256:
-        raise _bad("'messages' must be a non-empty list of messages", "messages")
-    clean = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user",
-                                                              "assistant"):
-            raise _bad("each message needs a role: system, developer, user or assistant",
-                       "messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is served here
-            parts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise _bad("only text content parts are supported", "messages")
-                parts.append(_text(part.get("text"), "messages"))
-            content = "".join(parts)
-        clean.append({"role": m["role"], "content": _text(content, "messages")})
-    return clean
-
-
 class ServingState:  # what one app holds: engines, aliases, keys, cache, metrics, drain flag
     def __init__(self, config: ServingConfig, cache: Any = None):  # cache: ResponseCache's API
         config.validate()
@@ -272,7 +144,7 @@ class ServingState:  # what one app holds: engines, aliases, keys, cache, metric
     def resolve(self, name: Any, user: Any) -> Engine:
         name = self.default_model if name is None else name
         if not isinstance(name, str):
-            raise _bad("'model' must be a string", "model")
+            raise bad("'model' must be a string", "model")
         split = self.config.aliases.get(name)
         if split:
             versions, weights = list(split), list(split.values())
@@ -327,7 +199,7 @@ class ServingState:  # what one app holds: engines, aliases, keys, cache, metric
             engine.close()
 
 
-def _api_error_of(err: EngineError) -> APIError:
+def api_error_of(err: EngineError) -> APIError:
     status, type_ = {"invalid": (400, "invalid_request_error"),
                      "closed": (503, "service_unavailable_error")}.get(err.kind, (500, "server_error"))
     return APIError(status, err.message, type_, param=err.param, code=err.code)
@@ -411,6 +283,12 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
             response.call_on_close(state.leave)
         return response
 
+    chat_page = importlib.resources.files("lmref").joinpath("static/chat.html").read_text()
+
+    @app.get("/")
+    def index():
+        return Response(chat_page, mimetype="text/html")
+
     @app.get("/health")
     def health():
         return {"status": "ok"}
@@ -445,20 +323,17 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
                            param="model", code="model_not_found")
         return model_card(name)
 
-    def submit(body: dict, chat: bool) -> tuple[Engine, Job, bool]:
+    def submit(body: dict, chat: bool) -> tuple[Engine, Job, bool, SamplingParams]:
         engine = state.resolve(body.get("model"), body.get("user"))
-        params, n = _sampling(body, config, chat)
-        stream, _ = _stream_flags(body)
+        fields, n = sampling_fields(body, config, chat)
+        params = SamplingParams(**fields)
+        stream, _ = stream_flags(body)
         if chat:
-            prompts: list = [_messages(body)]
+            prompts: list = [chat_messages(body)]
         else:
-            prompt = body.get("prompt")
-            prompts = prompt if isinstance(prompt, list) else [prompt]
-            if not prompts or len(prompts) > 64:
-                raise _bad("'prompt' must be a string or a non-empty list of strings", "prompt")
-            prompts = [_text(p, "prompt") for p in prompts]
+            prompts = completion_prompts(body)
         if len(prompts) * n > engine.spec.max_queue_size:  # could never be queued: not a 429
-            raise _bad(f"{len(prompts)} prompts x n={n} exceed the queue size", "n")
+            raise bad(f"{len(prompts)} prompts x n={n} exceed the queue size", "n")
         job = Job(engine.spec.name, stream)
         for prompt in prompts:
             for k in range(n):  # n choices per prompt: seeded ones each get their own seed
@@ -471,14 +346,14 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
                            "rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
         except EngineError as err:
-            raise _api_error_of(err) from None
-        return engine, job, stream
+            raise api_error_of(err) from None
+        return engine, job, stream, params
 
     def first_admission(stream_events) -> list:  # a too-long prompt is a 400, not a stream
         buffered = []
         for event in stream_events:
             if isinstance(event, Failed):
-                raise _api_error_of(event.error)
+                raise api_error_of(event.error)
             if isinstance(event, Admitted):
                 return buffered
             buffered.append(event)
@@ -491,7 +366,7 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
         try:
             ordered = engine.results(job, disconnected())
         except EngineError as err:
-            raise _api_error_of(err) from None
+            raise api_error_of(err) from None
         if ordered is None:  # the client went away; nobody reads this
             raise APIError(499, "client closed request", code="client_closed")
         usage = {"prompt_tokens": sum(c.prompt_tokens for c in ordered),
@@ -501,28 +376,42 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
 
     def completion(chat: bool):
         body = _parse_json()
-        engine, job, stream = submit(body, chat)
-        _, include_usage = _stream_flags(body)
+        engine, job, stream, params = submit(body, chat)
+        _, include_usage = stream_flags(body)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         model = engine.spec.name
+        offsets: dict[int, int] = collections.defaultdict(int)  # next token's text_offset
+
+        def shaped(index: int, entries) -> dict | None:  # logprobs in chat's or legacy shape
+            if params.logprobs is None:
+                return None
+            if chat:
+                return chat_logprobs(entries)
+            out = completion_logprobs(entries, offsets[index])
+            offsets[index] += sum(len(e.token) for e in entries)
+            return out
+
         if not stream:
             choices, usage = collect(engine, job)
             out = [{"index": c.index, **({"message": {"role": "assistant", "content": c.text}}
-                                         if chat else {"text": c.text}),
-                    "logprobs": None, "finish_reason": c.reason} for c in choices]
+                                         if chat else {"text": c.prompt_text + c.text}),
+                    "logprobs": shaped(c.index, (c.prompt_logprobs or ()) + (c.logprobs or ())),
+                    "finish_reason": c.reason} for c in choices]
             return {"id": rid, "object": "chat.completion" if chat else "text_completion",
                     "created": created, "model": model, "choices": out, "usage": usage}
         source = engine.events(job, disconnected())
         buffered = first_admission(source)
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+        def chunk(index: int, text: str | None, finish: str | None, role: bool = False,
+                  logprobs: tuple = ()) -> dict:
             content = ({"delta": {"role": "assistant", "content": ""} if role else
                         {"content": text} if text is not None else {}} if chat
                        else {"text": text or ""})
             payload = {"id": rid, "object": kind, "created": created, "model": model, "choices": [
-                {"index": index, **content, "logprobs": None, "finish_reason": finish}]}
+                {"index": index, **content, "logprobs": shaped(index, logprobs) if text is not None
+                 else None, "finish_reason": finish}]}
             return {**payload, "usage": None} if include_usage else payload
 
         def generate():
@@ -535,15 +424,17 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
                 pending: list[str] = []
                 for event in itertools.chain(buffered, source):
                     if isinstance(event, Delta):
-                        pending.append(_sse(chunk(event.index, event.text, None)))
+                        pending.append(_sse(chunk(event.index, event.text, None,
+                                                  logprobs=event.logprobs)))
                     elif isinstance(event, Finished):
                         usage["prompt_tokens"] += event.prompt_tokens
                         usage["completion_tokens"] += event.completion_tokens
                         if event.cached and event.text:  # no deltas came: the text at once
-                            pending.append(_sse(chunk(event.index, event.text, None)))
+                            pending.append(_sse(chunk(event.index, event.text, None,
+                                                      logprobs=event.logprobs or ())))
                         pending.append(_sse(chunk(event.index, None, event.reason)))
                     elif isinstance(event, Failed):
-                        pending.append(_sse(_api_error_of(event.error).body()))
+                        pending.append(_sse(api_error_of(event.error).body()))
                         failed = True
                         break
                     # One write for all the events already waiting: under load a thread that
@@ -582,8 +473,8 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
         body = _parse_json()
         body = {"temperature": 0.0, **body, "stream": False}
         if not isinstance(body.get("prompt"), str):
-            raise _bad("'prompt' must be a string", "prompt")
-        engine, job, _ = submit(body, chat=False)
+            raise bad("'prompt' must be a string", "prompt")
+        engine, job, _, _ = submit(body, chat=False)
         choices, usage = collect(engine, job)
         return {"model": engine.spec.name, "completion": choices[0].text,
                 "finish_reason": choices[0].reason, "usage": usage}

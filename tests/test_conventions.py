@@ -35,6 +35,21 @@ def test_module_is_copyable_alone_and_documented(path):
             assert all(a.name.split(".")[0] != "lmref" for a in node.names), path.name
 
 
+def test_no_module_over_600_lines():
+    long = {p.name: n for p in (ROOT / "lmref").glob("*.py")
+            if (n := len(p.read_text().splitlines())) > 600}
+    assert not long, f"over 600 lines: move a coherent concern into a module of its own: {long}"
+
+
+def test_the_serving_engine_imports_no_web_framework():
+    tree = ast.parse((ROOT / "lmref" / "engine.py").read_text())
+    names = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for a in node.names}
+    names |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom)}
+    assert "torch" in names and not names & {"flask", "werkzeug", "waitress"}, names
+
+
 def test_every_course_notebook_exists():
     names = [p.stem[:2] for p in NOTEBOOKS]
     assert names == [f"{i:02d}" for i in range(1, len(names) + 1)] and len(names) >= 6, names
