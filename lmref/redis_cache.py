@@ -1,7 +1,9 @@
 """A response cache in Redis, shared by every replica of the model server, with a TTL.
 
 Drop-in for ``lmref.engine.ResponseCache`` (same ``get`` / ``put`` / ``size``; it stores
-``lmref.engine.Finished`` rows, hence that one dependency): replica A answers a greedy request,
+``lmref.engine.Finished`` rows as JSON, their logprobs as ``lmref.sampling`` entries, hence those
+two dependencies; never pickles, since a shared Redis is not a trusted source of code): replica A
+answers a greedy request,
 replica B serves the same request from Redis. Keys are a SHA-256 of the engine's key (model
 version name, prompt, limits, stops) plus a fingerprint of the served folder's weights, so a new
 version under the same name never gets the old version's answers. Entries expire after
@@ -33,6 +35,7 @@ import redis
 from prometheus_client import CollectorRegistry, Counter
 
 from lmref.engine import Finished
+from lmref.sampling import TokenLogprob, TopLogprob
 
 log = logging.getLogger("lmref.redis_cache")
 
@@ -51,6 +54,24 @@ def folder_fingerprint(path: str) -> str:
     else:  # a hub id: its name is all we know
         digest.update(path.encode())
     return digest.hexdigest()[:16]
+
+
+def _tokens(items: list | None) -> tuple[TokenLogprob, ...] | None:
+    if items is None:
+        return None
+    return tuple(TokenLogprob(t["token_id"], t["token"], tuple(t["bytes"]), t["logprob"],
+                              tuple(TopLogprob(x["token"], tuple(x["bytes"]), x["logprob"])
+                                    for x in t.get("top", ())))
+                 for t in items)
+
+
+def decode_finished(raw: bytes | str) -> Finished:
+    """A ``Finished`` row back from its JSON (tuples and logprob entries rebuilt)."""
+    fields = json.loads(raw)
+    for name in ("logprobs", "prompt_logprobs"):
+        if name in fields:
+            fields[name] = _tokens(fields[name])
+    return Finished(**fields)
 
 
 class RedisResponseCache:
@@ -92,8 +113,8 @@ class RedisResponseCache:
         if raw is None:
             return None
         try:
-            return Finished(**json.loads(raw))
-        except (ValueError, TypeError):  # written by an incompatible version: a miss
+            return decode_finished(raw)
+        except (ValueError, TypeError, KeyError):  # written by an incompatible version: a miss
             return None
 
     def put(self, key: tuple, value: Finished) -> None:

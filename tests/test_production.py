@@ -271,6 +271,14 @@ def test_cache_shared_by_replicas_behind_nginx(backends, tiny_model_dir):
         assert sum(misses) == 1 and sum(hits) == 3 and min(hits) >= 1
         keys = _redis(redis_url).keys("lmref:response:*")
         assert len(keys) == 1 and 0 < _redis(redis_url).ttl(keys[0]) <= 600
+        # Logprobs survive the trip through Redis: the replica that did not generate the
+        # answer returns the same tokens and numbers.
+        scored = {**body, "prompt": "def scored(", "logprobs": 2, "echo": True}
+        first, second = (requests.post(lb.url + "/v1/completions", json=scored, timeout=30)
+                         for _ in range(2))
+        assert first.headers["X-Upstream"] != second.headers["X-Upstream"]
+        assert first.json()["choices"] == second.json()["choices"]
+        assert len(first.json()["choices"][0]["logprobs"]["tokens"]) > 12
 
         # Kill one replica under load: nginx routes new requests to the survivor; only the
         # requests that were inside the killed replica fail (a POST is never retried mid-way).
