@@ -362,10 +362,12 @@ def run_request(self: Task, batch_id: str, custom_id: str, url: str, body: dict)
     attempts = store.attempt(batch_id, custom_id, f"{self.request.hostname}")
     _worker["limit"] = (self.request.timelimit or (None, None))[1] or CONFIG.job_time_limit_s
     if attempts > CONFIG.max_attempts:
-        # Every worker that took it so far died on it: a poison pill, failed alone.
+        # Every delivery so far ended without a result (its worker died on it, or its upstream
+        # was unreachable): a poison pill, failed alone instead of redelivered forever.
         store.record(batch_id, custom_id, failure_line(
             custom_id, "max_attempts_exceeded",
-            f"a worker was lost {attempts - 1} times while running this request"))
+            f"delivered {attempts} times, {attempts - 1} without a result (workers lost while "
+            f"running it, or its upstream unreachable); at most {CONFIG.max_attempts} allowed"))
         store.finalize(batch_id)
         return 500
     upstream = os.environ.get("LMREF_WORKER_UPSTREAM")

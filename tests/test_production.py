@@ -179,7 +179,7 @@ def test_a_request_that_keeps_killing_workers_fails_as_a_poison_pill(backends, a
     errors = jsonl(client, done.error_file_id)
     assert done.output_file_id is None and done.request_counts.failed == 1
     assert errors[0]["error"]["code"] == "max_attempts_exceeded"
-    assert "lost 1 times" in errors[0]["error"]["message"]
+    assert "delivered 2 times, 1 without a result" in errors[0]["error"]["message"]
     assert store.attempts(batch.id)["crashes-workers"] == 2
 
 
