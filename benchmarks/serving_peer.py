@@ -164,12 +164,13 @@ class TransformersServe:
     """``transformers serve <folder> --continuous-batching`` in a child process, pinned to the
     model, on CPU in fp32; ready when ``/health`` answers."""
 
-    def __init__(self, model_path: str, threads: int, timeout: float = 300.0):
+    def __init__(self, model_path: str, threads: int, timeout: float = 300.0,
+                 env: dict | None = None):
         exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = model_path
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", **(env or {})}
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "transformers_serve.log", "w")
         self.proc = subprocess.Popen(
             [exe, "serve", model_path, "--continuous-batching", "--device", "cpu",
@@ -208,7 +209,10 @@ def start(server: str, model_path: str, threads: int, max_batch: int):
              "--max-queue-size", "1024"],
             env={"LMREF_API_KEYS": "", "OMP_NUM_THREADS": str(threads)})
         return handle, "smollm2"
-    handle = TransformersServe(model_path, threads)
+    # "-passive": the peer with the OpenMP setting lmref.serve makes by default (idle OpenMP
+    # threads sleep), so the comparison can be read without it.
+    passive = {"OMP_WAIT_POLICY": "PASSIVE"} if server.endswith("-passive") else {}
+    handle = TransformersServe(model_path, threads, env=passive)
     return handle, handle.model
 
 
@@ -216,7 +220,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO / "artifacts" / "smollm2-135m-instruct"))
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 32, 64])
-    parser.add_argument("--servers", nargs="+", default=["lmref", "transformers-serve-cb"])
+    parser.add_argument("--servers", nargs="+", default=["lmref", "transformers-serve-cb",
+                                                         "transformers-serve-cb-passive"])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=6)
@@ -243,6 +248,8 @@ def main() -> None:
                 n = max(args.min_requests, clients * args.requests_per_client)
                 r = run_chat_load(handle.url, model, prompts(n), clients, args.max_tokens)
                 r["server"] = server
+                r["omp_wait_policy"] = "PASSIVE" if server == "lmref" or server.endswith(
+                    "-passive") else os.environ.get("OMP_WAIT_POLICY", "default (spinning)")
                 runs[server].append(r)
                 print(f"{server:22s} clients={clients:3d} tok/s={r['output_tokens_per_s']:7.1f} "
                       f"ttft p50/p99={r['ttft_p50_ms']:7.0f}/{r['ttft_p99_ms']:7.0f}ms "
@@ -260,11 +267,14 @@ def main() -> None:
     if len(runs) == 2 and at("lmref", 1) and at("transformers-serve-cb", 1):
         a, b = at("lmref", 1)["texts"], at("transformers-serve-cb", 1)["texts"]
         same = sum(a[i] == b.get(i) for i in a) / max(1, len(a))
-    ratios, single = {}, {}
+    ratios, single, ratios_passive = {}, {}, {}
     for clients in args.clients:
-        mine, peer = at("lmref", clients), at("transformers-serve-cb", clients)
-        if mine and peer:
-            ratios[str(clients)] = mine["output_tokens_per_s"] / peer["output_tokens_per_s"]
+        mine = at("lmref", clients)
+        for peer_name, table in (("transformers-serve-cb", ratios),
+                                 ("transformers-serve-cb-passive", ratios_passive)):
+            peer = at(peer_name, clients)
+            if mine and peer:
+                table[str(clients)] = mine["output_tokens_per_s"] / peer["output_tokens_per_s"]
     for server in runs:
         one = at(server, 1)
         if one and one["tpot_p50_ms"] > 0:
@@ -293,6 +303,7 @@ def main() -> None:
         "single_request_decode": single,
         "results": [r for server_runs in runs.values() for r in server_runs],
         "lmref_vs_transformers_serve_cb_tokens_per_s": ratios,
+        "lmref_vs_transformers_serve_cb_passive_tokens_per_s": ratios_passive,
         "greedy_answers_equal_fraction": same,
         "targets": {
             "tokens_per_s_ratio_at_16_and_32": 1.5,
