@@ -10,7 +10,8 @@ row, so a padded row sees the positions it would alone (its greedy text is the s
 
 - New rows are prefilled on their own (``Prefill``): left padded together, in chunks of
   ``chunk_tokens`` columns, so the engine runs a decode step of the running rows between chunks
-  and a long prompt does not stall them for long.
+  and a long prompt does not stall them for long. A prompt start that requests share (a chat
+  template's system prompt) is computed once (``PrefixCache``) and copied, not recomputed.
 - ``RunningBatch.join(prefill)`` merges the new rows' KV into the batch: the shorter of the two
   caches is left padded (zeros, masked) and both are concatenated on the batch dimension.
 - ``RunningBatch.leave(keep)`` drops finished rows at once (index select), then trims the
@@ -50,22 +51,79 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-class Prefill:
-    """New rows' prompts run through the model, ``chunk_tokens`` columns per ``step()``."""
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
-    def __init__(self, model, prompts: list[list[int]], pad_id: int, chunk_tokens: int = 256):
+
+class PrefixCache:
+    """The KV of one prompt start that requests share (a chat template's system prompt): computed
+    once, then copied into each new row's cache, so its prefill runs over the rest only. The
+    prefix is learnt as the common start of two prompts in a row, when at least ``min_tokens``
+    long (0 turns it off); one prefix at a time (a new common start replaces it)."""
+
+    def __init__(self, model, min_tokens: int = 16):
+        self.model, self.min_tokens = model, min_tokens
+        self.ids: list[int] = []
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._last: list[int] | None = None
+
+    def usable(self, prompts: list[list[int]]) -> int:
+        """How many tokens of the cached prefix every prompt starts with (0: too few to use).
+        Each prompt keeps at least its last token to run: its logits are the next token's."""
+        n = len(self.ids)
+        for prompt in prompts:
+            n = min(n, _common(self.ids, prompt), len(prompt) - 1)
+        return n if self.min_tokens > 0 and n >= self.min_tokens else 0
+
+    @torch.inference_mode()
+    def observe(self, prompt: list[int]) -> None:
+        """Learn a new prefix from this prompt and the one before, when the cached one fails it."""
+        if self.min_tokens <= 0:
+            return
+        if self._last is not None and not self.usable([prompt]):
+            n = min(_common(self._last, prompt), len(prompt) - 1)
+            if n >= self.min_tokens:
+                cache = DynamicCache(config=self.model.config)
+                device = next(self.model.parameters()).device
+                self.model(input_ids=torch.tensor([prompt[:n]], device=device),
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+                self.ids, self.kv = prompt[:n], [(lr.keys, lr.values) for lr in cache.layers]
+        self._last = prompt
+
+
+class Prefill:
+    """New rows' prompts run through the model, ``chunk_tokens`` columns per ``step()``; with a
+    ``PrefixCache`` (which learns from these prompts) whose prefix all rows start with, only the
+    rest of each prompt runs (padding then sits between the shared prefix and the rest, masked)."""
+
+    def __init__(self, model, prompts: list[list[int]], pad_id: int, chunk_tokens: int = 256,
+                 prefix: PrefixCache | None = None):
         device = next(model.parameters()).device
         self.model, self.chunk_tokens = model, max(1, chunk_tokens)
-        longest = max(len(p) for p in prompts)
+        for prompt in prompts if prefix is not None else []:
+            prefix.observe(prompt)
+        self.shared = n = prefix.usable(prompts) if prefix is not None else 0
+        rests = [prompt[n:] for prompt in prompts]
+        longest = max(len(r) for r in rests)
         ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), longest), dtype=torch.long)
-        for i, prompt in enumerate(prompts):  # left padding: every last prompt token is at -1
-            ids[i, longest - len(prompt):] = torch.tensor(prompt)
-            attention[i, longest - len(prompt):] = 1
+        attention = torch.zeros((len(prompts), n + longest), dtype=torch.long)
+        attention[:, :n] = 1
+        for i, rest in enumerate(rests):  # left padding: every last prompt token is at -1
+            ids[i, longest - len(rest):] = torch.tensor(rest)
+            attention[i, n + longest - len(rest):] = 1
         self.ids, self.attention = ids.to(device), attention.to(device)
         # Positions count real tokens only, so a padded row sees the positions it would alone.
-        self.positions = (self.attention.cumsum(-1) - 1).clamp(min=0)
+        self.positions = (self.attention.cumsum(-1) - 1).clamp(min=0)[:, n:]
         self.cache = DynamicCache(config=model.config)
+        for layer, (keys, values) in enumerate(prefix.kv if n else []):
+            shape = (len(prompts), -1, -1, -1)
+            self.cache.update(keys[:, :, :n].expand(shape).contiguous(),
+                              values[:, :, :n].expand(shape).contiguous(), layer)
         self.done_columns = 0
 
     def __len__(self) -> int:
@@ -77,7 +135,7 @@ class Prefill:
         start, width = self.done_columns, self.ids.shape[1]
         end = min(start + self.chunk_tokens, width)
         logits = self.model(input_ids=self.ids[:, start:end],
-                            attention_mask=self.attention[:, :end],
+                            attention_mask=self.attention[:, :self.shared + end],
                             position_ids=self.positions[:, start:end], past_key_values=self.cache,
                             use_cache=True, logits_to_keep=1).logits
         self.done_columns = end

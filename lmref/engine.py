@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmref.batching import Prefill, RunningBatch
+from lmref.batching import Prefill, PrefixCache, RunningBatch
 from lmref.device import compute_dtype, resolve_device
 from lmref.sampling import TokenLogprob, TokenPieces, reported, sample, score_prompt, step_logprobs
 from lmref.serving_metrics import EngineMetrics
@@ -61,6 +61,7 @@ class ModelSpec:
     max_batch_size: int = 16        # rows (prompts) decoding together; 1 turns batching off
     batch_wait_ms: float = 5.0      # how long an idle worker gathers requests (a busy one: none)
     prefill_chunk_tokens: int = 256  # prompt columns per prefill forward; decode steps between
+    prefix_cache_min_tokens: int = 16  # a shared prompt start this long is computed once; 0: off
     max_queue_size: int = 256       # rows waiting; more -> QueueFull (the app answers 429)
     device: str = "auto"            # cuda when present, else cpu
     chat_template: str | None = None  # Jinja; None: the tokenizer's, else DEFAULT_CHAT_TEMPLATE
@@ -377,6 +378,7 @@ class Engine:
 
     def _reset(self) -> None:
         self._batch = RunningBatch(self.model)
+        self._prefix = PrefixCache(self.model, self.spec.prefix_cache_min_tokens)
         self._rows: list[Row] = []           # decoding, in the batch's row order
         self._prefill: Prefill | None = None
         self._prefill_rows: list[Row] = []
@@ -473,7 +475,7 @@ class Engine:
         rows = [row for row in rows if row.max_tokens > 0]
         if rows:
             self._prefill = Prefill(self.model, [r.prompt_ids for r in rows], self.pad_id,
-                                    self.spec.prefill_chunk_tokens)
+                                    self.spec.prefill_chunk_tokens, self._prefix)
             self._prefill_rows = rows
 
     def _advance(self) -> None:

@@ -1,7 +1,7 @@
 """Continuous batching in the engine (lmref.engine over lmref.batching), on the tiny random Llama:
 a request sent while another decodes joins it and finishes first, a long prompt's prefill runs
-in chunks between the running rows' decode steps, and every greedy text is the one the same
-request gets alone."""
+in chunks between the running rows' decode steps, a shared prompt start is computed once, and
+every greedy text is the one the same request gets alone."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from lmref.batching import Prefill, RunningBatch
+from lmref.batching import Prefill, PrefixCache, RunningBatch
 from lmref.engine import (
     Admitted,
     Delta,
@@ -135,3 +135,39 @@ def test_join_pads_the_shorter_cache_and_leave_trims_padding(tiny_model_dir):
     assert batch.cache.layers[0].keys.shape[2] == 3
     batch.leave([])
     assert len(batch) == 0
+
+
+SHARED = ("The following is a list of the names, values and types defined in the module, "
+          "sorted by name and written one per line: ")
+
+
+def test_shared_prompt_start_is_computed_once_and_changes_no_text(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [tok(SHARED + end)["input_ids"] for end in ("alpha", "beta gamma", "x")]
+    prefix = PrefixCache(model, min_tokens=16)
+    Prefill(model, prompts[:1], 0, prefix=prefix)       # nothing to share yet
+    with_prefix = Prefill(model, prompts[1:], 0, prefix=prefix)
+    assert with_prefix.shared >= 16 and len(prefix.ids) >= 16
+    assert with_prefix.ids.shape[1] < max(len(p) for p in prompts[1:])  # the rest runs only
+    plain = Prefill(model, prompts[1:], 0)
+    assert plain.shared == 0
+    a, b = with_prefix.step(), plain.step()
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_engine_with_and_without_prefix_cache_write_the_same(tiny_model_dir, engine):
+    off = make_engine(tiny_model_dir, max_batch_size=8, prefix_cache_min_tokens=0)
+    try:
+        prompts = [SHARED + end for end in ("alpha", "beta", "gamma delta", "epsilon")]
+        jobs = [job(p, 12) for p in prompts]
+        for j in jobs:
+            engine.submit(j)
+        texts = [engine.results(j)[0].text for j in jobs]
+        assert len(engine._prefix.ids) >= 16  # the shared start was cached and used
+        assert texts == [alone(off, p, 12) for p in prompts]
+        assert not off._prefix.ids
+    finally:
+        off.close()
