@@ -17,6 +17,8 @@ Usage::
 
     python benchmarks/serving_peer.py           # -> benchmarks/results/serving_peer-cpu.json
     python benchmarks/serving_peer.py --clients 1 16 --servers lmref
+    git archive <commit> lmref | tar -x -C /tmp/before      # and that commit's lmref too:
+    python benchmarks/serving_peer.py --before /tmp/before
 """
 
 from __future__ import annotations
@@ -84,6 +86,49 @@ def weight_bytes(path: str) -> int:
                 t = f.get_slice(name)
                 total += int(torch.Size(t.get_shape()).numel()) * sizes.get(t.get_dtype(), 4)
     return total
+
+
+@torch.inference_mode()
+def decode_profile(path: str, threads: int, batch_sizes: tuple[int, ...] = (1, 16, 32, 64),
+                   steps: int = 6) -> list[dict]:
+    """Where a decode step's time goes, in this process (no server): the engine's step
+    (lmref.batching) at each batch size against the model's Linear layers alone on the same
+    shapes (the weight-reading matmuls; the rest is attention, norms, Python)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmref.batching import Prefill, RunningBatch
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    encoded = [tok.apply_chat_template(m, add_generation_prompt=True) for m in prompts(64)]
+    encoded = [e if isinstance(e, list) else e["input_ids"] for e in encoded]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    out = []
+    for b in batch_sizes:
+        prefill = Prefill(model, encoded[:b], tok.pad_token_id or 0)
+        logits = prefill.step()
+        batch = RunningBatch(model)
+        batch.join(prefill)
+        tokens = logits.argmax(-1).tolist()
+        times = []
+        for _ in range(steps + 2):
+            start = time.perf_counter()
+            tokens = batch.step(tokens).argmax(-1).tolist()
+            times.append(time.perf_counter() - start)
+        xs = [torch.randn(b, 1, m.in_features) for m in linears]
+        start = time.perf_counter()
+        for _ in range(3):
+            for m, x in zip(linears, xs):
+                m(x)
+        linear_s = (time.perf_counter() - start) / 3
+        step_s = sorted(times[2:])[len(times[2:]) // 2]
+        out.append({"batch": b, "step_ms_median": step_s * 1000, "linears_alone_ms": linear_s * 1000,
+                    "linears_share": linear_s / step_s,
+                    "linear_weight_read_gb_s": sum(m.weight.numel() for m in linears) * 4
+                    / linear_s / 1e9, "tokens_per_s": b / step_s, "loadavg": os.getloadavg()})
+        print("profile", out[-1], flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------ the client
@@ -200,14 +245,16 @@ class TransformersServe:
         self.log.close()
 
 
-def start(server: str, model_path: str, threads: int, max_batch: int):
-    """(handle with .url and .stop(), the model name requests use)."""
-    if server == "lmref":
+def start(server: str, model_path: str, threads: int, max_batch: int, before: str | None = None):
+    """(handle with .url and .stop(), the model name requests use). "lmref-before": the lmref
+    package found under ``before`` (an older checkout), same flags."""
+    if server.startswith("lmref"):
+        path_env = {"PYTHONPATH": before} if server == "lmref-before" else {}
         handle = spawn_server(
             ["--model", f"smollm2={model_path}", "--torch-threads", str(threads),
              "--cache-size", "0", "--max-batch-size", str(max_batch), "--threads", "160",
              "--max-queue-size", "1024"],
-            env={"LMREF_API_KEYS": "", "OMP_NUM_THREADS": str(threads)})
+            env={"LMREF_API_KEYS": "", "OMP_NUM_THREADS": str(threads), **path_env})
         return handle, "smollm2"
     # "-passive": the peer with the OpenMP setting lmref.serve makes by default (idle OpenMP
     # threads sleep), so the comparison can be read without it.
@@ -227,8 +274,13 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=6)
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--max-batch-size", type=int, default=64, help="lmref's")
+    parser.add_argument("--before", default=None, metavar="FOLDER",
+                        help="also run the lmref package under FOLDER (e.g. `git archive` of an "
+                             "older commit) as server lmref-before")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.before:
+        args.servers = [*args.servers, "lmref-before"]
     if not Path(args.model, "config.json").exists():
         sys.exit(f"--model {args.model}: no Hugging Face folder there (config.json missing); "
                  "build it with `python -m lmref.course` or `make artifacts`")
@@ -238,9 +290,11 @@ def main() -> None:
     bound = bandwidth * 1e9 / weights
     print(f"read bandwidth {bandwidth:.1f} GB/s, weights {weights / 1e6:.0f} MB -> "
           f"decode bound {bound:.1f} tokens/s", flush=True)
+    profile = decode_profile(args.model, args.torch_threads)
     runs: dict[str, list[dict]] = {}
     for server in args.servers:
-        handle, model = start(server, args.model, args.torch_threads, args.max_batch_size)
+        handle, model = start(server, args.model, args.torch_threads, args.max_batch_size,
+                              args.before)
         try:
             run_chat_load(handle.url, model, prompts(4), 2, 8)  # warm-up: first calls allocate
             runs[server] = []
@@ -301,6 +355,7 @@ def main() -> None:
                             "decode_bound_tokens_per_s": bound,
                             "method": "best of 7 sums over a 1 GiB fp32 tensor, same threads"},
         "single_request_decode": single,
+        "decode_step_profile": profile,
         "results": [r for server_runs in runs.values() for r in server_runs],
         "lmref_vs_transformers_serve_cb_tokens_per_s": ratios,
         "lmref_vs_transformers_serve_cb_passive_tokens_per_s": ratios_passive,
