@@ -38,7 +38,9 @@ import time
 # Idle OpenMP threads sleep instead of spinning (read by libgomp when torch loads, so it is set
 # before the import). The server's Python threads (waitress, the engine's loop) share the cores
 # with torch's OpenMP team: a spinning team takes their CPU time. Measured on the 2-core CPU
-# (2 torch threads, 16 clients, benchmarks/serving_peer.py): 13.4 tokens/s spinning, 38.0 passive.
+# under other jobs' load (loadavg 3-4; 2 torch threads, 16 clients, benchmarks/serving_peer.py):
+# 13.4 tokens/s spinning, 38.0 passive. On a quiet machine the gain is small or negative (each
+# parallel region then wakes a sleeping thread): serving_peer-cpu.json runs the peer both ways.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
