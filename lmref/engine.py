@@ -1,9 +1,10 @@
 """The generation engine, with no web framework: request queue, batching, KV cache, sampling, stops.
 
-One ``Engine`` per model version: a worker thread owns model and tokenizer, batches queued
-``Job``s (one per request, a ``Row`` per prompt) with a ``DynamicCache``, samples each row with its
-own temperature/top-p/seed (``lmref.sampling``, which also computes the logprobs a request asks
-for) and ends it on EOS, a stop string or ``max_tokens``. Results come back as named events
+One ``Engine`` per model version: a worker thread owns model and tokenizer and batches queued
+``Job``s (one per request, a ``Row`` per prompt) continuously: a new row joins the running batch
+at the next decode step, a finished one leaves at once (``lmref.batching``: the shared KV cache).
+Each row is sampled with its own temperature/top-p/seed (``lmref.sampling``, which also computes
+the logprobs a request asks for) and ends on EOS, a stop string or ``max_tokens``. Results come back as named events
 (``Admitted``, ``Delta``, ``Finished``, ``Failed``). Device and dtype come from ``lmref.device``
 (the project's one policy), Prometheus metrics from ``lmref.serving_metrics``; ``lmref.serving``
 (the Flask app) is built on this.
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmref.batching import Prefill, PrefixCache, RunningBatch
 from lmref.device import compute_dtype, resolve_device
 from lmref.sampling import TokenLogprob, TokenPieces, reported, sample, score_prompt, step_logprobs
 from lmref.serving_metrics import EngineMetrics
@@ -56,8 +58,10 @@ class ModelSpec:
 
     name: str
     path: str
-    max_batch_size: int = 16        # rows (prompts) in one batched generation; 1 turns batching off
-    batch_wait_ms: float = 5.0      # how long the worker gathers requests before it starts a batch
+    max_batch_size: int = 16        # rows (prompts) decoding together; 1 turns batching off
+    batch_wait_ms: float = 5.0      # how long an idle worker gathers requests (a busy one: none)
+    prefill_chunk_tokens: int = 256  # prompt columns per prefill forward; decode steps between
+    prefix_cache_min_tokens: int = 16  # a shared prompt start this long is computed once; 0: off
     max_queue_size: int = 256       # rows waiting; more -> QueueFull (the app answers 429)
     device: str = "auto"            # cuda when present, else cpu
     chat_template: str | None = None  # Jinja; None: the tokenizer's, else DEFAULT_CHAT_TEMPLATE
@@ -166,6 +170,7 @@ class Row:
         self.text = ""
         self.last_token_at = 0.0
         self.generator: torch.Generator | None = None
+        self.pending = 0                # sampled, not yet fed to the model (a running row)
         self.logprobs: list[TokenLogprob] = []
         self.starts: list[int] = []     # where each reported token's text starts (stop cuts)
         self.settled = self.logprobs_sent = 0
@@ -217,7 +222,6 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._waiting_rows = 0
-        self._running_jobs: list[Job] = []
         self._closed = False
         self._abort_message: str | None = None
         self._thread = threading.Thread(target=self._work, name=f"engine-{spec.name}", daemon=True)
@@ -241,9 +245,8 @@ class Engine:
         # so two threads loading at once corrupt each other's model.
         # transformers' lazy imports are not thread-safe either.
         with _LOAD_LOCK:
-            from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self._cache_class = DynamicCache
             model = AutoModelForCausalLM.from_pretrained(self.spec.path, dtype=dtype,
                                                          use_safetensors=True)
             self.model = model.to(device).eval()
@@ -346,6 +349,9 @@ class Engine:
         return [done[i] for i in range(job.rows_total)] if len(done) == job.rows_total else None
 
     # -- worker side
+    # Continuous batching: each turn of the loop admits what waits and fits, runs one chunk of the
+    # new rows' prefill, and one decode step of every running row (lmref.batching holds the
+    # shared cache). A prefilled row joins at the next step; a finished one leaves at once.
     def _work(self) -> None:
         try:
             self._load()
@@ -355,44 +361,55 @@ class Engine:
         self.loaded.set()
         if self.load_error:
             return
+        self._reset()
         while True:
-            jobs = self._next_batch()
+            jobs = self._admit()
             if jobs is None:
                 return
             try:
-                self._run_batch(jobs)
+                self._start(jobs)
+                self._advance()
             except Exception:
-                log.exception("batch failed")
-                for job in jobs:
+                log.exception("generation failed")
+                for job in {r.job for r in self._rows + self._prefill_rows} | set(jobs):
                     job.events.put(Failed(EngineError("internal", "generation failed",
                                                       code="internal_error")))
-            finally:
-                with self._cond:
-                    self._running_jobs = []
-                self.metrics.running.labels(**self._labels).set(0)
+                self._reset()
 
-    def _next_batch(self) -> list[Job] | None:
+    def _reset(self) -> None:
+        self._batch = RunningBatch(self.model)
+        self._prefix = PrefixCache(self.model, self.spec.prefix_cache_min_tokens)
+        self._rows: list[Row] = []           # decoding, in the batch's row order
+        self._prefill: Prefill | None = None
+        self._prefill_rows: list[Row] = []
+        self.metrics.running.labels(**self._labels).set(0)
+
+    def _admit(self) -> list[Job] | None:
+        """Jobs to start now: those waiting that fit beside the running rows. An idle worker
+        gathers for batch_wait_ms first; None: closed and nothing left to run."""
         spec = self.spec
+        busy = len(self._rows) + len(self._prefill_rows)
         with self._cond:
-            while not self._waiting and not self._closed:
+            while not self._waiting and not busy and not self._closed:
                 self._cond.wait()
             if self._closed:
-                return None
-            # Gather for up to batch_wait_ms after the oldest request arrived, or until full.
-            deadline = self._waiting[0].arrival + spec.batch_wait_ms / 1000
-            while self._waiting_rows < spec.max_batch_size and not self._closed:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            jobs, rows = [], 0
-            while self._waiting and (not jobs or rows + len(self._waiting[0].rows)
+                return [] if busy else None
+            if self._prefill is not None or not self._waiting:
+                return []  # newcomers make the next prefill group
+            if not busy:  # a burst of requests is prefilled together
+                deadline = self._waiting[0].arrival + spec.batch_wait_ms / 1000
+                while self._waiting_rows < spec.max_batch_size and not self._closed:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            jobs, rows = [], busy
+            while self._waiting and (not rows or rows + len(self._waiting[0].rows)
                                      <= spec.max_batch_size):
                 job = self._waiting.popleft()
                 jobs.append(job)
                 rows += len(job.rows)
-            self._waiting_rows -= rows
-            self._running_jobs = jobs
+            self._waiting_rows -= rows - busy
             self.metrics.waiting.labels(**self._labels).set(self._waiting_rows)
             return jobs
 
@@ -429,7 +446,8 @@ class Engine:
         row.max_tokens = limit - len(ids) if wanted is None else wanted  # 0: echo, score only
         return ids
 
-    def _run_batch(self, jobs: list[Job]) -> None:
+    def _start(self, jobs: list[Job]) -> None:
+        """Tokenize the jobs' rows and begin their prefill (one left-padded group)."""
         rows: list[Row] = []
         for job in jobs:
             if job.cancelled.is_set():
@@ -442,11 +460,7 @@ class Engine:
                 continue
             job.events.put(Admitted())
             rows.extend(job.rows)
-        if not rows:
-            return
         labels = self._labels
-        self.metrics.batch_size.labels(**labels).observe(len(rows))
-        self.metrics.running.labels(**labels).set(len(rows))
         for row in rows:
             self.metrics.prompt_tokens.labels(**labels).inc(len(row.prompt_ids))
             if row.params.temperature >= 1e-5:
@@ -458,66 +472,54 @@ class Engine:
                     self.model, row.prompt_ids, row.params.logprobs, self._pieces)
             if row.max_tokens == 0:  # echo with max_tokens 0: the prompt scored, nothing generated
                 self._finish(row, "length", time.perf_counter())
-        if any(row.max_tokens > 0 for row in rows):
-            self._decode([row for row in rows if row.max_tokens > 0])
+        rows = [row for row in rows if row.max_tokens > 0]
+        if rows:
+            self._prefill = Prefill(self.model, [r.prompt_ids for r in rows], self.pad_id,
+                                    self.spec.prefill_chunk_tokens, self._prefix)
+            self._prefill_rows = rows
 
-    @torch.inference_mode()
-    def _decode(self, rows: list[Row]) -> None:
-        # A hand-written decode loop instead of model.generate(): generate() applies ONE
-        # temperature/top_p/seed/stop/max_new_tokens to the whole batch, while a server batches
-        # requests that each bring their own. The loop is the same idea as generate's: one
-        # prefill over the left-padded prompts, then one forward per token with the KV cache
-        # (DynamicCache), dropping finished rows from the cache so they cost nothing more.
-        model, device = self.model, self.device
-        longest = max(len(r.prompt_ids) for r in rows)
-        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding: every row's last prompt token is at -1
-            input_ids[i, longest - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
-            attention[i, longest - len(row.prompt_ids):] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        # Positions count real tokens only, so a padded row sees the positions it would alone.
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        cache = self._cache_class(config=model.config)
-        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        next_position = positions[:, -1:] + 1
-        active = list(range(len(rows)))
-        while True:
-            tokens = self._sample(logits, [rows[i] for i in active])
-            # Reported logprobs: log-softmax of the raw logits, before temperature and top-p, as
-            # OpenAI's API reports them (lmref.sampling says why).
-            want = [k for k, i in enumerate(active) if rows[i].params.logprobs is not None]
-            entries = dict(zip(want, step_logprobs(
-                logits[want], [tokens[k] for k in want],
-                [rows[active[k]].params.logprobs for k in want], self._pieces))) if want else {}
-            now = time.perf_counter()
-            keep = []
-            for k, (i, token) in enumerate(zip(active, tokens)):
-                row = rows[i]
-                if row.job.cancelled.is_set() or self._abort_message is not None and self._closed:
-                    self._finish(row, "abort", now)
-                    continue
-                if not self._append(row, token, now, entries.get(k)):
-                    keep.append(k)
-            if not keep:
-                return
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                attention, next_position = attention[index], next_position[index]
-                active = [active[k] for k in keep]
-                tokens = [tokens[k] for k in keep]
-            attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
-            step = torch.tensor(tokens, device=device).unsqueeze(1)
-            logits = model(input_ids=step, attention_mask=attention, position_ids=next_position,
-                           past_key_values=cache, use_cache=True).logits[:, -1, :]
-            next_position = next_position + 1
-            self.metrics.running.labels(**self._labels).set(len(active))
+    def _advance(self) -> None:
+        """One chunk of the pending prefill, then one decode step of every running row."""
+        if self._prefill is not None:
+            logits = self._prefill.step()
+            if logits is not None:  # prefill done: the new rows join with their first token
+                new, base = self._prefill_rows, len(self._rows)
+                self._batch.join(self._prefill)
+                self._prefill, self._prefill_rows = None, []
+                self.metrics.batch_size.labels(**self._labels).observe(len(new))
+                keep = [base + k for k in self._next_tokens(new, logits)]
+                self._rows += new
+                self._leave([*range(base), *keep])
+        if self._rows:
+            logits = self._batch.step([row.pending for row in self._rows])
+            self._leave(self._next_tokens(self._rows, logits))
+        self.metrics.running.labels(**self._labels).set(len(self._rows) + len(self._prefill_rows))
 
-    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
-        return sample(logits, [r.params.temperature for r in rows],
-                      [r.params.top_p for r in rows], [r.generator for r in rows])
+    def _leave(self, keep: list[int]) -> None:
+        self._batch.leave(keep)
+        self._rows = [self._rows[k] for k in keep]
+
+    def _next_tokens(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+        """Sample each row's next token and append it; the indices of rows still running.
+        A hand-written loop instead of model.generate(): generate() applies ONE temperature/
+        top_p/seed/stop/max_new_tokens to the whole batch, a server's requests each bring theirs."""
+        tokens = sample(logits, [r.params.temperature for r in rows],
+                        [r.params.top_p for r in rows], [r.generator for r in rows])
+        # Reported logprobs: log-softmax of the raw logits, before temperature and top-p, as
+        # OpenAI's API reports them (lmref.sampling says why).
+        want = [k for k, row in enumerate(rows) if row.params.logprobs is not None]
+        entries = dict(zip(want, step_logprobs(
+            logits[want], [tokens[k] for k in want],
+            [rows[k].params.logprobs for k in want], self._pieces))) if want else {}
+        now = time.perf_counter()
+        keep = []
+        for k, (row, token) in enumerate(zip(rows, tokens)):
+            if row.job.cancelled.is_set() or self._abort_message is not None and self._closed:
+                self._finish(row, "abort", now)
+            elif not self._append(row, token, now, entries.get(k)):
+                row.pending = token
+                keep.append(k)
+        return keep
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True,

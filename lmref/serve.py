@@ -38,13 +38,27 @@ import sys
 import threading
 import time
 
-import torch
-from flask import Flask
-from waitress.channel import HTTPChannel
-from waitress.task import ErrorTask
+# Idle OpenMP threads sleep instead of spinning (read by libgomp when torch loads, so it is set
+# before the import). The server's Python threads (waitress, the engine's loop) share the cores
+# with torch's OpenMP team: a spinning team takes their CPU time. Measured on the 2-core CPU
+# under other jobs' load (loadavg 3-4; 2 torch threads, 16 clients, benchmarks/serving_peer.py):
+# 13.4 tokens/s spinning, 38.0 passive. On a quiet machine the gain is small or negative (each
+# parallel region then wakes a sleeping thread): serving_peer-cpu.json runs the peer both ways.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lmref.engine import ModelSpec
-from lmref.serving import HTTP_ERRORS, APIError, ServingConfig, ServingState, create_app
+import torch  # noqa: E402
+from flask import Flask  # noqa: E402
+from waitress.channel import HTTPChannel  # noqa: E402
+from waitress.task import ErrorTask  # noqa: E402
+
+from lmref.engine import ModelSpec  # noqa: E402
+from lmref.serving import (  # noqa: E402
+    HTTP_ERRORS,
+    APIError,
+    ServingConfig,
+    ServingState,
+    create_app,
+)
 
 log = logging.getLogger("lmref.serve")
 DEFAULT_MODEL = "smollm2=smollm2-135m-instruct"

@@ -13,13 +13,17 @@ CONDA_NAMES = {"pytorch": "torch"}  # conda-forge spells a few packages differen
 
 
 def split(requirement: str) -> tuple[str, str]:
-    name, spec = re.match(r"([A-Za-z0-9_.\-]+)(.*)", requirement.replace(" ", "")).groups()
+    # Extras stay part of the name: "transformers[serving]" (the bench extra) is a requirement of
+    # its own beside plain "transformers".
+    name, spec = re.match(r"([A-Za-z0-9_.\-]+(?:\[[^\]]*\])?)(.*)",
+                          requirement.replace(" ", "")).groups()
     return name.lower().replace("_", "-"), spec
 
 
 def pyproject_requirements() -> dict[str, str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return dict(split(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"])
+    extras = project["optional-dependencies"]
+    return dict(split(r) for r in project["dependencies"] + extras["dev"] + extras["bench"])
 
 
 def conda_requirements() -> dict[str, str]:
