@@ -32,7 +32,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -45,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lmref.env import cpu_model  # noqa: E402
-from lmref.loadtest import _percentile, spawn_server  # noqa: E402
+from lmref.loadtest import drain, latency_percentiles, spawn_server  # noqa: E402
 
 TOPICS = ("a lighthouse keeper", "the first snow of winter", "a robot learning to paint",
           "a lost city under the sea", "two rival bakers", "a dragon who fears heights",
@@ -158,42 +157,24 @@ def run_chat_load(url: str, model: str, requests: list[list[dict]], clients: int
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-    pending = list(enumerate(requests))[::-1]
-    lock = threading.Lock()
-    results: list[dict] = []
 
-    def worker() -> None:
-        while True:
-            with lock:
-                if not pending:
-                    return
-                index, messages = pending.pop()
-            try:
-                result = chat_once(client, model, messages, max_tokens)
-            except Exception as exc:  # a failed request is counted, not fatal
-                result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            result["index"] = index
-            with lock:
-                results.append(result)
+    def send(job: tuple[int, list[dict]]) -> dict:
+        index, messages = job
+        try:
+            result = chat_once(client, model, messages, max_tokens)
+        except Exception as exc:  # a failed request is counted, not fatal
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {**result, "index": index}
 
     load_before = os.getloadavg()
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    duration = time.perf_counter() - start
+    results, duration = drain(list(enumerate(requests)), clients, send)
     ok = [r for r in results if r["ok"]]
     summary = {"clients": clients, "requests": len(ok), "failed": len(results) - len(ok),
                "errors": sorted({r["error"] for r in results if not r["ok"]})[:3],
                "duration_s": duration, "output_tokens": sum(r["tokens"] for r in ok),
                "output_tokens_per_s": sum(r["tokens"] for r in ok) / duration,
-               "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
-    for name in ("ttft", "tpot", "e2e"):
-        values = [r[name] * 1000 for r in ok]
-        summary[f"{name}_p50_ms"] = _percentile(values, 0.5)
-        summary[f"{name}_p99_ms"] = _percentile(values, 0.99)
+               "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+               **latency_percentiles(ok)}
     summary["texts"] = {r["index"]: r["text"] for r in ok}
     return summary
 

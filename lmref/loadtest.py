@@ -7,7 +7,8 @@ so the file can be copied alone next to any server that prints a JSON "listening
 - ``spawn_server(args)``: ``python -m lmref.serve <args>`` on a free port, waits for /ready;
   ``.stop()`` sends SIGTERM and waits for the drain.
 - ``stream_completion(url, body)``: one streaming ``/v1/completions`` call, timed.
-- ``run_load(url, prompts, concurrency)``: a closed loop of clients; requests/s, output tokens/s,
+- ``drain(jobs, clients, send)``: the closed loop itself, for any request function.
+- ``run_load(url, prompts, concurrency)``: ``drain`` over streaming completions; requests/s, output tokens/s,
   TTFT, TPOT and end-to-end p50/p99 (the numbers vLLM's serving benchmark reports).
 - ``closed_loop(url, body, clients, seconds)``: the same request back to back for a while, each
   one's outcome kept (status or error, which upstream answered): what fails when a replica dies.
@@ -35,6 +36,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 
 class ServerProcess:
@@ -168,13 +171,11 @@ def stream_completion(url: str, body: dict, api_key: str | None = None,
             "e2e": end - start, "tpot": (end - first) / (tokens - 1) if tokens > 1 else 0.0}
 
 
-def run_load(url: str, prompts: list[str], concurrency: int, model: str | None = None,
-             max_tokens: int = 32, api_key: str | None = None, temperature: float = 0.0,
-             ignore_eos: bool = True) -> dict:
-    """A closed-loop load: ``concurrency`` clients send the prompts (each once) as fast as they
-    are answered. Returns vLLM-benchmark-style numbers (requests/s, output tokens/s, TTFT, TPOT,
-    end-to-end p50/p99 in ms)."""
-    pending = collections.deque(enumerate(prompts))
+def drain(jobs: list, clients: int, send: Callable[[Any], dict]) -> tuple[list[dict], float]:
+    """A closed loop: ``clients`` threads take ``jobs`` in order, each once, and ``send`` each as
+    soon as their previous one is answered. Returns the results (in completion order) and the
+    wall seconds. ``send`` decides which errors count as a failed request instead of raising."""
+    pending = collections.deque(jobs)
     lock = threading.Lock()
     results: list[dict] = []
 
@@ -183,34 +184,52 @@ def run_load(url: str, prompts: list[str], concurrency: int, model: str | None =
             with lock:
                 if not pending:
                     return
-                _, prompt = pending.popleft()
-            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-                    "ignore_eos": ignore_eos}
-            if model:
-                body["model"] = model
-            try:
-                result = stream_completion(url, body, api_key)
-            except OSError as exc:
-                result = {"ok": False, "error": str(exc)}
+                job = pending.popleft()
+            result = send(job)
             with lock:
                 results.append(result)
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    duration = time.perf_counter() - start
-    ok = [r for r in results if r["ok"]]
-    summary = {"concurrency": concurrency, "requests": len(ok), "failed": len(results) - len(ok),
-               "duration_s": duration, "requests_per_s": len(ok) / duration,
-               "output_tokens_per_s": sum(r["tokens"] for r in ok) / duration}
+    return results, time.perf_counter() - start
+
+
+def latency_percentiles(ok: list[dict]) -> dict:
+    """``ttft``/``tpot``/``e2e`` p50 and p99 in ms of the successful results of ``drain``."""
+    summary = {}
     for name in ("ttft", "tpot", "e2e"):
         values = [r[name] * 1000 for r in ok]
         summary[f"{name}_p50_ms"] = _percentile(values, 0.5)
         summary[f"{name}_p99_ms"] = _percentile(values, 0.99)
     return summary
+
+
+def run_load(url: str, prompts: list[str], concurrency: int, model: str | None = None,
+             max_tokens: int = 32, api_key: str | None = None, temperature: float = 0.0,
+             ignore_eos: bool = True) -> dict:
+    """A closed-loop load: ``concurrency`` clients send the prompts (each once) as fast as they
+    are answered. Returns vLLM-benchmark-style numbers (requests/s, output tokens/s, TTFT, TPOT,
+    end-to-end p50/p99 in ms)."""
+    def send(prompt: str) -> dict:
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+                "ignore_eos": ignore_eos}
+        if model:
+            body["model"] = model
+        try:
+            return stream_completion(url, body, api_key)
+        except OSError as exc:
+            return {"ok": False, "error": str(exc)}
+
+    results, duration = drain(prompts, concurrency, send)
+    ok = [r for r in results if r["ok"]]
+    return {"concurrency": concurrency, "requests": len(ok), "failed": len(results) - len(ok),
+            "duration_s": duration, "requests_per_s": len(ok) / duration,
+            "output_tokens_per_s": sum(r["tokens"] for r in ok) / duration,
+            **latency_percentiles(ok)}
 
 
 def closed_loop(url: str, body: dict, clients: int, seconds: float,
