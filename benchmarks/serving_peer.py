@@ -29,7 +29,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lmref.env import cpu_model  # noqa: E402
 from lmref.loadtest import drain, latency_percentiles, spawn_server  # noqa: E402
+from lmref.local_services import free_port  # noqa: E402
 
 TOPICS = ("a lighthouse keeper", "the first snow of winter", "a robot learning to paint",
           "a lost city under the sea", "two rival bakers", "a dragon who fears heights",
@@ -180,12 +180,6 @@ def run_chat_load(url: str, model: str, requests: list[list[dict]], clients: int
 
 
 # ----------------------------------------------------------------------------------- the servers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class TransformersServe:
     """``transformers serve <folder> --continuous-batching`` in a child process, pinned to the
     model, on CPU in fp32; ready when ``/health`` answers."""
