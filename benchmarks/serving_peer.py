@@ -2,7 +2,7 @@
 
 In one run, one server after the other (never both at once: they would share the cores), each
 with 2 torch threads: ``python -m lmref.serve`` and ``transformers serve --continuous-batching``
-(the ``bench`` extra: ``pip install -e .[bench]``) on SmolLM2-135M-Instruct in fp32. The official
+(the ``bench`` extra: ``pip install -e .[bench]``) on SmolLM2-135M-Instruct in fp32 (or ``--dtype bfloat16``). The official
 ``openai`` client sends streaming chat requests (32 max tokens, temperature 0, the same prompts
 for both; lmref's response cache off) from 1, 16, 32 and 64 concurrent clients in a closed loop.
 Reported per server and client count: output tokens/s, TTFT and end-to-end p50/p99, and the
@@ -17,6 +17,7 @@ Usage::
 
     python benchmarks/serving_peer.py           # -> benchmarks/results/serving_peer-cpu.json
     python benchmarks/serving_peer.py --clients 1 16 --servers lmref
+    python benchmarks/serving_peer.py --dtype bfloat16   # -> serving_peer-cpu-bf16.json
     git archive <commit> lmref | tar -x -C /tmp/before      # and that commit's lmref too:
     python benchmarks/serving_peer.py --before /tmp/before
 """
@@ -72,37 +73,40 @@ def read_bandwidth_gbs(threads: int, mib: int = 1024, repeats: int = 7) -> float
     return data.numel() * 4 / best / 1e9
 
 
-def weight_bytes(path: str) -> int:
-    """Bytes of weights read per token, from the safetensors headers (a tied output layer is the
-    embedding matrix: stored, and read, once)."""
+def weight_bytes(path: str, dtype: torch.dtype) -> int:
+    """Bytes of weights read per token when served in ``dtype``, from the safetensors headers (a
+    tied output layer is the embedding matrix: stored, and read, once)."""
     from safetensors import safe_open
 
-    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1}
     total = 0
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(file, "pt") as f:
             for name in f.keys():
-                t = f.get_slice(name)
-                total += int(torch.Size(t.get_shape()).numel()) * sizes.get(t.get_dtype(), 4)
-    return total
+                total += int(torch.Size(f.get_slice(name).get_shape()).numel())
+    return total * dtype.itemsize
 
 
 @torch.inference_mode()
-def decode_profile(path: str, threads: int, batch_sizes: tuple[int, ...] = (1, 16, 32, 64),
-                   steps: int = 6) -> list[dict]:
+def decode_profile(path: str, threads: int, dtype: torch.dtype, packed: bool,
+                   batch_sizes: tuple[int, ...] = (1, 16, 32, 64), steps: int = 6) -> list[dict]:
     """Where a decode step's time goes, in this process (no server): the engine's step
-    (lmref.batching) at each batch size against the model's Linear layers alone on the same
-    shapes (the weight-reading matmuls; the rest is attention, norms, Python)."""
+    (lmref.batching) at each batch size against the model's linear layers alone on the same
+    shapes (the weight-reading matmuls; the rest is attention, norms, Python). ``packed``: the
+    weights packed for oneDNN as the engine does by default (lmref.cpu_inference)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmref.batching import Prefill, RunningBatch
+    from lmref.cpu_inference import PackedLinear, pack_linears
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    if packed:
+        pack_linears(model)
     tok = AutoTokenizer.from_pretrained(path)
     encoded = [tok.apply_chat_template(m, add_generation_prompt=True) for m in prompts(64)]
     encoded = [e if isinstance(e, list) else e["input_ids"] for e in encoded]
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    linear_bytes = sum(m.in_features * m.out_features for m in linears) * dtype.itemsize
     out = []
     for b in batch_sizes:
         prefill = Prefill(model, encoded[:b], tok.pad_token_id or 0)
@@ -115,17 +119,17 @@ def decode_profile(path: str, threads: int, batch_sizes: tuple[int, ...] = (1, 1
             start = time.perf_counter()
             tokens = batch.step(tokens).argmax(-1).tolist()
             times.append(time.perf_counter() - start)
-        xs = [torch.randn(b, 1, m.in_features) for m in linears]
+        xs = [torch.randn(b, 1, m.in_features, dtype=dtype) for m in linears]
         start = time.perf_counter()
         for _ in range(3):
             for m, x in zip(linears, xs):
                 m(x)
         linear_s = (time.perf_counter() - start) / 3
         step_s = sorted(times[2:])[len(times[2:]) // 2]
-        out.append({"batch": b, "step_ms_median": step_s * 1000, "linears_alone_ms": linear_s * 1000,
-                    "linears_share": linear_s / step_s,
-                    "linear_weight_read_gb_s": sum(m.weight.numel() for m in linears) * 4
-                    / linear_s / 1e9, "tokens_per_s": b / step_s, "loadavg": os.getloadavg()})
+        out.append({"packed": packed, "batch": b, "step_ms_median": step_s * 1000,
+                    "linears_alone_ms": linear_s * 1000, "linears_share": linear_s / step_s,
+                    "linear_weight_read_gb_s": linear_bytes / linear_s / 1e9,
+                    "tokens_per_s": b / step_s, "loadavg": os.getloadavg()})
         print("profile", out[-1], flush=True)
     return out
 
@@ -182,9 +186,9 @@ def run_chat_load(url: str, model: str, requests: list[list[dict]], clients: int
 # ----------------------------------------------------------------------------------- the servers
 class TransformersServe:
     """``transformers serve <folder> --continuous-batching`` in a child process, pinned to the
-    model, on CPU in fp32; ready when ``/health`` answers."""
+    model, on CPU in the given dtype; ready when ``/health`` answers."""
 
-    def __init__(self, model_path: str, threads: int, timeout: float = 300.0,
+    def __init__(self, model_path: str, threads: int, dtype: str, timeout: float = 300.0,
                  env: dict | None = None):
         exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
         self.port = free_port()
@@ -194,7 +198,7 @@ class TransformersServe:
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "transformers_serve.log", "w")
         self.proc = subprocess.Popen(
             [exe, "serve", model_path, "--continuous-batching", "--device", "cpu",
-             "--dtype", "float32", "--host", "127.0.0.1", "--port", str(self.port)],
+             "--dtype", dtype, "--host", "127.0.0.1", "--port", str(self.port)],
             env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -220,21 +224,24 @@ class TransformersServe:
         self.log.close()
 
 
-def start(server: str, model_path: str, threads: int, max_batch: int, before: str | None = None):
+def start(server: str, model_path: str, threads: int, max_batch: int, dtype: str,
+          before: str | None = None):
     """(handle with .url and .stop(), the model name requests use). "lmref-before": the lmref
-    package found under ``before`` (an older checkout), same flags."""
+    package found under ``before`` (an older checkout), same flags; "lmref-unpacked": lmref with
+    ``--no-pack-linears`` (MKL's GEMM on the weights as loaded)."""
+    # "-passive": idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE) instead of libgomp's
+    # default of spinning a while first; lmref.serve's comment has the numbers.
+    passive = {"OMP_WAIT_POLICY": "PASSIVE"} if server.endswith("-passive") else {}
     if server.startswith("lmref"):
         path_env = {"PYTHONPATH": before} if server == "lmref-before" else {}
+        unpacked = ["--no-pack-linears"] if server == "lmref-unpacked" else []
         handle = spawn_server(
             ["--model", f"smollm2={model_path}", "--torch-threads", str(threads),
              "--cache-size", "0", "--max-batch-size", str(max_batch), "--threads", "160",
-             "--max-queue-size", "1024"],
-            env={"LMREF_API_KEYS": "", "OMP_NUM_THREADS": str(threads), **path_env})
+             "--max-queue-size", "1024", "--dtype", dtype, *unpacked],
+            env={"LMREF_API_KEYS": "", "OMP_NUM_THREADS": str(threads), **path_env, **passive})
         return handle, "smollm2"
-    # "-passive": the peer with the OpenMP setting lmref.serve makes by default (idle OpenMP
-    # threads sleep), so the comparison can be read without it.
-    passive = {"OMP_WAIT_POLICY": "PASSIVE"} if server.endswith("-passive") else {}
-    handle = TransformersServe(model_path, threads, env=passive)
+    handle = TransformersServe(model_path, threads, dtype, env=passive)
     return handle, handle.model
 
 
@@ -242,8 +249,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO / "artifacts" / "smollm2-135m-instruct"))
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 32, 64])
-    parser.add_argument("--servers", nargs="+", default=["lmref", "transformers-serve-cb",
-                                                         "transformers-serve-cb-passive"])
+    parser.add_argument("--servers", nargs="+", default=["lmref", "lmref-unpacked",
+                                                         "transformers-serve-cb"],
+                        help="also: lmref-passive, transformers-serve-cb-passive (idle OpenMP "
+                             "threads asleep: OMP_WAIT_POLICY=PASSIVE), lmref-before")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and compute of both servers (bfloat16 pays on CPUs with "
+                             "AVX512-BF16 or AMX)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=6)
@@ -252,6 +264,7 @@ def main() -> None:
     parser.add_argument("--before", default=None, metavar="FOLDER",
                         help="also run the lmref package under FOLDER (e.g. `git archive` of an "
                              "older commit) as server lmref-before")
+    parser.add_argument("--no-profile", action="store_true", help="skip the in-process profile")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.before:
@@ -261,15 +274,18 @@ def main() -> None:
                  "build it with `python -m lmref.course` or `make artifacts`")
 
     bandwidth = read_bandwidth_gbs(args.torch_threads)
-    weights = weight_bytes(args.model)
+    dtype = getattr(torch, args.dtype)
+    weights = weight_bytes(args.model, dtype)
     bound = bandwidth * 1e9 / weights
     print(f"read bandwidth {bandwidth:.1f} GB/s, weights {weights / 1e6:.0f} MB -> "
           f"decode bound {bound:.1f} tokens/s", flush=True)
-    profile = decode_profile(args.model, args.torch_threads)
+    profile = [] if args.no_profile else [
+        row for packed in (False, True)
+        for row in decode_profile(args.model, args.torch_threads, dtype, packed)]
     runs: dict[str, list[dict]] = {}
     for server in args.servers:
         handle, model = start(server, args.model, args.torch_threads, args.max_batch_size,
-                              args.before)
+                              args.dtype, args.before)
         try:
             run_chat_load(handle.url, model, prompts(4), 2, 8)  # warm-up: first calls allocate
             runs[server] = []
@@ -277,8 +293,8 @@ def main() -> None:
                 n = max(args.min_requests, clients * args.requests_per_client)
                 r = run_chat_load(handle.url, model, prompts(n), clients, args.max_tokens)
                 r["server"] = server
-                r["omp_wait_policy"] = "PASSIVE" if server == "lmref" or server.endswith(
-                    "-passive") else os.environ.get("OMP_WAIT_POLICY", "default (spinning)")
+                r["omp_wait_policy"] = "PASSIVE" if server.endswith("-passive") else \
+                    os.environ.get("OMP_WAIT_POLICY", "libgomp default (spin, then sleep)")
                 runs[server].append(r)
                 print(f"{server:22s} clients={clients:3d} tok/s={r['output_tokens_per_s']:7.1f} "
                       f"ttft p50/p99={r['ttft_p50_ms']:7.0f}/{r['ttft_p99_ms']:7.0f}ms "
@@ -293,7 +309,7 @@ def main() -> None:
 
     # Greedy answers of the two servers, request by request (same prompts, same weights).
     same = None
-    if len(runs) == 2 and at("lmref", 1) and at("transformers-serve-cb", 1):
+    if at("lmref", 1) and at("transformers-serve-cb", 1):
         a, b = at("lmref", 1)["texts"], at("transformers-serve-cb", 1)["texts"]
         same = sum(a[i] == b.get(i) for i in a) / max(1, len(a))
     ratios, single, ratios_passive = {}, {}, {}
@@ -319,7 +335,7 @@ def main() -> None:
         "python": platform.python_version(),
         "note": "2 CPU cores shared with other agents' jobs: timings are noisy; loadavg_* is "
                 "os.getloadavg() before/after each measurement; compare within one run only",
-        "settings": {"model": Path(args.model).name, "dtype": "float32",
+        "settings": {"model": Path(args.model).name, "dtype": args.dtype,
                      "max_tokens": args.max_tokens, "temperature": 0.0, "stream": True,
                      "client": "openai " + __import__("openai").__version__,
                      "torch_threads": args.torch_threads, "lmref_response_cache": "off",
@@ -341,7 +357,8 @@ def main() -> None:
             "single_request_fraction_of_bound": 0.5,
             "met_single": single.get("lmref", {}).get("fraction_of_bound", 0) >= 0.5},
     }
-    out = Path(args.out or REPO / "benchmarks" / "results" / "serving_peer-cpu.json")
+    suffix = "" if args.dtype == "float32" else "-bf16"
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"serving_peer-cpu{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({"ratios": ratios, "single": single, "targets": report["targets"]}, indent=1))

@@ -4,10 +4,10 @@ One ``Engine`` per model version: a worker thread owns model and tokenizer and b
 ``Job``s (one per request, a ``Row`` per prompt) continuously: a new row joins the running batch
 at the next decode step, a finished one leaves at once (``lmref.batching``: the shared KV cache).
 Each row is sampled with its own temperature/top-p/seed (``lmref.sampling``, which also computes
-the logprobs a request asks for) and ends on EOS, a stop string or ``max_tokens``. Results come back as named events
-(``Admitted``, ``Delta``, ``Finished``, ``Failed``). Device and dtype come from ``lmref.device``
-(the project's one policy), Prometheus metrics from ``lmref.serving_metrics``; ``lmref.serving``
-(the Flask app) is built on this.
+the logprobs a request asks for) and ends on EOS, a stop string or ``max_tokens``. Results come
+back as named events (``Admitted``, ``Delta``, ``Finished``, ``Failed``). Device and dtype come
+from ``lmref.device`` (the project's one policy); on CPU, linear weights are packed for oneDNN
+(``lmref.cpu_inference``). Metrics: ``lmref.serving_metrics``; the Flask app: ``lmref.serving``.
 
 Usage::
 
@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from lmref.batching import Prefill, PrefixCache, RunningBatch
-from lmref.device import compute_dtype, resolve_device
+from lmref.cpu_inference import pack_linears
+from lmref.device import PRECISIONS, compute_dtype, resolve_device
 from lmref.sampling import TokenLogprob, TokenPieces, reported, sample, score_prompt, step_logprobs
 from lmref.serving_metrics import EngineMetrics
 
@@ -65,7 +66,8 @@ class ModelSpec:
     max_queue_size: int = 256       # rows waiting; more -> QueueFull (the app answers 429)
     device: str = "auto"            # cuda when present, else cpu
     chat_template: str | None = None  # Jinja; None: the tokenizer's, else DEFAULT_CHAT_TEMPLATE
-    dtype: str = "auto"             # bf16 on GPUs that support it, fp32 on CPU
+    dtype: str = "auto"             # bf16 on GPUs that have it, fp32 on CPU; or fp32/bf16/fp16
+    pack_linears: bool = True       # CPU: weights packed once for oneDNN (lmref.cpu_inference)
 
 
 @dataclass
@@ -94,8 +96,7 @@ class QueueFull(Exception):
     """More rows waiting than ``ModelSpec.max_queue_size``."""
 
 
-# The events of a job, in order: Admitted (or Failed), Delta* (streaming only), one Finished per
-# row; Failed ends the job.
+# A job's events, in order: Admitted (or Failed), Delta* (streaming only), one Finished per row.
 @dataclass(frozen=True)
 class Admitted:  # the prompts were tokenized and fit the context: generation starts
     pass
@@ -133,9 +134,8 @@ class ResponseCache:
     """A thread-safe LRU of finished greedy rows: same model, prompt and limits -> same text."""
 
     def __init__(self, size: int) -> None:
-        self.size = size
+        self.size, self._lock = size, threading.Lock()
         self._items: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()
 
     def get(self, key) -> Finished | None:
         with self._lock:
@@ -163,12 +163,9 @@ class Row:
         self.is_chat, self.cache_key = is_chat, None
         self.prompt_ids: list[int] = []
         self.out_ids: list[int] = []
-        self.max_tokens = 0             # params.max_tokens, or what the context leaves
-        self.completion_tokens = 0
-        self.emitted = 0                # characters of text already sent to a streaming client
-        self.search_from = 0            # where the next stop-string search starts
-        self.text = ""
-        self.last_token_at = 0.0
+        self.max_tokens = self.completion_tokens = 0  # max: params', or what the context leaves
+        self.emitted = self.search_from = 0  # characters sent to a stream; stop search start
+        self.text, self.last_token_at = "", 0.0
         self.generator: torch.Generator | None = None
         self.pending = 0                # sampled, not yet fed to the model (a running row)
         self.logprobs: list[TokenLogprob] = []
@@ -239,7 +236,8 @@ class Engine:
 
     def _load(self) -> None:
         device = resolve_device(self.spec.device)
-        dtype = compute_dtype(device) if self.spec.dtype == "auto" else self.spec.dtype
+        dtype = compute_dtype(device, self.spec.dtype) if self.spec.dtype in {"auto", *PRECISIONS} \
+            else self.spec.dtype  # a torch dtype's name, e.g. "bfloat16"
         # Weights from safetensors only: a pickled pytorch_model.bin can run code when loaded.
         # One load at a time: from_pretrained switches process-wide init state (meta device),
         # so two threads loading at once corrupt each other's model.
@@ -250,6 +248,8 @@ class Engine:
             model = AutoModelForCausalLM.from_pretrained(self.spec.path, dtype=dtype,
                                                          use_safetensors=True)
             self.model = model.to(device).eval()
+            if self.spec.pack_linears:
+                pack_linears(self.model)
             self.tokenizer = AutoTokenizer.from_pretrained(self.spec.path)
         cfg = model.config.get_text_config(decoder=True)
         self.context_length = int(getattr(cfg, "max_position_embeddings", None)

@@ -38,21 +38,19 @@ import sys
 import threading
 import time
 
-# Idle OpenMP threads sleep instead of spinning (read by libgomp when torch loads, so it is set
-# before the import). The server's Python threads (waitress, the engine's loop) share the cores
-# with torch's OpenMP team: a spinning team takes their CPU time. Measured on the 2-core CPU
-# under other jobs' load (loadavg 3-4; 2 torch threads, 16 clients, benchmarks/serving_peer.py):
-# 13.4 tokens/s spinning, 38.0 passive. On a quiet machine the gain is small or negative (each
-# parallel region then wakes a sleeping thread): serving_peer-cpu.json runs the peer both ways.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is left to libgomp's default: an idle torch thread spins a short while,
+# then sleeps. A decode step runs some 300 parallel regions, and forcing OMP_WAIT_POLICY=PASSIVE
+# makes each wake a sleeping thread. Measured on the quiet 2-core AMD EPYC (serving_peer, fp32,
+# 2 torch threads): passive was 1.9x slower at 1 client (9.4 vs 18.2 tokens/s) and 1.7x at 16
+# (93.6 vs 159.2). On a machine shared with other busy jobs (loadavg 3-4) it went the other way
+# (16 clients: 13.4 spinning, 38.0 passive): export OMP_WAIT_POLICY=PASSIVE there.
+import torch
+from flask import Flask
+from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask
 
-import torch  # noqa: E402
-from flask import Flask  # noqa: E402
-from waitress.channel import HTTPChannel  # noqa: E402
-from waitress.task import ErrorTask  # noqa: E402
-
-from lmref.engine import ModelSpec  # noqa: E402
-from lmref.serving import (  # noqa: E402
+from lmref.engine import ModelSpec
+from lmref.serving import (
     HTTP_ERRORS,
     APIError,
     ServingConfig,
@@ -236,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m lmref.serve",
         description="Serve Hugging Face causal LMs with an OpenAI-compatible API.",
         epilog="API keys: --api-key KEY (repeatable) or env LMREF_API_KEYS=k1,k2. With neither, "
-               "auth is off and anyone who reaches the port may use the models.")
+               "auth is off and anyone who reaches the port may use the models. On a machine "
+               "shared with other busy jobs, export OMP_WAIT_POLICY=PASSIVE.")
     parser.add_argument("--model", action="append", metavar="NAME=PATH",
                         help="a model version to serve (repeatable; the first is the default): a "
                              "folder, a cached hub id or a course name; default "
@@ -252,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         group = parser.add_argument_group(f"{cls.__name__} (lmref.{cls.__module__.split('.')[-1]})")
         for f in fields:
             flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
+            if f.type == "bool":  # --pack-linears / --no-pack-linears
+                group.add_argument(*flags, dest=f.name, default=f.default,
+                                   action=argparse.BooleanOptionalAction)
+                continue
             kind = _port if f.name == "port" else _kind(f.type)
             help_ = ("a Jinja chat template for every --model: a file, or the template text"
                      if f.name == "chat_template" else "default: %(default)s")

@@ -58,6 +58,9 @@ def test_flags_come_from_the_config_dataclasses(tiny_model_dir):
                                "--threads", "5", "--max-tokens-limit", "64", "--port", "0",
                                "--default-max-tokens", "8", "--unbatched", "t"])
     assert [m.name for m in config.models] == ["t", "t-unbatched"]
+    assert all(m.pack_linears for m in config.models)  # a bool field: --[no-]pack-linears
+    unpacked = config_from_args(["--model", f"t={tiny_model_dir}", "--no-pack-linears"])
+    assert not unpacked.models[0].pack_linears
     assert [m.max_batch_size for m in config.models] == [3, 1]
     assert (config.server_threads, config.max_tokens_limit, config.default_max_tokens) == (5, 64, 8)
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
