@@ -248,7 +248,7 @@ class Engine:
             model = AutoModelForCausalLM.from_pretrained(self.spec.path, dtype=dtype,
                                                          use_safetensors=True)
             self.model = model.to(device).eval()
-            if self.spec.pack_linears:
+            if self.spec.pack_linears and not getattr(model, "peft_config", None):  # unmerged
                 pack_linears(self.model)
             self.tokenizer = AutoTokenizer.from_pretrained(self.spec.path)
         cfg = model.config.get_text_config(decoder=True)

@@ -88,3 +88,28 @@ def test_engine_serves_bf16_packed_by_either_name(tiny_model_dir, dtype):
     engine.submit(job)
     assert engine.results(job)[0].completion_tokens == 8
     engine.close()
+
+
+def test_engine_serves_an_adapter_folder_unpacked(tiny_model_dir, tmp_path):
+    """transformers loads an adapter folder with its base; its LoRA layers wrap plain Linears, so
+    the engine leaves that model unpacked instead of failing to load it."""
+    from peft import LoraConfig, get_peft_model
+
+    from lmref.engine import Engine, EngineMetrics, Job, ModelSpec, ResponseCache, SamplingParams
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    # The adapter's config records the base folder it was made from.
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    engine = Engine(ModelSpec("a", str(tmp_path), batch_wait_ms=0), EngineMetrics(),
+                    ResponseCache(0))
+    engine.start()
+    assert engine.loaded.wait(120) and engine.ready, engine.load_error
+    assert engine.model.peft_config and not any(isinstance(m, PackedLinear)
+                                                for m in engine.model.modules())
+    job = Job("a", stream=False)
+    job.add_row("def add(", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    engine.submit(job)
+    assert engine.results(job)[0].completion_tokens == 4
+    engine.close()
