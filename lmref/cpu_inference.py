@@ -4,20 +4,23 @@ On CPU, ``nn.Linear`` hands its weight to MKL's GEMM on every call, which re-blo
 and, on AMD CPUs, runs a generic code path. Decode is a few rows against every weight of the
 model, so this is where its time goes. oneDNN can pack (reorder) a weight once into the layout
 its kernels read; ``pack_linears`` does that for every ``nn.Linear`` (and GPT-2's ``Conv1D``)
-of an inference model. Measured on a 2-core AMD EPYC, all 211 linear layers of SmolLM2-135M
-with cold caches (``benchmarks/serving_peer.py`` repeats the in-engine part):
+of an inference model. Measured on a 2-core AMD EPYC: the 211 linear layers of SmolLM2-135M
+alone, weights read cold (the profile in ``benchmarks/results/serving_peer-cpu*.json``):
 
 | rows x dtype | MKL (``nn.Linear``) | oneDNN packed |
 |---|---|---|
-| 1 x fp32 | 48.2 ms | 31.4 ms |
-| 16 x fp32 | 72.2 ms | 63.0 ms |
-| 1 x bf16 | 25.5 ms | 17.6 ms |
-| 16 x bf16 | 35.3 ms | 22.1 ms |
+| 1 x fp32 | 46.2 ms | 33.8 ms |
+| 16 x fp32 | 76.1 ms | 48.7 ms |
+| 1 x bf16 | 31.5 ms | 25.9 ms |
+| 16 x bf16 | 37.0 ms | 27.4 ms |
 
+Served (``python -m lmref.serve``, fp32, 16 clients) that is 183.0 instead of 124.1 tokens/s.
 fp32 results equal ``nn.Linear``'s to rounding (greedy text unchanged in the tests).
 
 Why private ops: the public road to these kernels is ``torch.compile`` with inductor's
-``freezing``, which emits exactly ``mkldnn._reorder_linear_weight`` / ``_linear_pointwise``.
+``freezing``, which emits these same two ops, ``mkldnn._reorder_linear_weight`` and
+``_linear_pointwise``, for bf16 weights and for a batch size that varies
+(``torch/_inductor/fx_passes/mkldnn_fusion.py``).
 Measured here with a static cache and ``generate``, it made decode 1.22x faster but took 54 s
 to compile and compiles again for each new batch shape, which a continuous batch has at every
 join and leave. Calling the two ops directly gives the packing without the compile;
@@ -54,7 +57,7 @@ class PackedLinear(torch.nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         # The batch-size hint picks the layout. Measured: a hint of 16 is as fast as 1 for one
-        # row and 1.4x faster for 16 rows (fp32), so one layout serves decode at any load.
+        # row and 1.2-1.4x faster for 16 rows (fp32), so one layout serves decode at any load.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 16)
         self.bias = None if bias is None else bias.detach()
 
