@@ -57,6 +57,7 @@ Usage::
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from dataclasses import dataclass, field
@@ -267,6 +268,9 @@ class PeakMemory:
         return int(match.group(1)) / 1024 if match else None
 
     def __enter__(self) -> PeakMemory:
+        # Earlier work's garbage (a model in a reference cycle) is collected now: freed inside
+        # the block, it would offset this block's own allocations and hide them from the peak.
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

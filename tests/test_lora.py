@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from datasets import Dataset
@@ -164,6 +166,18 @@ def test_qlora_trains_on_cpu_with_a_4bit_base(tiny_model_dir, tiny_tokenizer, tm
     assert is_4bit(model) and torch.equal(q_proj.base_layer.weight.data, packed_before)
     with pytest.raises(ValueError, match="full precision"):
         merge(model)
+
+
+def test_peak_memory_collects_earlier_garbage_at_entry():
+    """Garbage left by earlier work (here a 64 MiB tensor in a reference cycle) is freed before
+    the block starts, not inside it, where it would cancel the block's own allocations."""
+    cycle = type("Garbage", (), {})()
+    cycle.tensor, cycle.itself = torch.ones(16 * 2**20), cycle
+    alive = weakref.ref(cycle)
+    del cycle
+    assert alive() is not None  # only the cycle collector can free it
+    with PeakMemory(device="cpu"):
+        assert alive() is None
 
 
 def test_peak_memory_sees_an_allocation():
