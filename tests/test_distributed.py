@@ -216,10 +216,12 @@ TEARDOWN = textwrap.dedent("""
 """)
 
 
-def test_twenty_launches_end_cleanly(tmp_path):
+def test_repeated_launches_end_cleanly(tmp_path):
+    """Without a barrier before destroy_process_group, about 3 launches in 10 died at teardown:
+    12 launches catch that with probability 1 - 0.7**12 = 0.986 (LMREF_TEST_LAUNCHES for more)."""
     script = tmp_path / "allreduce.py"
     script.write_text(TEARDOWN)
-    launches = int(os.environ.get("LMREF_TEST_LAUNCHES", 20))
+    launches = int(os.environ.get("LMREF_TEST_LAUNCHES", 12))
     for i in range(launches):
         log = launch([str(script)], timeout_s=120)
         assert log.ok, f"launch {i}: {log.returncode}\n{log.output[-3000:]}"
