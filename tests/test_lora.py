@@ -180,6 +180,25 @@ def test_peak_memory_collects_earlier_garbage_at_entry():
         assert alive() is None
 
 
+def test_peak_memory_sees_an_allocation_while_file_pages_leave(tmp_path):
+    """File-backed pages leaving RSS inside the block (here an unmapped file; on a VM, the kernel
+    reclaiming cold library pages) must not hide the block's own 64 MiB."""
+    import mmap
+
+    path = tmp_path / "cold.bin"
+    path.write_bytes(b"\1" * (128 * 2**20))
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == 128 * 2**20 // 4096  # resident
+    with PeakMemory(device="cpu") as mem:
+        mapped.close()                             # RSS falls by 128 MiB...
+        block = torch.ones(16 * 2**20 // 4 * 4)  # ...and rises by 64 MiB
+        block += 1
+    if mem.added_mb is None:
+        pytest.skip("no /proc/self/status on this platform")
+    assert mem.added_mb > 48, mem.added_mb
+
+
 def test_peak_memory_sees_an_allocation():
     with PeakMemory(device="cpu") as mem:
         block = torch.ones(16 * 2**20 // 4 * 4)  # 64 MiB, touched
