@@ -12,8 +12,9 @@ token-weighted all-reduced metrics and rank-0 checkpoints live in the training l
 (``lmref.training.train``), which switches them on when it receives a DDP-wrapped model.
 
 It also holds what a notebook or a test needs around torchrun: the launch command (single- and
-multi-node), a runner that streams a subprocess's log with a time limit, fault injection from
-environment variables, and the ring all-reduce volume arithmetic.
+multi-node), a runner that streams a subprocess's log with a time limit (and on timeout records
+every process's stacks with ``lmref.processes``), fault injection from environment variables, and
+the ring all-reduce volume arithmetic.
 
 Usage::
 
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,11 +50,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from lmref.processes import stack_report
+
 # Environment variables of fault injection (read by ``fault_injection_from_env``).
 FAIL_AT_STEP = "LMREF_FAIL_AT_STEP"      # the optimizer step after which a rank exits
 FAIL_RANK = "LMREF_FAIL_RANK"            # which rank exits (default 0)
 FAIL_ATTEMPT = "LMREF_FAIL_ATTEMPT"      # on which torchrun attempt (default 0: the first only)
 FAIL_EXIT_CODE = "LMREF_FAIL_EXIT_CODE"  # the exit status (default 13)
+
+_groups_joined = 0  # process groups this process has joined on torchrun's store (init_distributed)
+# The DDP wrappers ``wrap_model`` made, so that ``cleanup`` can free their Reducers first.
+_ddp_wrappers: weakref.WeakSet[DistributedDataParallel] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -138,8 +146,14 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
         # (pytorch/pytorch#135712). Elastic jobs whose nodes may join mid-job (and so disagree
         # on the restart count) should set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun
         # instead: rank 0 then hosts a fresh store each attempt and this branch is not taken.
-        store = dist.PrefixStore(f"lmref/attempt_{env.restart_count}/", dist.TCPStore(
-            env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout))
+        # The group count keeps a second group of the same attempt (init after cleanup, in every
+        # rank alike) off the first one's keys too.
+        global _groups_joined
+        _groups_joined += 1
+        store = dist.PrefixStore(
+            f"lmref/attempt_{env.restart_count}/group_{_groups_joined}/",
+            dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,
+                          timeout=timeout))
     dist.init_process_group(backend=backend, timeout=timeout, store=store,
                             rank=env.rank if store else -1,
                             world_size=env.world_size if store else -1,
@@ -157,17 +171,38 @@ def barrier() -> None:
 
 
 def cleanup(wait: bool = True) -> None:
-    """Leave the process group: a barrier, then ``destroy_process_group()``.
+    """Leave the process group: a barrier, the DDP Reducers freed, then ``destroy_process_group()``.
 
     Without the barrier a fast rank destroys its gloo context while a slower one still talks to
     it, and the slow one aborts (SIGABRT) at exit: about 3 runs in 10 on this machine, 0 in 10
     with it. ``wait=False`` skips the barrier when a peer may be gone (an exception unwinding).
+    Why the Reducers go first: ``_release_reducers``. A model wrapped by ``wrap_model`` cannot
+    run its DDP forward after this (there is no group left to run it on anyway).
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
     if wait:
         barrier()
+    _release_reducers()
     dist.destroy_process_group()
+
+
+def _release_reducers() -> None:
+    """Free the C++ Reducer of every live DDP wrapper (and the Logger that shares it) now.
+
+    A Reducer owns a reference to the process group, and pybind11 frees a Reducer *with the GIL
+    held*. If it holds the last reference (after ``destroy_process_group``), freeing the model
+    runs ``~ProcessGroupGloo``, which joins gloo's worker threads while one of them may wait for
+    the GIL to free a finished work's Python objects: a deadlock, and a job that has finished its
+    work never exits (seen about 1 launch in 20 on a loaded 2-core machine; py-spy: main thread
+    ``Reducer::~Reducer -> ~ProcessGroupGloo -> thread::join``, gloo thread ``runLoop ->
+    ~AsyncWork -> decref``, waiting for the GIL). Freed while the group is still registered, a
+    Reducer drops a reference that is not the last, and the group dies through its Python binding,
+    which releases the GIL before joining (pytorch/pytorch#56297).
+    """
+    for ddp in list(_ddp_wrappers):
+        for name in ("logger", "reducer"):  # the Logger holds the Reducer too
+            ddp.__dict__.pop(name, None)
 
 
 @contextmanager
@@ -187,7 +222,8 @@ def wrap_model(model: torch.nn.Module, env: DistEnv | None = None,
     """Move ``model`` to this rank's device; wrap it in DDP when a process group is up.
 
     DDP broadcasts rank 0's weights at construction, so ranks start identical even if their
-    random initialisations differed.
+    random initialisations differed. Wrap with this rather than ``DistributedDataParallel``
+    directly: ``cleanup`` then frees the wrapper's Reducer safely (``_release_reducers``).
     """
     env = env or read_env()
     device = env.device
@@ -196,7 +232,9 @@ def wrap_model(model: torch.nn.Module, env: DistEnv | None = None,
         return model
     if device.type == "cuda":
         ddp_kwargs.setdefault("device_ids", [device.index])
-    return DistributedDataParallel(model, **ddp_kwargs)
+    wrapped = DistributedDataParallel(model, **ddp_kwargs)
+    _ddp_wrappers.add(wrapped)  # cleanup() frees its Reducer before the group goes
+    return wrapped
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -303,6 +341,7 @@ class RunLog:
     seconds: float
     lines: list[str] = field(default_factory=list)
     timed_out: bool = False
+    stacks: str = ""            # on timeout: what every process of the job was doing (py-spy)
 
     @property
     def ok(self) -> bool:
@@ -317,8 +356,9 @@ class RunLog:
         if not self.ok:
             status = "timed out" if self.timed_out else f"exited with status {self.returncode}"
             tail = "\n".join(self.lines[-40:])
+            stacks = f"\nstacks at the timeout:\n{self.stacks}" if self.stacks else ""
             raise RuntimeError(f"{shlex.join(self.command)} {status} after {self.seconds:.0f}s; "
-                               f"log tail:\n{tail}")
+                               f"log tail:\n{tail}{stacks}")
         return self
 
 
@@ -329,7 +369,8 @@ def run_logged(command: Sequence[str], timeout_s: float = 300.0,
 
     ``env`` adds to (not replaces) this process's environment. ``echo`` prints every line, or
     those for which it returns True. On timeout the whole process group is killed (torchrun's
-    workers included: they live in the group this starts), so nothing outlives the call.
+    workers included: they live in the group this starts), so nothing outlives the call; first
+    ``RunLog.stacks`` records what each process of the job was doing (``lmref.processes``).
     """
     command = [str(c) for c in command]
     process = subprocess.Popen(
@@ -355,6 +396,7 @@ def run_logged(command: Sequence[str], timeout_s: float = 300.0,
         except queue.Empty:
             if time.perf_counter() >= deadline:
                 log.timed_out = True
+                log.stacks = stack_report(process.pid)
                 _kill_group(process)
                 break
             continue

@@ -10,9 +10,11 @@ blocks, a few steps, one thread per process) because each costs ~3 interpreter s
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import datasets
@@ -188,20 +190,77 @@ def test_accumulation_micro_steps_skip_the_gradient_allreduce(ddp_run):
         assert buckets and len(r["allreduces"]) == STEPS * len(buckets), r["allreduces"]
 
 
+def launch_until_final_line(args: list[str], marker: str, **kwargs) -> tuple[D.RunLog, float]:
+    """``launch``, and how many seconds the job took to exit after printing ``marker``."""
+    seen_at: list[float] = []
+
+    def watch(line: str) -> bool:
+        if marker in line and not seen_at:
+            seen_at.append(time.perf_counter())
+        return False
+
+    log = D.run_logged(D.torchrun_command(args, 2, max_restarts=kwargs.pop("max_restarts", 0)),
+                       kwargs.pop("timeout_s", 300), env={**LAUNCH_ENV, **kwargs.pop("extra_env", {})},
+                       cwd=ROOT, echo=watch)
+    return log, (time.perf_counter() - seen_at[0]) if seen_at else math.inf
+
+
+# A finished worker exits in about 2-4 s here (interpreter teardown); a deadlock never does.
+PROMPT_EXIT_S = 30.0
+
+
 def test_killed_rank_restarts_and_ends_with_uninterrupted_weights(ddp_run, tiny_model_dir,
                                                                   data_dir, tmp_path):
-    out = tmp_path / "faulty"
-    log = launch(["-m", "lmref.train", *cli_args(tiny_model_dir, data_dir, out), "--resume"],
-                 max_restarts=1, extra_env={D.FAIL_AT_STEP: "3", D.FAIL_RANK: "1"})
-    log.check()
-    assert log.output.count("fault injection: exiting") == 1
-    assert "attempt 1" in log.output  # the restarted group's banner
-    result = json.loads((out / "final" / "train_result.json").read_text())
-    assert result["restart_count"] == 1 and result["resumed_from_step"] == 2
-    assert metric_steps(out) == list(range(1, STEPS + 1))  # step 3's line was dropped on resume
-    resumed, reference = weights(out), weights(ddp_run[0])
-    for name in reference:
-        assert torch.equal(resumed[name], reference[name]), f"{name} differs"
+    """A rank dies after step 3; torchrun restarts the group, which resumes from step 2 and ends
+    with the uninterrupted run's weights, and the job exits promptly after its final line (it
+    once hung there: see test_leaving_a_group_many_times_never_deadlocks). More launches:
+    LMREF_TEST_RESTART_LAUNCHES."""
+    for i in range(int(os.environ.get("LMREF_TEST_RESTART_LAUNCHES", 1))):
+        out = tmp_path / f"faulty{i}"
+        log, exit_after_final_s = launch_until_final_line(
+            ["-m", "lmref.train", *cli_args(tiny_model_dir, data_dir, out), "--resume"],
+            '"final_dir"', max_restarts=1, extra_env={D.FAIL_AT_STEP: "3", D.FAIL_RANK: "1"})
+        log.check()
+        assert exit_after_final_s < PROMPT_EXIT_S, \
+            f"launch {i}: exited {exit_after_final_s:.0f} s after its final line"
+        assert log.output.count("fault injection: exiting") == 1
+        assert "attempt 1" in log.output  # the restarted group's banner
+        result = json.loads((out / "final" / "train_result.json").read_text())
+        assert result["restart_count"] == 1 and result["resumed_from_step"] == 2
+        assert metric_steps(out) == list(range(1, STEPS + 1))  # step 3's line dropped on resume
+        resumed, reference = weights(out), weights(ddp_run[0])
+        for name in reference:
+            assert torch.equal(resumed[name], reference[name]), f"{name} differs"
+
+
+CYCLES = textwrap.dedent("""
+    # Join the group, train one DDP step, gather an object (as a checkpoint's RNG states are),
+    # leave, drop the model: the moment at which a finished job used to deadlock.
+    import sys, torch, torch.distributed as dist
+    from lmref.distributed import distributed, wrap_model
+
+    for cycle in range(int(sys.argv[1])):
+        with distributed(timeout_s=60) as env:
+            model = wrap_model(torch.nn.Linear(8, 8), env)
+            model(torch.randn(4, 8)).sum().backward()
+            dist.all_gather_object([None] * env.world_size, torch.get_rng_state())
+        del model
+    print(f"rank {env.rank}: {cycle + 1} cycles", flush=True)
+""")
+
+
+def test_leaving_a_group_many_times_never_deadlocks(tmp_path):
+    """The hang of a finished job (issue 20), reproduced in one launch: DDP's C++ Reducer held the
+    last reference to the destroyed group, so freeing the model joined gloo's threads with the GIL
+    held while a gloo thread waited for the GIL (py-spy showed both). Before the fix, 100 cycles
+    deadlocked within seconds; lmref.distributed.cleanup now frees the Reducers first.
+    LMREF_TEST_CYCLES for more."""
+    script = tmp_path / "cycles.py"
+    script.write_text(CYCLES)
+    cycles = int(os.environ.get("LMREF_TEST_CYCLES", 100))
+    log = launch([str(script), str(cycles)], timeout_s=240)
+    log.check()  # on a hang: the stacks of every rank (lmref.processes)
+    assert log.output.count(f": {cycles} cycles") == 2, log.output[-2000:]
 
 
 TEARDOWN = textwrap.dedent("""
