@@ -46,11 +46,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from lmref.processes import stack_report
+from lmref.processes import process_tree, stack_report
 
 # Environment variables of fault injection (read by ``fault_injection_from_env``).
 FAIL_AT_STEP = "LMREF_FAIL_AT_STEP"      # the optimizer step after which a rank exits
@@ -368,9 +369,10 @@ def run_logged(command: Sequence[str], timeout_s: float = 300.0,
     """Run ``command``, streaming its merged stdout/stderr line by line, within ``timeout_s``.
 
     ``env`` adds to (not replaces) this process's environment. ``echo`` prints every line, or
-    those for which it returns True. On timeout the whole process group is killed (torchrun's
-    workers included: they live in the group this starts), so nothing outlives the call; first
-    ``RunLog.stacks`` records what each process of the job was doing (``lmref.processes``).
+    those for which it returns True. On timeout ``RunLog.stacks`` first records what each process
+    of the job was doing (``lmref.processes``), then the process group and every descendant are
+    killed, torchrun's workers included (they run in sessions of their own), so nothing outlives
+    the call.
     """
     command = [str(c) for c in command]
     process = subprocess.Popen(
@@ -414,17 +416,28 @@ def run_logged(command: Sequence[str], timeout_s: float = 300.0,
 
 
 def _kill_group(process: subprocess.Popen) -> None:
-    """SIGTERM the process group (torchrun forwards it to workers), SIGKILL what is left."""
+    """SIGTERM the process group (torchrun forwards it to workers), SIGKILL what is left.
+
+    torchrun starts each worker in a session of its own, out of reach of ``killpg``: the
+    descendants found before the first signal get the SIGKILL too, so none outlives a torchrun
+    that had to be killed.
+    """
+    descendants = process_tree(process.pid)[1:]
     for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
-            return
+            pass
         try:
             process.wait(timeout=grace)
-            return
+            break
         except subprocess.TimeoutExpired:
             continue
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.Error:  # gone already
+            pass
 
 
 def find_free_port() -> int:

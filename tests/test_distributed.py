@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import datasets
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -357,10 +358,19 @@ def test_ring_allreduce_volume():
 
 
 def test_run_logged_streams_and_kills_on_timeout():
-    code = "import time; print('started', flush=True); time.sleep(60)"
+    # The job starts a child in a session of its own, as torchrun starts its workers: killpg
+    # cannot reach it, and the timeout must still end it and report its stack.
+    code = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)'], start_new_session=True); "
+            "print('started', child.pid, flush=True); time.sleep(60)")
     log = D.run_logged([sys.executable, "-c", code], timeout_s=5, echo=False)
-    assert log.timed_out and not log.ok and log.lines == ["started"]
-    assert log.seconds < 20
+    assert log.timed_out and not log.ok and log.lines[0].startswith("started")
+    child = int(log.lines[0].split()[1])
+    child_report = log.stacks[log.stacks.index(f"--- pid {child} "):]
+    assert "time_sleep" in child_report  # py-spy's native frame: the child's stack was dumped
+    assert log.seconds < 40
+    time.sleep(0.5)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
     with pytest.raises(RuntimeError, match="timed out"):
         log.check()
 
