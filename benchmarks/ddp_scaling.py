@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT))
 from lmref.distributed import (  # noqa: E402
     ddp_step_estimate,
     ring_allreduce_bytes,
-    run_logged,
     torchrun_command,
 )
 from lmref.modeling import PRESETS, build_model, count_parameters  # noqa: E402
+from lmref.processes import run_logged  # noqa: E402
 
 # Achievable NCCL all-reduce bus bandwidth (GB/s), rounded from nccl-tests reports; the
 # theoretical link rates are higher (NVLink 4: 450 GB/s a direction).

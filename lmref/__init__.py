@@ -13,6 +13,7 @@ modules it names in its docstring, e.g. ``lmref.device``):
 - ``lmref.evaluation``  perplexity, exact match, sample generation
 - ``lmref.lora``        LoRA and QLoRA with peft + bitsandbytes
 - ``lmref.distributed`` data parallelism under torchrun
+- ``lmref.processes``   child processes under a time limit: streamed log, stacks on timeout, kill
 - ``lmref.compression`` pruning and quantization
 - ``lmref.engine``      the generation engine: queue, batching, KV cache, sampling, stops
 - ``lmref.serving``     an OpenAI-compatible Flask app over the engine (``python -m lmref.serve``)

@@ -12,9 +12,9 @@ token-weighted all-reduced metrics and rank-0 checkpoints live in the training l
 (``lmref.training.train``), which switches them on when it receives a DDP-wrapped model.
 
 It also holds what a notebook or a test needs around torchrun: the launch command (single- and
-multi-node), a runner that streams a subprocess's log with a time limit (and on timeout records
-every process's stacks with ``lmref.processes``), fault injection from environment variables, and
-the ring all-reduce volume arithmetic.
+multi-node), fault injection from environment variables, and the ring all-reduce volume
+arithmetic. The runner that streams a launch's log within a time limit, and reports and kills a
+job that outlives it, is ``lmref.processes.run_logged``.
 
 Usage::
 
@@ -33,25 +33,17 @@ from __future__ import annotations
 
 import datetime
 import os
-import queue
 import shlex
-import signal
 import socket
-import subprocess
 import sys
-import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import psutil
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-
-from lmref.processes import process_tree, stack_report
 
 # Environment variables of fault injection (read by ``fault_injection_from_env``).
 FAIL_AT_STEP = "LMREF_FAIL_AT_STEP"      # the optimizer step after which a rank exits
@@ -331,113 +323,6 @@ def format_command(command: Sequence[str], environ: Mapping[str, str] | None = N
     """A copy-pasteable shell line (``VAR=value ... cmd args``)."""
     prefix = [f"{k}={shlex.quote(str(v))}" for k, v in (environ or {}).items()]
     return " ".join([*prefix, shlex.join(command)])
-
-
-@dataclass
-class RunLog:
-    """The outcome of ``run_logged``: exit status, wall time, and the output lines."""
-
-    command: list[str]
-    returncode: int | None
-    seconds: float
-    lines: list[str] = field(default_factory=list)
-    timed_out: bool = False
-    stacks: str = ""            # on timeout: what every process of the job was doing (py-spy)
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def check(self) -> RunLog:
-        """Raise with the log's tail when the command failed or ran out of time."""
-        if not self.ok:
-            status = "timed out" if self.timed_out else f"exited with status {self.returncode}"
-            tail = "\n".join(self.lines[-40:])
-            stacks = f"\nstacks at the timeout:\n{self.stacks}" if self.stacks else ""
-            raise RuntimeError(f"{shlex.join(self.command)} {status} after {self.seconds:.0f}s; "
-                               f"log tail:\n{tail}{stacks}")
-        return self
-
-
-def run_logged(command: Sequence[str], timeout_s: float = 300.0,
-               env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
-               echo: bool | Callable[[str], bool] = True, max_lines: int = 20_000) -> RunLog:
-    """Run ``command``, streaming its merged stdout/stderr line by line, within ``timeout_s``.
-
-    ``env`` adds to (not replaces) this process's environment. ``echo`` prints every line, or
-    those for which it returns True. On timeout ``RunLog.stacks`` first records what each process
-    of the job was doing (``lmref.processes``), then the process group and every descendant are
-    killed, torchrun's workers included (they run in sessions of their own), so nothing outlives
-    the call.
-    """
-    command = [str(c) for c in command]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        cwd=cwd, env={**os.environ, **(env or {})}, start_new_session=True, errors="replace")
-    # A reader thread, because a blocking readline() could not honour the deadline.
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        for line in process.stdout:
-            lines.put(line.rstrip("\n"))
-        lines.put(None)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    log = RunLog(command, None, 0.0)
-    start = time.perf_counter()
-    deadline = start + timeout_s
-    finished = False
-    while not finished:
-        try:
-            line = lines.get(timeout=max(0.0, min(0.5, deadline - time.perf_counter())))
-        except queue.Empty:
-            if time.perf_counter() >= deadline:
-                log.timed_out = True
-                log.stacks = stack_report(process.pid)
-                _kill_group(process)
-                break
-            continue
-        if line is None:
-            finished = True
-            continue
-        log.lines.append(line)
-        del log.lines[:-max_lines]
-        if echo is True or (callable(echo) and echo(line)):
-            print(line, flush=True)
-    log.returncode = process.wait()
-    reader.join(timeout=5)
-    log.seconds = time.perf_counter() - start
-    return log
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    """SIGTERM the process group (torchrun forwards it to workers), SIGKILL what is left.
-
-    torchrun starts each worker in a session of its own, out of reach of ``killpg``: the
-    descendants found before the first signal get the SIGKILL too, so none outlives a torchrun
-    that had to be killed.
-    """
-    descendants = process_tree(process.pid)[1:]
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=grace)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    for child in descendants:
-        try:
-            child.kill()
-        except psutil.Error:  # gone already
-            pass
 
 
 def find_free_port() -> int:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmref import distributed as D
+from lmref.processes import RunLog, run_logged
 from lmref.train import main as train_main
 from lmref.train import parse_config
 
@@ -41,9 +42,9 @@ TORCHRUN_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MA
 
 
 def launch(args: list[str], nproc: int = 2, max_restarts: int = 0, extra_env: dict | None = None,
-           timeout_s: float = 300) -> D.RunLog:
+           timeout_s: float = 300) -> RunLog:
     command = D.torchrun_command(args, nproc, max_restarts=max_restarts)
-    return D.run_logged(command, timeout_s, env={**LAUNCH_ENV, **(extra_env or {})},
+    return run_logged(command, timeout_s, env={**LAUNCH_ENV, **(extra_env or {})},
                         cwd=ROOT, echo=False)
 
 
@@ -191,7 +192,7 @@ def test_accumulation_micro_steps_skip_the_gradient_allreduce(ddp_run):
         assert buckets and len(r["allreduces"]) == STEPS * len(buckets), r["allreduces"]
 
 
-def launch_until_final_line(args: list[str], marker: str, **kwargs) -> tuple[D.RunLog, float]:
+def launch_until_final_line(args: list[str], marker: str, **kwargs) -> tuple[RunLog, float]:
     """``launch``, and how many seconds the job took to exit after printing ``marker``."""
     seen_at: list[float] = []
 
@@ -200,7 +201,7 @@ def launch_until_final_line(args: list[str], marker: str, **kwargs) -> tuple[D.R
             seen_at.append(time.perf_counter())
         return False
 
-    log = D.run_logged(D.torchrun_command(args, 2, max_restarts=kwargs.pop("max_restarts", 0)),
+    log = run_logged(D.torchrun_command(args, 2, max_restarts=kwargs.pop("max_restarts", 0)),
                        kwargs.pop("timeout_s", 300), env={**LAUNCH_ENV, **kwargs.pop("extra_env", {})},
                        cwd=ROOT, echo=watch)
     return log, (time.perf_counter() - seen_at[0]) if seen_at else math.inf
@@ -363,7 +364,7 @@ def test_run_logged_streams_and_kills_on_timeout():
     code = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
             "'import time; time.sleep(60)'], start_new_session=True); "
             "print('started', child.pid, flush=True); time.sleep(60)")
-    log = D.run_logged([sys.executable, "-c", code], timeout_s=5, echo=False)
+    log = run_logged([sys.executable, "-c", code], timeout_s=5, echo=False)
     assert log.timed_out and not log.ok and log.lines[0].startswith("started")
     child = int(log.lines[0].split()[1])
     child_report = log.stacks[log.stacks.index(f"--- pid {child} "):]
