@@ -69,7 +69,9 @@ def _cpu_seconds_beside_kernel() -> float:
     return total
 
 
-_thread_cpu: collections.Counter[int] = collections.Counter()  # this process's threads, in notebooks
+_thread_cpu: collections.Counter[int] = (
+    collections.Counter()
+)  # this process's threads, in notebooks
 
 
 def _thread_seconds() -> dict[int, float]:
@@ -101,17 +103,26 @@ def pytest_terminal_summary(terminalreporter):
     if setup:
         terminalreporter.line(f"{float(setup):8.1f} s  setup (make setup)")
     for phase, seconds in _phase_seconds.items():
-        beside = (f"  (CPU beside the kernel: {_cpu_beside_kernel[phase]:.1f} s)"
-                  if phase in _cpu_beside_kernel else "")
+        beside = (
+            f"  (CPU beside the kernel: {_cpu_beside_kernel[phase]:.1f} s)"
+            if phase in _cpu_beside_kernel
+            else ""
+        )
         terminalreporter.line(f"{seconds:8.1f} s  {phase}{beside}")
     terminalreporter.line(f"{sum(_phase_seconds.values()):8.1f} s  pytest in all")
     if _thread_cpu:
         names = {t.native_id: t.name for t in threading.enumerate()}
-        busiest = ", ".join(f"{names.get(tid, tid)}: {seconds:.1f} s"
-                            for tid, seconds in _thread_cpu.most_common(4))
-        terminalreporter.line(f"CPU of this process's busiest threads during the notebooks: {busiest}")
+        busiest = ", ".join(
+            f"{names.get(tid, tid)}: {seconds:.1f} s" for tid, seconds in _thread_cpu.most_common(4)
+        )
+        terminalreporter.line(
+            f"CPU of this process's busiest threads during the notebooks: {busiest}"
+        )
     # What later children (torchrun jobs, notebook kernels) inherit that the session did not start
     # with: a test that leaks a variable changes every process started after it. Names only.
-    changed = sorted(k for k in {**_ENVIRONMENT_AT_START, **os.environ}
-                     if os.environ.get(k) != _ENVIRONMENT_AT_START.get(k))
+    changed = sorted(
+        k
+        for k in {**_ENVIRONMENT_AT_START, **os.environ}
+        if os.environ.get(k) != _ENVIRONMENT_AT_START.get(k)
+    )
     terminalreporter.line(f"environment variables changed during the run: {changed or 'none'}")

@@ -43,8 +43,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                 if line.startswith("model name")), platform.processor())
+    name = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return f"{name}, {torch.get_num_threads()} torch threads, {__import__('os').cpu_count()} cores"
 
 
@@ -80,7 +86,7 @@ def cpu_int8(args) -> dict:
     prompts = torch.randint(0, 4096, (1, args.prompt_tokens), generator=g)
     prefill_ids = torch.randint(0, 4096, (1, args.prefill_tokens), generator=g)
     eval_ids = torch.randint(0, 4096, (4, 128), generator=g)
-    for v in variants.values():                       # warm-up: first calls allocate and pack
+    for v in variants.values():  # warm-up: first calls allocate and pack
         timed_generate(v, prompts, 2)
         timed_prefill(v, prefill_ids)
     decode = {k: float("inf") for k in variants}
@@ -92,17 +98,24 @@ def cpu_int8(args) -> dict:
     rows = {}
     for name, v in variants.items():
         m = measure(v, eval_ids, name=name, batch_size=4, new_tokens=2, repeats=1)
-        rows[name] = {"memory_mb": memory_bytes(v) / 2**20,
-                      "decode_tokens_per_s": args.new_tokens / decode[name],
-                      "prefill_tokens_per_s": args.prefill_tokens / prefill[name],
-                      "random_init_perplexity": m.perplexity}
+        rows[name] = {
+            "memory_mb": memory_bytes(v) / 2**20,
+            "decode_tokens_per_s": args.new_tokens / decode[name],
+            "prefill_tokens_per_s": args.prefill_tokens / prefill[name],
+            "random_init_perplexity": m.perplexity,
+        }
     base = rows["fp32"]
     for row in rows.values():
         row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         row["prefill_speedup"] = row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
-        row["perplexity_change"] = row["random_init_perplexity"] / base["random_init_perplexity"] - 1
-    return {"model": f"llama-1b preset shape, {args.layers} decoder layers, vocab 4096, random init",
-            "parameters": sum(p.numel() for p in model.parameters()), "results": rows}
+        row["perplexity_change"] = (
+            row["random_init_perplexity"] / base["random_init_perplexity"] - 1
+        )
+    return {
+        "model": f"llama-1b preset shape, {args.layers} decoder layers, vocab 4096, random init",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "results": rows,
+    }
 
 
 def base_quality(base_dir: Path, max_batches: int) -> dict | None:
@@ -115,13 +128,17 @@ def base_quality(base_dir: Path, max_batches: int) -> dict | None:
     valid = load_from_disk(str(corpus))["validation"]
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     fp32 = measure(model, valid, "fp32", max_batches=max_batches, new_tokens=16)
-    int8 = measure(quantize_int8_dynamic(model), valid, "int8-dynamic", max_batches=max_batches,
-                   new_tokens=16)
-    return {"model": f"course base model ({base_dir.name}/, tiny preset, trained in notebook 02)",
-            "eval_tokens": fp32.eval_tokens,
-            "fp32": fp32.as_row(), "int8-dynamic": int8.as_row(),
-            "perplexity_change": int8.perplexity / fp32.perplexity - 1,
-            "decode_speedup": int8.decode_tokens_per_s / fp32.decode_tokens_per_s}
+    int8 = measure(
+        quantize_int8_dynamic(model), valid, "int8-dynamic", max_batches=max_batches, new_tokens=16
+    )
+    return {
+        "model": f"course base model ({base_dir.name}/, tiny preset, trained in notebook 02)",
+        "eval_tokens": fp32.eval_tokens,
+        "fp32": fp32.as_row(),
+        "int8-dynamic": int8.as_row(),
+        "perplexity_change": int8.perplexity / fp32.perplexity - 1,
+        "decode_speedup": int8.decode_tokens_per_s / fp32.decode_tokens_per_s,
+    }
 
 
 def gpu_bnb(args) -> dict:
@@ -135,14 +152,19 @@ def gpu_bnb(args) -> dict:
             torch.cuda.reset_peak_memory_stats()
             if mode == "bf16":
                 from transformers import AutoModelForCausalLM
-                model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).cuda().eval()
+
+                model = (
+                    AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).cuda().eval()
+                )
             else:
                 model = load_bnb(tmp, mode, device="cuda")
             m = measure(model, ids, mode, batch_size=4, new_tokens=64)
-            out[mode] = {"weight_memory_mb": memory_bytes(model) / 2**20,
-                         "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
-                         "decode_tokens_per_s": m.decode_tokens_per_s,
-                         "prefill_tokens_per_s": m.prefill_tokens_per_s}
+            out[mode] = {
+                "weight_memory_mb": memory_bytes(model) / 2**20,
+                "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
+                "decode_tokens_per_s": m.decode_tokens_per_s,
+                "prefill_tokens_per_s": m.prefill_tokens_per_s,
+            }
             del model
     for row in out.values():
         row["memory_vs_bf16"] = row["weight_memory_mb"] / out["bf16"]["weight_memory_mb"]
@@ -161,8 +183,14 @@ def gpu_two_four(args) -> list[dict]:
     """2:4 sparse (cuSPARSELt, CUTLASS) vs dense bf16 ``F.linear`` on MLP weight shapes."""
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
-    shapes = [(5632, 2048), (2048, 5632), (11008, 4096), (4096, 11008), (16384, 4096),
-              (4096, 16384)]
+    shapes = [
+        (5632, 2048),
+        (2048, 5632),
+        (11008, 4096),
+        (4096, 11008),
+        (16384, 4096),
+        (4096, 16384),
+    ]
     rows = []
     for out_f, in_f in shapes:
         weight = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
@@ -177,9 +205,12 @@ def gpu_two_four(args) -> list[dict]:
                 SparseSemiStructuredTensor._FORCE_CUTLASS = force_cutlass
                 try:
                     sparse = to_sparse_semi_structured(weight)
-                    torch.testing.assert_close(torch.nn.functional.linear(x[:64], sparse),
-                                               torch.nn.functional.linear(x[:64], weight),
-                                               rtol=2e-2, atol=1.0)   # bf16 outputs ~50
+                    torch.testing.assert_close(
+                        torch.nn.functional.linear(x[:64], sparse),
+                        torch.nn.functional.linear(x[:64], weight),
+                        rtol=2e-2,
+                        atol=1.0,
+                    )  # bf16 outputs ~50
                     row[f"{backend}_ms"] = bench(x, sparse) * 1e3
                     row[f"{backend}_speedup"] = row["dense_ms"] / row[f"{backend}_ms"]
                 except (RuntimeError, NotImplementedError, AssertionError) as err:
@@ -192,8 +223,12 @@ def gpu_two_four(args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the CPU model")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU torch threads (1: steady timings on a shared 2-core machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU torch threads (1: steady timings on a shared 2-core machine)",
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--prefill-tokens", type=int, default=256)
@@ -205,25 +240,37 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(args.threads)
-    record = {"benchmark": "compression", "device": "cuda" if cuda else "cpu",
-              "device_name": device_name(), "torch": torch.__version__,
-              "settings": {k: v.name if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "targets": {"cpu_int8_decode_speedup_min": 1.5, "cpu_int8_perplexity_increase_max": 0.03,
-                          "gpu_2to4_cusparselt_speedup_7b_shapes_16k_min": 1.25}}
+    record = {
+        "benchmark": "compression",
+        "device": "cuda" if cuda else "cpu",
+        "device_name": device_name(),
+        "torch": torch.__version__,
+        "settings": {k: v.name if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "targets": {
+            "cpu_int8_decode_speedup_min": 1.5,
+            "cpu_int8_perplexity_increase_max": 0.03,
+            "gpu_2to4_cusparselt_speedup_7b_shapes_16k_min": 1.25,
+        },
+    }
     start = time.time()
     if cuda:
         record["bnb_llama_1b"] = gpu_bnb(args)
         record["semi_structured_2to4"] = gpu_two_four(args)
     else:
-        record["gpu"] = ("no CUDA device on this run: the 1.1B nf4/int8 memory and the 2:4 "
-                         "cuSPARSELt/CUTLASS matmul parts run only when CUDA is present")
+        record["gpu"] = (
+            "no CUDA device on this run: the 1.1B nf4/int8 memory and the 2:4 "
+            "cuSPARSELt/CUTLASS matmul parts run only when CUDA is present"
+        )
         record["int8_dynamic_large"] = cpu_int8(args)
         record["int8_dynamic_base"] = base_quality(args.base, args.base_batches)
     record["seconds"] = time.time() - start
     RESULTS.mkdir(parents=True, exist_ok=True)
     # "NVIDIA H100 80GB HBM3" -> cuda-h100
-    suffix = "cuda-" + torch.cuda.get_device_name().removeprefix("NVIDIA ").split()[0].lower() \
-        if cuda else "cpu"
+    suffix = (
+        "cuda-" + torch.cuda.get_device_name().removeprefix("NVIDIA ").split()[0].lower()
+        if cuda
+        else "cpu"
+    )
     path = RESULTS / f"compression-{suffix}.json"
     path.write_text(json.dumps(record, indent=1))
     print(json.dumps(record, indent=1))

@@ -46,9 +46,11 @@ from lmref.processes import run_logged  # noqa: E402
 
 # Achievable NCCL all-reduce bus bandwidth (GB/s), rounded from nccl-tests reports; the
 # theoretical link rates are higher (NVLink 4: 450 GB/s a direction).
-BUS_BANDWIDTH_GBS = {"H100 NVLink (8 GPUs, one node)": 360.0,
-                     "PCIe Gen4 x16 (no NVLink)": 20.0,
-                     "InfiniBand 400 Gb/s (between nodes)": 45.0}
+BUS_BANDWIDTH_GBS = {
+    "H100 NVLink (8 GPUs, one node)": 360.0,
+    "PCIe Gen4 x16 (no NVLink)": 20.0,
+    "InfiniBand 400 Gb/s (between nodes)": 45.0,
+}
 H100_BF16_PEAK = 989e12
 
 
@@ -56,8 +58,9 @@ def device_label() -> str:
     if not torch.cuda.is_available():
         return "cpu"
     name = torch.cuda.get_device_name(0).lower()
-    return "cuda-" + next((k for k in ("h200", "h100", "a100", "l40s", "l4", "a10") if k in name),
-                          "gpu")
+    return "cuda-" + next(
+        (k for k in ("h200", "h100", "a100", "l40s", "l4", "a10") if k in name), "gpu"
+    )
 
 
 def synthetic_blocks(path: Path, vocab: int, seq_len: int, n: int) -> None:
@@ -71,22 +74,53 @@ def measure(world: int, args, data: Path, work: Path) -> dict:
     out = work / f"world{world}"
     cpu_threads = args.threads_per_process
     command = torchrun_command(
-        ["-m", "lmref.train", "--model", args.preset, "--data", str(data), "--output-dir", str(out),
-         "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-         "--logging-steps", str(args.logging_steps), "--eval-split", "none", "--disable-tqdm",
-         "--lr", "1e-3", "--model-overrides", json.dumps({"vocab_size": args.vocab})],
-        nproc_per_node=world)
-    log = run_logged(command, args.timeout, cwd=ROOT, echo=False,
-                     env={"OMP_NUM_THREADS": str(cpu_threads), "HF_HUB_OFFLINE": "1"})
+        [
+            "-m",
+            "lmref.train",
+            "--model",
+            args.preset,
+            "--data",
+            str(data),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--logging-steps",
+            str(args.logging_steps),
+            "--eval-split",
+            "none",
+            "--disable-tqdm",
+            "--lr",
+            "1e-3",
+            "--model-overrides",
+            json.dumps({"vocab_size": args.vocab}),
+        ],
+        nproc_per_node=world,
+    )
+    log = run_logged(
+        command,
+        args.timeout,
+        cwd=ROOT,
+        echo=False,
+        env={"OMP_NUM_THREADS": str(cpu_threads), "HF_HUB_OFFLINE": "1"},
+    )
     log.check()
     windows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = [w["tokens_per_s"] for w in windows if "tokens_per_s" in w][1:]  # skip warm-up
     tokens_per_s = statistics.median(steady)
     global_tokens = args.batch_size * args.seq_len * world
-    return {"world_size": world, "threads_per_process": cpu_threads,
-            "global_batch": args.batch_size * world, "tokens_per_step": global_tokens,
-            "tokens_per_s": tokens_per_s, "tokens_per_s_windows": steady,
-            "step_time_s": global_tokens / tokens_per_s, "launch_wall_s": log.seconds}
+    return {
+        "world_size": world,
+        "threads_per_process": cpu_threads,
+        "global_batch": args.batch_size * world,
+        "tokens_per_step": global_tokens,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_windows": steady,
+        "step_time_s": global_tokens / tokens_per_s,
+        "launch_wall_s": log.seconds,
+    }
 
 
 def on_paper() -> dict:
@@ -99,23 +133,42 @@ def on_paper() -> dict:
         for world in (2, 8):
             for link, bandwidth in BUS_BANDWIDTH_GBS.items():
                 for grad_bytes in (2, 4):
-                    estimate = ddp_step_estimate(params, tokens_per_gpu, world, bandwidth,
-                                                 H100_BF16_PEAK, mfu=0.4, grad_bytes=grad_bytes)
-                    rows.append({"world_size": world, "link": link, "grad_bytes": grad_bytes,
-                                 **{k: round(v, 6) for k, v in estimate.items()}})
-        table[preset] = {"parameters": params, "tokens_per_gpu_per_step": tokens_per_gpu,
-                         "gradient_mb_bf16": params * 2 / 2**20,
-                         "allreduce_mb_per_gpu_per_step_bf16_8gpus":
-                             ring_allreduce_bytes(params, 8, 2) / 2**20,
-                         "rows": rows}
+                    estimate = ddp_step_estimate(
+                        params,
+                        tokens_per_gpu,
+                        world,
+                        bandwidth,
+                        H100_BF16_PEAK,
+                        mfu=0.4,
+                        grad_bytes=grad_bytes,
+                    )
+                    rows.append(
+                        {
+                            "world_size": world,
+                            "link": link,
+                            "grad_bytes": grad_bytes,
+                            **{k: round(v, 6) for k, v in estimate.items()},
+                        }
+                    )
+        table[preset] = {
+            "parameters": params,
+            "tokens_per_gpu_per_step": tokens_per_gpu,
+            "gradient_mb_bf16": params * 2 / 2**20,
+            "allreduce_mb_per_gpu_per_step_bf16_8gpus": ring_allreduce_bytes(params, 8, 2) / 2**20,
+            "rows": rows,
+        }
     return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     gpu = torch.cuda.is_available()
-    parser.add_argument("--world-sizes", type=int, nargs="+",
-                        default=[1, 2] if not gpu else [1, *range(2, torch.cuda.device_count() + 1, 2)])
+    parser.add_argument(
+        "--world-sizes",
+        type=int,
+        nargs="+",
+        default=[1, 2] if not gpu else [1, *range(2, torch.cuda.device_count() + 1, 2)],
+    )
     parser.add_argument("--preset", default="gpt2-124m" if gpu else "tiny", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=60 if gpu else 24)
     parser.add_argument("--logging-steps", type=int, default=10 if gpu else 4)
@@ -123,10 +176,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024 if gpu else 256)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--timeout", type=float, default=600)
-    parser.add_argument("--threads-per-process", type=int,
-                        default=max(1, (os.cpu_count() or 1) // 2),
-                        help="OMP threads of every process (CPU); the default gives each of 2 "
-                             "ranks its own cores, as each would have its own GPU")
+    parser.add_argument(
+        "--threads-per-process",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) // 2),
+        help="OMP threads of every process (CPU); the default gives each of 2 "
+        "ranks its own cores, as each would have its own GPU",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -144,16 +200,27 @@ def main() -> None:
     label = device_label()
     paper = on_paper()
     report = {
-        "benchmark": "ddp_scaling", "device": label,
-        "device_name": torch.cuda.get_device_name(0) if gpu else platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "load_average_before": load_before,
-        "load_average_after": os.getloadavg(), "torch": torch.__version__,
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "settings": {**vars(args), "parameters": params, "scaling": "weak (fixed per-rank batch)",
-                     "backend": "nccl" if gpu else "gloo"},
+        "benchmark": "ddp_scaling",
+        "device": label,
+        "device_name": torch.cuda.get_device_name(0)
+        if gpu
+        else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {
+            **vars(args),
+            "parameters": params,
+            "scaling": "weak (fixed per-rank batch)",
+            "backend": "nccl" if gpu else "gloo",
+        },
         "results": results,
         "allreduce_bytes_per_rank_per_step": {
-            str(r["world_size"]): ring_allreduce_bytes(params, r["world_size"], 4) for r in results},
+            str(r["world_size"]): ring_allreduce_bytes(params, r["world_size"], 4) for r in results
+        },
         "notes": [
             "CPU: every process runs threads_per_process OMP threads (1 core a rank on this "
             "2-core machine). The machine is shared with other jobs (load averages above 2 mean "
@@ -178,15 +245,19 @@ def main() -> None:
             f"{preset}, 8 GPUs, {row['link']}: {row['allreduce_bytes'] / 1e9:.2f} GB a GPU a step, "
             f"{row['allreduce_s'] * 1e3:.1f} ms all-reduce vs {row['compute_s'] * 1e3:.0f} ms compute "
             f"(ratio {row['comm_to_compute']:.2f})"
-            for preset, entry in paper.items() for row in entry["rows"]
-            if row["world_size"] == 8 and row["grad_bytes"] == 2],
+            for preset, entry in paper.items()
+            for row in entry["rows"]
+            if row["world_size"] == 8 and row["grad_bytes"] == 2
+        ],
     }
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"ddp_scaling-{label}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     for r in results:
-        print(f"world {r['world_size']}: {r['tokens_per_s']:.0f} tokens/s, step {r['step_time_s']:.3f} s, "
-              f"efficiency {r['scaling_efficiency']:.2f}")
+        print(
+            f"world {r['world_size']}: {r['tokens_per_s']:.0f} tokens/s, step {r['step_time_s']:.3f} s, "
+            f"efficiency {r['scaling_efficiency']:.2f}"
+        )
     print(f"wrote {out}")
 
 

@@ -35,8 +35,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def seconds_per_step(teacher, teacher_dir, steps: int, batch: int, distill) -> float:
     with tempfile.TemporaryDirectory() as out:
-        config = TrainingConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
-                                learning_rate=3e-3, logging_steps=steps, disable_tqdm=True)
+        config = TrainingConfig(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=batch,
+            learning_rate=3e-3,
+            logging_steps=steps,
+            disable_tqdm=True,
+        )
         _, result = course.train_student(teacher, teacher_dir, config, distill)
     return result.train_seconds / steps
 
@@ -61,11 +67,17 @@ def component_ms(teacher, student, batches, config: DistillationConfig) -> dict:
         student(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
 
     t_ms = timed(teacher_forward) - timed(student_forward)
-    kd_ms = timed(lambda b=None: distillation_loss_sum(logits["s"], logits["t"], logits["labels"],
-                                                       config))
-    ce_ms = timed(lambda b=None: F.cross_entropy(
-        logits["s"].flatten(0, 1), F.pad(logits["labels"][:, 1:], (0, 1), value=-100).flatten(),
-        ignore_index=-100, reduction="sum"))
+    kd_ms = timed(
+        lambda b=None: distillation_loss_sum(logits["s"], logits["t"], logits["labels"], config)
+    )
+    ce_ms = timed(
+        lambda b=None: F.cross_entropy(
+            logits["s"].flatten(0, 1),
+            F.pad(logits["labels"][:, 1:], (0, 1), value=-100).flatten(),
+            ignore_index=-100,
+            reduction="sum",
+        )
+    )
     return {"teacher_forward_ms": t_ms, "kd_loss_ms": kd_ms, "ce_loss_ms": ce_ms}
 
 
@@ -85,16 +97,24 @@ def main() -> None:
         kd.append(seconds_per_step(teacher, teacher_dir, args.steps, args.batch, distill))
         print({"plain_s_per_step": plain[-1], "kd_s_per_step": kd[-1]}, flush=True)
     tokenized, collator = course._tokenized_instructions(str(teacher_dir))
-    batches = [collator([tokenized["train"][i] for i in range(s, s + args.batch)])
-               for s in range(0, 10 * args.batch, args.batch)]
+    batches = [
+        collator([tokenized["train"][i] for i in range(s, s + args.batch)])
+        for s in range(0, 10 * args.batch, args.batch)
+    ]
     components = component_ms(teacher, student, batches, distill)
     report = {
-        "benchmark": "distillation_cost", "device": f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
+        "benchmark": "distillation_cost",
+        "device": f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
         "teacher_parameters": count_parameters(teacher),
         "student_parameters": count_parameters(student),
-        "steps": args.steps, "batch": args.batch, "distillation": vars(distill),
-        "plain_s_per_step": plain, "kd_s_per_step": kd,
-        "kd_cost_ratio": min(kd) / min(plain), **components,
+        "steps": args.steps,
+        "batch": args.batch,
+        "distillation": vars(distill),
+        "plain_s_per_step": plain,
+        "kd_s_per_step": kd,
+        "kd_cost_ratio": min(kd) / min(plain),
+        **components,
         "note": "min over interleaved repeats; other jobs may share the cores",
     }
     RESULTS.mkdir(exist_ok=True)

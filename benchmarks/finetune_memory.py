@@ -42,12 +42,30 @@ METHODS = ("full", "lora", "qlora")
 
 def settings(device: str) -> dict:
     if device == "cuda":
-        return {"preset": "llama-1b", "batch": 4, "seq": 1024, "precision": "bf16", "steps": 20,
-                "warmup": 5, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
-                "lora_targets": "all-linear"}
-    return {"preset": "tiny", "batch": 8, "seq": 256, "precision": "fp32", "steps": 7,
-            "warmup": 2, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
-            "lora_targets": "all-linear"}
+        return {
+            "preset": "llama-1b",
+            "batch": 4,
+            "seq": 1024,
+            "precision": "bf16",
+            "steps": 20,
+            "warmup": 5,
+            "lora_r": 16,
+            "lora_alpha": 32,
+            "lora_dropout": 0.0,
+            "lora_targets": "all-linear",
+        }
+    return {
+        "preset": "tiny",
+        "batch": 8,
+        "seq": 256,
+        "precision": "fp32",
+        "steps": 7,
+        "warmup": 2,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "lora_targets": "all-linear",
+    }
 
 
 def save_base(s: dict, out_dir: Path, device: str) -> None:
@@ -76,8 +94,12 @@ def run_variant(method: str, checkpointing: bool, compile_: bool, s: dict, base_
     from lmref.training import TrainingConfig, peak_memory_mb, train
 
     device = default_device()
-    lora = LoraSettings(r=s["lora_r"], alpha=s["lora_alpha"], dropout=s["lora_dropout"],
-                        target_modules=s["lora_targets"])
+    lora = LoraSettings(
+        r=s["lora_r"],
+        alpha=s["lora_alpha"],
+        dropout=s["lora_dropout"],
+        target_modules=s["lora_targets"],
+    )
     if method == "qlora":
         model = load_qlora(base_dir, lora, device=device)
     else:
@@ -91,24 +113,44 @@ def run_variant(method: str, checkpointing: bool, compile_: bool, s: dict, base_
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size if hasattr(model, "config") else 32000
     data = datasets.Dataset.from_dict(
-        {"input_ids": torch.randint(0, vocab, (s["batch"] * (s["steps"] + 2), s["seq"]), generator=g).tolist()})
+        {
+            "input_ids": torch.randint(
+                0, vocab, (s["batch"] * (s["steps"] + 2), s["seq"]), generator=g
+            ).tolist()
+        }
+    )
     step_times: list[float] = []
-    config = TrainingConfig(output_dir=tempfile.mkdtemp(), max_steps=s["steps"],
-                            per_device_train_batch_size=s["batch"], learning_rate=1e-4,
-                            precision=s["precision"], gradient_checkpointing=checkpointing,
-                            torch_compile=compile_, logging_steps=10**9, disable_tqdm=True)
+    config = TrainingConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=s["steps"],
+        per_device_train_batch_size=s["batch"],
+        learning_rate=1e-4,
+        precision=s["precision"],
+        gradient_checkpointing=checkpointing,
+        torch_compile=compile_,
+        logging_steps=10**9,
+        disable_tqdm=True,
+    )
     with PeakMemory(device) as mem:
-        train(model, data, config, callbacks=[lambda step, m: step_times.append(_sync_time(device))])
-    timed = step_times[s["warmup"]:]
+        train(
+            model, data, config, callbacks=[lambda step, m: step_times.append(_sync_time(device))]
+        )
+    timed = step_times[s["warmup"] :]
     seconds = timed[-1] - timed[0]
     tokens_per_s = s["batch"] * s["seq"] * (len(timed) - 1) / seconds
-    return {"method": method, "gradient_checkpointing": checkpointing, "torch_compile": compile_,
-            "tokens_per_s": tokens_per_s, "step_ms": 1000 * seconds / (len(timed) - 1),
-            "peak_memory_mb": peak_memory_mb(device),
-            "train_added_mb": mem.added_mb,
-            "trainable_parameters": report["trainable_parameters"],
-            "parameters": report["parameters"], "trainable_share": report["trainable_share"],
-            "base_in_4bit": report["base_in_4bit"]}
+    return {
+        "method": method,
+        "gradient_checkpointing": checkpointing,
+        "torch_compile": compile_,
+        "tokens_per_s": tokens_per_s,
+        "step_ms": 1000 * seconds / (len(timed) - 1),
+        "peak_memory_mb": peak_memory_mb(device),
+        "train_added_mb": mem.added_mb,
+        "trainable_parameters": report["trainable_parameters"],
+        "parameters": report["parameters"],
+        "trainable_share": report["trainable_share"],
+        "base_in_4bit": report["base_in_4bit"],
+    }
 
 
 def _sync_time(device) -> float:
@@ -119,8 +161,12 @@ def _sync_time(device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--one", nargs=3, metavar=("METHOD", "CHECKPOINTING", "BASE_DIR"),
-                        help="run one variant in this process (internal)")
+    parser.add_argument(
+        "--one",
+        nargs=3,
+        metavar=("METHOD", "CHECKPOINTING", "BASE_DIR"),
+        help="run one variant in this process (internal)",
+    )
     parser.add_argument("--compile", action="store_true", help="also run torch.compile variants")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,36 +183,63 @@ def main() -> None:
             variants += [(m, False, True) for m in ("full", "lora")]
         for method, checkpointing, compile_ in variants:
             cmd = [sys.executable, __file__, "--one", method, str(int(checkpointing)), base_dir]
-            proc = subprocess.run(cmd + (["--compile"] if compile_ else []), capture_output=True,
-                                  text=True)
+            proc = subprocess.run(
+                cmd + (["--compile"] if compile_ else []), capture_output=True, text=True
+            )
             if proc.returncode != 0:
-                results.append({"method": method, "gradient_checkpointing": checkpointing,
-                                "torch_compile": compile_, "error": proc.stderr.strip()[-2000:]})
+                results.append(
+                    {
+                        "method": method,
+                        "gradient_checkpointing": checkpointing,
+                        "torch_compile": compile_,
+                        "error": proc.stderr.strip()[-2000:],
+                    }
+                )
             else:
                 results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(results[-1], flush=True)
-    ok = {(r["method"], r["gradient_checkpointing"]): r for r in results
-          if "error" not in r and not r["torch_compile"]}
+    ok = {
+        (r["method"], r["gradient_checkpointing"]): r
+        for r in results
+        if "error" not in r and not r["torch_compile"]
+    }
     ratios = {}
     if ("full", False) in ok and ("lora", False) in ok:
-        ratios["lora_vs_full_tokens_per_s"] = ok["lora", False]["tokens_per_s"] / ok["full", False]["tokens_per_s"]
-        ratios["lora_vs_full_peak_memory"] = ok["lora", False]["peak_memory_mb"] / ok["full", False]["peak_memory_mb"]
+        ratios["lora_vs_full_tokens_per_s"] = (
+            ok["lora", False]["tokens_per_s"] / ok["full", False]["tokens_per_s"]
+        )
+        ratios["lora_vs_full_peak_memory"] = (
+            ok["lora", False]["peak_memory_mb"] / ok["full", False]["peak_memory_mb"]
+        )
     if device == "cuda":
         name = torch.cuda.get_device_name(0)
         note = "GPU run: peak_memory_mb = torch.cuda.max_memory_allocated of a fresh process"
     else:
-        name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        note = ("No GPU was lent for this run: CPU only. The GPU settings (llama-1b, batch 4 x 1024, "
-                "bf16) are in settings() and are selected when CUDA is present. CPU peak memory is "
-                "the process's peak RSS, dominated by Python + torch (~0.4-0.5 GB) at this model "
-                "size; train_added_mb isolates what training added. 2 CPU cores shared with other "
-                "jobs: timings are noisy.")
-    report = {"benchmark": "finetune_memory", "device": name, "gpu_lent": device == "cuda",
-              "torch_threads": torch.get_num_threads(),
-              "torch": torch.__version__, "note": note, "settings": s, "results": results, **ratios}
+        name = (
+            f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        )
+        note = (
+            "No GPU was lent for this run: CPU only. The GPU settings (llama-1b, batch 4 x 1024, "
+            "bf16) are in settings() and are selected when CUDA is present. CPU peak memory is "
+            "the process's peak RSS, dominated by Python + torch (~0.4-0.5 GB) at this model "
+            "size; train_added_mb isolates what training added. 2 CPU cores shared with other "
+            "jobs: timings are noisy."
+        )
+    report = {
+        "benchmark": "finetune_memory",
+        "device": name,
+        "gpu_lent": device == "cuda",
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "note": note,
+        "settings": s,
+        "results": results,
+        **ratios,
+    }
     try:
         import bitsandbytes
         import peft
+
         report["versions"] = {"peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
     except ImportError:
         pass

@@ -37,8 +37,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from lmref.loadtest import run_load, spawn_server  # noqa: E402
 from lmref.modeling import build_model  # noqa: E402
 
-PROMPT_WORDS = ("Return the list of names in the module", "Split the string at the separator",
-                "Create a new dictionary from the keys", "Format the value as text")
+PROMPT_WORDS = (
+    "Return the list of names in the module",
+    "Split the string at the separator",
+    "Create a new dictionary from the keys",
+    "Format the value as text",
+)
 
 
 def device_name() -> tuple[str, str]:
@@ -69,16 +73,28 @@ def build_tokenizer():
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    docs = [inspect.getdoc(o) or "" for m in (json_mod, textwrap, inspect, os)
-            for _, o in inspect.getmembers(m)]
+    docs = [
+        inspect.getdoc(o) or ""
+        for m in (json_mod, textwrap, inspect, os)
+        for _, o in inspect.getmembers(m)
+    ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(docs, trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", pad_token="<|pad|>")
+    tok.train_from_iterator(
+        docs,
+        trainers.BpeTrainer(
+            vocab_size=1024,
+            special_tokens=["<|endoftext|>", "<|pad|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+    )
 
 
 def main() -> None:
@@ -87,8 +103,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="batched and unbatched runs alternate this often; medians reported")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="batched and unbatched runs alternate this often; medians reported",
+    )
     parser.add_argument("--preset", default=None, help="default: tiny on CPU, gpt2-124m on GPU")
     parser.add_argument("--torch-threads", type=int, default=None)
     parser.add_argument("--out", default=None)
@@ -108,10 +128,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        server = spawn_server(["--model", f"bench={folder}", "--unbatched", "bench",
-                               "--max-batch-size", "64", "--batch-wait-ms", "5",
-                               "--max-queue-size", "1024", "--cache-size", "0", "--threads", "128",
-                               "--torch-threads", str(threads)], env={"LMREF_API_KEYS": ""})
+        server = spawn_server(
+            [
+                "--model",
+                f"bench={folder}",
+                "--unbatched",
+                "bench",
+                "--max-batch-size",
+                "64",
+                "--batch-wait-ms",
+                "5",
+                "--max-queue-size",
+                "1024",
+                "--cache-size",
+                "0",
+                "--threads",
+                "128",
+                "--torch-threads",
+                str(threads),
+            ],
+            env={"LMREF_API_KEYS": ""},
+        )
         try:
             for name in ("bench", "bench-unbatched"):  # warm-up: first calls allocate
                 run_load(server.url, ["warm up"] * 4, 4, model=name, max_tokens=4)
@@ -121,49 +158,85 @@ def main() -> None:
                 runs = {True: [], False: []}
                 for _ in range(args.repeats):  # alternating: a burst of load from other jobs
                     for name, batching in (("bench", True), ("bench-unbatched", False)):
-                        runs[batching].append(run_load(server.url, prompts, clients, model=name,
-                                                       max_tokens=args.max_tokens))
+                        runs[batching].append(
+                            run_load(
+                                server.url, prompts, clients, model=name, max_tokens=args.max_tokens
+                            )
+                        )
                 for batching, repeats in runs.items():
                     r = {k: statistics.median(x[k] for x in repeats) for k in repeats[0]}
-                    r.update(concurrency=clients, batching=batching, repeats=len(repeats),
-                             requests=repeats[0]["requests"],
-                             failed=sum(x["failed"] for x in repeats),
-                             output_tokens_per_s_all=[x["output_tokens_per_s"] for x in repeats])
+                    r.update(
+                        concurrency=clients,
+                        batching=batching,
+                        repeats=len(repeats),
+                        requests=repeats[0]["requests"],
+                        failed=sum(x["failed"] for x in repeats),
+                        output_tokens_per_s_all=[x["output_tokens_per_s"] for x in repeats],
+                    )
                     results.append(r)
-                    print(f"clients={clients:3d} batching={batching!s:5} "
-                          f"req/s={r['requests_per_s']:7.2f} tok/s={r['output_tokens_per_s']:8.1f} "
-                          f"ttft p50={r['ttft_p50_ms']:7.1f}ms tpot p50={r['tpot_p50_ms']:6.2f}ms "
-                          f"e2e p50/p99={r['e2e_p50_ms']:7.1f}/{r['e2e_p99_ms']:7.1f}ms "
-                          f"failed={r['failed']}", flush=True)
+                    print(
+                        f"clients={clients:3d} batching={batching!s:5} "
+                        f"req/s={r['requests_per_s']:7.2f} tok/s={r['output_tokens_per_s']:8.1f} "
+                        f"ttft p50={r['ttft_p50_ms']:7.1f}ms tpot p50={r['tpot_p50_ms']:6.2f}ms "
+                        f"e2e p50/p99={r['e2e_p50_ms']:7.1f}/{r['e2e_p99_ms']:7.1f}ms "
+                        f"failed={r['failed']}",
+                        flush=True,
+                    )
         finally:
             server.stop()
 
     def tokens_per_s(clients: int, batching: bool) -> float:
-        return next(r["output_tokens_per_s"] for r in results
-                    if r["concurrency"] == clients and r["batching"] == batching)
+        return next(
+            r["output_tokens_per_s"]
+            for r in results
+            if r["concurrency"] == clients and r["batching"] == batching
+        )
 
     # The baseline: one request at a time. Unbatched serving is that at every client count, so
     # its best throughput over all counts is used (conservative on a noisy shared machine).
     one_at_a_time = max(r["output_tokens_per_s"] for r in results if not r["batching"])
-    speedups = {str(c): {"vs_unbatched_same_clients": tokens_per_s(c, True) / tokens_per_s(c, False),
-                         "vs_one_request_at_a_time": tokens_per_s(c, True) / one_at_a_time}
-                for c in args.clients}
+    speedups = {
+        str(c): {
+            "vs_unbatched_same_clients": tokens_per_s(c, True) / tokens_per_s(c, False),
+            "vs_one_request_at_a_time": tokens_per_s(c, True) / one_at_a_time,
+        }
+        for c in args.clients
+    }
     target_clients, target = (64, 20.0) if device.startswith("cuda") else (16, 3.0)
     reached = speedups.get(str(target_clients), {}).get("vs_one_request_at_a_time")
     report = {
-        "benchmark": "serving_load", "device": device, "device_name": device_label,
-        "torch": torch.__version__, "python": platform.python_version(),
-        "note": "2 CPU cores shared with other agents' jobs: timings are noisy" if device == "cpu"
+        "benchmark": "serving_load",
+        "device": device,
+        "device_name": device_label,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "note": "2 CPU cores shared with other agents' jobs: timings are noisy"
+        if device == "cpu"
         else "",
-        "settings": {"preset": preset, "parameters": sum(p.numel() for p in model.parameters()),
-                     "max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.0,
-                     "clients": args.clients, "torch_threads": threads, "max_batch_size": 64,
-                     "batch_wait_ms": 5, "stream": True, "server": "waitress, one process",
-                     "repeats": args.repeats, "statistic": "median over repeats"},
-        "results": results, "one_request_at_a_time_tokens_per_s": one_at_a_time,
+        "settings": {
+            "preset": preset,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "max_tokens": args.max_tokens,
+            "ignore_eos": True,
+            "temperature": 0.0,
+            "clients": args.clients,
+            "torch_threads": threads,
+            "max_batch_size": 64,
+            "batch_wait_ms": 5,
+            "stream": True,
+            "server": "waitress, one process",
+            "repeats": args.repeats,
+            "statistic": "median over repeats",
+        },
+        "results": results,
+        "one_request_at_a_time_tokens_per_s": one_at_a_time,
         "speedup_tokens_per_s": speedups,
-        "target": {"clients": target_clients, "speedup_vs_one_at_a_time": target,
-                   "reached": reached, "met": bool(reached and reached >= target)},
+        "target": {
+            "clients": target_clients,
+            "speedup_vs_one_at_a_time": target,
+            "reached": reached,
+            "met": bool(reached and reached >= target),
+        },
     }
     out = Path(args.out or REPO / "benchmarks" / "results" / f"serving_load-{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,17 +29,33 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def settings(device: str) -> dict:
     if device == "cuda":
-        return {"preset": "gpt2-124m", "batch": 16, "seq": 1024, "precision": "bf16", "steps": 60,
-                "warmup": 15, "compile": True}
-    return {"preset": "tiny", "batch": 16, "seq": 256, "precision": "fp32", "steps": 30,
-            "warmup": 5, "compile": False}
+        return {
+            "preset": "gpt2-124m",
+            "batch": 16,
+            "seq": 1024,
+            "precision": "bf16",
+            "steps": 60,
+            "warmup": 15,
+            "compile": True,
+        }
+    return {
+        "preset": "tiny",
+        "batch": 16,
+        "seq": 256,
+        "precision": "fp32",
+        "steps": 30,
+        "warmup": 5,
+        "compile": False,
+    }
 
 
 def make_data(vocab: int, n: int, seq: int):
     import datasets
 
     g = torch.Generator().manual_seed(0)
-    return datasets.Dataset.from_dict({"input_ids": torch.randint(0, vocab, (n, seq), generator=g).tolist()})
+    return datasets.Dataset.from_dict(
+        {"input_ids": torch.randint(0, vocab, (n, seq), generator=g).tolist()}
+    )
 
 
 def run_variant(variant: str, s: dict) -> dict:
@@ -60,10 +76,19 @@ def run_variant(variant: str, s: dict) -> dict:
     out = tempfile.mkdtemp()
     step_times: list[float] = []
     if variant == "lmref":
-        config = TrainingConfig(output_dir=out, max_steps=s["steps"], per_device_train_batch_size=s["batch"],
-                                learning_rate=3e-4, precision=s["precision"], torch_compile=s["compile"],
-                                logging_steps=10**9, disable_tqdm=True)
-        train(model, data, config, callbacks=[lambda step, m: step_times.append(_sync_time(device))])
+        config = TrainingConfig(
+            output_dir=out,
+            max_steps=s["steps"],
+            per_device_train_batch_size=s["batch"],
+            learning_rate=3e-4,
+            precision=s["precision"],
+            torch_compile=s["compile"],
+            logging_steps=10**9,
+            disable_tqdm=True,
+        )
+        train(
+            model, data, config, callbacks=[lambda step, m: step_times.append(_sync_time(device))]
+        )
     else:
         from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -71,22 +96,37 @@ def run_variant(variant: str, s: dict) -> dict:
             def on_step_end(self, args, state, control, **kw):
                 step_times.append(_sync_time(device))
 
-        args = TrainingArguments(output_dir=out, max_steps=s["steps"], per_device_train_batch_size=s["batch"],
-                                 learning_rate=3e-4, bf16=s["precision"] == "bf16", report_to=[],
-                                 save_strategy="no", logging_steps=10**9, disable_tqdm=True,
-                                 use_cpu=device.type == "cpu")
-        collate = lambda rows: {"input_ids": torch.tensor([r["input_ids"] for r in rows]),  # noqa: E731
-                                "labels": torch.tensor([r["input_ids"] for r in rows])}
-        Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
-                callbacks=[Timer()]).train()
-    timed = step_times[s["warmup"]:]
+        args = TrainingArguments(
+            output_dir=out,
+            max_steps=s["steps"],
+            per_device_train_batch_size=s["batch"],
+            learning_rate=3e-4,
+            bf16=s["precision"] == "bf16",
+            report_to=[],
+            save_strategy="no",
+            logging_steps=10**9,
+            disable_tqdm=True,
+            use_cpu=device.type == "cpu",
+        )
+
+        def collate(rows):
+            ids = torch.tensor([r["input_ids"] for r in rows])
+            return {"input_ids": ids, "labels": ids}
+
+        Trainer(
+            model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Timer()]
+        ).train()
+    timed = step_times[s["warmup"] :]
     seconds = timed[-1] - timed[0]
     tokens_per_s = tokens_per_step * (len(timed) - 1) / seconds
     peak = device_peak_flops(device)
-    return {"variant": variant, "tokens_per_s": tokens_per_s,
-            "step_ms": 1000 * seconds / (len(timed) - 1),
-            "mfu": tokens_per_s * flops_per_token(model, data) / peak if peak else None,
-            "peak_memory_mb": peak_memory_mb(device)}
+    return {
+        "variant": variant,
+        "tokens_per_s": tokens_per_s,
+        "step_ms": 1000 * seconds / (len(timed) - 1),
+        "mfu": tokens_per_s * flops_per_token(model, data) / peak if peak else None,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
 
 
 def _sync_time(device) -> float:
@@ -97,7 +137,9 @@ def _sync_time(device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=["lmref", "hf-trainer"], help="run one variant (internal)")
+    parser.add_argument(
+        "--variant", choices=["lmref", "hf-trainer"], help="run one variant (internal)"
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     s = settings(device)
@@ -106,14 +148,27 @@ def main() -> None:
         return
     results = []
     for variant in ("lmref", "hf-trainer"):
-        proc = subprocess.run([sys.executable, __file__, "--variant", variant], capture_output=True,
-                              text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--variant", variant],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(results[-1])
-    name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    report = {"benchmark": "train_throughput", "device": name, "torch": torch.__version__,
-              "settings": s, "results": results,
-              "lmref_vs_hf_trainer": results[0]["tokens_per_s"] / results[1]["tokens_per_s"]}
+    name = (
+        torch.cuda.get_device_name(0)
+        if device == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    report = {
+        "benchmark": "train_throughput",
+        "device": name,
+        "torch": torch.__version__,
+        "settings": s,
+        "results": results,
+        "lmref_vs_hf_trainer": results[0]["tokens_per_s"] / results[1]["tokens_per_s"],
+    }
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"train_throughput-{'cuda' if device == 'cuda' else 'cpu'}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

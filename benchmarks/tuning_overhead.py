@@ -35,13 +35,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def free_objective(trial: optuna.Trial) -> float:
     p = tuning.suggest(trial, course.LORA_SPACE)
-    return (abs(p["learning_rate"] - 3e-3) * 100 + p["warmup_steps"] / 10 + 8 / p["lora_r"]
-            + p["batch_size"] / 64 + abs(p["alpha_over_r"] - 2))
+    return (
+        abs(p["learning_rate"] - 3e-3) * 100
+        + p["warmup_steps"] / 10
+        + 8 / p["lora_r"]
+        + p["batch_size"] / 64
+        + abs(p["alpha_over_r"] - 2)
+    )
 
 
 def overhead(sampler: str, n_trials: int, folder: Path) -> dict:
-    config = StudyConfig(f"overhead-{sampler}", str(folder / f"{sampler}.journal"),
-                         sampler=sampler, n_trials=n_trials, n_startup_trials=4)
+    config = StudyConfig(
+        f"overhead-{sampler}",
+        str(folder / f"{sampler}.journal"),
+        sampler=sampler,
+        n_trials=n_trials,
+        n_startup_trials=4,
+    )
     start = time.perf_counter()
     study = tuning.run_study(free_objective, config, course.LORA_SPACE)
     journal = (time.perf_counter() - start) / len(study.trials)
@@ -49,8 +59,12 @@ def overhead(sampler: str, n_trials: int, folder: Path) -> dict:
     start = time.perf_counter()
     memory.optimize(free_objective, n_trials=n_trials)
     in_memory = (time.perf_counter() - start) / len(memory.trials)
-    return {"sampler": sampler, "trials": len(study.trials),
-            "ms_per_trial_journal_lmref": journal * 1e3, "ms_per_trial_in_memory": in_memory * 1e3}
+    return {
+        "sampler": sampler,
+        "trials": len(study.trials),
+        "ms_per_trial_journal_lmref": journal * 1e3,
+        "ms_per_trial_in_memory": in_memory * 1e3,
+    }
 
 
 def queued_params(n_trials: int) -> list[dict]:
@@ -60,21 +74,36 @@ def queued_params(n_trials: int) -> list[dict]:
 
 
 def workers(n_workers: int, n_trials: int, steps: int, folder: Path) -> dict:
-    config = StudyConfig(f"workers-{n_workers}", str(folder / f"workers-{n_workers}.journal"),
-                         sampler="random", n_trials=n_trials)
+    config = StudyConfig(
+        f"workers-{n_workers}",
+        str(folder / f"workers-{n_workers}.journal"),
+        sampler="random",
+        n_trials=n_trials,
+    )
     study = tuning.open_study(config, course.LORA_SPACE)
     for params in queued_params(n_trials):
         study.enqueue_trial(params)
-    run = tuning.run_workers(n_workers, config, "lmref.course:LORA_SPACE",
-                             "lmref.course:lora_objective", {"steps": steps}, threads_per_worker=1)
+    run = tuning.run_workers(
+        n_workers,
+        config,
+        "lmref.course:LORA_SPACE",
+        "lmref.course:lora_objective",
+        {"steps": steps},
+        threads_per_worker=1,
+    )
     study = optuna.load_study(study_name=config.name, storage=tuning.open_storage(config.storage))
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     first = min(t.datetime_start for t in trials)
     last = max(t.datetime_complete for t in trials)
     busy = (last - first).total_seconds()
-    return {"workers": n_workers, "trials": len(trials), "wall_seconds": run["seconds"],
-            "trials_seconds": busy, "trials_per_second": len(trials) / busy,
-            "mean_trial_seconds": sum(tuning.trial_seconds(t) for t in trials) / len(trials)}
+    return {
+        "workers": n_workers,
+        "trials": len(trials),
+        "wall_seconds": run["seconds"],
+        "trials_seconds": busy,
+        "trials_per_second": len(trials) / busy,
+        "mean_trial_seconds": sum(tuning.trial_seconds(t) for t in trials) / len(trials),
+    }
 
 
 def main() -> None:
@@ -95,9 +124,13 @@ def main() -> None:
             print(row, flush=True)
     one, two = scaling
     report = {
-        "benchmark": "tuning_overhead", "device": f"{cpu_model()}, {os.cpu_count()} cores", "torch": torch.__version__,
-        "optuna": optuna.__version__, "search_space": [p.name for p in course.LORA_SPACE],
-        "overhead": per_sampler, "workers": scaling,
+        "benchmark": "tuning_overhead",
+        "device": f"{cpu_model()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "optuna": optuna.__version__,
+        "search_space": [p.name for p in course.LORA_SPACE],
+        "overhead": per_sampler,
+        "workers": scaling,
         "speedup_2_workers_wall": one["wall_seconds"] / two["wall_seconds"],
         "speedup_2_workers_trials": two["trials_per_second"] / one["trials_per_second"],
         "note": "OMP_NUM_THREADS=1 per worker; other jobs may share the cores, see the README",

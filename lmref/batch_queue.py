@@ -71,40 +71,44 @@ class BatchConfig:
     store_url: str = "redis://127.0.0.1:6379/0"  # files, batches, results; Celery's backend too
     queue: str = "lmref-batch"
     job_time_limit_s: float = 300.0  # soft: the request ends with a 504 line; hard: +15 s, killed
-    max_attempts: int = 3            # deliveries of one request before it fails as a poison pill
-    max_requests: int = 50_000       # lines in one batch file (OpenAI's limit)
-    ttl_s: int = 7 * 24 * 3600       # files, batches and results expire after this
+    max_attempts: int = 3  # deliveries of one request before it fails as a poison pill
+    max_requests: int = 50_000  # lines in one batch file (OpenAI's limit)
+    ttl_s: int = 7 * 24 * 3600  # files, batches and results expire after this
 
     @classmethod
     def from_env(cls) -> BatchConfig:
         """``LMREF_BROKER_URL``, ``LMREF_STORE_URL``, ``LMREF_BATCH_QUEUE``,
         ``LMREF_JOB_TIME_LIMIT_S``, ``LMREF_MAX_ATTEMPTS`` over the defaults."""
         env, default = os.environ, cls()
-        return cls(broker_url=env.get("LMREF_BROKER_URL", default.broker_url),
-                   store_url=env.get("LMREF_STORE_URL", default.store_url),
-                   queue=env.get("LMREF_BATCH_QUEUE", default.queue),
-                   job_time_limit_s=float(env.get("LMREF_JOB_TIME_LIMIT_S",
-                                                  default.job_time_limit_s)),
-                   max_attempts=int(env.get("LMREF_MAX_ATTEMPTS", default.max_attempts)))
+        return cls(
+            broker_url=env.get("LMREF_BROKER_URL", default.broker_url),
+            store_url=env.get("LMREF_STORE_URL", default.store_url),
+            queue=env.get("LMREF_BATCH_QUEUE", default.queue),
+            job_time_limit_s=float(env.get("LMREF_JOB_TIME_LIMIT_S", default.job_time_limit_s)),
+            max_attempts=int(env.get("LMREF_MAX_ATTEMPTS", default.max_attempts)),
+        )
 
 
 def make_celery(config: BatchConfig) -> Celery:
     """The Celery app both sides use: at-least-once delivery, one request a worker at a time."""
     app = Celery("lmref.batch_queue", broker=config.broker_url, backend=config.store_url)
     app.conf.update(
-        task_acks_late=True,                  # ack after the task ran, not when it was received
-        task_reject_on_worker_lost=True,      # a pool process that died: requeue, do not ack
+        task_acks_late=True,  # ack after the task ran, not when it was received
+        task_reject_on_worker_lost=True,  # a pool process that died: requeue, do not ack
         task_acks_on_failure_or_timeout=True,  # a request that failed on its input is done
-        worker_prefetch_multiplier=1,         # hold one unacked message per process, no more
+        worker_prefetch_multiplier=1,  # hold one unacked message per process, no more
         task_default_queue=config.queue,
         task_soft_time_limit=config.job_time_limit_s,
         task_time_limit=config.job_time_limit_s + 15,
         task_track_started=True,
         result_expires=config.ttl_s,
         broker_connection_retry_on_startup=True,
-        worker_proc_alive_timeout=600,       # the pool process loads the model before it is up
+        worker_proc_alive_timeout=600,  # the pool process loads the model before it is up
         worker_hijack_root_logger=False,
-        task_serializer="json", result_serializer="json", accept_content=["json"])
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+    )
     return app
 
 
@@ -121,9 +125,16 @@ class Store:
 
     def put_file(self, content: bytes, filename: str, purpose: str, file_id: str = "") -> dict:
         file_id = file_id or "file-" + uuid.uuid4().hex
-        meta = {"id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
-                "filename": filename, "purpose": purpose, "status": "processed",
-                "expires_at": int(time.time()) + self.ttl_s}
+        meta = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(content),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "expires_at": int(time.time()) + self.ttl_s,
+        }
         pipe = self.r.pipeline()
         pipe.set(self._key("file", file_id), json.dumps(meta), ex=self.ttl_s)
         pipe.set(self._key("file", file_id, "content"), content, ex=self.ttl_s)
@@ -153,8 +164,14 @@ class Store:
         self.r.set(self._key(batch_id), json.dumps({**batch, **fields}), ex=self.ttl_s)
 
     def batch_ids(self) -> list[str]:
-        return sorted((k.decode().rsplit(":", 1)[1] for k in self.r.scan_iter(
-            self._key("batch_*")) if k.count(b":") == 2), reverse=True)
+        return sorted(
+            (
+                k.decode().rsplit(":", 1)[1]
+                for k in self.r.scan_iter(self._key("batch_*"))
+                if k.count(b":") == 2
+            ),
+            reverse=True,
+        )
 
     # The result and its count in one step (a Lua script runs atomically in Redis): a worker that
     # dies in between cannot leave a result uncounted, and a batch that never completes.
@@ -168,8 +185,9 @@ class Store:
         """Store one request's result line; False when it was stored already (a redelivery)."""
         outcome = "completed" if line["error"] is None else "failed"
         keys = [self._key(batch_id, "results"), self._key(batch_id, "counts")]
-        return bool(self.r.eval(self._RECORD, 2, *keys, custom_id, json.dumps(line), outcome,
-                                self.ttl_s))
+        return bool(
+            self.r.eval(self._RECORD, 2, *keys, custom_id, json.dumps(line), outcome, self.ttl_s)
+        )
 
     def has_result(self, batch_id: str, custom_id: str) -> bool:
         return bool(self.r.hexists(self._key(batch_id, "results"), custom_id))
@@ -184,8 +202,9 @@ class Store:
         return int(pipe.execute()[0])
 
     def attempts(self, batch_id: str) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in
-                self.r.hgetall(self._key(batch_id, "attempts")).items()}
+        return {
+            k.decode(): int(v) for k, v in self.r.hgetall(self._key(batch_id, "attempts")).items()
+        }
 
     def running(self, batch_id: str) -> dict[str, str]:
         """Requests a worker has taken and not finished: custom_id -> worker."""
@@ -194,8 +213,10 @@ class Store:
 
     def workers(self, batch_id: str) -> dict[str, str]:
         """Which worker took each request last (a redelivered one: the one that finished it)."""
-        return {k.decode(): v.decode() for k, v in
-                self.r.hgetall(self._key(batch_id, "workers")).items()}
+        return {
+            k.decode(): v.decode()
+            for k, v in self.r.hgetall(self._key(batch_id, "workers")).items()
+        }
 
     def finalize(self, batch_id: str) -> dict | None:
         """When every request has a result: write the output and error files (input order) and
@@ -203,11 +224,15 @@ class Store:
         batch = self.batch(batch_id)
         if batch is None or batch["status"] in ("completed", "failed", "cancelled"):
             return batch
-        done = {k.decode(): int(v) for k, v in
-                self.r.hgetall(self._key(batch_id, "counts")).items()}
+        done = {
+            k.decode(): int(v) for k, v in self.r.hgetall(self._key(batch_id, "counts")).items()
+        }
         total = batch["request_counts"]["total"]
-        counts = {"total": total, "completed": done.get("completed", 0),
-                  "failed": done.get("failed", 0)}
+        counts = {
+            "total": total,
+            "completed": done.get("completed", 0),
+            "failed": done.get("failed", 0),
+        }
         batch["request_counts"] = counts
         if counts["completed"] + counts["failed"] < total:
             return batch
@@ -223,15 +248,30 @@ class Store:
         def jsonl(items: list[dict]) -> bytes:
             return "".join(json.dumps(x) + "\n" for x in items).encode()
 
-        output = self.put_file(jsonl(ok), f"{batch_id}_output.jsonl", "batch_output",
-                               f"file-{batch_id}-output") if ok else None
-        errors = self.put_file(jsonl(bad), f"{batch_id}_error.jsonl", "batch_output",
-                               f"file-{batch_id}-errors") if bad else None
+        output = (
+            self.put_file(
+                jsonl(ok), f"{batch_id}_output.jsonl", "batch_output", f"file-{batch_id}-output"
+            )
+            if ok
+            else None
+        )
+        errors = (
+            self.put_file(
+                jsonl(bad), f"{batch_id}_error.jsonl", "batch_output", f"file-{batch_id}-errors"
+            )
+            if bad
+            else None
+        )
         now = int(time.time())
-        self.update_batch(batch_id, status="completed", request_counts=counts,
-                          output_file_id=output and output["id"],
-                          error_file_id=errors and errors["id"], finalizing_at=now,
-                          completed_at=now)
+        self.update_batch(
+            batch_id,
+            status="completed",
+            request_counts=counts,
+            output_file_id=output and output["id"],
+            error_file_id=errors and errors["id"],
+            finalizing_at=now,
+            completed_at=now,
+        )
         return self.batch(batch_id)
 
 
@@ -240,16 +280,25 @@ def result_line(custom_id: str, status: int, body: Any, request_id: str) -> dict
     error = None
     if not 200 <= status < 300:
         detail = body.get("error", {}) if isinstance(body, dict) else {}
-        error = {"code": detail.get("code") or str(status),
-                 "message": detail.get("message") or f"HTTP {status}"}
-    return {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": custom_id,
-            "response": {"status_code": status, "request_id": request_id, "body": body},
-            "error": error}
+        error = {
+            "code": detail.get("code") or str(status),
+            "message": detail.get("message") or f"HTTP {status}",
+        }
+    return {
+        "id": "batch_req_" + uuid.uuid4().hex,
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": request_id, "body": body},
+        "error": error,
+    }
 
 
 def failure_line(custom_id: str, code: str, message: str) -> dict:
-    return {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": custom_id, "response": None,
-            "error": {"code": code, "message": message}}
+    return {
+        "id": "batch_req_" + uuid.uuid4().hex,
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
 
 
 # ----------------------------------------------------------------------------------- the worker
@@ -277,15 +326,17 @@ def worker_store() -> Store:
     return _worker["store"]
 
 
-def forward(upstream: str, path: str, body: dict, api_key: str | None = None,
-            timeout: float = 600.0) -> tuple[int, Any]:
+def forward(
+    upstream: str, path: str, body: dict, api_key: str | None = None, timeout: float = 600.0
+) -> tuple[int, Any]:
     """POST one request to another OpenAI-compatible server; its status and JSON body (an HTTP
     error is an answer too: it goes to the error file). Connection errors raise ``URLError``."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(upstream.rstrip("/") + path, json.dumps(body).encode(), headers,
-                                 method="POST")
+    req = urllib.request.Request(
+        upstream.rstrip("/") + path, json.dumps(body).encode(), headers, method="POST"
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             return response.status, json.loads(response.read() or b"null")
@@ -305,21 +356,28 @@ def worker_app() -> Flask:
             from lmref.redis_cache import RedisResponseCache
 
             models = _worker_models()
-            cache = RedisResponseCache(os.environ["LMREF_CACHE_URL"],
-                                       versions={m.name: m.path for m in models})
-        app = create_app(ServingConfig(models=_worker_models(), api_keys=[],
-                                       load_in_background=False), cache=cache)
+            cache = RedisResponseCache(
+                os.environ["LMREF_CACHE_URL"], versions={m.name: m.path for m in models}
+            )
+        app = create_app(
+            ServingConfig(models=_worker_models(), api_keys=[], load_in_background=False),
+            cache=cache,
+        )
 
         def time_limit(_: SoftTimeLimitExceeded):  # the request ends; its rows are cancelled
-            err = APIError(504, f"the request ran past its time limit of "
-                                f"{_worker.get('limit', CONFIG.job_time_limit_s):g} s",
-                           "server_error",
-                           code="time_limit_exceeded")
+            err = APIError(
+                504,
+                f"the request ran past its time limit of "
+                f"{_worker.get('limit', CONFIG.job_time_limit_s):g} s",
+                "server_error",
+                code="time_limit_exceeded",
+            )
             return err.body(), err.status
 
         app.register_error_handler(SoftTimeLimitExceeded, time_limit)
-        failed = {n: e.load_error for n, e in app.extensions["lmref"].engines.items()
-                  if e.load_error}
+        failed = {
+            n: e.load_error for n, e in app.extensions["lmref"].engines.items() if e.load_error
+        }
         if failed:
             raise RuntimeError(f"worker could not load its models: {failed}")
         _worker["app"] = app
@@ -346,8 +404,9 @@ class _RequestTask(Task):
         batch_id, custom_id = args[0], args[1]
         store = worker_store()
         code = "time_limit_exceeded" if "TimeLimit" in type(exc).__name__ else "worker_error"
-        store.record(batch_id, custom_id, failure_line(custom_id, code,
-                                                        f"{type(exc).__name__}: {exc}"))
+        store.record(
+            batch_id, custom_id, failure_line(custom_id, code, f"{type(exc).__name__}: {exc}")
+        )
         store.finalize(batch_id)
 
 
@@ -364,24 +423,36 @@ def run_request(self: Task, batch_id: str, custom_id: str, url: str, body: dict)
     if attempts > CONFIG.max_attempts:
         # Every delivery so far ended without a result (its worker died on it, or its upstream
         # was unreachable): a poison pill, failed alone instead of redelivered forever.
-        store.record(batch_id, custom_id, failure_line(
-            custom_id, "max_attempts_exceeded",
-            f"delivered {attempts} times, {attempts - 1} without a result (workers lost while "
-            f"running it, or its upstream unreachable); at most {CONFIG.max_attempts} allowed"))
+        store.record(
+            batch_id,
+            custom_id,
+            failure_line(
+                custom_id,
+                "max_attempts_exceeded",
+                f"delivered {attempts} times, {attempts - 1} without a result (workers lost while "
+                f"running it, or its upstream unreachable); at most {CONFIG.max_attempts} allowed",
+            ),
+        )
         store.finalize(batch_id)
         return 500
     upstream = os.environ.get("LMREF_WORKER_UPSTREAM")
     if upstream:
         try:
-            status, answer = forward(upstream, url, body, os.environ.get("LMREF_WORKER_UPSTREAM_KEY"),
-                                     timeout=_worker["limit"] + 15)
+            status, answer = forward(
+                upstream,
+                url,
+                body,
+                os.environ.get("LMREF_WORKER_UPSTREAM_KEY"),
+                timeout=_worker["limit"] + 15,
+            )
         except urllib.error.URLError as exc:  # the upstream is down: not the request's fault
             raise self.retry(exc=exc, countdown=2, max_retries=5) from None
     else:
         response = worker_app().test_client().post(url, json=body)
         status, answer = response.status_code, response.get_json(silent=True)
-    store.record(batch_id, custom_id, result_line(custom_id, status, answer,
-                                                  f"req_{self.request.id}"))
+    store.record(
+        batch_id, custom_id, result_line(custom_id, status, answer, f"req_{self.request.id}")
+    )
     store.finalize(batch_id)
     return status
 
@@ -417,8 +488,10 @@ def _parse_requests(content: bytes, endpoint: str, file_id: str, limit: int) -> 
         if item.get("method", "POST") != "POST":
             raise _bad(f"{where}: 'method' must be POST", "input_file_id")
         if item.get("url") != endpoint:
-            raise _bad(f"{where}: 'url' is {item.get('url')!r}, but the batch's endpoint is "
-                       f"{endpoint!r}", "input_file_id")
+            raise _bad(
+                f"{where}: 'url' is {item.get('url')!r}, but the batch's endpoint is {endpoint!r}",
+                "input_file_id",
+            )
         if not isinstance(item.get("body"), dict):
             raise _bad(f"{where}: 'body' must be a JSON object", "input_file_id")
         if item["body"].get("stream"):
@@ -439,15 +512,20 @@ class QueueDepthCollector:
         self.celery, self.queue = celery, queue
 
     def collect(self):
-        depth = GaugeMetricFamily("lmref:batch_queue_depth", "Batch requests waiting in the "
-                                  "queue (not yet taken by a worker)", labels=["queue"])
-        consumers = GaugeMetricFamily("lmref:batch_queue_consumers", "Workers consuming the "
-                                      "queue", labels=["queue"])
+        depth = GaugeMetricFamily(
+            "lmref:batch_queue_depth",
+            "Batch requests waiting in the queue (not yet taken by a worker)",
+            labels=["queue"],
+        )
+        consumers = GaugeMetricFamily(
+            "lmref:batch_queue_consumers", "Workers consuming the queue", labels=["queue"]
+        )
         try:
             with self.celery.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=2)
                 _, messages, listeners = conn.default_channel.queue_declare(
-                    self.queue, passive=True)
+                    self.queue, passive=True
+                )
             depth.add_metric([self.queue], messages)
             consumers.add_metric([self.queue], listeners)
         except Exception as exc:  # no queue yet, broker down: the scrape still succeeds
@@ -467,15 +545,25 @@ def register_batch_api(app: Flask, config: BatchConfig) -> Store:
     def batch_or_404(batch_id: str) -> dict:
         batch = store.finalize(batch_id)
         if batch is None:
-            raise APIError(404, f"No batch with id '{batch_id}'", "not_found_error",
-                           param="batch_id", code="batch_not_found")
+            raise APIError(
+                404,
+                f"No batch with id '{batch_id}'",
+                "not_found_error",
+                param="batch_id",
+                code="batch_not_found",
+            )
         return batch
 
     def file_or_404(file_id: str) -> dict:
         meta = store.file(file_id)
         if meta is None:
-            raise APIError(404, f"No file with id '{file_id}'", "not_found_error",
-                           param="file_id", code="file_not_found")
+            raise APIError(
+                404,
+                f"No file with id '{file_id}'",
+                "not_found_error",
+                param="file_id",
+                code="file_not_found",
+            )
         return meta
 
     @api.post("/v1/files")
@@ -521,23 +609,43 @@ def register_batch_api(app: Flask, config: BatchConfig) -> Store:
         if not isinstance(file_id, str):
             raise _bad("'input_file_id' must be a file id", "input_file_id")
         file_or_404(file_id)
-        requests = _parse_requests(store.file_content(file_id) or b"", endpoint, file_id,
-                                   config.max_requests)
+        requests = _parse_requests(
+            store.file_content(file_id) or b"", endpoint, file_id, config.max_requests
+        )
         now = int(time.time())
-        batch = {"id": "batch_" + uuid.uuid4().hex, "object": "batch", "endpoint": endpoint,
-                 "errors": None, "input_file_id": file_id, "completion_window": "24h",
-                 "status": "in_progress", "output_file_id": None, "error_file_id": None,
-                 "created_at": now, "in_progress_at": now, "expires_at": now + 24 * 3600,
-                 "finalizing_at": None, "completed_at": None, "failed_at": None,
-                 "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-                 "request_counts": {"total": len(requests), "completed": 0, "failed": 0},
-                 "metadata": metadata}
+        batch = {
+            "id": "batch_" + uuid.uuid4().hex,
+            "object": "batch",
+            "endpoint": endpoint,
+            "errors": None,
+            "input_file_id": file_id,
+            "completion_window": "24h",
+            "status": "in_progress",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": now,
+            "expires_at": now + 24 * 3600,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": len(requests), "completed": 0, "failed": 0},
+            "metadata": metadata,
+        }
         store.put_batch(batch, [r["custom_id"] for r in requests])
         with celery.producer_or_acquire() as producer:  # one connection for every message
             for r in requests:
-                celery.send_task(TASK_NAME, args=[batch["id"], r["custom_id"], endpoint,
-                                                  r["body"]], queue=config.queue,
-                                 producer=producer, soft_time_limit=limit, time_limit=limit + 15)
+                celery.send_task(
+                    TASK_NAME,
+                    args=[batch["id"], r["custom_id"], endpoint, r["body"]],
+                    queue=config.queue,
+                    producer=producer,
+                    soft_time_limit=limit,
+                    time_limit=limit + 15,
+                )
         return batch
 
     @api.get("/v1/batches/<batch_id>")
@@ -551,10 +659,14 @@ def register_batch_api(app: Flask, config: BatchConfig) -> Store:
             raise _bad("'limit' must be an integer from 1 to 100", "limit")
         batches = [b for b in (store.batch(i) for i in store.batch_ids()) if b]
         batches.sort(key=lambda b: b["created_at"], reverse=True)
-        page = batches[:int(limit)]
-        return {"object": "list", "data": page, "has_more": len(batches) > len(page),
-                "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None}
+        page = batches[: int(limit)]
+        return {
+            "object": "list",
+            "data": page,
+            "has_more": len(batches) > len(page),
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+        }
 
     app.register_blueprint(api)
     return store

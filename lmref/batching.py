@@ -90,8 +90,12 @@ class PrefixCache:
             if n >= self.min_tokens:
                 cache = DynamicCache(config=self.model.config)
                 device = next(self.model.parameters()).device
-                self.model(input_ids=torch.tensor([prompt[:n]], device=device),
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+                self.model(
+                    input_ids=torch.tensor([prompt[:n]], device=device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
                 self.ids, self.kv = prompt[:n], [(lr.keys, lr.values) for lr in cache.layers]
         self._last = prompt
 
@@ -101,8 +105,14 @@ class Prefill:
     ``PrefixCache`` (which learns from these prompts) whose prefix all rows start with, only the
     rest of each prompt runs (padding then sits between the shared prefix and the rest, masked)."""
 
-    def __init__(self, model, prompts: list[list[int]], pad_id: int, chunk_tokens: int = 256,
-                 prefix: PrefixCache | None = None):
+    def __init__(
+        self,
+        model,
+        prompts: list[list[int]],
+        pad_id: int,
+        chunk_tokens: int = 256,
+        prefix: PrefixCache | None = None,
+    ):
         device = next(model.parameters()).device
         self.model, self.chunk_tokens = model, max(1, chunk_tokens)
         for prompt in prompts if prefix is not None else []:
@@ -114,16 +124,19 @@ class Prefill:
         attention = torch.zeros((len(prompts), n + longest), dtype=torch.long)
         attention[:, :n] = 1
         for i, rest in enumerate(rests):  # left padding: every last prompt token is at -1
-            ids[i, longest - len(rest):] = torch.tensor(rest)
-            attention[i, n + longest - len(rest):] = 1
+            ids[i, longest - len(rest) :] = torch.tensor(rest)
+            attention[i, n + longest - len(rest) :] = 1
         self.ids, self.attention = ids.to(device), attention.to(device)
         # Positions count real tokens only, so a padded row sees the positions it would alone.
         self.positions = (self.attention.cumsum(-1) - 1).clamp(min=0)[:, n:]
         self.cache = DynamicCache(config=model.config)
         for layer, (keys, values) in enumerate(prefix.kv if n else []):
             shape = (len(prompts), -1, -1, -1)
-            self.cache.update(keys[:, :, :n].expand(shape).contiguous(),
-                              values[:, :, :n].expand(shape).contiguous(), layer)
+            self.cache.update(
+                keys[:, :, :n].expand(shape).contiguous(),
+                values[:, :, :n].expand(shape).contiguous(),
+                layer,
+            )
         self.done_columns = 0
 
     def __len__(self) -> int:
@@ -134,10 +147,14 @@ class Prefill:
         """Run the next chunk; the last one returns the logits of each row's next token."""
         start, width = self.done_columns, self.ids.shape[1]
         end = min(start + self.chunk_tokens, width)
-        logits = self.model(input_ids=self.ids[:, start:end],
-                            attention_mask=self.attention[:, :self.shared + end],
-                            position_ids=self.positions[:, start:end], past_key_values=self.cache,
-                            use_cache=True, logits_to_keep=1).logits
+        logits = self.model(
+            input_ids=self.ids[:, start:end],
+            attention_mask=self.attention[:, : self.shared + end],
+            position_ids=self.positions[:, start:end],
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
         self.done_columns = end
         return logits[:, -1, :] if end == width else None
 
@@ -148,7 +165,7 @@ class RunningBatch:
     def __init__(self, model):
         self.model = model
         self.cache: DynamicCache | None = None
-        self.attention: torch.Tensor | None = None      # (rows, columns) 1: a real token
+        self.attention: torch.Tensor | None = None  # (rows, columns) 1: a real token
         self.next_position: torch.Tensor | None = None  # (rows, 1)
 
     def __len__(self) -> int:
@@ -164,14 +181,19 @@ class RunningBatch:
         width = max(self.attention.shape[1], prefill.attention.shape[1])
         for mine, theirs in zip(self.cache.layers, prefill.cache.layers):
             if type(mine) is not DynamicLayer or type(theirs) is not DynamicLayer:
-                raise NotImplementedError("joining rows needs full-attention cache layers "
-                                          f"(DynamicLayer), not {type(mine).__name__}")
-            mine.keys = torch.cat([_pad_left(mine.keys, width, 2),
-                                   _pad_left(theirs.keys, width, 2)])
-            mine.values = torch.cat([_pad_left(mine.values, width, 2),
-                                     _pad_left(theirs.values, width, 2)])
-        self.attention = torch.cat([_pad_left(self.attention, width, 1),
-                                    _pad_left(prefill.attention, width, 1)])
+                raise NotImplementedError(
+                    "joining rows needs full-attention cache layers "
+                    f"(DynamicLayer), not {type(mine).__name__}"
+                )
+            mine.keys = torch.cat(
+                [_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)]
+            )
+            mine.values = torch.cat(
+                [_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)]
+            )
+        self.attention = torch.cat(
+            [_pad_left(self.attention, width, 1), _pad_left(prefill.attention, width, 1)]
+        )
         self.next_position = torch.cat([self.next_position, next_position])
 
     def leave(self, keep: list[int]) -> None:
@@ -195,8 +217,12 @@ class RunningBatch:
         """Feed one token per row; returns the logits of each row's next token (rows, vocab)."""
         self.attention = torch.cat([self.attention, self.attention.new_ones((len(self), 1))], 1)
         step = torch.tensor(tokens, device=self.attention.device).unsqueeze(1)
-        logits = self.model(input_ids=step, attention_mask=self.attention,
-                            position_ids=self.next_position, past_key_values=self.cache,
-                            use_cache=True).logits[:, -1, :]
+        logits = self.model(
+            input_ids=step,
+            attention_mask=self.attention,
+            position_ids=self.next_position,
+            past_key_values=self.cache,
+            use_cache=True,
+        ).logits[:, -1, :]
         self.next_position = self.next_position + 1
         return logits

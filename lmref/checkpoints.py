@@ -41,13 +41,21 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the folder or file and why."""
 
 
-MANIFEST = "manifest.json"      # written last: {"files": {name: {"bytes": n, "sha256": hex}}}
+MANIFEST = "manifest.json"  # written last: {"files": {name: {"bytes": n, "sha256": hex}}}
 RUN_CONFIG = "run_config.json"  # the settings of the run that wrote it (``run_config``)
 
 
-def save_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer, scheduler, scaler,
-                    state: dict, keep: int = 2, is_main: bool = True,
-                    run_config: dict | None = None) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    scaler,
+    state: dict,
+    keep: int = 2,
+    is_main: bool = True,
+    run_config: dict | None = None,
+) -> Path:
     """Write ``out_dir/checkpoint-<step>/`` atomically: a temp folder, then one rename.
 
     A crash mid-write leaves a ``.tmp-*`` folder that resume ignores, so the previous checkpoint
@@ -64,21 +72,35 @@ def save_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer, scheduler,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         # Trainable tensors only: frozen ones (a LoRA base) never change, so reload them as before.
-        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-                   if p.requires_grad}
+        weights = {
+            n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+        }
         save_file(weights, tmp / "model.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "torch_rng": torch.stack(torch_rng),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   tmp / "training_state.pt")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "torch_rng": torch.stack(torch_rng),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            tmp / "training_state.pt",
+        )
         np_state = np.random.get_state()
-        (tmp / "trainer_state.json").write_text(json.dumps({
-            **state, "python_rng": _jsonable(random.getstate()),
-            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}))
+        (tmp / "trainer_state.json").write_text(
+            json.dumps(
+                {
+                    **state,
+                    "python_rng": _jsonable(random.getstate()),
+                    "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                }
+            )
+        )
         if run_config is not None:
             (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-                 for f in sorted(tmp.iterdir())}
+        files = {
+            f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())
+        }
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -127,9 +149,12 @@ def latest_checkpoint(out_dir: Path | str, warn: bool = True) -> Path | None:
     else:
         candidate = None
     if found and candidate is None:
-        raise CheckpointError(f"no checkpoint in {out_dir} verifies: " + "; ".join(skipped)
-                              + ". Move them away to start afresh; one written before manifests "
-                              "existed loads when its path is given as resume_from_checkpoint.")
+        raise CheckpointError(
+            f"no checkpoint in {out_dir} verifies: "
+            + "; ".join(skipped)
+            + ". Move them away to start afresh; one written before manifests "
+            "existed loads when its path is given as resume_from_checkpoint."
+        )
     if warn:
         for message in skipped:
             warnings.warn(message, stacklevel=2)
@@ -142,8 +167,9 @@ def read_run_config(path: Path | str) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def load_checkpoint(path: Path | str, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    scaler=None) -> dict:
+def load_checkpoint(
+    path: Path | str, model: torch.nn.Module, optimizer=None, scheduler=None, scaler=None
+) -> dict:
     """Restore what ``save_checkpoint`` wrote; returns the trainer state (step, data position).
 
     A file that cannot be read raises ``CheckpointError`` naming it (not a bare library error).
@@ -153,10 +179,13 @@ def load_checkpoint(path: Path | str, model: torch.nn.Module, optimizer=None, sc
     weights = {_strip_wrappers(k): v for k, v in weights.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(n in missing for n, p in model.named_parameters() if p.requires_grad):
-        raise ValueError(f"checkpoint {path} does not match the model "
-                         f"(unexpected: {unexpected[:3]}, trainable missing)")
-    training = _read(path / "training_state.pt",
-                     lambda f: torch.load(f, weights_only=True, map_location="cpu"))
+        raise ValueError(
+            f"checkpoint {path} does not match the model "
+            f"(unexpected: {unexpected[:3]}, trainable missing)"
+        )
+    training = _read(
+        path / "training_state.pt", lambda f: torch.load(f, weights_only=True, map_location="cpu")
+    )
     if optimizer is not None:
         optimizer.load_state_dict(training["optimizer"])
     if scheduler is not None:
@@ -176,7 +205,6 @@ def load_checkpoint(path: Path | str, model: torch.nn.Module, optimizer=None, sc
     return state
 
 
-
 def _read(path: Path, reader: Callable):
     try:
         return reader(path)
@@ -192,13 +220,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-
 def _strip_wrappers(name: str) -> str:
     """Names saved from a compiled or DDP-wrapped model elsewhere: drop those prefixes."""
     for prefix in ("_orig_mod.", "module."):
         name = name.replace(prefix, "")
     return name
-
 
 
 def _jsonable(value):

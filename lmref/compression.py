@@ -95,8 +95,8 @@ def fix_bitsandbytes_cpu_unpacking() -> bool:
         return True
 
     def exact_inverse(packed_weight, quant_state, block_n: int = 32):
-        absmax = quant_state.absmax.T.reshape(-1).float()    # [K/blocksize, N] -> [N*K/blocksize]
-        quant_state.original_nested = False                  # keep the scales, not re-quantized
+        absmax = quant_state.absmax.T.reshape(-1).float()  # [K/blocksize, N] -> [N*K/blocksize]
+        quant_state.original_nested = False  # keep the scales, not re-quantized
         weight, state = original(packed_weight, quant_state, block_n)
         state.absmax = absmax
         return weight, state
@@ -112,19 +112,20 @@ fix_bitsandbytes_cpu_unpacking()
 # Which format each variant saves in, and why not where it cannot.
 SAVE_SUPPORT = {
     "pruned": "save_pretrained: a plain safetensors model (zeros stored densely: pruning alone "
-              "does not shrink the file; sparse storage or 2:4 kernels are what turn zeros into "
-              "bytes or speed)",
+    "does not shrink the file; sparse storage or 2:4 kernels are what turn zeros into "
+    "bytes or speed)",
     "bnb-int8": "save_pretrained: int8 weights + SCB scales in safetensors; reload with "
-                "from_pretrained (the quantization config is stored in config.json)",
+    "from_pretrained (the quantization config is stored in config.json)",
     "bnb-4bit": "save_pretrained: packed 4-bit weights + absmax/quant_map in safetensors; reload "
-                "with from_pretrained",
+    "with from_pretrained",
     "int8-dynamic": "not saveable as safetensors: torch.ao packs int8 weights into TorchScript "
-                    "objects (only a pickle holds them, and we never load pickles); save the "
-                    "float model and re-quantize after loading, which takes seconds",
+    "objects (only a pickle holds them, and we never load pickles); save the "
+    "float model and re-quantize after loading, which takes seconds",
 }
 
 
 # ----------------------------------------------------------------------------------------- pruning
+
 
 @dataclass
 class PruneConfig:
@@ -164,11 +165,16 @@ def prunable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> di
     """The linear layers (``nn.Linear``, GPT-2's ``Conv1D``) pruning touches, by qualified name
     (``skip`` names excluded)."""
     skip = tuple(skip)
-    found = {name: mod for name, mod in model.named_modules()
-             if isinstance(mod, (nn.Linear, Conv1D))
-             and not any(name == s or name.endswith("." + s) for s in skip)}
+    found = {
+        name: mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, (nn.Linear, Conv1D))
+        and not any(name == s or name.endswith("." + s) for s in skip)
+    }
     if not found:
-        raise ValueError("the model has no nn.Linear or Conv1D layers to prune (already quantized?)")
+        raise ValueError(
+            "the model has no nn.Linear or Conv1D layers to prune (already quantized?)"
+        )
     return found
 
 
@@ -192,8 +198,11 @@ def _batch_input_ids(batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_input_stats(model: nn.Module, batches: Iterable, modules: dict[str, nn.Module],
-                        ) -> dict[str, dict[str, torch.Tensor]]:
+def collect_input_stats(
+    model: nn.Module,
+    batches: Iterable,
+    modules: dict[str, nn.Module],
+) -> dict[str, dict[str, torch.Tensor]]:
     """Per input channel of each of ``modules``, over all calibration tokens: the L2 ``norm``
     (Wanda's score) and the largest magnitude ``absmax`` (what int8 activation scales and
     LLM.int8's outlier threshold see).
@@ -212,6 +221,7 @@ def collect_input_stats(model: nn.Module, batches: Iterable, modules: dict[str, 
             sums[name] += x.double().pow(2).sum(0).cpu()
             absmax[name] = torch.maximum(absmax[name], x.abs().amax(0).float().cpu())
             counts[name] += x.shape[0]
+
         return hook
 
     handles = [mod.register_forward_hook(make_hook(name)) for name, mod in modules.items()]
@@ -230,10 +240,15 @@ def collect_input_stats(model: nn.Module, batches: Iterable, modules: dict[str, 
     return {name: {"norm": sums[name].sqrt().float(), "absmax": absmax[name]} for name in modules}
 
 
-def collect_input_norms(model: nn.Module, batches: Iterable, modules: dict[str, nn.Module],
-                        ) -> dict[str, torch.Tensor]:
+def collect_input_norms(
+    model: nn.Module,
+    batches: Iterable,
+    modules: dict[str, nn.Module],
+) -> dict[str, torch.Tensor]:
     """L2 norm of every input channel of ``modules`` over all calibration tokens (Wanda's score)."""
-    return {name: stats["norm"] for name, stats in collect_input_stats(model, batches, modules).items()}
+    return {
+        name: stats["norm"] for name, stats in collect_input_stats(model, batches, modules).items()
+    }
 
 
 def _row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -275,15 +290,19 @@ def pruning_leftovers(model: nn.Module) -> list[str]:
     """Names of modules still carrying masks, ``*_orig`` parameters or forward hooks (want: [])."""
     left = []
     for name, module in model.named_modules():
-        if (module._forward_hooks or module._forward_pre_hooks
-                or any(n.endswith("_orig") for n, _ in module.named_parameters(recurse=False))
-                or any(n.endswith("_mask") for n, _ in module.named_buffers(recurse=False))):
+        if (
+            module._forward_hooks
+            or module._forward_pre_hooks
+            or any(n.endswith("_orig") for n, _ in module.named_parameters(recurse=False))
+            or any(n.endswith("_mask") for n, _ in module.named_buffers(recurse=False))
+        ):
             left.append(name or "<root>")
     return left
 
 
-def prune_model(model: nn.Module, config: PruneConfig | None = None,
-                calibration_batches: Iterable | None = None) -> dict:
+def prune_model(
+    model: nn.Module, config: PruneConfig | None = None, calibration_batches: Iterable | None = None
+) -> dict:
     """Prune ``model`` in place and make it permanent; returns ``sparsity_report`` of the result.
 
     Wanda needs ``calibration_batches`` (LongTensors of input_ids, or dicts with them), e.g. a
@@ -307,17 +326,27 @@ def prune_model(model: nn.Module, config: PruneConfig | None = None,
         pass
     elif config.scope == "global":
         # Library code: one topk over every score at once, exactly round(sparsity * total) pruned.
-        prune.global_unstructured([(mod, "weight") for mod in modules.values()],
-                                  pruning_method=prune.L1Unstructured, amount=config.sparsity,
-                                  importance_scores={(mod, "weight"): _as_stored(mod, scores[name])
-                                                     for name, mod in modules.items()})
+        prune.global_unstructured(
+            [(mod, "weight") for mod in modules.values()],
+            pruning_method=prune.L1Unstructured,
+            amount=config.sparsity,
+            importance_scores={
+                (mod, "weight"): _as_stored(mod, scores[name]) for name, mod in modules.items()
+            },
+        )
     elif config.scope == "layer":
         for name, mod in modules.items():
-            prune.l1_unstructured(mod, "weight", amount=config.sparsity,
-                                  importance_scores=_as_stored(mod, scores[name]))
+            prune.l1_unstructured(
+                mod,
+                "weight",
+                amount=config.sparsity,
+                importance_scores=_as_stored(mod, scores[name]),
+            )
     else:  # row: torch.nn.utils.prune has no per-row unstructured method, so the mask is ours
         for name, mod in modules.items():
-            prune.custom_from_mask(mod, "weight", _as_stored(mod, _row_mask(scores[name], config.sparsity)))
+            prune.custom_from_mask(
+                mod, "weight", _as_stored(mod, _row_mask(scores[name], config.sparsity))
+            )
     make_permanent(model)
     return sparsity_report(model, config.skip)
 
@@ -332,8 +361,9 @@ def sparsity_report(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> dic
     return {"global": zeros / total, "zeros": zeros, "weights": total, "layers": layers}
 
 
-def recover(model: nn.Module, train_fn: Callable[[nn.Module], object],
-            skip: Iterable[str] = DEFAULT_SKIP) -> object:
+def recover(
+    model: nn.Module, train_fn: Callable[[nn.Module], object], skip: Iterable[str] = DEFAULT_SKIP
+) -> object:
     """Short recovery fine-tune of a pruned model that keeps its zeros.
 
     The current zero pattern is re-attached as a pruning mask (``weight = weight_orig * mask`` in
@@ -350,8 +380,10 @@ def recover(model: nn.Module, train_fn: Callable[[nn.Module], object],
 
 # ------------------------------------------------------------------------------------ quantization
 
-def quantize_int8_dynamic(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP,
-                          inplace: bool = False) -> nn.Module:
+
+def quantize_int8_dynamic(
+    model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP, inplace: bool = False
+) -> nn.Module:
     """int8 weights (per output channel), activations quantized per batch at run time, CPU only.
 
     Why ``torch.ao.quantization.quantize_dynamic`` and not torchao: torch 2.13 marks ``torch.ao``
@@ -372,8 +404,9 @@ def quantize_int8_dynamic(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        return torch.ao.quantization.quantize_dynamic(target.eval(), spec, dtype=torch.qint8,
-                                                      inplace=True)
+        return torch.ao.quantization.quantize_dynamic(
+            target.eval(), spec, dtype=torch.qint8, inplace=True
+        )
 
 
 def _conv1d_to_linear(model: nn.Module, modules: dict[str, nn.Module]) -> None:
@@ -381,8 +414,12 @@ def _conv1d_to_linear(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     ``quantize_dynamic`` only knows ``nn.Linear``."""
     for name, mod in modules.items():
         if isinstance(mod, Conv1D):
-            linear = nn.Linear(mod.weight.shape[0], mod.weight.shape[1], device=mod.weight.device,
-                               dtype=mod.weight.dtype)
+            linear = nn.Linear(
+                mod.weight.shape[0],
+                mod.weight.shape[1],
+                device=mod.weight.device,
+                dtype=mod.weight.dtype,
+            )
             with torch.no_grad():
                 linear.weight.copy_(mod.weight.T)
                 linear.bias.copy_(mod.bias)
@@ -390,8 +427,12 @@ def _conv1d_to_linear(model: nn.Module, modules: dict[str, nn.Module]) -> None:
             setattr(model.get_submodule(parent) if parent else model, leaf, linear)
 
 
-def bnb_config(mode: str, compute_dtype: torch.dtype = torch.float32, double_quant: bool = False,
-               skip: Iterable[str] = DEFAULT_SKIP):
+def bnb_config(
+    mode: str,
+    compute_dtype: torch.dtype = torch.float32,
+    double_quant: bool = False,
+    skip: Iterable[str] = DEFAULT_SKIP,
+):
     """transformers' ``BitsAndBytesConfig`` for "int8" (LLM.int8), "nf4" or "fp4"."""
     from transformers import BitsAndBytesConfig
 
@@ -399,15 +440,23 @@ def bnb_config(mode: str, compute_dtype: torch.dtype = torch.float32, double_qua
     if mode == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if mode in ("nf4", "fp4"):
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode,
-                                  bnb_4bit_compute_dtype=compute_dtype,
-                                  bnb_4bit_use_double_quant=double_quant,
-                                  llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=mode,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=double_quant,
+            llm_int8_skip_modules=skip,
+        )
     raise ValueError(f"mode must be 'int8', 'nf4' or 'fp4', not {mode!r}")
 
 
-def load_bnb(name_or_path: str | Path, mode: str, device: str | torch.device | None = None,
-             compute_dtype: torch.dtype | None = None, double_quant: bool = False):
+def load_bnb(
+    name_or_path: str | Path,
+    mode: str,
+    device: str | torch.device | None = None,
+    compute_dtype: torch.dtype | None = None,
+    double_quant: bool = False,
+):
     """Load a causal LM with bitsandbytes weights ("int8", "nf4", "fp4") on ``device``.
 
     Quantization happens while loading, from any HF folder or hub id. bitsandbytes >= 0.49 runs
@@ -419,8 +468,12 @@ def load_bnb(name_or_path: str | Path, mode: str, device: str | torch.device | N
     device = resolve_device(device or "auto")
     compute_dtype = compute_dtype or policy_dtype(device)
     return AutoModelForCausalLM.from_pretrained(
-        str(name_or_path), quantization_config=bnb_config(mode, compute_dtype, double_quant),
-        device_map={"": device}, dtype=compute_dtype, use_safetensors=True).eval()
+        str(name_or_path),
+        quantization_config=bnb_config(mode, compute_dtype, double_quant),
+        device_map={"": device},
+        dtype=compute_dtype,
+        use_safetensors=True,
+    ).eval()
 
 
 def is_dynamic_quantized(model: nn.Module) -> bool:
@@ -435,8 +488,10 @@ def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     if is_dynamic_quantized(model):
         raise TypeError(SAVE_SUPPORT["int8-dynamic"])
     if pruning_leftovers(model):
-        raise ValueError(f"masks or hooks left on {pruning_leftovers(model)[:3]}: "
-                         "call make_permanent(model) first")
+        raise ValueError(
+            f"masks or hooks left on {pruning_leftovers(model)[:3]}: "
+            "call make_permanent(model) first"
+        )
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     if tokenizer is not None:
@@ -445,6 +500,7 @@ def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
 
 
 # ------------------------------------------------------------------------------------- measurement
+
 
 def memory_bytes(model: nn.Module) -> int:
     """Bytes of the model's state (parameters, persistent buffers, quantized packs, scales).
@@ -468,9 +524,13 @@ def memory_bytes(model: nn.Module) -> int:
             return
         seen.add(key)
         total += t.numel() * t.element_size()
-        if t.is_quantized and t.qscheme() in (torch.per_channel_affine,
-                                              torch.per_channel_symmetric):
-            total += t.q_per_channel_scales().numel() * 8 + t.q_per_channel_zero_points().numel() * 8
+        if t.is_quantized and t.qscheme() in (
+            torch.per_channel_affine,
+            torch.per_channel_symmetric,
+        ):
+            total += (
+                t.q_per_channel_scales().numel() * 8 + t.q_per_channel_zero_points().numel() * 8
+            )
 
     for value in model.state_dict(keep_vars=True).values():
         add(value)
@@ -485,7 +545,7 @@ def disk_bytes(path: str | Path, pattern: str = "*") -> int:
 def _eval_input_ids(dataset) -> torch.Tensor:
     if isinstance(dataset, torch.Tensor):
         return dataset
-    if hasattr(dataset, "column_names"):                   # a datasets.Dataset
+    if hasattr(dataset, "column_names"):  # a datasets.Dataset
         return torch.tensor(dataset["input_ids"])
     return torch.tensor([list(row["input_ids"]) for row in dataset])
 
@@ -509,9 +569,18 @@ class Measurement:
 
 
 @torch.inference_mode()
-def measure(model: nn.Module, eval_dataset, name: str = "model", saved_dir: str | Path | None = None,
-            batch_size: int = 8, max_batches: int | None = None, prompt_tokens: int = 16,
-            new_tokens: int = 32, gen_batch_size: int = 1, repeats: int = 3) -> Measurement:
+def measure(
+    model: nn.Module,
+    eval_dataset,
+    name: str = "model",
+    saved_dir: str | Path | None = None,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    prompt_tokens: int = 16,
+    new_tokens: int = 32,
+    gen_batch_size: int = 1,
+    repeats: int = 3,
+) -> Measurement:
     """Size, quality and speed of one model variant, the same way for every variant.
 
     - memory: ``memory_bytes``; disk: the bytes of every file in ``saved_dir`` (None if not saved);
@@ -523,7 +592,9 @@ def measure(model: nn.Module, eval_dataset, name: str = "model", saved_dir: str 
     """
     ids = _eval_input_ids(eval_dataset)
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
-        raise ValueError(f"eval_dataset must hold rows of >= 2 token ids, got shape {tuple(ids.shape)}")
+        raise ValueError(
+            f"eval_dataset must hold rows of >= 2 token ids, got shape {tuple(ids.shape)}"
+        )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -534,8 +605,9 @@ def measure(model: nn.Module, eval_dataset, name: str = "model", saved_dir: str 
         start = time.perf_counter()
         logits = model(input_ids=batch).logits
         elapsed += time.perf_counter() - start
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), batch[:, 1:].flatten(),
-                               reduction="sum").item()
+        nll += F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).double(), batch[:, 1:].flatten(), reduction="sum"
+        ).item()
         tokens += batch[:, 1:].numel()
     prefill = sum(b.numel() for b in batches) / elapsed
 
@@ -543,7 +615,7 @@ def measure(model: nn.Module, eval_dataset, name: str = "model", saved_dir: str 
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     gen = dict(do_sample=False, pad_token_id=pad, attention_mask=torch.ones_like(prompts))
     if new_tokens > 0:
-        model.generate(prompts, max_new_tokens=2, min_new_tokens=2, **gen)     # warm-up
+        model.generate(prompts, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
     best = math.inf
     for _ in range(repeats if new_tokens > 0 else 0):
         start = time.perf_counter()
@@ -552,8 +624,13 @@ def measure(model: nn.Module, eval_dataset, name: str = "model", saved_dir: str 
     model.train(was_training)
     loss = nll / tokens
     return Measurement(
-        name=name, device=str(device), memory_mb=memory_bytes(model) / 2**20,
+        name=name,
+        device=str(device),
+        memory_mb=memory_bytes(model) / 2**20,
         disk_mb=disk_bytes(saved_dir) / 2**20 if saved_dir is not None else None,
-        loss=loss, perplexity=math.exp(loss), eval_tokens=tokens,
+        loss=loss,
+        perplexity=math.exp(loss),
+        eval_tokens=tokens,
         prefill_tokens_per_s=prefill,
-        decode_tokens_per_s=gen_batch_size * new_tokens / best if new_tokens > 0 else math.nan)
+        decode_tokens_per_s=gen_batch_size * new_tokens / best if new_tokens > 0 else math.nan,
+    )

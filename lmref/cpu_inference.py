@@ -46,8 +46,11 @@ from transformers.pytorch_utils import Conv1D
 def packing_available() -> bool:
     """Whether this torch build has oneDNN and the two ops ``PackedLinear`` uses."""
     ops = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise"))
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+    )
 
 
 class PackedLinear(torch.nn.Module):
@@ -79,8 +82,9 @@ def pack_linears(model: torch.nn.Module) -> int:
     if model.training:
         raise ValueError("pack_linears is for inference: call model.eval() first")
     if getattr(model, "peft_config", None):
-        raise ValueError("pack_linears needs a plain model: merge the adapters first "
-                         "(model.merge_and_unload())")
+        raise ValueError(
+            "pack_linears needs a plain model: merge the adapters first (model.merge_and_unload())"
+        )
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu" or not packing_available():
         return 0

@@ -63,13 +63,15 @@ PAD_TOKEN = "<|pad|>"
 
 
 def _as_documents(docs: Iterable[Document | str]) -> list[Document]:
-    return [d if isinstance(d, Document) else Document(str(d), f"doc[{i}]")
-            for i, d in enumerate(docs)]
+    return [
+        d if isinstance(d, Document) else Document(str(d), f"doc[{i}]") for i, d in enumerate(docs)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
 # Cleaning
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class CleanConfig:
@@ -91,7 +93,9 @@ class CleanConfig:
 
     def __post_init__(self) -> None:
         if self.unicode_form not in ("NFC", "NFKC", "NFD", "NFKD", None):
-            raise ValueError(f"unicode_form must be NFC, NFKC, NFD, NFKD or None, got {self.unicode_form!r}")
+            raise ValueError(
+                f"unicode_form must be NFC, NFKC, NFD, NFKD or None, got {self.unicode_form!r}"
+            )
         if self.doctest not in ("drop", "prompts", "keep"):
             raise ValueError(f"doctest must be drop|prompts|keep, got {self.doctest!r}")
 
@@ -115,7 +119,7 @@ def _strip_doctest(text: str, mode: str) -> tuple[str, int]:
         m = _DOCTEST_PROMPT.match(line)
         if mode == "prompts":
             if m:
-                line = m.group(1) + line[m.end():]
+                line = m.group(1) + line[m.end() :]
                 removed += 1
             out.append(line)
             continue
@@ -141,7 +145,9 @@ def clean_text(text: str, config: CleanConfig | None = None) -> tuple[str, Count
         text = normalized
     if config.remove_control_chars:
         # Cc (C0/C1 controls) and Cf (zero-width spaces, BOMs, soft hyphens); keep \n and \t
-        kept = "".join(c for c in text if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf"))
+        kept = "".join(
+            c for c in text if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf")
+        )
         counts["control_chars_removed"] += len(text) - len(kept)
         text = kept
     if config.doctest != "keep":
@@ -152,15 +158,17 @@ def clean_text(text: str, config: CleanConfig | None = None) -> tuple[str, Count
         text, n_literals = _REST_LITERAL.subn(r"\1", text)
         counts["rest_markup_replaced"] += n_roles + n_literals
     if config.normalize_whitespace:
-        text = "\n".join(re.sub(r"[^\S\n]", " ", line.expandtabs(4)).rstrip()
-                         for line in text.split("\n"))
+        text = "\n".join(
+            re.sub(r"[^\S\n]", " ", line.expandtabs(4)).rstrip() for line in text.split("\n")
+        )
         text = _BLANK_LINES.sub("\n\n", _EXTRA_SPACES.sub(" ", text)).strip()
     counts["replacement_chars"] += text.count("\ufffd")
     return text, counts
 
 
-def clean_documents(docs: Sequence[Document | str],
-                    config: CleanConfig | None = None) -> tuple[list[Document], dict]:
+def clean_documents(
+    docs: Sequence[Document | str], config: CleanConfig | None = None
+) -> tuple[list[Document], dict]:
     """Clean every document (see :class:`CleanConfig`); documents left empty are dropped."""
     docs = _as_documents(docs)
     total: Counter = Counter()
@@ -172,12 +180,22 @@ def clean_documents(docs: Sequence[Document | str],
         if text:
             out.append(Document(text, d.source))
     return out, {
-        "docs_in": len(docs), "docs_out": len(out), "docs_changed": changed,
+        "docs_in": len(docs),
+        "docs_out": len(out),
+        "docs_changed": changed,
         "removed_empty": len(docs) - len(out),
-        "chars_in": sum(len(d.text) for d in docs), "chars_out": sum(len(d.text) for d in out),
-        **{k: total[k] for k in ("unicode_normalized_docs", "control_chars_removed",
-                                 "doctest_lines_removed", "rest_markup_replaced",
-                                 "replacement_chars")},
+        "chars_in": sum(len(d.text) for d in docs),
+        "chars_out": sum(len(d.text) for d in out),
+        **{
+            k: total[k]
+            for k in (
+                "unicode_normalized_docs",
+                "control_chars_removed",
+                "doctest_lines_removed",
+                "rest_markup_replaced",
+                "replacement_chars",
+            )
+        },
         "config": asdict(config or CleanConfig()),
     }
 
@@ -193,12 +211,18 @@ def _shingles(text: str, size: int) -> list[bytes]:
     words = re.findall(r"\w+", text.lower())
     if len(words) <= size:
         return [" ".join(words).encode()]
-    return list({" ".join(words[i:i + size]).encode() for i in range(len(words) - size + 1)})
+    return list({" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)})
 
 
-def deduplicate(docs: Sequence[Document | str], near: bool = True, threshold: float = 0.8,
-                num_perm: int = 128, shingle_size: int = 5, seed: int = 1,
-                max_shingle_chars: int | None = 100_000) -> tuple[list[Document], dict]:
+def deduplicate(
+    docs: Sequence[Document | str],
+    near: bool = True,
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    shingle_size: int = 5,
+    seed: int = 1,
+    max_shingle_chars: int | None = 100_000,
+) -> tuple[list[Document], dict]:
     """Drop exact duplicates (hash of whitespace-normalised text) and near duplicates.
 
     Near duplicates: MinHash signatures of word ``shingle_size``-grams indexed in an LSH
@@ -227,13 +251,17 @@ def deduplicate(docs: Sequence[Document | str], near: bool = True, threshold: fl
         from datasketch import MinHash, MinHashLSH
 
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        signatures = MinHash.bulk((_shingles(d.text[:max_shingle_chars], shingle_size) for d in unique),
-                                  num_perm=num_perm, seed=seed)
+        signatures = MinHash.bulk(
+            (_shingles(d.text[:max_shingle_chars], shingle_size) for d in unique),
+            num_perm=num_perm,
+            seed=seed,
+        )
         kept = []
         for i, (d, sig) in enumerate(zip(unique, signatures)):
             # LSH returns candidates; the estimated Jaccard confirms them
-            match = next((j for j in sorted(lsh.query(sig))
-                          if signatures[j].jaccard(sig) >= threshold), None)
+            match = next(
+                (j for j in sorted(lsh.query(sig)) if signatures[j].jaccard(sig) >= threshold), None
+            )
             if match is not None:
                 if len(near_examples) < 5:
                     near_examples.append((unique[match].source, d.source))
@@ -241,18 +269,25 @@ def deduplicate(docs: Sequence[Document | str], near: bool = True, threshold: fl
             lsh.insert(i, sig)
             kept.append(d)
     return kept, {
-        "docs_in": len(docs), "docs_out": len(kept),
-        "exact_duplicates": len(docs) - len(unique), "near_duplicates": len(unique) - len(kept),
-        "chars_in": sum(len(d.text) for d in docs), "chars_out": sum(len(d.text) for d in kept),
-        "threshold": threshold, "num_perm": num_perm, "shingle_size": shingle_size,
+        "docs_in": len(docs),
+        "docs_out": len(kept),
+        "exact_duplicates": len(docs) - len(unique),
+        "near_duplicates": len(unique) - len(kept),
+        "chars_in": sum(len(d.text) for d in docs),
+        "chars_out": sum(len(d.text) for d in kept),
+        "threshold": threshold,
+        "num_perm": num_perm,
+        "shingle_size": shingle_size,
         "max_shingle_chars": max_shingle_chars,
-        "exact_examples": exact_examples, "near_examples": near_examples,
+        "exact_examples": exact_examples,
+        "near_examples": near_examples,
     }
 
 
 # ----------------------------------------------------------------------------------------------
 # Quality filters
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class FilterConfig:
@@ -288,8 +323,9 @@ def _quality_reason(text: str, c: FilterConfig) -> str | None:
     return None
 
 
-def filter_documents(docs: Sequence[Document | str],
-                     config: FilterConfig | None = None) -> tuple[list[Document], dict]:
+def filter_documents(
+    docs: Sequence[Document | str], config: FilterConfig | None = None
+) -> tuple[list[Document], dict]:
     """Keep documents that pass every rule; count removals by the first rule that failed."""
     config = config or FilterConfig()
     docs = _as_documents(docs)
@@ -302,8 +338,11 @@ def filter_documents(docs: Sequence[Document | str],
         else:
             kept.append(d)
     return kept, {
-        "docs_in": len(docs), "docs_out": len(kept), "removed": dict(sorted(reasons.items())),
-        "chars_in": sum(len(d.text) for d in docs), "chars_out": sum(len(d.text) for d in kept),
+        "docs_in": len(docs),
+        "docs_out": len(kept),
+        "removed": dict(sorted(reasons.items())),
+        "chars_in": sum(len(d.text) for d in docs),
+        "chars_out": sum(len(d.text) for d in kept),
         "config": asdict(config),
     }
 
@@ -312,8 +351,10 @@ def filter_documents(docs: Sequence[Document | str],
 # Split
 # ----------------------------------------------------------------------------------------------
 
-def split_of(text: str, val_fraction: float = 0.05, test_fraction: float = 0.05,
-             salt: str = "lmref") -> str:
+
+def split_of(
+    text: str, val_fraction: float = 0.05, test_fraction: float = 0.05, salt: str = "lmref"
+) -> str:
     """``"train"``, ``"validation"`` or ``"test"`` from a hash of the content alone.
 
     The split of a document never depends on the other documents, so adding documents (or
@@ -321,22 +362,35 @@ def split_of(text: str, val_fraction: float = 0.05, test_fraction: float = 0.05,
     """
     digest = hashlib.sha256(f"{salt}\x00{text}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
-    return "test" if u < test_fraction else "validation" if u < test_fraction + val_fraction else "train"
+    return (
+        "test"
+        if u < test_fraction
+        else "validation"
+        if u < test_fraction + val_fraction
+        else "train"
+    )
 
 
-def split_documents(docs: Sequence[Document | str], val_fraction: float = 0.05,
-                    test_fraction: float = 0.05,
-                    salt: str = "lmref") -> tuple[dict[str, list[Document]], dict]:
+def split_documents(
+    docs: Sequence[Document | str],
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    salt: str = "lmref",
+) -> tuple[dict[str, list[Document]], dict]:
     """Deterministic train/validation/test split by hash of content (see :func:`split_of`)."""
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-        raise ValueError(f"need 0 <= fractions and val + test < 1, got {val_fraction}, {test_fraction}")
+        raise ValueError(
+            f"need 0 <= fractions and val + test < 1, got {val_fraction}, {test_fraction}"
+        )
     splits: dict[str, list[Document]] = {"train": [], "validation": [], "test": []}
     for d in _as_documents(docs):
         splits[split_of(d.text, val_fraction, test_fraction, salt)].append(d)
     return splits, {
         "docs": {k: len(v) for k, v in splits.items()},
         "chars": {k: sum(len(d.text) for d in v) for k, v in splits.items()},
-        "val_fraction": val_fraction, "test_fraction": test_fraction, "salt": salt,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "salt": salt,
     }
 
 
@@ -344,8 +398,13 @@ def split_documents(docs: Sequence[Document | str], val_fraction: float = 0.05,
 # Tokenizer and packing
 # ----------------------------------------------------------------------------------------------
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2,
-                    model_max_length: int = 2048) -> tuple[PreTrainedTokenizerFast, dict]:
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 4096,
+    min_frequency: int = 2,
+    model_max_length: int = 2048,
+) -> tuple[PreTrainedTokenizerFast, dict]:
     """Train a byte-level BPE and wrap it as a ``PreTrainedTokenizerFast``.
 
     Byte level: any string encodes (no unknown token) and decodes back exactly. Digits are split
@@ -360,26 +419,39 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
     if not texts:
         raise ValueError("train_tokenizer needs at least one text")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=False,
         special_tokens=[EOS_TOKEN, PAD_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-        model_max_length=model_max_length, clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
     )
     n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts))
     n_chars = sum(len(t) for t in texts)
-    return tokenizer, {"vocab_size": len(tokenizer), "requested_vocab_size": vocab_size,
-                       "training_docs": len(texts), "training_chars": n_chars,
-                       "training_tokens": n_tokens, "chars_per_token": n_chars / max(n_tokens, 1)}
+    return tokenizer, {
+        "vocab_size": len(tokenizer),
+        "requested_vocab_size": vocab_size,
+        "training_docs": len(texts),
+        "training_chars": n_chars,
+        "training_tokens": n_tokens,
+        "chars_per_token": n_chars / max(n_tokens, 1),
+    }
 
 
 class EmptyPackingError(ValueError):
@@ -387,13 +459,20 @@ class EmptyPackingError(ValueError):
 
     def __init__(self, tokens: int, block_size: int, batch_size: int) -> None:
         self.tokens, self.block_size = tokens, block_size
-        super().__init__(f"{tokens} tokens make no block of block_size={block_size} (documents are "
-                         f"packed {batch_size} at a time, each group's tail dropped): give more "
-                         "text or a smaller block_size")
+        super().__init__(
+            f"{tokens} tokens make no block of block_size={block_size} (documents are "
+            f"packed {batch_size} at a time, each group's tail dropped): give more "
+            "text or a smaller block_size"
+        )
 
 
-def pack_blocks(texts: Sequence[str] | Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int = 256,
-                batch_size: int = 1000, text_column: str = "text") -> tuple[Dataset, dict]:
+def pack_blocks(
+    texts: Sequence[str] | Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int = 256,
+    batch_size: int = 1000,
+    text_column: str = "text",
+) -> tuple[Dataset, dict]:
     """Tokenize, join documents with EOS and cut the stream into blocks of exactly ``block_size``.
 
     No padding: every position is a real token, so no compute is spent on pad tokens. Documents
@@ -407,9 +486,15 @@ def pack_blocks(texts: Sequence[str] | Dataset, tokenizer: PreTrainedTokenizerBa
     ds = texts if isinstance(texts, Dataset) else Dataset.from_dict({text_column: list(texts)})
     eos = tokenizer.eos_token_id
     tokenized = ds.map(
-        lambda batch: {"input_ids": [ids + [eos] for ids in
-                                     tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]]},
-        batched=True, batch_size=batch_size, remove_columns=ds.column_names,
+        lambda batch: {
+            "input_ids": [
+                ids + [eos]
+                for ids in tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
+            ]
+        },
+        batched=True,
+        batch_size=batch_size,
+        remove_columns=ds.column_names,
         desc="tokenize",
     )
     n_tokens = sum(len(ids) for ids in tokenized["input_ids"])
@@ -417,20 +502,27 @@ def pack_blocks(texts: Sequence[str] | Dataset, tokenizer: PreTrainedTokenizerBa
     def to_blocks(batch: dict) -> dict:
         stream = [t for ids in batch["input_ids"] for t in ids]
         usable = len(stream) // block_size * block_size
-        return {"input_ids": [stream[i:i + block_size] for i in range(0, usable, block_size)]}
+        return {"input_ids": [stream[i : i + block_size] for i in range(0, usable, block_size)]}
 
     blocks = tokenized.map(to_blocks, batched=True, batch_size=batch_size, desc="pack")
     n_blocks = len(blocks)
     if n_blocks == 0:
         raise EmptyPackingError(n_tokens, block_size, batch_size)
-    return blocks, {"docs": len(ds), "tokens": n_tokens, "blocks": n_blocks,
-                    "block_size": block_size, "tokens_in_blocks": n_blocks * block_size,
-                    "dropped_tokens": n_tokens - n_blocks * block_size, "padding_tokens": 0}
+    return blocks, {
+        "docs": len(ds),
+        "tokens": n_tokens,
+        "blocks": n_blocks,
+        "block_size": block_size,
+        "tokens_in_blocks": n_blocks * block_size,
+        "dropped_tokens": n_tokens - n_blocks * block_size,
+        "padding_tokens": 0,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # The whole pipeline
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class DataConfig:
@@ -448,8 +540,9 @@ class DataConfig:
     block_size: int = 256
 
 
-def save_artifacts(out_dir: str | Path, tokenizer: PreTrainedTokenizerBase, corpus: DatasetDict,
-                   report: dict) -> Path:
+def save_artifacts(
+    out_dir: str | Path, tokenizer: PreTrainedTokenizerBase, corpus: DatasetDict, report: dict
+) -> Path:
     """Write ``tokenizer/``, ``corpus/`` and ``report.json`` under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -470,24 +563,34 @@ def empty_splits_on_disk(folder: str | Path) -> list[str]:
     return empty
 
 
-def load_prepared(out_dir: str | Path = "artifacts/data") -> tuple[PreTrainedTokenizerFast, DatasetDict]:
+def load_prepared(
+    out_dir: str | Path = "artifacts/data",
+) -> tuple[PreTrainedTokenizerFast, DatasetDict]:
     """``(tokenizer, corpus DatasetDict)`` written by :func:`prepare_data`."""
     from datasets import load_from_disk
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
     if not (out / "report.json").is_file():
-        raise FileNotFoundError(f"no prepared data in {out}; run prepare_data(out_dir={str(out)!r})")
+        raise FileNotFoundError(
+            f"no prepared data in {out}; run prepare_data(out_dir={str(out)!r})"
+        )
     empty = empty_splits_on_disk(out / "corpus")
     if empty:  # written by an older prepare_data, which let a split end with no block
-        raise ValueError(f"the corpus in {out} has empty split(s) {empty}; prepare it again "
-                         "with more text or a smaller block_size")
-    return PreTrainedTokenizerFast.from_pretrained(out / "tokenizer"), load_from_disk(str(out / "corpus"))
+        raise ValueError(
+            f"the corpus in {out} has empty split(s) {empty}; prepare it again "
+            "with more text or a smaller block_size"
+        )
+    return PreTrainedTokenizerFast.from_pretrained(out / "tokenizer"), load_from_disk(
+        str(out / "corpus")
+    )
 
 
 def _require_documents(docs: list[Document], step: str, report: dict, advice: str) -> None:
     if not docs:
-        numbers = {k: v for k, v in report[step].items() if k in ("docs_in", "removed", "removed_empty")}
+        numbers = {
+            k: v for k, v in report[step].items() if k in ("docs_in", "removed", "removed_empty")
+        }
         raise ValueError(f"no document is left after {step} {numbers}: {advice}")
 
 
@@ -511,32 +614,53 @@ def prepare_data(config: DataConfig | None = None, out_dir: str | Path = "artifa
 
     docs = timed("source", load_documents(config.source))
     docs = timed("clean", clean_documents(docs, config.clean))
-    _require_documents(docs, "clean", report, "every document was empty once cleaned; check the "
-                       "source, or relax DataConfig.clean (e.g. doctest='keep')")
-    docs = timed("dedup", deduplicate(docs, near=config.near_duplicates,
-                                      threshold=config.near_duplicate_threshold,
-                                      num_perm=config.num_perm))
+    _require_documents(
+        docs,
+        "clean",
+        report,
+        "every document was empty once cleaned; check the "
+        "source, or relax DataConfig.clean (e.g. doctest='keep')",
+    )
+    docs = timed(
+        "dedup",
+        deduplicate(
+            docs,
+            near=config.near_duplicates,
+            threshold=config.near_duplicate_threshold,
+            num_perm=config.num_perm,
+        ),
+    )
     docs = timed("filter", filter_documents(docs, config.filters))
-    _require_documents(docs, "filter", report, "the quality filters removed the whole corpus; "
-                       "relax DataConfig.filters (see 'removed' for which rule) or give more text")
+    _require_documents(
+        docs,
+        "filter",
+        report,
+        "the quality filters removed the whole corpus; "
+        "relax DataConfig.filters (see 'removed' for which rule) or give more text",
+    )
     splits = timed("split", split_documents(docs, config.val_fraction, config.test_fraction))
     for split, split_docs in splits.items():
         if not split_docs:
-            raise ValueError(f"the {split} split is empty: {len(docs)} document(s) for fractions "
-                             f"val={config.val_fraction}, test={config.test_fraction}; give more "
-                             "documents or change the fractions")
+            raise ValueError(
+                f"the {split} split is empty: {len(docs)} document(s) for fractions "
+                f"val={config.val_fraction}, test={config.test_fraction}; give more "
+                "documents or change the fractions"
+            )
     texts = {k: [d.text for d in v] for k, v in splits.items()}
     tokenizer = timed("tokenizer", train_tokenizer(texts["train"], vocab_size=config.vocab_size))
     corpus, report["packing"] = DatasetDict(), {}
     for split, split_texts in texts.items():
         try:
-            corpus[split], report["packing"][split] = pack_blocks(split_texts, tokenizer,
-                                                                  config.block_size)
+            corpus[split], report["packing"][split] = pack_blocks(
+                split_texts, tokenizer, config.block_size
+            )
         except EmptyPackingError as e:
-            raise ValueError(f"the {split} split has {e.tokens} tokens in {len(split_texts)} "
-                             f"document(s), not enough for one block of block_size="
-                             f"{config.block_size}: give more text, lower block_size, or raise "
-                             f"the fraction of this split") from None
+            raise ValueError(
+                f"the {split} split has {e.tokens} tokens in {len(split_texts)} "
+                f"document(s), not enough for one block of block_size="
+                f"{config.block_size}: give more text, lower block_size, or raise "
+                f"the fraction of this split"
+            ) from None
     report["seconds"]["packing"] = round(time.perf_counter() - start, 3)
     save_artifacts(out_dir, tokenizer, corpus, report)
     return report

@@ -57,8 +57,8 @@ class DistillationConfig:
     """How much the teacher counts and how soft its targets are (see the module docstring)."""
 
     temperature: float = 2.0
-    alpha: float = 0.5          # weight of the KL term; 1 - alpha weighs the cross-entropy
-    chunk_tokens: int = 1024    # label positions per chunk of vocabulary-sized float32 math
+    alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the cross-entropy
+    chunk_tokens: int = 1024  # label positions per chunk of vocabulary-sized float32 math
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -69,8 +69,13 @@ class DistillationConfig:
             raise ValueError(f"chunk_tokens must be >= 1, not {self.chunk_tokens!r}")
 
 
-def _chunk_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
-                temperature: float, alpha: float) -> torch.Tensor:
+def _chunk_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
     """Summed blended loss of one chunk of label positions (rows of vocabulary logits)."""
     student = student.float()
     total = student.new_zeros(())
@@ -79,15 +84,18 @@ def _chunk_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Ten
         log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
         # KL(t || s) = sum_v p_t (log p_t - log p_s); log_target avoids exp(log(.)) round trips.
         kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
-        total = total + alpha * temperature ** 2 * kl
+        total = total + alpha * temperature**2 * kl
     if alpha < 1:
         total = total + (1 - alpha) * F.cross_entropy(student, targets, reduction="sum")
     return total
 
 
-def distillation_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                          labels: torch.Tensor, config: DistillationConfig | None = None,
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def distillation_loss_sum(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    config: DistillationConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Blended KD loss summed over label tokens, and how many there were.
 
     ``student_logits`` and ``teacher_logits`` are (batch, sequence, vocabulary) for the same
@@ -96,12 +104,15 @@ def distillation_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Te
     """
     config = config or DistillationConfig()
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ: the models need one tokenizer "
-                         "(same vocabulary size) and the same inputs")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ: the models need one tokenizer "
+            "(same vocabulary size) and the same inputs"
+        )
     if labels.shape != student_logits.shape[:2]:
-        raise ValueError(f"labels {tuple(labels.shape)} do not match logits "
-                         f"{tuple(student_logits.shape[:2])}")
+        raise ValueError(
+            f"labels {tuple(labels.shape)} do not match logits {tuple(student_logits.shape[:2])}"
+        )
     # Shift labels, not logits (slicing logits would copy the largest tensor of the step).
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
@@ -112,8 +123,13 @@ def distillation_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Te
     total = student_logits.new_zeros((), dtype=torch.float32)
     for start in range(0, count, config.chunk_tokens):
         part = slice(start, start + config.chunk_tokens)
-        args = (student_rows[part], teacher_rows[part], target_rows[part],
-                config.temperature, config.alpha)
+        args = (
+            student_rows[part],
+            teacher_rows[part],
+            target_rows[part],
+            config.temperature,
+            config.alpha,
+        )
         if torch.is_grad_enabled() and student_rows.requires_grad:
             # Recompute the chunk's softmaxes in backward instead of keeping them for all chunks.
             total = total + checkpoint(_chunk_loss, *args, use_reentrant=False)
@@ -122,8 +138,10 @@ def distillation_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Te
     return total, torch.tensor(count, device=student_logits.device)
 
 
-def distillation_loss(teacher: torch.nn.Module, config: DistillationConfig | None = None,
-                      ) -> Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]:
+def distillation_loss(
+    teacher: torch.nn.Module,
+    config: DistillationConfig | None = None,
+) -> Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]:
     """A ``loss_fn(model, batch) -> (loss_sum, label_tokens)`` for ``lmref.training.train``.
 
     The teacher runs in eval mode without gradients on the same batch; it must share the
@@ -147,8 +165,9 @@ def distillation_loss(teacher: torch.nn.Module, config: DistillationConfig | Non
 
 
 @torch.no_grad()
-def agreement(student: torch.nn.Module, teacher: torch.nn.Module, batch: dict,
-              temperature: float = 1.0) -> dict:
+def agreement(
+    student: torch.nn.Module, teacher: torch.nn.Module, batch: dict, temperature: float = 1.0
+) -> dict:
     """How close the student is to its teacher on a batch's label positions.
 
     Returns the mean KL(teacher || student) per label token at ``temperature`` and the share of
@@ -164,5 +183,8 @@ def agreement(student: torch.nn.Module, teacher: torch.nn.Module, batch: dict,
     same = (s_logits.argmax(-1) == t_logits.argmax(-1)) & mask
     n = max(int(count), 1)
     # The loss carries T^2; undo it to report the plain KL at this temperature.
-    return {"kl_per_token": float(kl_sum) / temperature ** 2 / n,
-            "top1_agreement": int(same.sum()) / n, "tokens": int(count)}
+    return {
+        "kl_per_token": float(kl_sum) / temperature**2 / n,
+        "top1_agreement": int(same.sum()) / n,
+        "tokens": int(count),
+    }

@@ -46,9 +46,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 # Environment variables of fault injection (read by ``fault_injection_from_env``).
-FAIL_AT_STEP = "LMREF_FAIL_AT_STEP"      # the optimizer step after which a rank exits
-FAIL_RANK = "LMREF_FAIL_RANK"            # which rank exits (default 0)
-FAIL_ATTEMPT = "LMREF_FAIL_ATTEMPT"      # on which torchrun attempt (default 0: the first only)
+FAIL_AT_STEP = "LMREF_FAIL_AT_STEP"  # the optimizer step after which a rank exits
+FAIL_RANK = "LMREF_FAIL_RANK"  # which rank exits (default 0)
+FAIL_ATTEMPT = "LMREF_FAIL_ATTEMPT"  # on which torchrun attempt (default 0: the first only)
 FAIL_EXIT_CODE = "LMREF_FAIL_EXIT_CODE"  # the exit status (default 13)
 
 _groups_joined = 0  # process groups this process has joined on torchrun's store (init_distributed)
@@ -66,8 +66,8 @@ class DistEnv:
     local_world_size: int = 1
     master_addr: str | None = None
     master_port: int | None = None
-    restart_count: int = 0      # TORCHELASTIC_RESTART_COUNT: 0 on the first attempt
-    launched: bool = False      # True when the torchrun variables are present
+    restart_count: int = 0  # TORCHELASTIC_RESTART_COUNT: 0 on the first attempt
+    launched: bool = False  # True when the torchrun variables are present
 
     @property
     def is_main(self) -> bool:
@@ -88,8 +88,10 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         return DistEnv()
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in environ]
     if missing:
-        raise ValueError(f"incomplete torchrun environment: {', '.join(missing)} not set "
-                         "(launch with torchrun, or unset RANK/WORLD_SIZE for one process)")
+        raise ValueError(
+            f"incomplete torchrun environment: {', '.join(missing)} not set "
+            "(launch with torchrun, or unset RANK/WORLD_SIZE for one process)"
+        )
 
     def integer(name: str, default: int | None = None) -> int:
         raw = environ.get(name)
@@ -109,14 +111,21 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
     if not 0 <= local_rank < local_world:
         raise ValueError(f"LOCAL_RANK={local_rank} is outside LOCAL_WORLD_SIZE={local_world}")
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world,
-                   local_world_size=local_world, master_addr=environ["MASTER_ADDR"],
-                   master_port=integer("MASTER_PORT"),
-                   restart_count=integer("TORCHELASTIC_RESTART_COUNT", 0), launched=True)
+    return DistEnv(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world,
+        local_world_size=local_world,
+        master_addr=environ["MASTER_ADDR"],
+        master_port=integer("MASTER_PORT"),
+        restart_count=integer("TORCHELASTIC_RESTART_COUNT", 0),
+        launched=True,
+    )
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
-                     env: DistEnv | None = None) -> DistEnv:
+def init_distributed(
+    backend: str | None = None, timeout_s: float = 1800.0, env: DistEnv | None = None
+) -> DistEnv:
     """Join the process group torchrun describes; a no-op (world size 1) outside torchrun.
 
     NCCL on CUDA, with this process bound to ``cuda:LOCAL_RANK`` *before* the group exists
@@ -145,12 +154,18 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
         _groups_joined += 1
         store = dist.PrefixStore(
             f"lmref/attempt_{env.restart_count}/group_{_groups_joined}/",
-            dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,
-                          timeout=timeout))
-    dist.init_process_group(backend=backend, timeout=timeout, store=store,
-                            rank=env.rank if store else -1,
-                            world_size=env.world_size if store else -1,
-                            device_id=device if backend == "nccl" else None)
+            dist.TCPStore(
+                env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout
+            ),
+        )
+    dist.init_process_group(
+        backend=backend,
+        timeout=timeout,
+        store=store,
+        rank=env.rank if store else -1,
+        world_size=env.world_size if store else -1,
+        device_id=device if backend == "nccl" else None,
+    )
     return env
 
 
@@ -210,8 +225,7 @@ def distributed(backend: str | None = None, timeout_s: float = 1800.0) -> Iterat
     cleanup()
 
 
-def wrap_model(model: torch.nn.Module, env: DistEnv | None = None,
-               **ddp_kwargs) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, env: DistEnv | None = None, **ddp_kwargs) -> torch.nn.Module:
     """Move ``model`` to this rank's device; wrap it in DDP when a process group is up.
 
     DDP broadcasts rank 0's weights at construction, so ranks start identical even if their
@@ -260,8 +274,10 @@ def print0(*args, **kwargs) -> None:
 
 # ---------------------------------------------------------------- fault injection
 
-def fault_injection_from_env(environ: Mapping[str, str] | None = None,
-                             env: DistEnv | None = None) -> Callable[[int, dict], None] | None:
+
+def fault_injection_from_env(
+    environ: Mapping[str, str] | None = None, env: DistEnv | None = None
+) -> Callable[[int, dict], None] | None:
     """A ``train(callbacks=...)`` callback that kills this process hard, or None when not asked.
 
     ``LMREF_FAIL_AT_STEP=k LMREF_FAIL_RANK=r``: rank r exits with ``os._exit`` right after
@@ -287,8 +303,12 @@ def fault_injection_from_env(environ: Mapping[str, str] | None = None,
 
     def fail(step: int, metrics: dict) -> None:
         if step == at_step:
-            print(f"[rank {env.rank}] fault injection: exiting with status {exit_code} after step "
-                  f"{step} (attempt {env.restart_count})", file=sys.stderr, flush=True)
+            print(
+                f"[rank {env.rank}] fault injection: exiting with status {exit_code} after step "
+                f"{step} (attempt {env.restart_count})",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(exit_code)
 
     return fail
@@ -296,9 +316,17 @@ def fault_injection_from_env(environ: Mapping[str, str] | None = None,
 
 # ---------------------------------------------------------------- launching
 
-def torchrun_command(args: Sequence[str], nproc_per_node: int = 2, *, nnodes: int | str = 1,
-                     rdzv_endpoint: str | None = None, rdzv_id: str = "lmref",
-                     max_restarts: int = 0, launcher: Sequence[str] | None = None) -> list[str]:
+
+def torchrun_command(
+    args: Sequence[str],
+    nproc_per_node: int = 2,
+    *,
+    nnodes: int | str = 1,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "lmref",
+    max_restarts: int = 0,
+    launcher: Sequence[str] | None = None,
+) -> list[str]:
     """The torchrun command line for ``args`` (e.g. ``["-m", "lmref.train", "--max-steps", "9"]``).
 
     One node: ``--standalone`` (a local rendezvous on a free port). Several: every node runs the
@@ -313,8 +341,12 @@ def torchrun_command(args: Sequence[str], nproc_per_node: int = 2, *, nnodes: in
     else:
         if rdzv_endpoint is None:
             raise ValueError("a multi-node launch needs rdzv_endpoint='host:port' of one node")
-        options = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
-                   f"--rdzv-id={rdzv_id}"]
+        options = [
+            f"--nnodes={nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}",
+            f"--rdzv-id={rdzv_id}",
+        ]
     options += [f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}"]
     return [*launcher, *options, *args]
 
@@ -341,6 +373,7 @@ def max_abs_difference(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tens
 
 # ---------------------------------------------------------------- communication arithmetic
 
+
 def ring_allreduce_bytes(num_elements: int, world_size: int, bytes_per_element: int = 4) -> float:
     """Bytes each rank sends (and receives) to all-reduce ``num_elements`` values with a ring.
 
@@ -352,9 +385,15 @@ def ring_allreduce_bytes(num_elements: int, world_size: int, bytes_per_element: 
     return 2 * (world_size - 1) / world_size * num_elements * bytes_per_element
 
 
-def ddp_step_estimate(num_params: int, tokens_per_step: int, world_size: int,
-                      bus_bandwidth_gbs: float, peak_flops: float, mfu: float = 0.4,
-                      grad_bytes: int = 4) -> dict:
+def ddp_step_estimate(
+    num_params: int,
+    tokens_per_step: int,
+    world_size: int,
+    bus_bandwidth_gbs: float,
+    peak_flops: float,
+    mfu: float = 0.4,
+    grad_bytes: int = 4,
+) -> dict:
     """On-paper DDP step: compute time per rank, gradient all-reduce time, their ratio.
 
     ``tokens_per_step`` is per rank; compute is 6 N FLOPs a token (forward + backward).
@@ -364,7 +403,11 @@ def ddp_step_estimate(num_params: int, tokens_per_step: int, world_size: int,
     compute_s = 6 * num_params * tokens_per_step / (peak_flops * mfu)
     comm_bytes = ring_allreduce_bytes(num_params, world_size, grad_bytes)
     comm_s = comm_bytes / (bus_bandwidth_gbs * 1e9)
-    return {"compute_s": compute_s, "allreduce_bytes": comm_bytes, "allreduce_s": comm_s,
-            "comm_to_compute": comm_s / compute_s,
-            "step_s_overlapped": max(compute_s, comm_s),
-            "step_s_serial": compute_s + comm_s}
+    return {
+        "compute_s": compute_s,
+        "allreduce_bytes": comm_bytes,
+        "allreduce_s": comm_s,
+        "comm_to_compute": comm_s / compute_s,
+        "step_s_overlapped": max(compute_s, comm_s),
+        "step_s_serial": compute_s + comm_s,
+    }

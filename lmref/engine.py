@@ -59,35 +59,34 @@ class ModelSpec:
 
     name: str
     path: str
-    max_batch_size: int = 16        # rows (prompts) decoding together; 1 turns batching off
-    batch_wait_ms: float = 5.0      # how long an idle worker gathers requests (a busy one: none)
+    max_batch_size: int = 16  # rows (prompts) decoding together; 1 turns batching off
+    batch_wait_ms: float = 5.0  # how long an idle worker gathers requests (a busy one: none)
     prefill_chunk_tokens: int = 256  # prompt columns per prefill forward; decode steps between
     prefix_cache_min_tokens: int = 16  # a shared prompt start this long is computed once; 0: off
-    max_queue_size: int = 256       # rows waiting; more -> QueueFull (the app answers 429)
-    device: str = "auto"            # cuda when present, else cpu
+    max_queue_size: int = 256  # rows waiting; more -> QueueFull (the app answers 429)
+    device: str = "auto"  # cuda when present, else cpu
     chat_template: str | None = None  # Jinja; None: the tokenizer's, else DEFAULT_CHAT_TEMPLATE
-    dtype: str = "auto"             # bf16 on GPUs that have it, fp32 on CPU; or fp32/bf16/fp16
-    pack_linears: bool = True       # CPU: weights packed once for oneDNN (lmref.cpu_inference)
+    dtype: str = "auto"  # bf16 on GPUs that have it, fp32 on CPU; or fp32/bf16/fp16
+    pack_linears: bool = True  # CPU: weights packed once for oneDNN (lmref.cpu_inference)
 
 
 @dataclass
 class SamplingParams:
-    max_tokens: int | None = 16     # None: until EOS or the context length
+    max_tokens: int | None = 16  # None: until EOS or the context length
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    logprobs: int | None = None     # None: not reported; k: each token's + its k likeliest rivals
-    echo: bool = False              # also the prompt: its text, and with logprobs its tokens'
+    logprobs: int | None = None  # None: not reported; k: each token's + its k likeliest rivals
+    echo: bool = False  # also the prompt: its text, and with logprobs its tokens'
 
 
 class EngineError(Exception):
     """A request the engine could not serve. ``kind``: "invalid" (the request's fault),
     "closed" (shutting down) or "internal"; ``param`` names the request field at fault."""
 
-    def __init__(self, kind: str, message: str, param: str | None = None,
-                 code: str | None = None):
+    def __init__(self, kind: str, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.kind, self.message, self.param, self.code = kind, message, param, code
 
@@ -116,10 +115,10 @@ class Finished:  # one row is done; reason: "stop" (EOS, a stop string) or "leng
     reason: str
     prompt_tokens: int
     completion_tokens: int
-    cached: bool = False            # answered from the response cache, no Delta came before
+    cached: bool = False  # answered from the response cache, no Delta came before
     logprobs: tuple[TokenLogprob, ...] | None = None  # completion tokens, EOS included
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # echo, first: no logprob
-    prompt_text: str = ""           # echo: the prompt as text
+    prompt_text: str = ""  # echo: the prompt as text
 
 
 @dataclass(frozen=True)
@@ -157,8 +156,9 @@ class ResponseCache:
 class Row:
     """One prompt being generated: its state lives in the worker thread only."""
 
-    def __init__(self, job: Job, index: int, prompt: str | list, params: SamplingParams,
-                 is_chat: bool):
+    def __init__(
+        self, job: Job, index: int, prompt: str | list, params: SamplingParams, is_chat: bool
+    ):
         self.job, self.index, self.prompt, self.params = job, index, prompt, params
         self.is_chat, self.cache_key = is_chat, None
         self.prompt_ids: list[int] = []
@@ -167,9 +167,9 @@ class Row:
         self.emitted = self.search_from = 0  # characters sent to a stream; stop search start
         self.text, self.last_token_at = "", 0.0
         self.generator: torch.Generator | None = None
-        self.pending = 0                # sampled, not yet fed to the model (a running row)
+        self.pending = 0  # sampled, not yet fed to the model (a running row)
         self.logprobs: list[TokenLogprob] = []
-        self.starts: list[int] = []     # where each reported token's text starts (stop cuts)
+        self.starts: list[int] = []  # where each reported token's text starts (stop cuts)
         self.settled = self.logprobs_sent = 0
         self.prompt_logprobs: list | None = None
 
@@ -183,7 +183,7 @@ class Job:
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.cancelled = threading.Event()
         self.arrival = time.perf_counter()
-        self.rows_total = 0             # rows including those answered from the cache
+        self.rows_total = 0  # rows including those answered from the cache
 
     def add_row(self, prompt: str | list, params: SamplingParams, is_chat: bool = False) -> Row:
         row = Row(self, self.rows_total, prompt, params, is_chat)
@@ -236,8 +236,11 @@ class Engine:
 
     def _load(self) -> None:
         device = resolve_device(self.spec.device)
-        dtype = compute_dtype(device, self.spec.dtype) if self.spec.dtype in {"auto", *PRECISIONS} \
-            else self.spec.dtype  # a torch dtype's name, e.g. "bfloat16"
+        dtype = (
+            compute_dtype(device, self.spec.dtype)
+            if self.spec.dtype in {"auto", *PRECISIONS}
+            else self.spec.dtype
+        )  # a torch dtype's name, e.g. "bfloat16"
         # Weights from safetensors only: a pickled pytorch_model.bin can run code when loaded.
         # One load at a time: from_pretrained switches process-wide init state (meta device),
         # so two threads loading at once corrupt each other's model.
@@ -245,17 +248,22 @@ class Engine:
         with _LOAD_LOCK:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            model = AutoModelForCausalLM.from_pretrained(self.spec.path, dtype=dtype,
-                                                         use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                self.spec.path, dtype=dtype, use_safetensors=True
+            )
             self.model = model.to(device).eval()
             if self.spec.pack_linears and not getattr(model, "peft_config", None):  # unmerged
                 pack_linears(self.model)
             self.tokenizer = AutoTokenizer.from_pretrained(self.spec.path)
         cfg = model.config.get_text_config(decoder=True)
-        self.context_length = int(getattr(cfg, "max_position_embeddings", None)
-                                  or getattr(cfg, "n_positions", 2048))
-        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None \
+        self.context_length = int(
+            getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048)
+        )
+        eos = (
+            self.tokenizer.eos_token_id
+            if self.tokenizer.eos_token_id is not None
             else model.config.eos_token_id
+        )
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (next(iter(self.eos_ids), 0))
@@ -275,8 +283,11 @@ class Engine:
             self._waiting_rows = 0
             self._cond.notify_all()
         for job in waiting:
-            job.events.put(Failed(EngineError("closed", abort_message or "shutting down",
-                                              code="shutting_down")))
+            job.events.put(
+                Failed(
+                    EngineError("closed", abort_message or "shutting down", code="shutting_down")
+                )
+            )
         self.metrics.waiting.labels(**self._labels).set(0)
 
     # -- request side
@@ -284,11 +295,20 @@ class Engine:
         """Queue the job's rows; greedy rows already in the response cache finish at once."""
         for row in [r for r in job.rows if r.params.temperature == 0 and self.cache.size > 0]:
             p = row.params
-            row.cache_key = (self.spec.name, row.is_chat, repr(row.prompt), p.max_tokens, p.stop,
-                             p.ignore_eos, p.logprobs, p.echo)
+            row.cache_key = (
+                self.spec.name,
+                row.is_chat,
+                repr(row.prompt),
+                p.max_tokens,
+                p.stop,
+                p.ignore_eos,
+                p.logprobs,
+                p.echo,
+            )
             hit = self.cache.get(row.cache_key)
             (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels(
-                **self._labels).inc()
+                **self._labels
+            ).inc()
             if hit:
                 job.rows.remove(row)
                 job.events.put(dataclasses.replace(hit, index=row.index, cached=True))
@@ -315,10 +335,10 @@ class Engine:
                 self._waiting_rows -= len(job.rows)
                 self.metrics.waiting.labels(**self._labels).set(self._waiting_rows)
                 self.metrics.request_success.labels(finished_reason="abort", **self._labels).inc(
-                    len(job.rows))
+                    len(job.rows)
+                )
 
-    def events(self, job: Job, disconnected: Callable[[], bool] = lambda: False
-               ) -> Iterator[Event]:
+    def events(self, job: Job, disconnected: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         """The job's events until all rows finished; cancels it if the reader goes away."""
         finished = 0
         try:
@@ -336,8 +356,9 @@ class Engine:
             if finished < job.rows_total:
                 self.cancel(job)
 
-    def results(self, job: Job, disconnected: Callable[[], bool] = lambda: False
-                ) -> list[Finished] | None:
+    def results(
+        self, job: Job, disconnected: Callable[[], bool] = lambda: False
+    ) -> list[Finished] | None:
         """Every row's ``Finished`` in order; None when the client went away; a ``Failed``
         event is raised as its EngineError."""
         done: dict[int, Finished] = {}
@@ -372,14 +393,15 @@ class Engine:
             except Exception:
                 log.exception("generation failed")
                 for job in {r.job for r in self._rows + self._prefill_rows} | set(jobs):
-                    job.events.put(Failed(EngineError("internal", "generation failed",
-                                                      code="internal_error")))
+                    job.events.put(
+                        Failed(EngineError("internal", "generation failed", code="internal_error"))
+                    )
                 self._reset()
 
     def _reset(self) -> None:
         self._batch = RunningBatch(self.model)
         self._prefix = PrefixCache(self.model, self.spec.prefix_cache_min_tokens)
-        self._rows: list[Row] = []           # decoding, in the batch's row order
+        self._rows: list[Row] = []  # decoding, in the batch's row order
         self._prefill: Prefill | None = None
         self._prefill_rows: list[Row] = []
         self.metrics.running.labels(**self._labels).set(0)
@@ -404,8 +426,9 @@ class Engine:
                         break
                     self._cond.wait(left)
             jobs, rows = [], busy
-            while self._waiting and (not rows or rows + len(self._waiting[0].rows)
-                                     <= spec.max_batch_size):
+            while self._waiting and (
+                not rows or rows + len(self._waiting[0].rows) <= spec.max_batch_size
+            ):
                 job = self._waiting.popleft()
                 jobs.append(job)
                 rows += len(job.rows)
@@ -418,20 +441,31 @@ class Engine:
         if row.is_chat:
             template = self.spec.chat_template or tok.chat_template or DEFAULT_CHAT_TEMPLATE
             if self.spec.chat_template is None and tok.chat_template is None:  # a base model
-                row.params = dataclasses.replace(row.params, stop=row.params.stop + DEFAULT_CHAT_STOP)
+                row.params = dataclasses.replace(
+                    row.params, stop=row.params.stop + DEFAULT_CHAT_STOP
+                )
             try:
-                text = tok.apply_chat_template(row.prompt, chat_template=template, tokenize=False,
-                                               add_generation_prompt=True)
+                text = tok.apply_chat_template(
+                    row.prompt, chat_template=template, tokenize=False, add_generation_prompt=True
+                )
             except Exception as exc:  # a template's raise_exception(), or one that breaks on
                 # these messages: this request's fault, not the batch's (jinja2's errors vary)
-                raise EngineError("invalid", f"the chat template failed on these messages: {exc}",
-                                  param="messages", code="chat_template_error") from None
+                raise EngineError(
+                    "invalid",
+                    f"the chat template failed on these messages: {exc}",
+                    param="messages",
+                    code="chat_template_error",
+                ) from None
             ids = tok(text, add_special_tokens=tok.chat_template is None)["input_ids"]
         elif isinstance(row.prompt, list):  # token ids, as lm-evaluation-harness sends them
             ids, vocab = list(row.prompt), self.model.get_input_embeddings().num_embeddings
             if any(i >= vocab for i in ids):
-                raise EngineError("invalid", f"prompt token ids must be below {vocab}, the "
-                                  "model's vocabulary size", param="prompt", code="invalid_token")
+                raise EngineError(
+                    "invalid",
+                    f"prompt token ids must be below {vocab}, the model's vocabulary size",
+                    param="prompt",
+                    code="invalid_token",
+                )
         else:
             ids = tok(row.prompt)["input_ids"]
         if not ids:
@@ -440,9 +474,13 @@ class Engine:
             ids = [tok.bos_token_id]
         limit, wanted = self.context_length, row.params.max_tokens
         if len(ids) + (1 if wanted is None else wanted) > limit:
-            raise EngineError("invalid", f"This model's maximum context length is {limit} tokens; "
-                              f"the prompt has {len(ids)} and max_tokens is {wanted or 'unset'}.",
-                              param="max_tokens", code="context_length_exceeded")
+            raise EngineError(
+                "invalid",
+                f"This model's maximum context length is {limit} tokens; "
+                f"the prompt has {len(ids)} and max_tokens is {wanted or 'unset'}.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         row.max_tokens = limit - len(ids) if wanted is None else wanted  # 0: echo, score only
         return ids
 
@@ -469,13 +507,19 @@ class Engine:
                 row.generator.manual_seed(seed % (1 << 63))
             if row.params.echo and row.params.logprobs is not None:
                 row.prompt_logprobs = score_prompt(
-                    self.model, row.prompt_ids, row.params.logprobs, self._pieces)
+                    self.model, row.prompt_ids, row.params.logprobs, self._pieces
+                )
             if row.max_tokens == 0:  # echo with max_tokens 0: the prompt scored, nothing generated
                 self._finish(row, "length", time.perf_counter())
         rows = [row for row in rows if row.max_tokens > 0]
         if rows:
-            self._prefill = Prefill(self.model, [r.prompt_ids for r in rows], self.pad_id,
-                                    self.spec.prefill_chunk_tokens, self._prefix)
+            self._prefill = Prefill(
+                self.model,
+                [r.prompt_ids for r in rows],
+                self.pad_id,
+                self.spec.prefill_chunk_tokens,
+                self._prefix,
+            )
             self._prefill_rows = rows
 
     def _advance(self) -> None:
@@ -503,14 +547,30 @@ class Engine:
         """Sample each row's next token and append it; the indices of rows still running.
         A hand-written loop instead of model.generate(): generate() applies ONE temperature/
         top_p/seed/stop/max_new_tokens to the whole batch, a server's requests each bring theirs."""
-        tokens = sample(logits, [r.params.temperature for r in rows],
-                        [r.params.top_p for r in rows], [r.generator for r in rows])
+        tokens = sample(
+            logits,
+            [r.params.temperature for r in rows],
+            [r.params.top_p for r in rows],
+            [r.generator for r in rows],
+        )
         # Reported logprobs: log-softmax of the raw logits, before temperature and top-p, as
         # OpenAI's API reports them (lmref.sampling says why).
         want = [k for k, row in enumerate(rows) if row.params.logprobs is not None]
-        entries = dict(zip(want, step_logprobs(
-            logits[want], [tokens[k] for k in want],
-            [rows[k].params.logprobs for k in want], self._pieces))) if want else {}
+        entries = (
+            dict(
+                zip(
+                    want,
+                    step_logprobs(
+                        logits[want],
+                        [tokens[k] for k in want],
+                        [rows[k].params.logprobs for k in want],
+                        self._pieces,
+                    ),
+                )
+            )
+            if want
+            else {}
+        )
         now = time.perf_counter()
         keep = []
         for k, (row, token) in enumerate(zip(rows, tokens)):
@@ -522,11 +582,11 @@ class Engine:
         return keep
 
     def _decode_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True,
-                                     clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
 
-    def _append(self, row: Row, token: int, now: float,
-                entry: TokenLogprob | None = None) -> bool:
+    def _append(self, row: Row, token: int, now: float, entry: TokenLogprob | None = None) -> bool:
         """Add one token to a row; returns True when the row is finished."""
         if entry is not None:
             row.logprobs.append(entry)
@@ -552,7 +612,7 @@ class Engine:
             if stops:
                 hits = [i for i in (text.find(s, row.search_from) for s in stops) if i >= 0]
                 if hits:
-                    row.text = text[:min(hits)]
+                    row.text = text[: min(hits)]
                     self._finish(row, "stop", now, decoded=True)
                     return True
                 row.search_from = max(0, settled - max(map(len, stops)) + 1)
@@ -561,8 +621,13 @@ class Engine:
                 if safe > row.emitted:
                     sent = row.logprobs_sent
                     row.logprobs_sent = reported(row.starts, safe)
-                    row.job.events.put(Delta(row.index, text[row.emitted:safe],
-                                             tuple(row.logprobs[sent:row.logprobs_sent])))
+                    row.job.events.put(
+                        Delta(
+                            row.index,
+                            text[row.emitted : safe],
+                            tuple(row.logprobs[sent : row.logprobs_sent]),
+                        )
+                    )
                     row.emitted = safe
         if row.completion_tokens >= row.max_tokens:
             self._finish(row, "length", now)
@@ -574,27 +639,40 @@ class Engine:
         if not decoded:
             row.text = self._decode_text(row.out_ids)
         else:  # a stop string cut the text: tokens starting after the cut are not the answer's
-            del row.logprobs[reported(row.starts, len(row.text)):]
+            del row.logprobs[reported(row.starts, len(row.text)) :]
         if reason == "abort":
             self.metrics.request_success.labels(finished_reason="abort", **labels).inc()
             if self._closed and self._abort_message and not row.job.cancelled.is_set():
-                row.job.events.put(Failed(EngineError("closed", self._abort_message,
-                                                      code="shutting_down")))
+                row.job.events.put(
+                    Failed(EngineError("closed", self._abort_message, code="shutting_down"))
+                )
             return
-        if row.job.stream and (len(row.text) > row.emitted or
-                               len(row.logprobs) > row.logprobs_sent):
-            row.job.events.put(Delta(row.index, row.text[row.emitted:],
-                                     tuple(row.logprobs[row.logprobs_sent:])))
+        if row.job.stream and (
+            len(row.text) > row.emitted or len(row.logprobs) > row.logprobs_sent
+        ):
+            row.job.events.put(
+                Delta(row.index, row.text[row.emitted :], tuple(row.logprobs[row.logprobs_sent :]))
+            )
             row.emitted, row.logprobs_sent = len(row.text), len(row.logprobs)
         self.metrics.request_success.labels(finished_reason=reason, **labels).inc()
         self.metrics.e2e_latency.labels(**labels).observe(now - row.job.arrival)
         p, prompt = row.params, row.prompt
         result = Finished(
-            row.index, row.text, reason, len(row.prompt_ids), row.completion_tokens,
+            row.index,
+            row.text,
+            reason,
+            len(row.prompt_ids),
+            row.completion_tokens,
             logprobs=None if p.logprobs is None else tuple(row.logprobs),
             prompt_logprobs=None if row.prompt_logprobs is None else tuple(row.prompt_logprobs),
-            prompt_text=(prompt if isinstance(prompt, str) else self.tokenizer.decode(
-                row.prompt_ids, clean_up_tokenization_spaces=False)) if p.echo else "")
+            prompt_text=(
+                prompt
+                if isinstance(prompt, str)
+                else self.tokenizer.decode(row.prompt_ids, clean_up_tokenization_spaces=False)
+            )
+            if p.echo
+            else "",
+        )
         if row.cache_key is not None:
             self.cache.put(row.cache_key, result)
         row.job.events.put(result)

@@ -12,8 +12,19 @@ import platform
 import sys
 from importlib import metadata
 
-PACKAGES = ["torch", "transformers", "accelerate", "datasets", "tokenizers", "peft",
-            "bitsandbytes", "safetensors", "flask", "nbval", "lmref"]
+PACKAGES = [
+    "torch",
+    "transformers",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "peft",
+    "bitsandbytes",
+    "safetensors",
+    "flask",
+    "nbval",
+    "lmref",
+]
 
 
 def cpu_model() -> str:
@@ -34,8 +45,12 @@ def environment_report() -> dict:
 
     from lmref.device import select_precision
 
-    report = {"python": sys.version.split()[0], "platform": platform.platform(),
-              "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    report = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     for name in PACKAGES:
         try:
             report[name] = metadata.version(name)
@@ -50,7 +65,7 @@ def environment_report() -> dict:
     else:
         report["device"] = f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
         report["bf16"] = "autocast only (fp32 is the default on CPU)"
-    report["default_precision"] = select_precision()   # the policy every module uses
+    report["default_precision"] = select_precision()  # the policy every module uses
     report["hf_hub_offline"] = os.environ.get("HF_HUB_OFFLINE", "0")
     return report
 

@@ -30,8 +30,13 @@ def _collate_input_ids(rows: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, dataset, batch_size: int = 16,
-               collate_fn: Callable | None = None, max_batches: int | None = None) -> dict:
+def perplexity(
+    model: torch.nn.Module,
+    dataset,
+    batch_size: int = 16,
+    collate_fn: Callable | None = None,
+    max_batches: int | None = None,
+) -> dict:
     """exp(sum of token NLL / number of tokens) over ``dataset`` (rows with ``input_ids``,
     optionally ``labels`` with -100 for positions that do not count)."""
     device = next(model.parameters()).device
@@ -44,10 +49,12 @@ def perplexity(model: torch.nn.Module, dataset, batch_size: int = 16,
             break
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.get("labels", batch["input_ids"])[:, 1:]
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch.get("attention_mask")).logits[:, :-1]
-        nll += F.cross_entropy(logits.flatten(0, 1).double(), labels.flatten(),
-                               ignore_index=-100, reduction="sum").item()
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+        ).logits[:, :-1]
+        nll += F.cross_entropy(
+            logits.flatten(0, 1).double(), labels.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
         tokens += int((labels != -100).sum())
     model.train(was_training)
     if tokens == 0:
@@ -57,9 +64,16 @@ def perplexity(model: torch.nn.Module, dataset, batch_size: int = 16,
 
 
 @torch.no_grad()
-def generate_text(model: torch.nn.Module, tokenizer, prompts: Sequence[str],
-                  max_new_tokens: int = 50, temperature: float = 0.0, top_p: float = 1.0,
-                  seed: int = 0, batch_size: int = 32) -> list[str]:
+def generate_text(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 50,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> list[str]:
     """Continuations of ``prompts`` (without the prompt): greedy at temperature 0, else sampled.
 
     Batches are left-padded so that every row's last real token sits at the same position,
@@ -73,28 +87,49 @@ def generate_text(model: torch.nn.Module, tokenizer, prompts: Sequence[str],
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt",
-                            padding=True).to(device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} \
-                if temperature > 0 else {"do_sample": False}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **sampling)
-            outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
-                                              skip_special_tokens=True)
+            enc = tokenizer(
+                list(prompts[start : start + batch_size]), return_tensors="pt", padding=True
+            ).to(device)
+            sampling = (
+                {"do_sample": True, "temperature": temperature, "top_p": top_p}
+                if temperature > 0
+                else {"do_sample": False}
+            )
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+            outputs += tokenizer.batch_decode(
+                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return outputs
 
 
-def exact_match(model: torch.nn.Module, tokenizer, prompts: Sequence[str],
-                answers: Sequence[str], max_new_tokens: int = 32, batch_size: int = 64) -> dict:
+def exact_match(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+) -> dict:
     """Share of prompts whose greedy continuation equals the answer (surrounding spaces ignored)."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    predictions = generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size)
+    predictions = generate_text(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     hits = [p.strip() == a.strip() for p, a in zip(predictions, answers)]
-    return {"accuracy": sum(hits) / len(hits) if hits else 0.0, "correct": sum(hits),
-            "total": len(hits), "predictions": predictions, "hits": hits}
+    return {
+        "accuracy": sum(hits) / len(hits) if hits else 0.0,
+        "correct": sum(hits),
+        "total": len(hits),
+        "predictions": predictions,
+        "hits": hits,
+    }

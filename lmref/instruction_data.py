@@ -44,9 +44,22 @@ IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 TASK_SPECS: dict[str, dict] = {
     "date": {
         "template": "Write the date {iso} in words.",
-        "months": ["January", "February", "March", "April", "May", "June", "July", "August",
-                   "September", "October", "November", "December"],
-        "years": [1950, 2049], "days": [1, 28],
+        "months": [
+            "January",
+            "February",
+            "March",
+            "April",
+            "May",
+            "June",
+            "July",
+            "August",
+            "September",
+            "October",
+            "November",
+            "December",
+        ],
+        "years": [1950, 2049],
+        "days": [1, 28],
     },
     "time": {
         "template": "Write {hhmm} in 12-hour time.",
@@ -58,25 +71,80 @@ TASK_SPECS: dict[str, dict] = {
     },
     "reverse": {
         "template": "Reverse the order of the words: {words}",
-        "words": ["file", "list", "string", "value", "name", "type", "object", "error", "data",
-                  "line", "path", "time", "key", "module", "class", "text", "word", "code", "node",
-                  "user", "host", "port", "mode", "size"],
+        "words": [
+            "file",
+            "list",
+            "string",
+            "value",
+            "name",
+            "type",
+            "object",
+            "error",
+            "data",
+            "line",
+            "path",
+            "time",
+            "key",
+            "module",
+            "class",
+            "text",
+            "word",
+            "code",
+            "node",
+            "user",
+            "host",
+            "port",
+            "mode",
+            "size",
+        ],
         "lengths": [3, 4],
     },
     "sort": {
         "template": "Sort the words alphabetically: {words}",
-        "words": ["apple", "bread", "cheese", "dates", "eggs", "flour", "grapes", "honey", "jam",
-                  "lemon", "milk", "nuts", "olives", "pears", "rice", "salt"],
+        "words": [
+            "apple",
+            "bread",
+            "cheese",
+            "dates",
+            "eggs",
+            "flour",
+            "grapes",
+            "honey",
+            "jam",
+            "lemon",
+            "milk",
+            "nuts",
+            "olives",
+            "pears",
+            "rice",
+            "salt",
+        ],
         "lengths": [3],
     },
     "add": {
         "template": "What is {a} plus {b}?",
-        "a": [10, 99], "b": [1, 9],
+        "a": [10, 99],
+        "b": [1, 9],
     },
     "uppercase": {
         "template": "Write in capital letters: {words}",
-        "words": ["red", "name", "default", "time", "text", "test", "node", "user", "port", "lock",
-                  "state", "read", "send", "run", "load"],
+        "words": [
+            "red",
+            "name",
+            "default",
+            "time",
+            "text",
+            "test",
+            "node",
+            "user",
+            "port",
+            "lock",
+            "state",
+            "read",
+            "send",
+            "run",
+            "load",
+        ],
         "lengths": [2, 3],
     },
 }
@@ -84,9 +152,12 @@ TASK_SPECS: dict[str, dict] = {
 
 # The fields each task reads from its spec; an edited spec missing one is named in the error.
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
-    "date": ("template", "months", "years", "days"), "time": ("template",),
-    "digits": ("template", "names", "lengths"), "reverse": ("template", "words", "lengths"),
-    "sort": ("template", "words", "lengths"), "add": ("template", "a", "b"),
+    "date": ("template", "months", "years", "days"),
+    "time": ("template",),
+    "digits": ("template", "names", "lengths"),
+    "reverse": ("template", "words", "lengths"),
+    "sort": ("template", "words", "lengths"),
+    "add": ("template", "a", "b"),
     "uppercase": ("template", "words", "lengths"),
 }
 
@@ -98,15 +169,22 @@ def _task_example(task: str, spec: dict, rng: random.Random) -> tuple[str, str]:
         return t.format(iso=f"{y:04d}-{m:02d}-{d:02d}"), f"{d} {spec['months'][m - 1]} {y}"
     if task == "time":
         h, m = rng.randint(0, 23), rng.randint(0, 59)
-        return t.format(hhmm=f"{h:02d}:{m:02d}"), f"{(h - 1) % 12 + 1}:{m:02d} {'am' if h < 12 else 'pm'}"
+        return t.format(
+            hhmm=f"{h:02d}:{m:02d}"
+        ), f"{(h - 1) % 12 + 1}:{m:02d} {'am' if h < 12 else 'pm'}"
     if task == "digits":
-        digits = [rng.randint(1, 9)] + [rng.randint(0, 9) for _ in range(rng.choice(spec["lengths"]) - 1)]
+        digits = [rng.randint(1, 9)] + [
+            rng.randint(0, 9) for _ in range(rng.choice(spec["lengths"]) - 1)
+        ]
         number = "".join(map(str, digits))
         return t.format(number=number), " ".join(spec["names"][d] for d in digits)
     if task in ("reverse", "sort", "uppercase"):
         words = rng.sample(spec["words"], rng.choice(spec["lengths"]))
-        answer = {"reverse": lambda w: w[::-1], "sort": sorted,
-                  "uppercase": lambda w: [x.upper() for x in w]}[task](words)
+        answer = {
+            "reverse": lambda w: w[::-1],
+            "sort": sorted,
+            "uppercase": lambda w: [x.upper() for x in w],
+        }[task](words)
         return t.format(words=" ".join(words)), " ".join(answer)
     if task == "add":
         a, b = rng.randint(*spec["a"]), rng.randint(*spec["b"])
@@ -114,20 +192,26 @@ def _task_example(task: str, spec: dict, rng: random.Random) -> tuple[str, str]:
     raise ValueError(f"unknown task {task!r}; known: {sorted(TASK_SPECS)}")
 
 
-def _checked_example(task: str, spec: dict, rng: random.Random, n: int, where: str) -> tuple[str, str]:
+def _checked_example(
+    task: str, spec: dict, rng: random.Random, n: int, where: str
+) -> tuple[str, str]:
     """``_task_example`` with an error that names the task, the example and the field."""
     missing = [f for f in TASK_FIELDS.get(task, ()) if spec.get(f) is None]
     if missing:
-        raise ValueError(f"task {task!r} in {where}: example {n} needs the field {missing[0]!r}, "
-                         f"which the spec lacks (or is null); the task reads {list(TASK_FIELDS[task])}")
+        raise ValueError(
+            f"task {task!r} in {where}: example {n} needs the field {missing[0]!r}, "
+            f"which the spec lacks (or is null); the task reads {list(TASK_FIELDS[task])}"
+        )
     try:
         return _task_example(task, spec, rng)
     except (KeyError, IndexError, TypeError, ValueError) as e:
         if isinstance(e, ValueError) and str(e).startswith("unknown task"):
             raise
         field = f"field {e.args[0]!r}" if isinstance(e, KeyError) else "a field"
-        raise ValueError(f"task {task!r} in {where}: example {n} failed on {field} of the spec "
-                         f"({type(e).__name__}: {e}); check its values against TASK_SPECS") from e
+        raise ValueError(
+            f"task {task!r} in {where}: example {n} failed on {field} of the spec "
+            f"({type(e).__name__}: {e}); check its values against TASK_SPECS"
+        ) from e
 
 
 @dataclass
@@ -149,7 +233,11 @@ def make_instruction_dataset(config: InstructionConfig | None = None) -> tuple[D
     """
     config = config or InstructionConfig()
     where = config.task_specs_path or "TASK_SPECS"
-    specs = json.loads(Path(config.task_specs_path).read_text()) if config.task_specs_path else TASK_SPECS
+    specs = (
+        json.loads(Path(config.task_specs_path).read_text())
+        if config.task_specs_path
+        else TASK_SPECS
+    )
     rng = random.Random(config.seed)
     rows: dict[str, list[dict]] = {"train": [], "test": []}
     stats: dict[str, Any] = {"tasks": {}}
@@ -170,27 +258,39 @@ def make_instruction_dataset(config: InstructionConfig | None = None) -> tuple[D
                 continue
             examples.setdefault(instruction, answer)
         if len(examples) <= config.test_per_task:
-            raise ValueError(f"task {task!r} has only {len(examples)} distinct inputs, not more "
-                             f"than test_per_task={config.test_per_task}")
+            raise ValueError(
+                f"task {task!r} has only {len(examples)} distinct inputs, not more "
+                f"than test_per_task={config.test_per_task}"
+            )
         items = list(examples.items())  # insertion order is deterministic for a given seed
-        for split, part in (("test", items[:config.test_per_task]),
-                            ("train", items[config.test_per_task:])):
+        for split, part in (
+            ("test", items[: config.test_per_task]),
+            ("train", items[config.test_per_task :]),
+        ):
             rows[split] += [{"task": task, "instruction": i, "answer": a} for i, a in part]
-        stats["tasks"][task] = {"train": len(items) - config.test_per_task,
-                                "test": config.test_per_task, "rejected_copies": copies,
-                                "example": items[0]}
+        stats["tasks"][task] = {
+            "train": len(items) - config.test_per_task,
+            "test": config.test_per_task,
+            "rejected_copies": copies,
+            "example": items[0],
+        }
     train_inputs = {r["instruction"] for r in rows["train"]}
     shared = sum(r["instruction"] in train_inputs for r in rows["test"])
     assert shared == 0, "an instruction is in both splits"
     ds = DatasetDict({k: Dataset.from_list(v) for k, v in rows.items()})
-    stats.update(train=len(ds["train"]), test=len(ds["test"]), shared_inputs=shared,
-                 answer_chars_max=max(len(r["answer"]) for v in rows.values() for r in v),
-                 seed=config.seed)
+    stats.update(
+        train=len(ds["train"]),
+        test=len(ds["test"]),
+        shared_inputs=shared,
+        answer_chars_max=max(len(r["answer"]) for v in rows.values() for r in v),
+        seed=config.seed,
+    )
     return ds, stats
 
 
-def save_instruction_dataset(config: InstructionConfig | None = None,
-                             out_dir: str | Path = "artifacts/data/instructions") -> dict:
+def save_instruction_dataset(
+    config: InstructionConfig | None = None, out_dir: str | Path = "artifacts/data/instructions"
+) -> dict:
     """Build the set (see :func:`make_instruction_dataset`), ``save_to_disk`` it, return its stats."""
     ds, stats = make_instruction_dataset(config)
     ds.save_to_disk(str(out_dir))
@@ -202,8 +302,12 @@ def format_prompt(instruction: str) -> str:
     return PROMPT_TEMPLATE.format(instruction=instruction)
 
 
-def tokenize_instructions(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int = 128,
-                          prompt_format: Callable[[str], str] = format_prompt) -> Dataset:
+def tokenize_instructions(
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int = 128,
+    prompt_format: Callable[[str], str] = format_prompt,
+) -> Dataset:
     """``input_ids`` = prompt + answer + EOS; ``labels`` = -100 on the prompt, the ids elsewhere.
 
     Prompt and answer are tokenized separately, so the prompt's tokens are exactly those the model
@@ -221,9 +325,12 @@ def tokenize_instructions(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_l
             for i, value in zip(indices, batch[field]):
                 if not isinstance(value, str):
                     task = f" (task {batch['task'][i - indices[0]]!r})" if "task" in batch else ""
-                    raise ValueError(f"example {i}{task}: field {field!r} is {value!r}, not a string")
-        prompts = tokenizer([prompt_format(i) for i in batch["instruction"]],
-                            add_special_tokens=False)["input_ids"]
+                    raise ValueError(
+                        f"example {i}{task}: field {field!r} is {value!r}, not a string"
+                    )
+        prompts = tokenizer(
+            [prompt_format(i) for i in batch["instruction"]], add_special_tokens=False
+        )["input_ids"]
         answers = tokenizer(batch["answer"], add_special_tokens=False)["input_ids"]
         input_ids, labels = [], []
         for i, p, a in zip(indices, prompts, answers):
@@ -234,8 +341,9 @@ def tokenize_instructions(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_l
             labels.append([IGNORE_INDEX] * len(p) + a + [tokenizer.eos_token_id])
         return {"input_ids": input_ids, "labels": labels}
 
-    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,
-                  desc="tokenize")
+    return ds.map(
+        encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenize"
+    )
 
 
 class InstructionCollator(DataCollatorForSeq2Seq):
@@ -248,14 +356,21 @@ class InstructionCollator(DataCollatorForSeq2Seq):
     batched generation pads on the left instead) on a copy, so the caller's tokenizer is unchanged.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None
+    ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token")
         if tokenizer.padding_side != "right":
             tokenizer = copy.copy(tokenizer)
             tokenizer.padding_side = "right"
-        super().__init__(tokenizer, padding="longest", pad_to_multiple_of=pad_to_multiple_of,
-                         label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+        super().__init__(
+            tokenizer,
+            padding="longest",
+            pad_to_multiple_of=pad_to_multiple_of,
+            label_pad_token_id=IGNORE_INDEX,
+            return_tensors="pt",
+        )
 
     def __call__(self, features: list[dict], return_tensors: str | None = None):
         if not features:
@@ -264,7 +379,11 @@ class InstructionCollator(DataCollatorForSeq2Seq):
             if "input_ids" not in f or "labels" not in f:
                 raise ValueError(f"row {i} needs input_ids and labels (see tokenize_instructions)")
             if len(f["input_ids"]) != len(f["labels"]):
-                raise ValueError(f"row {i}: input_ids ({len(f['input_ids'])}) and labels "
-                                 f"({len(f['labels'])}) differ in length")
-        return super().__call__([{"input_ids": list(f["input_ids"]), "labels": list(f["labels"])}
-                                 for f in features], return_tensors)
+                raise ValueError(
+                    f"row {i}: input_ids ({len(f['input_ids'])}) and labels "
+                    f"({len(f['labels'])}) differ in length"
+                )
+        return super().__call__(
+            [{"input_ids": list(f["input_ids"]), "labels": list(f["labels"])} for f in features],
+            return_tensors,
+        )

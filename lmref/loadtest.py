@@ -45,8 +45,13 @@ class ServerProcess:
 
     def __init__(self, args: list[str], env: dict | None = None, timeout: float = 180.0):
         self.output: collections.deque[str] = collections.deque(maxlen=200)
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         self._url: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._drain_output, daemon=True).start()
         try:
@@ -75,9 +80,11 @@ class ServerProcess:
                 response = conn.getresponse()
                 if response.status == 200:
                     return
-                failed = {name: status for name, status in
-                          json.loads(response.read()).get("models", {}).items()
-                          if status not in ("ready", "loading")}
+                failed = {
+                    name: status
+                    for name, status in json.loads(response.read()).get("models", {}).items()
+                    if status not in ("ready", "loading")
+                }
                 if failed:
                     raise RuntimeError(f"model failed to load: {failed}")
             except (OSError, ValueError):
@@ -103,8 +110,9 @@ class ServerProcess:
         self.stop()
 
 
-def spawn_server(args: list[str], env: dict | None = None, module: str = "lmref.serve",
-                 timeout: float = 180.0) -> ServerProcess:
+def spawn_server(
+    args: list[str], env: dict | None = None, module: str = "lmref.serve", timeout: float = 180.0
+) -> ServerProcess:
     """Start ``python -m <module> <args>`` on a free port unless ``--port`` is given, wait for
     /ready, and return the handle; ``handle.stop()`` sends SIGTERM and waits."""
     if "--port" not in args:
@@ -128,8 +136,9 @@ def _percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
-def stream_completion(url: str, body: dict, api_key: str | None = None,
-                      timeout: float = 300.0) -> dict:
+def stream_completion(
+    url: str, body: dict, api_key: str | None = None, timeout: float = 300.0
+) -> dict:
     """One streaming /v1/completions call over http.client, timed like vLLM's benchmark:
     time to first token, time per output token after the first, end-to-end."""
     host = url.split("//", 1)[1]
@@ -167,8 +176,14 @@ def stream_completion(url: str, body: dict, api_key: str | None = None,
         conn.close()
     end = time.perf_counter()
     first = first or end
-    return {"ok": True, "text": "".join(text), "tokens": tokens, "ttft": first - start,
-            "e2e": end - start, "tpot": (end - first) / (tokens - 1) if tokens > 1 else 0.0}
+    return {
+        "ok": True,
+        "text": "".join(text),
+        "tokens": tokens,
+        "ttft": first - start,
+        "e2e": end - start,
+        "tpot": (end - first) / (tokens - 1) if tokens > 1 else 0.0,
+    }
 
 
 def drain(jobs: list, clients: int, send: Callable[[Any], dict]) -> tuple[list[dict], float]:
@@ -208,15 +223,27 @@ def latency_percentiles(ok: list[dict]) -> dict:
     return summary
 
 
-def run_load(url: str, prompts: list[str], concurrency: int, model: str | None = None,
-             max_tokens: int = 32, api_key: str | None = None, temperature: float = 0.0,
-             ignore_eos: bool = True) -> dict:
+def run_load(
+    url: str,
+    prompts: list[str],
+    concurrency: int,
+    model: str | None = None,
+    max_tokens: int = 32,
+    api_key: str | None = None,
+    temperature: float = 0.0,
+    ignore_eos: bool = True,
+) -> dict:
     """A closed-loop load: ``concurrency`` clients send the prompts (each once) as fast as they
     are answered. Returns vLLM-benchmark-style numbers (requests/s, output tokens/s, TTFT, TPOT,
     end-to-end p50/p99 in ms)."""
+
     def send(prompt: str) -> dict:
-        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-                "ignore_eos": ignore_eos}
+        body = {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "ignore_eos": ignore_eos,
+        }
         if model:
             body["model"] = model
         try:
@@ -226,15 +253,26 @@ def run_load(url: str, prompts: list[str], concurrency: int, model: str | None =
 
     results, duration = drain(prompts, concurrency, send)
     ok = [r for r in results if r["ok"]]
-    return {"concurrency": concurrency, "requests": len(ok), "failed": len(results) - len(ok),
-            "duration_s": duration, "requests_per_s": len(ok) / duration,
-            "output_tokens_per_s": sum(r["tokens"] for r in ok) / duration,
-            **latency_percentiles(ok)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(ok),
+        "failed": len(results) - len(ok),
+        "duration_s": duration,
+        "requests_per_s": len(ok) / duration,
+        "output_tokens_per_s": sum(r["tokens"] for r in ok) / duration,
+        **latency_percentiles(ok),
+    }
 
 
-def closed_loop(url: str, body: dict, clients: int, seconds: float,
-                path: str = "/v1/completions", api_key: str | None = None,
-                timeout: float = 60.0) -> list[dict]:
+def closed_loop(
+    url: str,
+    body: dict,
+    clients: int,
+    seconds: float,
+    path: str = "/v1/completions",
+    api_key: str | None = None,
+    timeout: float = 60.0,
+) -> list[dict]:
     """``clients`` threads send ``body`` (not streamed) back to back for ``seconds``. Returns
     every request: ``start`` and ``end`` (seconds from the start), ``status`` (the HTTP status,
     or the exception's name when no answer came) and ``upstream`` (nginx's X-Upstream)."""
@@ -260,8 +298,14 @@ def closed_loop(url: str, body: dict, clients: int, seconds: float,
             finally:
                 conn.close()
             with lock:
-                results.append({"start": start, "end": time.perf_counter() - t0,
-                                "status": status, "upstream": upstream})
+                results.append(
+                    {
+                        "start": start,
+                        "end": time.perf_counter() - t0,
+                        "status": status,
+                        "upstream": upstream,
+                    }
+                )
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for t in threads:

@@ -59,9 +59,17 @@ def http_ok(url: str) -> bool:
 class Service:
     """One child process (and its process group) with a URL; ``stop()`` is safe to repeat."""
 
-    def __init__(self, name: str, args: list[str], env: dict | None = None,
-                 workdir: str | None = None, url: str = "", port: int = 0,
-                 stop_signal: int = signal.SIGTERM, after_stop: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        env: dict | None = None,
+        workdir: str | None = None,
+        url: str = "",
+        port: int = 0,
+        stop_signal: int = signal.SIGTERM,
+        after_stop: Callable[[], None] | None = None,
+    ):
         self.name, self.url, self.port, self.stop_signal = name, url, port, stop_signal
         self.workdir = workdir or tempfile.mkdtemp(prefix=f"lmref-{name}-")
         self._owns_workdir = workdir is None
@@ -71,9 +79,15 @@ class Service:
         self.ready_s: float | None = None
         # A session of its own: stop() reaches every process the server forks (nginx workers,
         # Celery pool children, Erlang helpers) through the group, and ^C in a notebook does not.
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, **(env or {})},
-                                     cwd=os.getcwd(), start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+            cwd=os.getcwd(),
+            start_new_session=True,
+        )
         self.pid = self.proc.pid
         threading.Thread(target=self._drain, daemon=True).start()
 
@@ -85,12 +99,14 @@ class Service:
         deadline = time.monotonic() + timeout
         while not check():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
-                                   + "\n".join(self.output))
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}:\n" + "\n".join(self.output)
+                )
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"{self.name} not ready after {timeout} s:\n"
-                                   + "\n".join(self.output))
+                raise TimeoutError(
+                    f"{self.name} not ready after {timeout} s:\n" + "\n".join(self.output)
+                )
             time.sleep(0.1)
         self.ready_s = time.monotonic() - self.started
         return self
@@ -179,9 +195,25 @@ class Services:
 def start_redis(timeout: float = 30.0) -> Service:
     """``redis-server`` with no persistence: a cache and result store that starts empty."""
     port, workdir = free_port(), tempfile.mkdtemp(prefix="lmref-redis-")
-    service = Service("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(port),
-                                "--dir", workdir, "--save", "", "--appendonly", "no"],
-                      workdir=workdir, url=f"redis://127.0.0.1:{port}/0", port=port)
+    service = Service(
+        "redis",
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            workdir,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        workdir=workdir,
+        url=f"redis://127.0.0.1:{port}/0",
+        port=port,
+    )
     service._owns_workdir = True
     return service.wait_until(lambda: service.seen("Ready to accept connections"), timeout)
 
@@ -195,25 +227,40 @@ def start_rabbitmq(timeout: float = 90.0) -> Service:
     config = os.path.join(workdir, "rabbitmq")
     with open(config + ".conf", "w") as f:
         f.write(f"listeners.tcp.default = 127.0.0.1:{port}\n")
-    env = {"HOME": workdir, "ERL_EPMD_PORT": str(epmd_port), "RABBITMQ_NODENAME": node,
-           "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_NODE_PORT": str(port),
-           "RABBITMQ_DIST_PORT": str(dist_port), "RABBITMQ_CONFIG_FILE": config,
-           "RABBITMQ_MNESIA_BASE": os.path.join(workdir, "mnesia"),
-           "RABBITMQ_LOG_BASE": os.path.join(workdir, "log"), "RABBITMQ_LOGS": "-",
-           "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(workdir, "enabled_plugins"),
-           "RABBITMQ_ENABLED_PLUGINS": ""}
+    env = {
+        "HOME": workdir,
+        "ERL_EPMD_PORT": str(epmd_port),
+        "RABBITMQ_NODENAME": node,
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(dist_port),
+        "RABBITMQ_CONFIG_FILE": config,
+        "RABBITMQ_MNESIA_BASE": os.path.join(workdir, "mnesia"),
+        "RABBITMQ_LOG_BASE": os.path.join(workdir, "log"),
+        "RABBITMQ_LOGS": "-",
+        "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(workdir, "enabled_plugins"),
+        "RABBITMQ_ENABLED_PLUGINS": "",
+    }
     # Erlang's name server (epmd) would otherwise be started as a daemon that outlives the
     # broker: started here on a private port, as our child, it is stopped with the broker.
-    epmd = Service("epmd", [_erlang_tool("epmd"), "-port", str(epmd_port)], workdir=workdir,
-                   port=epmd_port).wait_until(lambda: port_open(epmd_port), 30)
+    epmd = Service(
+        "epmd", [_erlang_tool("epmd"), "-port", str(epmd_port)], workdir=workdir, port=epmd_port
+    ).wait_until(lambda: port_open(epmd_port), 30)
     server = _rabbitmq_server()
 
     def after() -> None:
         epmd.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    service = Service("rabbitmq", [server], env=env, workdir=workdir, port=port,
-                      url=f"amqp://guest:guest@127.0.0.1:{port}//", after_stop=after)
+    service = Service(
+        "rabbitmq",
+        [server],
+        env=env,
+        workdir=workdir,
+        port=port,
+        url=f"amqp://guest:guest@127.0.0.1:{port}//",
+        after_stop=after,
+    )
     try:
         return service.wait_until(lambda: service.seen("Server startup complete"), timeout)
     except Exception:
@@ -242,16 +289,19 @@ def _rabbitmq_server() -> str:
     raise FileNotFoundError("rabbitmq-server not found: install it (make system)")
 
 
-def start_nginx(upstreams: list[str], timeout: float = 30.0, max_fails: int = 1,
-                fail_timeout_s: int = 10) -> Service:
+def start_nginx(
+    upstreams: list[str], timeout: float = 30.0, max_fails: int = 1, fail_timeout_s: int = 10
+) -> Service:
     """nginx as a load balancer (round robin) over ``upstreams`` ("127.0.0.1:PORT" each), with
     passive health checks: a replica that refuses connections is skipped for
     ``fail_timeout_s``. Streaming responses pass through unbuffered."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="lmref-nginx-")
     os.chmod(workdir, 0o755)  # nginx's workers may run as another user (nobody, under root)
-    servers = "\n".join(f"        server {u} max_fails={max_fails} fail_timeout={fail_timeout_s}s;"
-                        for u in upstreams)
+    servers = "\n".join(
+        f"        server {u} max_fails={max_fails} fail_timeout={fail_timeout_s}s;"
+        for u in upstreams
+    )
     conf = os.path.join(workdir, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""worker_processes 1;
@@ -287,16 +337,28 @@ http {{
     }}
 }}
 """)
-    service = Service("nginx", ["nginx", "-p", workdir, "-c", conf, "-g", "daemon off;"],
-                      workdir=workdir, port=port, url=f"http://127.0.0.1:{port}",
-                      stop_signal=signal.SIGQUIT)
+    service = Service(
+        "nginx",
+        ["nginx", "-p", workdir, "-c", conf, "-g", "daemon off;"],
+        workdir=workdir,
+        port=port,
+        url=f"http://127.0.0.1:{port}",
+        stop_signal=signal.SIGQUIT,
+    )
     service._owns_workdir = True
     return service.wait_until(lambda: port_open(port), timeout)
 
 
-def start_python(name: str, args: list[str], env: dict | None = None, ready_url: str = "",
-                 ready_text: str = "", timeout: float = 180.0, url: str = "",
-                 port: int = 0) -> Service:
+def start_python(
+    name: str,
+    args: list[str],
+    env: dict | None = None,
+    ready_url: str = "",
+    ready_text: str = "",
+    timeout: float = 180.0,
+    url: str = "",
+    port: int = 0,
+) -> Service:
     """``python <args>`` (this interpreter) with OMP_NUM_THREADS=1 unless ``env`` says otherwise,
     ready when ``ready_url`` answers 200 or ``ready_text`` appears in its output."""
     env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -308,26 +370,59 @@ def start_python(name: str, args: list[str], env: dict | None = None, ready_url:
     return service
 
 
-def start_replica(model: str, extra_args: list[str] = (), env: dict | None = None,
-                  timeout: float = 180.0) -> Service:
+def start_replica(
+    model: str, extra_args: list[str] = (), env: dict | None = None, timeout: float = 180.0
+) -> Service:
     """``python -m lmref.serve --model MODEL`` on a free port, ready when ``/ready`` says 200."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    return start_python(f"replica-{port}", ["-m", "lmref.serve", "--model", model, "--port",
-                                            str(port), *extra_args], env=env,
-                        ready_url=url + "/ready", timeout=timeout, url=url, port=port)
+    return start_python(
+        f"replica-{port}",
+        ["-m", "lmref.serve", "--model", model, "--port", str(port), *extra_args],
+        env=env,
+        ready_url=url + "/ready",
+        timeout=timeout,
+        url=url,
+        port=port,
+    )
 
 
-def start_celery_worker(app: str, name: str, env: dict | None = None, concurrency: int = 1,
-                        pool: str = "prefork", timeout: float = 180.0,
-                        ready_text: str = " ready.", wait: bool = True) -> Service:
+def start_celery_worker(
+    app: str,
+    name: str,
+    env: dict | None = None,
+    concurrency: int = 1,
+    pool: str = "prefork",
+    timeout: float = 180.0,
+    ready_text: str = " ready.",
+    wait: bool = True,
+) -> Service:
     """``celery -A app worker`` named ``name@host``, one pool process by default, ready when
     ``ready_text`` appears in its log. Celery's own " ready." comes before its pool processes
     have run their ``worker_process_init`` handlers (a model loading): an app that loads one
     there prints its own line (``lmref.batch_queue.READY_LINE``). ``wait=False``: return at once
     (start several, then ``wait_for_text`` on each)."""
-    return start_python(name, ["-m", "celery", "-A", app, "worker", "--pool", pool,
-                               "--concurrency", str(concurrency), "-n", f"{name}@%h",
-                               "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-                               "--without-heartbeat"],
-                        env=env, ready_text=ready_text if wait else "", timeout=timeout)
+    return start_python(
+        name,
+        [
+            "-m",
+            "celery",
+            "-A",
+            app,
+            "worker",
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency),
+            "-n",
+            f"{name}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+        env=env,
+        ready_text=ready_text if wait else "",
+        timeout=timeout,
+    )

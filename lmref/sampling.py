@@ -31,7 +31,7 @@ import torch
 
 @dataclass(frozen=True)
 class TopLogprob:
-    token: str          # the token's text; "bytes:\\xe3\\x81" when it is part of a character
+    token: str  # the token's text; "bytes:\\xe3\\x81" when it is part of a character
     bytes: tuple[int, ...]
     logprob: float
 
@@ -41,8 +41,8 @@ class TokenLogprob:
     token_id: int
     token: str
     bytes: tuple[int, ...]
-    logprob: float | None            # None: a prompt's first token (it has no context)
-    top: tuple[TopLogprob, ...] = ()   # most likely first
+    logprob: float | None  # None: a prompt's first token (it has no context)
+    top: tuple[TopLogprob, ...] = ()  # most likely first
 
 
 class TokenPieces:
@@ -79,8 +79,12 @@ class TokenPieces:
         return self._cache[token_id]
 
 
-def sample(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
-                generators: list[torch.Generator | None]) -> list[int]:
+def sample(
+    logits: torch.Tensor,
+    temperatures: list[float],
+    top_ps: list[float],
+    generators: list[torch.Generator | None],
+) -> list[int]:
     """One token per row: greedy below temperature 1e-5, else temperature + top-p with the row's
     own seeded generator, so a seeded request gives the same text whatever shares its batch."""
     greedy = logits.argmax(dim=-1).tolist()
@@ -101,10 +105,13 @@ def sample(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
     return tokens
 
 
-def _entries(logprobs: torch.Tensor, chosen: list[int], top_n: list[int],
-             pieces: TokenPieces) -> list[TokenLogprob]:
+def _entries(
+    logprobs: torch.Tensor, chosen: list[int], top_n: list[int], pieces: TokenPieces
+) -> list[TokenLogprob]:
     """``logprobs``: (rows, vocab) log-softmax; one TokenLogprob per row, ``top_n[k]`` alternatives."""
-    picked = logprobs.gather(1, torch.tensor(chosen, device=logprobs.device)[:, None])[:, 0].tolist()
+    picked = logprobs.gather(1, torch.tensor(chosen, device=logprobs.device)[:, None])[
+        :, 0
+    ].tolist()
     widest = max(top_n, default=0)
     top_values = top_ids = [[] for _ in chosen]
     if widest > 0:
@@ -112,27 +119,34 @@ def _entries(logprobs: torch.Tensor, chosen: list[int], top_n: list[int],
         top_values, top_ids = values.tolist(), ids.tolist()
     out = []
     for k, token_id in enumerate(chosen):
-        top = tuple(TopLogprob(*pieces(i), v) for i, v in
-                    zip(top_ids[k][:top_n[k]], top_values[k][:top_n[k]]))
+        top = tuple(
+            TopLogprob(*pieces(i), v)
+            for i, v in zip(top_ids[k][: top_n[k]], top_values[k][: top_n[k]])
+        )
         out.append(TokenLogprob(token_id, *pieces(token_id), picked[k], top))
     return out
 
 
-def step_logprobs(logits: torch.Tensor, tokens: list[int], top_n: list[int],
-                  pieces: TokenPieces) -> list[TokenLogprob]:
+def step_logprobs(
+    logits: torch.Tensor, tokens: list[int], top_n: list[int], pieces: TokenPieces
+) -> list[TokenLogprob]:
     """The sampled ``tokens`` (one per row of ``logits``) with their log-probabilities."""
     return _entries(torch.log_softmax(logits.float(), dim=-1), tokens, top_n, pieces)
 
 
 @torch.inference_mode()
-def score_prompt(model, ids: list[int], top_n: int, pieces: TokenPieces
-                    ) -> list[TokenLogprob]:
+def score_prompt(model, ids: list[int], top_n: int, pieces: TokenPieces) -> list[TokenLogprob]:
     """Every prompt token's log-probability given the tokens before it (one forward pass over
     the prompt); the first token has no context, so its logprob is None, as in OpenAI's API."""
     device = next(model.parameters()).device
     logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1]
-    scored = _entries(torch.log_softmax(logits.float(), dim=-1), ids[1:], [top_n] * (len(ids) - 1),
-                      pieces) if len(ids) > 1 else []
+    scored = (
+        _entries(
+            torch.log_softmax(logits.float(), dim=-1), ids[1:], [top_n] * (len(ids) - 1), pieces
+        )
+        if len(ids) > 1
+        else []
+    )
     return [TokenLogprob(ids[0], *pieces(ids[0]), None), *scored]
 
 

@@ -67,14 +67,17 @@ class SharedServices:
     """What replicas share, all off by default; the flags default to env LMREF_CACHE_URL,
     LMREF_BROKER_URL, LMREF_STORE_URL (a container's config)."""
 
-    cache_url: str | None = None   # redis://HOST:PORT/DB: response cache shared by replicas
+    cache_url: str | None = None  # redis://HOST:PORT/DB: response cache shared by replicas
     cache_ttl_s: float = 3600.0
     broker_url: str | None = None  # amqp://...: the Batch API's queue (needs store_url)
-    store_url: str | None = None   # redis://...: the Batch API's files, batches and results
+    store_url: str | None = None  # redis://...: the Batch API's files, batches and results
 
 
-SHARED_ENV = {"cache_url": "LMREF_CACHE_URL", "broker_url": "LMREF_BROKER_URL",
-              "store_url": "LMREF_STORE_URL"}
+SHARED_ENV = {
+    "cache_url": "LMREF_CACHE_URL",
+    "broker_url": "LMREF_BROKER_URL",
+    "store_url": "LMREF_STORE_URL",
+}
 
 
 def build_app(config: ServingConfig, shared: SharedServices | None = None) -> Flask:
@@ -87,16 +90,18 @@ def build_app(config: ServingConfig, shared: SharedServices | None = None) -> Fl
     if shared.cache_url:
         from lmref.redis_cache import RedisResponseCache
 
-        cache = RedisResponseCache(shared.cache_url, shared.cache_ttl_s,
-                                   {m.name: m.path for m in config.models})
+        cache = RedisResponseCache(
+            shared.cache_url, shared.cache_ttl_s, {m.name: m.path for m in config.models}
+        )
     app = create_app(config, cache=cache)
     if cache is not None:
         cache.register(app.extensions["lmref"].metrics.registry)
     if shared.broker_url:
         from lmref.batch_queue import BatchConfig, register_batch_api
 
-        register_batch_api(app, BatchConfig(broker_url=shared.broker_url,
-                                            store_url=shared.store_url))
+        register_batch_api(
+            app, BatchConfig(broker_url=shared.broker_url, store_url=shared.store_url)
+        )
     return app
 
 
@@ -142,8 +147,9 @@ class ServerHandle:
         """Drain (new requests get 503), wait for in-flight ones, then close. True when drained."""
         state = self.state
         state.draining.set()
-        drained = state.wait_idle(state.config.drain_timeout_s if drain_timeout is None
-                                  else drain_timeout)
+        drained = state.wait_idle(
+            state.config.drain_timeout_s if drain_timeout is None else drain_timeout
+        )
         state.close()
         if not drained:
             state.wait_idle(2.0)  # aborted streams still send their error event
@@ -176,16 +182,24 @@ def _waitress_server(app: Flask, config: ServingConfig, port: int):
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # a queue is normal under load
     # max_request_body_size: waitress refuses a larger body from its Content-Length (or while
     # reading a chunked one), before it buffers it; its default is 1 GiB.
-    server = create_server(app, host=config.host, port=port, threads=config.server_threads,
-                           channel_request_lookahead=1, expose_tracebacks=False, ident="lmref",
-                           connection_limit=max(1000, 4 * config.server_threads),
-                           max_request_body_size=config.max_content_length)
+    server = create_server(
+        app,
+        host=config.host,
+        port=port,
+        threads=config.server_threads,
+        channel_request_lookahead=1,
+        expose_tracebacks=False,
+        ident="lmref",
+        connection_limit=max(1000, 4 * config.server_threads),
+        max_request_body_size=config.max_content_length,
+    )
     server.channel_class = _JSONErrorChannel
     return server
 
 
-def start_server(config: ServingConfig, port: int = 0, wait: bool = True,
-                 shared: SharedServices | None = None) -> ServerHandle:
+def start_server(
+    config: ServingConfig, port: int = 0, wait: bool = True, shared: SharedServices | None = None
+) -> ServerHandle:
     """Serve ``config`` with waitress in a background thread on ``config.host`` (port 0: free).
     ``config.torch_threads`` is applied to this whole process."""
     if config.torch_threads:
@@ -193,8 +207,9 @@ def start_server(config: ServingConfig, port: int = 0, wait: bool = True,
     app = build_app(config, shared)
     server = _waitress_server(app, config, port)
     stop = threading.Event()
-    thread = threading.Thread(target=_run_waitress, args=(server, stop), name="waitress",
-                              daemon=True)
+    thread = threading.Thread(
+        target=_run_waitress, args=(server, stop), name="waitress", daemon=True
+    )
     thread.start()
     handle = ServerHandle(app, server, thread, stop)
     if wait:
@@ -202,12 +217,19 @@ def start_server(config: ServingConfig, port: int = 0, wait: bool = True,
     return handle
 
 
-
 # ----------------------------------------------------------------------------------- the command
 ALIASES = {"server_threads": ["--threads"], "drain_timeout_s": ["--drain-timeout"]}
-CLI_FIELDS = (ServingConfig, [f for f in dataclasses.fields(ServingConfig)
-                              if f.name not in {"models", "aliases", "api_keys", "load_in_background"}]), \
-    (ModelSpec, [f for f in dataclasses.fields(ModelSpec) if f.name not in {"name", "path"}])
+CLI_FIELDS = (
+    (
+        ServingConfig,
+        [
+            f
+            for f in dataclasses.fields(ServingConfig)
+            if f.name not in {"models", "aliases", "api_keys", "load_in_background"}
+        ],
+    ),
+    (ModelSpec, [f for f in dataclasses.fields(ModelSpec) if f.name not in {"name", "path"}]),
+)
 
 
 def _port(text: str) -> int:
@@ -225,6 +247,7 @@ def _kind(annotation: str):
 
     def optional(text: str):
         return None if text.lower() in {"none", "null", ""} else base(text)
+
     optional.__name__ = base.__name__
     return optional
 
@@ -234,38 +257,73 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m lmref.serve",
         description="Serve Hugging Face causal LMs with an OpenAI-compatible API.",
         epilog="API keys: --api-key KEY (repeatable) or env LMREF_API_KEYS=k1,k2. With neither, "
-               "auth is off and anyone who reaches the port may use the models. On a machine "
-               "shared with other busy jobs, export OMP_WAIT_POLICY=PASSIVE.")
-    parser.add_argument("--model", action="append", metavar="NAME=PATH",
-                        help="a model version to serve (repeatable; the first is the default): a "
-                             "folder, a cached hub id or a course name; default "
-                             f"{DEFAULT_MODEL}")
-    parser.add_argument("--alias", action="append", default=[], metavar="NAME=V1:W1,V2:W2",
-                        help="an A/B alias splitting traffic by weight, e.g. prod=v1:0.9,v2:0.1")
-    parser.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
-                        help="a key clients send as 'Authorization: Bearer KEY' (repeatable); "
-                             "default: env LMREF_API_KEYS")
-    parser.add_argument("--unbatched", action="append", default=[], metavar="NAME",
-                        help="also serve NAME-unbatched: the same weights with max_batch_size=1")
+        "auth is off and anyone who reaches the port may use the models. On a machine "
+        "shared with other busy jobs, export OMP_WAIT_POLICY=PASSIVE.",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME=PATH",
+        help="a model version to serve (repeatable; the first is the default): a "
+        "folder, a cached hub id or a course name; default "
+        f"{DEFAULT_MODEL}",
+    )
+    parser.add_argument(
+        "--alias",
+        action="append",
+        default=[],
+        metavar="NAME=V1:W1,V2:W2",
+        help="an A/B alias splitting traffic by weight, e.g. prod=v1:0.9,v2:0.1",
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
+        help="a key clients send as 'Authorization: Bearer KEY' (repeatable); "
+        "default: env LMREF_API_KEYS",
+    )
+    parser.add_argument(
+        "--unbatched",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also serve NAME-unbatched: the same weights with max_batch_size=1",
+    )
     for cls, fields in CLI_FIELDS:
         group = parser.add_argument_group(f"{cls.__name__} (lmref.{cls.__module__.split('.')[-1]})")
         for f in fields:
             flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
             if f.type == "bool":  # --pack-linears / --no-pack-linears
-                group.add_argument(*flags, dest=f.name, default=f.default,
-                                   action=argparse.BooleanOptionalAction)
+                group.add_argument(
+                    *flags, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction
+                )
                 continue
             kind = _port if f.name == "port" else _kind(f.type)
-            help_ = ("a Jinja chat template for every --model: a file, or the template text"
-                     if f.name == "chat_template" else "default: %(default)s")
-            group.add_argument(*flags, dest=f.name, type=kind, default=f.default, help=help_,
-                               metavar=f.type.split(" |")[0].upper())
+            help_ = (
+                "a Jinja chat template for every --model: a file, or the template text"
+                if f.name == "chat_template"
+                else "default: %(default)s"
+            )
+            group.add_argument(
+                *flags,
+                dest=f.name,
+                type=kind,
+                default=f.default,
+                help=help_,
+                metavar=f.type.split(" |")[0].upper(),
+            )
     group = parser.add_argument_group("SharedServices (lmref.redis_cache, lmref.batch_queue)")
     for f in dataclasses.fields(SharedServices):
         default = os.environ.get(SHARED_ENV.get(f.name, ""), f.default)
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_kind(f.type),
-                           default=default, help="default: %(default)s",
-                           metavar=f.type.split(" |")[0].upper())
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=_kind(f.type),
+            default=default,
+            help="default: %(default)s",
+            metavar=f.type.split(" |")[0].upper(),
+        )
     return parser
 
 
@@ -295,9 +353,13 @@ def config_from_args(argv: list[str] | None) -> ServingConfig:
             with open(template, encoding="utf-8") as f:
                 template = f.read()
         elif "{{" not in template and "{%" not in template:
-            parser.error(f"--chat-template {template}: no such file (a template given as text "
-                         "has {{ or {%)")
-    spec_kw = {f.name: getattr(args, f.name) for f in CLI_FIELDS[1][1]} | {"chat_template": template}
+            parser.error(
+                f"--chat-template {template}: no such file (a template given as text "
+                "has {{ or {%)"
+            )
+    spec_kw = {f.name: getattr(args, f.name) for f in CLI_FIELDS[1][1]} | {
+        "chat_template": template
+    }
     specs = []
     for item in args.model or [DEFAULT_MODEL]:
         name, sep, path = item.partition("=")
@@ -308,8 +370,9 @@ def config_from_args(argv: list[str] | None) -> ServingConfig:
         base = next((s for s in specs if s.name == name), None)
         if base is None:
             parser.error(f"--unbatched {name}: no such --model")
-        specs.append(dataclasses.replace(base, name=f"{name}-unbatched", max_batch_size=1,
-                                         batch_wait_ms=0))
+        specs.append(
+            dataclasses.replace(base, name=f"{name}-unbatched", max_batch_size=1, batch_wait_ms=0)
+        )
     aliases = {}
     for item in args.alias:
         name, _, routes = item.partition("=")
@@ -317,8 +380,12 @@ def config_from_args(argv: list[str] | None) -> ServingConfig:
             aliases[name] = {v: float(w) for v, w in (r.split(":") for r in routes.split(","))}
         except ValueError:
             parser.error(f"--alias takes NAME=V1:W1,V2:W2, got {item!r}")
-    config = ServingConfig(models=specs, aliases=aliases, api_keys=args.api_keys,
-                           **{f.name: getattr(args, f.name) for f in CLI_FIELDS[0][1]})
+    config = ServingConfig(
+        models=specs,
+        aliases=aliases,
+        api_keys=args.api_keys,
+        **{f.name: getattr(args, f.name) for f in CLI_FIELDS[0][1]},
+    )
     try:
         config.validate()
     except ValueError as exc:
@@ -340,8 +407,9 @@ def resolve_model_args(argv: list[str]) -> list[str]:
 
 def shared_from_args(argv: list[str] | None) -> SharedServices:
     args = build_parser().parse_args(argv)
-    return SharedServices(**{f.name: getattr(args, f.name)
-                             for f in dataclasses.fields(SharedServices)})
+    return SharedServices(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(SharedServices)}
+    )
 
 
 def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
@@ -350,8 +418,12 @@ def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
     ``drain_timeout_s`` to finish. Prints one JSON line with the URL once listening. Exits 1
     when a model fails to load (a server short of a configured model is misconfigured)."""
     if not config.resolved_api_keys():
-        log.warning("NO API KEYS: auth is off, anyone who can reach %s:%s may use the models. "
-                    "Set --api-key KEY or LMREF_API_KEYS=k1,k2.", config.host, config.port)
+        log.warning(
+            "NO API KEYS: auth is off, anyone who can reach %s:%s may use the models. "
+            "Set --api-key KEY or LMREF_API_KEYS=k1,k2.",
+            config.host,
+            config.port,
+        )
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     app = build_app(config, shared)
@@ -361,8 +433,9 @@ def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop_loop = threading.Event()
-    thread = threading.Thread(target=_run_waitress, args=(server, stop_loop), name="waitress",
-                              daemon=True)
+    thread = threading.Thread(
+        target=_run_waitress, args=(server, stop_loop), name="waitress", daemon=True
+    )
     thread.start()
     url = f"http://{config.host}:{server.effective_port}"
     print(json.dumps({"event": "listening", "url": url, "pid": os.getpid()}), flush=True)

@@ -74,26 +74,30 @@ from lmref.openai_schema import (
 
 log = logging.getLogger("lmref.serving")
 PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics"})  # "/": the page asks for a key
+
+
 @dataclass
 class ServingConfig:
     """Everything ``create_app`` needs. ``api_keys=None`` reads env ``LMREF_API_KEYS`` (comma list);
     an empty list means no auth (loopback demos only)."""
 
     models: list[ModelSpec]
-    aliases: dict[str, dict[str, float]] = field(default_factory=dict)  # {"prod": {"v1": .9, "v2": .1}}
-    default_model: str | None = None          # used when a request names no model; first by default
+    aliases: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # {"prod": {"v1": .9, "v2": .1}}
+    default_model: str | None = None  # used when a request names no model; first by default
     api_keys: list[str] | None = None
-    max_content_length: int = 1 << 20         # bytes of request body (413 above)
+    max_content_length: int = 1 << 20  # bytes of request body (413 above)
     max_stop_strings: int = 4
     default_max_tokens: int = 16
-    max_tokens_limit: int | None = None       # an operator cap below the context length
-    cache_size: int = 1024                    # greedy responses kept (LRU); 0 turns the cache off
-    load_in_background: bool = True           # /ready says 503 until loaded
-    torch_threads: int | None = None          # torch.set_num_threads; small models: 1 is fastest
-    drain_timeout_s: float = 30.0             # SIGTERM: how long in-flight requests may finish
-    host: str = "127.0.0.1"                   # loopback unless told otherwise
+    max_tokens_limit: int | None = None  # an operator cap below the context length
+    cache_size: int = 1024  # greedy responses kept (LRU); 0 turns the cache off
+    load_in_background: bool = True  # /ready says 503 until loaded
+    torch_threads: int | None = None  # torch.set_num_threads; small models: 1 is fastest
+    drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+    host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
-    server_threads: int = 64                  # waitress threads: one per concurrent request
+    server_threads: int = 64  # waitress threads: one per concurrent request
 
     def validate(self) -> None:
         """ValueError naming what is wrong: no models, a name used twice, a bad alias."""
@@ -108,8 +112,10 @@ class ServingConfig:
                 raise ValueError(f"alias {alias!r} has the name of a served model")
             unknown = [v for v in split if v not in names]
             if not split or unknown:
-                raise ValueError(f"alias {alias!r} routes to {', '.join(unknown) or 'nothing'}, "
-                                 f"not a served model (served: {', '.join(names)})")
+                raise ValueError(
+                    f"alias {alias!r} routes to {', '.join(unknown) or 'nothing'}, "
+                    f"not a served model (served: {', '.join(names)})"
+                )
             if any(w <= 0 for w in split.values()):
                 raise ValueError(f"alias {alias!r}: every weight must be > 0")
 
@@ -125,8 +131,12 @@ class ServingState:  # what one app holds: engines, aliases, keys, cache, metric
         config.validate()
         self.config = config
         self.metrics = EngineMetrics()
-        self.http_requests = Counter("lmref:http_requests", "HTTP requests by endpoint and status",
-                                     ["endpoint", "status"], registry=self.metrics.registry)
+        self.http_requests = Counter(
+            "lmref:http_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.metrics.registry,
+        )
         self.cache = ResponseCache(config.cache_size) if cache is None else cache
         self.engines = {m.name: Engine(m, self.metrics, self.cache) for m in config.models}
         self.default_model = config.default_model or config.models[0].name
@@ -149,8 +159,13 @@ class ServingState:  # what one app holds: engines, aliases, keys, cache, metric
         if split:
             versions, weights = list(split), list(split.values())
             if isinstance(user, str) and user:  # sticky: one user always sees one version
-                point = int.from_bytes(hashlib.sha256(user.encode("utf-8", "replace")).digest()[:8],
-                                       "big") / 2**64 * sum(weights)
+                point = (
+                    int.from_bytes(
+                        hashlib.sha256(user.encode("utf-8", "replace")).digest()[:8], "big"
+                    )
+                    / 2**64
+                    * sum(weights)
+                )
                 for name, w in zip(versions, weights):  # noqa: B007
                     if point < w:
                         break
@@ -159,14 +174,28 @@ class ServingState:  # what one app holds: engines, aliases, keys, cache, metric
                 name = random.choices(versions, weights)[0]
         engine = self.engines.get(name)
         if engine is None:
-            raise APIError(404, f"The model '{name}' does not exist", "not_found_error",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist",
+                "not_found_error",
+                param="model",
+                code="model_not_found",
+            )
         if engine.load_error:
-            raise APIError(503, f"model '{name}' failed to load", "service_unavailable_error",
-                           code="model_load_failed")
+            raise APIError(
+                503,
+                f"model '{name}' failed to load",
+                "service_unavailable_error",
+                code="model_load_failed",
+            )
         if not engine.loaded.is_set():
-            raise APIError(503, f"model '{name}' is loading", "service_unavailable_error",
-                           code="model_loading", headers={"Retry-After": "2"})
+            raise APIError(
+                503,
+                f"model '{name}' is loading",
+                "service_unavailable_error",
+                code="model_loading",
+                headers={"Retry-After": "2"},
+            )
         return engine
 
     def authorized(self, header: str | None) -> bool:
@@ -200,8 +229,10 @@ class ServingState:  # what one app holds: engines, aliases, keys, cache, metric
 
 
 def api_error_of(err: EngineError) -> APIError:
-    status, type_ = {"invalid": (400, "invalid_request_error"),
-                     "closed": (503, "service_unavailable_error")}.get(err.kind, (500, "server_error"))
+    status, type_ = {
+        "invalid": (400, "invalid_request_error"),
+        "closed": (503, "service_unavailable_error"),
+    }.get(err.kind, (500, "server_error"))
     return APIError(status, err.message, type_, param=err.param, code=err.code)
 
 
@@ -232,15 +263,20 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
     ``cache``: another response cache (``lmref.redis_cache``); default an in-process LRU."""
     state = ServingState(config, cache)
     app = Flask(__name__)
-    app.config.update(MAX_CONTENT_LENGTH=config.max_content_length, DEBUG=False,
-                      PROPAGATE_EXCEPTIONS=False, TRAP_HTTP_EXCEPTIONS=False)
+    app.config.update(
+        MAX_CONTENT_LENGTH=config.max_content_length,
+        DEBUG=False,
+        PROPAGATE_EXCEPTIONS=False,
+        TRAP_HTTP_EXCEPTIONS=False,
+    )
     app.json.sort_keys = False
     app.extensions["lmref"] = state
     metrics = state.metrics
 
     def error_response(err: APIError) -> Response:
-        return Response(json.dumps(err.body()), err.status, err.headers,
-                        mimetype="application/json")
+        return Response(
+            json.dumps(err.body()), err.status, err.headers, mimetype="application/json"
+        )
 
     app.register_error_handler(APIError, error_response)
 
@@ -248,14 +284,16 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
     def _http_error(err: HTTPException):
         type_, code = HTTP_ERRORS.get(err.code or 500, ("invalid_request_error", None))
         message = {404: "not found: " + request.path, 413: "request body too large"}.get(
-            err.code, err.description or err.name)
+            err.code, err.description or err.name
+        )
         return error_response(APIError(err.code or 500, message, type_, code=code))
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception):  # logged here; the client never sees a traceback
         log.exception("unhandled error on %s", request.path)
-        return error_response(APIError(500, "internal server error", "server_error",
-                                       code="internal_error"))
+        return error_response(
+            APIError(500, "internal server error", "server_error", code="internal_error")
+        )
 
     @app.before_request
     def _guard():
@@ -265,12 +303,21 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
         if request.path in PUBLIC_PATHS:
             return None
         if not state.authorized(request.headers.get("Authorization")):
-            raise APIError(401, "Incorrect or missing API key (Authorization: Bearer <key>)",
-                           "authentication_error", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise APIError(
+                401,
+                "Incorrect or missing API key (Authorization: Bearer <key>)",
+                "authentication_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if state.draining.is_set():
-            raise APIError(503, "server is shutting down", "service_unavailable_error",
-                           code="shutting_down", headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                "server is shutting down",
+                "service_unavailable_error",
+                code="shutting_down",
+                headers={"Retry-After": "5"},
+            )
         state.enter()
         request.environ["lmref.counted"] = True
         return None
@@ -295,11 +342,16 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
 
     @app.get("/ready")
     def ready():
-        models = {n: ("ready" if e.ready else e.load_error or "loading")
-                  for n, e in state.engines.items()}
+        models = {
+            n: ("ready" if e.ready else e.load_error or "loading") for n, e in state.engines.items()
+        }
         status = 200 if state.ready else 503
-        return {"status": "ready" if status == 200 else
-                ("draining" if state.draining.is_set() else "loading"), "models": models}, status
+        return {
+            "status": "ready"
+            if status == 200
+            else ("draining" if state.draining.is_set() else "loading"),
+            "models": models,
+        }, status
 
     @app.get("/metrics")
     def prometheus():
@@ -314,13 +366,21 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [model_card(n) for n in [*state.engines, *config.aliases]]}
+        return {
+            "object": "list",
+            "data": [model_card(n) for n in [*state.engines, *config.aliases]],
+        }
 
     @app.get("/v1/models/<path:name>")
     def model(name: str):
         if name not in state.engines and name not in config.aliases:
-            raise APIError(404, f"The model '{name}' does not exist", "not_found_error",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist",
+                "not_found_error",
+                param="model",
+                code="model_not_found",
+            )
         return model_card(name)
 
     def submit(body: dict, chat: bool) -> tuple[Engine, Job, bool, SamplingParams]:
@@ -337,14 +397,23 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
         job = Job(engine.spec.name, stream)
         for prompt in prompts:
             for k in range(n):  # n choices per prompt: seeded ones each get their own seed
-                job.add_row(prompt, params if params.seed is None or k == 0 else
-                            dataclasses.replace(params, seed=params.seed + k), chat)
+                job.add_row(
+                    prompt,
+                    params
+                    if params.seed is None or k == 0
+                    else dataclasses.replace(params, seed=params.seed + k),
+                    chat,
+                )
         try:
             engine.submit(job)
         except QueueFull:
-            raise APIError(429, "The server is busy: the request queue is full",
-                           "rate_limit_error", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
+            raise APIError(
+                429,
+                "The server is busy: the request queue is full",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
         except EngineError as err:
             raise api_error_of(err) from None
         return engine, job, stream, params
@@ -369,8 +438,10 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
             raise api_error_of(err) from None
         if ordered is None:  # the client went away; nobody reads this
             raise APIError(499, "client closed request", code="client_closed")
-        usage = {"prompt_tokens": sum(c.prompt_tokens for c in ordered),
-                 "completion_tokens": sum(c.completion_tokens for c in ordered)}
+        usage = {
+            "prompt_tokens": sum(c.prompt_tokens for c in ordered),
+            "completion_tokens": sum(c.completion_tokens for c in ordered),
+        }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return ordered, usage
 
@@ -394,24 +465,63 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
 
         if not stream:
             choices, usage = collect(engine, job)
-            out = [{"index": c.index, **({"message": {"role": "assistant", "content": c.text}}
-                                         if chat else {"text": c.prompt_text + c.text}),
+            out = [
+                {
+                    "index": c.index,
+                    **(
+                        {"message": {"role": "assistant", "content": c.text}}
+                        if chat
+                        else {"text": c.prompt_text + c.text}
+                    ),
                     "logprobs": shaped(c.index, (c.prompt_logprobs or ()) + (c.logprobs or ())),
-                    "finish_reason": c.reason} for c in choices]
-            return {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                    "created": created, "model": model, "choices": out, "usage": usage}
+                    "finish_reason": c.reason,
+                }
+                for c in choices
+            ]
+            return {
+                "id": rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": created,
+                "model": model,
+                "choices": out,
+                "usage": usage,
+            }
         source = engine.events(job, disconnected())
         buffered = first_admission(source)
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(index: int, text: str | None, finish: str | None, role: bool = False,
-                  logprobs: tuple = ()) -> dict:
-            content = ({"delta": {"role": "assistant", "content": ""} if role else
-                        {"content": text} if text is not None else {}} if chat
-                       else {"text": text or ""})
-            payload = {"id": rid, "object": kind, "created": created, "model": model, "choices": [
-                {"index": index, **content, "logprobs": shaped(index, logprobs) if text is not None
-                 else None, "finish_reason": finish}]}
+        def chunk(
+            index: int,
+            text: str | None,
+            finish: str | None,
+            role: bool = False,
+            logprobs: tuple = (),
+        ) -> dict:
+            content = (
+                {
+                    "delta": {"role": "assistant", "content": ""}
+                    if role
+                    else {"content": text}
+                    if text is not None
+                    else {}
+                }
+                if chat
+                else {"text": text or ""}
+            )
+            payload = {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": index,
+                        **content,
+                        "logprobs": shaped(index, logprobs) if text is not None else None,
+                        "finish_reason": finish,
+                    }
+                ],
+            }
             return {**payload, "usage": None} if include_usage else payload
 
         def generate():
@@ -424,14 +534,20 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
                 pending: list[str] = []
                 for event in itertools.chain(buffered, source):
                     if isinstance(event, Delta):
-                        pending.append(_sse(chunk(event.index, event.text, None,
-                                                  logprobs=event.logprobs)))
+                        pending.append(
+                            _sse(chunk(event.index, event.text, None, logprobs=event.logprobs))
+                        )
                     elif isinstance(event, Finished):
                         usage["prompt_tokens"] += event.prompt_tokens
                         usage["completion_tokens"] += event.completion_tokens
                         if event.cached and event.text:  # no deltas came: the text at once
-                            pending.append(_sse(chunk(event.index, event.text, None,
-                                                      logprobs=event.logprobs or ())))
+                            pending.append(
+                                _sse(
+                                    chunk(
+                                        event.index, event.text, None, logprobs=event.logprobs or ()
+                                    )
+                                )
+                            )
                         pending.append(_sse(chunk(event.index, None, event.reason)))
                     elif isinstance(event, Failed):
                         pending.append(_sse(api_error_of(event.error).body()))
@@ -446,18 +562,32 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
                     yield "".join(pending)
                 if not failed and include_usage:
                     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                    yield _sse({"id": rid, "object": kind, "created": created, "model": model,
-                                "choices": [], "usage": usage})
+                    yield _sse(
+                        {
+                            "id": rid,
+                            "object": kind,
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": usage,
+                        }
+                    )
             except Exception:  # after the headers went out an error can only be an event
                 log.exception("stream failed")
-                yield _sse(APIError(500, "internal server error", "server_error",
-                                    code="internal_error").body())
+                yield _sse(
+                    APIError(
+                        500, "internal server error", "server_error", code="internal_error"
+                    ).body()
+                )
             finally:
                 source.close()  # a client that went away cancels its rows (see events())
             yield _sse("[DONE]")
 
-        return Response(generate(), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return Response(
+            generate(),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.post("/v1/completions")
     def completions():
@@ -476,8 +606,12 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
             raise bad("'prompt' must be a string", "prompt")
         engine, job, _, _ = submit(body, chat=False)
         choices, usage = collect(engine, job)
-        return {"model": engine.spec.name, "completion": choices[0].text,
-                "finish_reason": choices[0].reason, "usage": usage}
+        return {
+            "model": engine.spec.name,
+            "completion": choices[0].text,
+            "finish_reason": choices[0].reason,
+            "usage": usage,
+        }
 
     if start:
         for engine in state.engines.values():
@@ -486,5 +620,3 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
             for engine in state.engines.values():
                 engine.loaded.wait()
     return app
-
-

@@ -60,10 +60,12 @@ def _decode(raw: bytes, on_decode_error: str) -> tuple[str | None, int]:
     return _SURROGATE_ESCAPE.sub("\ufffd" if on_decode_error == "replace" else "", text), bad
 
 
-def load_text_files(paths: str | Path | Sequence[str | Path],
-                    suffixes: Sequence[str] = TEXT_SUFFIXES,
-                    on_decode_error: str = "replace",
-                    separator: str | None = None) -> tuple[list[Document], dict]:
+def load_text_files(
+    paths: str | Path | Sequence[str | Path],
+    suffixes: Sequence[str] = TEXT_SUFFIXES,
+    on_decode_error: str = "replace",
+    separator: str | None = None,
+) -> tuple[list[Document], dict]:
     """Read text files and folders (recursively, sorted) as UTF-8 documents.
 
     Bytes that are not valid UTF-8 are counted per file and then, by ``on_decode_error``:
@@ -73,7 +75,9 @@ def load_text_files(paths: str | Path | Sequence[str | Path],
     when no text is found.
     """
     if on_decode_error not in ("replace", "drop", "skip", "raise"):
-        raise ValueError(f"on_decode_error must be replace|drop|skip|raise, got {on_decode_error!r}")
+        raise ValueError(
+            f"on_decode_error must be replace|drop|skip|raise, got {on_decode_error!r}"
+        )
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files: list[Path] = []
@@ -84,8 +88,15 @@ def load_text_files(paths: str | Path | Sequence[str | Path],
             files.append(p)
         else:
             raise FileNotFoundError(f"no such file or folder: {p}")
-    stats = Counter(files=len(files), bytes=0, empty_files=0, binary_files=0,
-                    files_with_undecodable_bytes=0, undecodable_bytes=0, skipped_undecodable_files=0)
+    stats = Counter(
+        files=len(files),
+        bytes=0,
+        empty_files=0,
+        binary_files=0,
+        files_with_undecodable_bytes=0,
+        undecodable_bytes=0,
+        skipped_undecodable_files=0,
+    )
     undecodable: dict[str, int] = {}
     docs: list[Document] = []
     for f in files:
@@ -109,35 +120,69 @@ def load_text_files(paths: str | Path | Sequence[str | Path],
             stats["skipped_undecodable_files"] += 1
             continue
         parts = text.split(separator) if separator else [text]
-        docs += [Document(t, f"{f}#{i}" if separator else str(f))
-                 for i, t in enumerate(parts) if t.strip()]
+        docs += [
+            Document(t, f"{f}#{i}" if separator else str(f))
+            for i, t in enumerate(parts)
+            if t.strip()
+        ]
     if undecodable:
-        warnings.warn(f"{stats['undecodable_bytes']} bytes that are not UTF-8 in "
-                      f"{len(undecodable)} file(s) (on_decode_error={on_decode_error!r}): "
-                      f"{sorted(undecodable)[:5]}",
-                      stacklevel=2)
+        warnings.warn(
+            f"{stats['undecodable_bytes']} bytes that are not UTF-8 in "
+            f"{len(undecodable)} file(s) (on_decode_error={on_decode_error!r}): "
+            f"{sorted(undecodable)[:5]}",
+            stacklevel=2,
+        )
     if not docs:
-        raise ValueError(f"no text found in {[str(p) for p in paths]}: {len(files)} file(s) with "
-                         f"suffix {tuple(suffixes)}, {stats['empty_files']} empty, "
-                         f"{stats['binary_files']} binary, "
-                         f"{stats['skipped_undecodable_files']} skipped as undecodable")
-    out = dict(stats, docs=len(docs), chars=sum(len(d.text) for d in docs),
-               undecodable_by_file=undecodable, on_decode_error=on_decode_error)
+        raise ValueError(
+            f"no text found in {[str(p) for p in paths]}: {len(files)} file(s) with "
+            f"suffix {tuple(suffixes)}, {stats['empty_files']} empty, "
+            f"{stats['binary_files']} binary, "
+            f"{stats['skipped_undecodable_files']} skipped as undecodable"
+        )
+    out = dict(
+        stats,
+        docs=len(docs),
+        chars=sum(len(d.text) for d in docs),
+        undecodable_by_file=undecodable,
+        on_decode_error=on_decode_error,
+    )
     return docs, out
 
 
 # Never parsed or imported: GUI and demo code, test suites, vendored installers, and easter eggs
 # whose import has side effects (``antigravity`` opens a browser, ``this`` prints the Zen).
-STDLIB_SKIP = frozenset({
-    "test", "tests", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip",
-    "pydoc_data", "antigravity", "this", "__phello__", "_pyrepl", "site-packages",
-    "dist-packages", "__pycache__", "readline", "_tkinter", "_curses", "_curses_panel",
-})
+STDLIB_SKIP = frozenset(
+    {
+        "test",
+        "tests",
+        "idlelib",
+        "tkinter",
+        "turtle",
+        "turtledemo",
+        "lib2to3",
+        "ensurepip",
+        "pydoc_data",
+        "antigravity",
+        "this",
+        "__phello__",
+        "_pyrepl",
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "readline",
+        "_tkinter",
+        "_curses",
+        "_curses_panel",
+    }
+)
 
 
 def _skip_module(name: str) -> bool:
-    return (name in STDLIB_SKIP or name.startswith(("test", "_test", "xx", "_xx"))
-            or name.endswith("_test"))
+    return (
+        name in STDLIB_SKIP
+        or name.startswith(("test", "_test", "xx", "_xx"))
+        or name.endswith("_test")
+    )
 
 
 def _source_docstrings(tree: ast.Module, module: str) -> list[Document]:
@@ -204,10 +249,16 @@ def _compiled_docstrings_worker(names: list[str]) -> dict:
 
 def _compiled_docstrings(names: list[str]) -> tuple[list[Document], list[str]]:
     """Run :func:`_compiled_docstrings_worker` in a clean interpreter; (documents, failed names)."""
-    script = (inspect.getsource(_compiled_docstrings_worker)
-              + "\nimport json, sys\nprint(json.dumps(_compiled_docstrings_worker(json.loads(sys.argv[1]))))\n")
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", script, json.dumps(names)],
-                            capture_output=True, text=True, timeout=300)
+    script = (
+        inspect.getsource(_compiled_docstrings_worker)
+        + "\nimport json, sys\nprint(json.dumps(_compiled_docstrings_worker(json.loads(sys.argv[1]))))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script, json.dumps(names)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"reading compiled stdlib modules failed: {result.stderr[-2000:]}")
     out = json.loads(result.stdout)
@@ -234,9 +285,12 @@ def load_stdlib_docstrings(modules: Sequence[str] | None = None) -> tuple[list[D
             continue
         package, single = stdlib / name, stdlib / f"{name}.py"
         if (package / "__init__.py").is_file():
-            files = sorted(f for f in package.rglob("*.py")
-                           if not any(_skip_module(part) for part in f.relative_to(stdlib).parts[:-1])
-                           and not _skip_module(f.stem))
+            files = sorted(
+                f
+                for f in package.rglob("*.py")
+                if not any(_skip_module(part) for part in f.relative_to(stdlib).parts[:-1])
+                and not _skip_module(f.stem)
+            )
         elif single.is_file():
             files = [single]
         else:
@@ -260,29 +314,47 @@ def load_stdlib_docstrings(modules: Sequence[str] | None = None) -> tuple[list[D
         stats["modules_failed_import"] += len(failed)
     if not docs:
         raise ValueError(f"no docstrings found in the standard library at {stdlib}")
-    out = dict(stats, docs=len(docs), chars=sum(len(d.text) for d in docs),
-               python=sys.version.split()[0])
+    out = dict(
+        stats, docs=len(docs), chars=sum(len(d.text) for d in docs), python=sys.version.split()[0]
+    )
     return docs, out
 
 
-def load_hf_dataset(name: str, split: str = "train", text_column: str = "text",
-                    max_docs: int | None = None, **load_kwargs: Any) -> tuple[list[Document], dict]:
+def load_hf_dataset(
+    name: str,
+    split: str = "train",
+    text_column: str = "text",
+    max_docs: int | None = None,
+    **load_kwargs: Any,
+) -> tuple[list[Document], dict]:
     """Documents from any ``datasets`` dataset: a hub name (needs network) or a local path."""
     from datasets import load_dataset
 
     try:
         ds = load_dataset(name, split=split, **load_kwargs)
     except Exception as e:
-        raise RuntimeError(f"could not load dataset {name!r} (split {split!r}); offline, use a "
-                           f"local path or the 'stdlib' source: {e}") from e
+        raise RuntimeError(
+            f"could not load dataset {name!r} (split {split!r}); offline, use a "
+            f"local path or the 'stdlib' source: {e}"
+        ) from e
     if text_column not in ds.column_names:
-        raise ValueError(f"dataset {name!r} has no column {text_column!r}; columns: {ds.column_names}")
+        raise ValueError(
+            f"dataset {name!r} has no column {text_column!r}; columns: {ds.column_names}"
+        )
     if max_docs is not None:
         ds = ds.select(range(min(max_docs, len(ds))))
-    docs = [Document(t, f"{name}[{i}]") for i, t in enumerate(ds[text_column])
-            if isinstance(t, str) and t.strip()]
-    return docs, {"rows": len(ds), "docs": len(docs), "chars": sum(len(d.text) for d in docs),
-                  "dataset": name, "split": split}
+    docs = [
+        Document(t, f"{name}[{i}]")
+        for i, t in enumerate(ds[text_column])
+        if isinstance(t, str) and t.strip()
+    ]
+    return docs, {
+        "rows": len(ds),
+        "docs": len(docs),
+        "chars": sum(len(d.text) for d in docs),
+        "dataset": name,
+        "split": split,
+    }
 
 
 def looks_like_a_path(source: str | Path) -> bool:
@@ -293,10 +365,15 @@ def looks_like_a_path(source: str | Path) -> bool:
     """
     text = str(source)
     parts = Path(text).parts
-    return (isinstance(source, Path) or Path(text).is_absolute()
-            or text.startswith(("./", "../", "~", ".\\")) or text.count("/") > 1 or "\\" in text
-            or Path(text).suffix.lower() in TEXT_SUFFIXES
-            or (len(parts) > 1 and Path(parts[0]).is_dir()))
+    return (
+        isinstance(source, Path)
+        or Path(text).is_absolute()
+        or text.startswith(("./", "../", "~", ".\\"))
+        or text.count("/") > 1
+        or "\\" in text
+        or Path(text).suffix.lower() in TEXT_SUFFIXES
+        or (len(parts) > 1 and Path(parts[0]).is_dir())
+    )
 
 
 def load_documents(source: str | Path = "stdlib", **kwargs: Any) -> tuple[list[Document], dict]:
@@ -310,7 +387,9 @@ def load_documents(source: str | Path = "stdlib", **kwargs: Any) -> tuple[list[D
     if Path(source).expanduser().exists():
         return load_text_files(Path(source).expanduser(), **kwargs)
     if looks_like_a_path(source):
-        raise FileNotFoundError(f"no such file or folder: {source} (resolved to "
-                                f"{Path(source).expanduser().resolve()}); check the path, or call "
-                                "load_hf_dataset() directly for a hub data set of that name")
+        raise FileNotFoundError(
+            f"no such file or folder: {source} (resolved to "
+            f"{Path(source).expanduser().resolve()}); check the path, or call "
+            "load_hf_dataset() directly for a hub data set of that name"
+        )
     return load_hf_dataset(str(source), **kwargs)

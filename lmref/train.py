@@ -57,21 +57,22 @@ ALIASES = {
 class RunConfig:
     """What the command trains on and where it saves, besides the ``TrainingConfig`` knobs."""
 
-    model: str = "tiny"                      # a preset of lmref.modeling, or an HF id / folder
+    model: str = "tiny"  # a preset of lmref.modeling, or an HF id / folder
     model_overrides: dict = field(default_factory=dict)  # config fields for a preset
-    attn_implementation: str | None = None   # None: the model's default (eager, sdpa, ...)
-    data: str | None = None                  # load_from_disk folder; default: the course corpus
-    tokenizer: str | None = None             # default: <data>/../tokenizer when it exists
+    attn_implementation: str | None = None  # None: the model's default (eager, sdpa, ...)
+    data: str | None = None  # load_from_disk folder; default: the course corpus
+    tokenizer: str | None = None  # default: <data>/../tokenizer when it exists
     train_split: str = "train"
-    eval_split: str | None = "validation"    # None (or "none"): no evaluation
-    max_train_samples: int | None = None     # the first N training blocks only
-    final_dir: str | None = None             # default: <output_dir>/final
+    eval_split: str | None = "validation"  # None (or "none"): no evaluation
+    max_train_samples: int | None = None  # the first N training blocks only
+    final_dir: str | None = None  # default: <output_dir>/final
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
 
 def _optional(kind):
     def parse(text: str):
         return None if text.lower() in {"none", "null", ""} else kind(text)
+
     parse.__name__ = kind.__name__
     return parse
 
@@ -84,15 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: a flag absent from the command line is absent from the namespace, so it cannot
     # overwrite what the config file set.
     parser = argparse.ArgumentParser(
-        prog="python -m lmref.train", argument_default=argparse.SUPPRESS,
-        description="Train a causal LM with lmref.training (DDP under torchrun).")
+        prog="python -m lmref.train",
+        argument_default=argparse.SUPPRESS,
+        description="Train a causal LM with lmref.training (DDP under torchrun).",
+    )
     parser.add_argument("--config", help="JSON or YAML file of RunConfig/TrainingConfig keys")
     run = parser.add_argument_group("run")
     run.add_argument("--model", help=f"preset ({', '.join(PRESETS)}) or HF model id/folder")
-    run.add_argument("--model-overrides", type=json.loads,
-                     help='JSON of config fields for a preset, e.g. \'{"num_hidden_layers": 2}\'')
-    run.add_argument("--attn-implementation", type=_optional(str),
-                     help="eager, sdpa, flash_attention_2...; default: the model's own")
+    run.add_argument(
+        "--model-overrides",
+        type=json.loads,
+        help="JSON of config fields for a preset, e.g. '{\"num_hidden_layers\": 2}'",
+    )
+    run.add_argument(
+        "--attn-implementation",
+        type=_optional(str),
+        help="eager, sdpa, flash_attention_2...; default: the model's own",
+    )
     run.add_argument("--data", help="datasets.load_from_disk folder with an input_ids column")
     run.add_argument("--tokenizer", help="tokenizer folder (saved with the final model)")
     run.add_argument("--train-split")
@@ -104,18 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
         default = f.default
         if f.name == "resume_from_checkpoint":
-            knobs.add_argument(*flags, dest=f.name, nargs="?", const=True, type=_resume,
-                               help="resume from the latest checkpoint in output_dir, or PATH")
+            knobs.add_argument(
+                *flags,
+                dest=f.name,
+                nargs="?",
+                const=True,
+                type=_resume,
+                help="resume from the latest checkpoint in output_dir, or PATH",
+            )
         elif f.name == "precision":
             knobs.add_argument(*flags, dest=f.name, choices=["auto", "fp32", "bf16", "fp16"])
         elif isinstance(default, bool):
             knobs.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction)
         elif f.type in ("float | None", "int | None"):
             kind = float if f.type.startswith("float") else int
-            knobs.add_argument(*flags, dest=f.name, type=_optional(kind), metavar=kind.__name__.upper())
+            knobs.add_argument(
+                *flags, dest=f.name, type=_optional(kind), metavar=kind.__name__.upper()
+            )
         else:
-            knobs.add_argument(*flags, dest=f.name, type=type(default),
-                               metavar=type(default).__name__.upper())
+            knobs.add_argument(
+                *flags, dest=f.name, type=type(default), metavar=type(default).__name__.upper()
+            )
     return parser
 
 
@@ -137,7 +155,9 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     train_keys = {f.name for f in dataclasses.fields(TrainingConfig)}
     unknown = sorted(set(values) - run_keys - train_keys)
     if unknown:
-        raise SystemExit(f"error: unknown config keys {unknown}; known: {sorted(run_keys | train_keys)}")
+        raise SystemExit(
+            f"error: unknown config keys {unknown}; known: {sorted(run_keys | train_keys)}"
+        )
     if "disable_tqdm" not in values and not sys.stderr.isatty():
         # A progress bar piped to a log (torchrun, a notebook subprocess) is one endless line.
         values["disable_tqdm"] = True
@@ -165,12 +185,16 @@ def load_data(config: RunConfig) -> tuple[Dataset, Dataset | None, Path | None]:
     if not data_path.exists():
         raise SystemExit(f"error: no dataset at {data_path}")
     for name in empty_splits_on_disk(data_path):  # load_from_disk fails on them, deep inside
-        raise SystemExit(f"error: the {name!r} split of {data_path} has no rows; prepare the "
-                         "data again (see lmref.data.prepare_data) or save it without that split")
+        raise SystemExit(
+            f"error: the {name!r} split of {data_path} has no rows; prepare the "
+            "data again (see lmref.data.prepare_data) or save it without that split"
+        )
     data = load_from_disk(str(data_path))
     if isinstance(data, DatasetDict):
         if config.train_split not in data:
-            raise SystemExit(f"error: {data_path} has no split {config.train_split!r} ({list(data)})")
+            raise SystemExit(
+                f"error: {data_path} has no split {config.train_split!r} ({list(data)})"
+            )
         train_set = data[config.train_split]
         eval_set = data.get(config.eval_split) if config.eval_split else None
     else:
@@ -191,17 +215,26 @@ def make_model(config: RunConfig, tokenizer) -> torch.nn.Module:
     if config.model in PRESETS:
         special = {}
         if tokenizer is not None:
-            special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            special = dict(
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         if config.attn_implementation:
             special["attn_implementation"] = config.attn_implementation
-        return build_model(config.model, seed=config.training.seed,
-                           **{**special, **config.model_overrides})
+        return build_model(
+            config.model, seed=config.training.seed, **{**special, **config.model_overrides}
+        )
     if config.model_overrides:
         raise SystemExit("error: --model-overrides applies to presets, not to a pretrained model")
     # fp32 master weights: mixed precision comes from autocast (TrainingConfig.precision).
-    return load_model(config.model, dtype=torch.float32, device="cpu",
-                      attn_implementation=config.attn_implementation)
+    return load_model(
+        config.model,
+        dtype=torch.float32,
+        device="cpu",
+        attn_implementation=config.attn_implementation,
+    )
 
 
 def check_vocabulary(dataset: Dataset, model: torch.nn.Module) -> None:
@@ -209,8 +242,10 @@ def check_vocabulary(dataset: Dataset, model: torch.nn.Module) -> None:
     largest = max((max(row) for row in sample if len(row)), default=-1)
     vocab = model.get_input_embeddings().num_embeddings
     if largest >= vocab:
-        raise SystemExit(f"error: the data holds token id {largest}, the model's vocabulary has "
-                         f"{vocab} entries (pass --tokenizer or --model-overrides vocab_size)")
+        raise SystemExit(
+            f"error: the data holds token id {largest}, the model's vocabulary has "
+            f"{vocab} entries (pass --tokenizer or --model-overrides vocab_size)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,10 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         model = make_model(config, tokenizer)
         check_vocabulary(train_set, model)
         model = wrap_model(model, env)
-        print0(f"lmref.train: {config.model} on {env.world_size} process(es), device "
-               f"{env.device.type}, {len(train_set)} training blocks, global batch "
-               f"{training.per_device_train_batch_size * training.gradient_accumulation_steps * env.world_size}"
-               f", attempt {env.restart_count}")
+        print0(
+            f"lmref.train: {config.model} on {env.world_size} process(es), device "
+            f"{env.device.type}, {len(train_set)} training blocks, global batch "
+            f"{training.per_device_train_batch_size * training.gradient_accumulation_steps * env.world_size}"
+            f", attempt {env.restart_count}"
+        )
         callbacks = [cb for cb in [fault_injection_from_env(env=env)] if cb is not None]
         try:
             result = train(model, train_set, training, eval_dataset=eval_set, callbacks=callbacks)
@@ -237,15 +274,18 @@ def main(argv: list[str] | None = None) -> int:
         final_dir = Path(config.final_dir or Path(training.output_dir) / "final")
         if result.step == result.resumed_from_step and (final_dir / "train_result.json").exists():
             # A finished run resumed again trains nothing: its final model and numbers stand.
-            print0(f"lmref.train: the run had already finished at step {result.step}; "
-                   f"{final_dir} left as it was")
+            print0(
+                f"lmref.train: the run had already finished at step {result.step}; "
+                f"{final_dir} left as it was"
+            )
         elif env.is_main:
             unwrap_model(model).save_pretrained(final_dir)
             if tokenizer is not None:
                 tokenizer.save_pretrained(final_dir)
             summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "history"}
-            summary.update(world_size=env.world_size, final_dir=str(final_dir),
-                           restart_count=env.restart_count)
+            summary.update(
+                world_size=env.world_size, final_dir=str(final_dir), restart_count=env.restart_count
+            )
             (final_dir / "train_result.json").write_text(json.dumps(summary, indent=1))
             print0(json.dumps(summary))
     return 0

@@ -83,10 +83,14 @@ class Param:
                 raise ValueError(f"parameter {self.name!r}: choices is empty")
             return
         if self.low is None or self.high is None or not self.low < self.high:
-            raise ValueError(f"parameter {self.name!r} needs low < high or choices "
-                             f"(got low={self.low!r}, high={self.high!r})")
+            raise ValueError(
+                f"parameter {self.name!r} needs low < high or choices "
+                f"(got low={self.low!r}, high={self.high!r})"
+            )
         if self.log and self.low <= 0:
-            raise ValueError(f"parameter {self.name!r}: a log range needs low > 0, not {self.low!r}")
+            raise ValueError(
+                f"parameter {self.name!r}: a log range needs low > 0, not {self.low!r}"
+            )
 
     def suggest(self, trial: optuna.Trial) -> Any:
         if self.choices is not None:
@@ -136,14 +140,15 @@ def grid_points(space: Sequence[Param], budget: int) -> dict[str, list]:
     while grown:
         grown = False
         for i, p in enumerate(space):
-            bigger = levels[:i] + [levels[i] + 1] + levels[i + 1:]
+            bigger = levels[:i] + [levels[i] + 1] + levels[i + 1 :]
             if levels[i] < p.max_levels() and math.prod(bigger) <= budget:
                 levels, grown = bigger, True
     return {p.name: p.grid(n) for p, n in zip(space, levels)}
 
 
-def make_sampler(name: str, space: Sequence[Param], budget: int, seed: int = 0,
-                 n_startup_trials: int = 4) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    name: str, space: Sequence[Param], budget: int, seed: int = 0, n_startup_trials: int = 4
+) -> optuna.samplers.BaseSampler:
     """One of ``SAMPLERS``, seeded. Bayesian samplers start with ``n_startup_trials`` random ones.
 
     Optuna's default of 10 random start-up trials would make TPE and GP pure random search at a
@@ -155,33 +160,38 @@ def make_sampler(name: str, space: Sequence[Param], budget: int, seed: int = 0,
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "tpe":
         # constant_liar: a running trial counts as a bad result, so parallel workers spread out.
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials,
-                                          multivariate=True, constant_liar=True)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=n_startup_trials, multivariate=True, constant_liar=True
+        )
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials,
-                                         deterministic_objective=True)
+        return optuna.samplers.GPSampler(
+            seed=seed, n_startup_trials=n_startup_trials, deterministic_objective=True
+        )
     raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
 
 
-def make_pruner(name: str, max_resource: int = 100, min_resource: int = 1,
-                n_startup_trials: int = 2) -> optuna.pruners.BasePruner:
+def make_pruner(
+    name: str, max_resource: int = 100, min_resource: int = 1, n_startup_trials: int = 2
+) -> optuna.pruners.BasePruner:
     """``median`` (stop a trial worse than the median of earlier trials at the same step, after
     ``min_resource`` steps) or ``hyperband`` (successive halving in several brackets)."""
     if name == "none":
         return optuna.pruners.NopPruner()
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials,
-                                           n_warmup_steps=min_resource)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=n_startup_trials, n_warmup_steps=min_resource
+        )
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=min_resource,
-                                              max_resource=max_resource, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=min_resource, max_resource=max_resource, reduction_factor=3
+        )
     raise ValueError(f"unknown pruner {name!r}; choose one of {PRUNERS}")
 
 
-def pruning_callback(trial: optuna.Trial, key: str = "loss"
-                     ) -> Callable[[int, dict], None]:
+def pruning_callback(trial: optuna.Trial, key: str = "loss") -> Callable[[int, dict], None]:
     """A training-loop callback ``(step, metrics)``: reports ``metrics[key]`` when present and
     raises ``optuna.TrialPruned`` when the study's pruner says this trial is not worth finishing."""
+
     def callback(step: int, metrics: dict) -> None:
         value = metrics.get(key)
         if value is None:
@@ -189,6 +199,7 @@ def pruning_callback(trial: optuna.Trial, key: str = "loss"
         trial.report(float(value), step)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} ({key} {value:.4f})")
+
     return callback
 
 
@@ -203,8 +214,8 @@ class StudyConfig:
     n_trials: int = 20
     seed: int = 0
     pruner: str = "none"
-    max_resource: int = 100            # steps of a full trial (for the pruner)
-    min_resource: int = 1              # steps before a trial may be pruned
+    max_resource: int = 100  # steps of a full trial (for the pruner)
+    min_resource: int = 1  # steps before a trial may be pruned
     n_startup_trials: int = 4
     direction: str = "minimize"
 
@@ -243,13 +254,23 @@ def open_study(config: StudyConfig, space: Sequence[Param], worker_id: int = 0) 
     Workers get seeds ``seed + 1000 * worker_id`` so that two of them never draw the same points.
     """
     space_record = [asdict(p) for p in space]
-    record = {"sampler": config.sampler, "direction": config.direction,
-              "space": json.loads(json.dumps(space_record))}
+    record = {
+        "sampler": config.sampler,
+        "direction": config.direction,
+        "space": json.loads(json.dumps(space_record)),
+    }
     study = optuna.create_study(
-        study_name=config.name, storage=open_storage(config.storage), load_if_exists=True,
+        study_name=config.name,
+        storage=open_storage(config.storage),
+        load_if_exists=True,
         direction=config.direction,
-        sampler=make_sampler(config.sampler, space, config.n_trials,
-                             config.seed + 1000 * worker_id, config.n_startup_trials),
+        sampler=make_sampler(
+            config.sampler,
+            space,
+            config.n_trials,
+            config.seed + 1000 * worker_id,
+            config.n_startup_trials,
+        ),
         pruner=make_pruner(config.pruner, config.max_resource, config.min_resource),
     )
     stored = study.user_attrs.get("setup")
@@ -258,9 +279,11 @@ def open_study(config: StudyConfig, space: Sequence[Param], worker_id: int = 0) 
     else:
         for key, value in record.items():
             if stored.get(key) != value:
-                raise ValueError(f"study {config.name!r} in {config.storage} was created with "
-                                 f"another {key} ({stored.get(key)!r}, now {value!r}): use a new "
-                                 "study name or storage")
+                raise ValueError(
+                    f"study {config.name!r} in {config.storage} was created with "
+                    f"another {key} ({stored.get(key)!r}, now {value!r}): use a new "
+                    "study name or storage"
+                )
     return study
 
 
@@ -320,9 +343,13 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
-def run_study(objective: Callable[[optuna.Trial], float], config: StudyConfig,
-              space: Sequence[Param], worker_id: int = 0,
-              on_trial: Callable[[FrozenTrial], None] | None = None) -> optuna.Study:
+def run_study(
+    objective: Callable[[optuna.Trial], float],
+    config: StudyConfig,
+    space: Sequence[Param],
+    worker_id: int = 0,
+    on_trial: Callable[[FrozenTrial], None] | None = None,
+) -> optuna.Study:
     """Run trials until the study holds ``config.n_trials`` finished ones (complete or pruned).
 
     Resumes a study already in storage, and shares it with other workers doing the same: under
@@ -382,14 +409,21 @@ def summarize(study: optuna.Study) -> dict:
     trials = study.get_trials(deepcopy=False)
     by_state = {s.name.lower(): [t for t in trials if t.state == s] for s in TrialState}
     complete = by_state["complete"]
-    best = (min if study.direction == optuna.study.StudyDirection.MINIMIZE else max)(
-        complete, key=lambda t: t.value) if complete else None
+    best = (
+        (min if study.direction == optuna.study.StudyDirection.MINIMIZE else max)(
+            complete, key=lambda t: t.value
+        )
+        if complete
+        else None
+    )
     return {
-        "study": study.study_name, "trials": len(trials),
+        "study": study.study_name,
+        "trials": len(trials),
         **{state: len(ts) for state, ts in by_state.items() if state != "waiting"},
         "seconds": sum(trial_seconds(t) for t in trials),
         "pruned_seconds": sum(trial_seconds(t) for t in by_state["pruned"]),
-        "best_value": best.value if best else None, "best_trial": best.number if best else None,
+        "best_value": best.value if best else None,
+        "best_trial": best.number if best else None,
         "best_params": dict(best.params) if best else None,
     }
 
@@ -402,19 +436,41 @@ def load_reference(reference: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def worker_command(config: StudyConfig, space: str, objective: str,
-                   objective_kwargs: Mapping[str, Any] | None = None, worker_id: int = 0
-                   ) -> list[str]:
+def worker_command(
+    config: StudyConfig,
+    space: str,
+    objective: str,
+    objective_kwargs: Mapping[str, Any] | None = None,
+    worker_id: int = 0,
+) -> list[str]:
     """The command line of one worker process (``python -m`` this module)."""
-    return [sys.executable, "-m", __name__, "--config", json.dumps(asdict(config)),
-            "--space", space, "--objective", objective,
-            "--objective-kwargs", json.dumps(dict(objective_kwargs or {})),
-            "--worker-id", str(worker_id)]
+    return [
+        sys.executable,
+        "-m",
+        __name__,
+        "--config",
+        json.dumps(asdict(config)),
+        "--space",
+        space,
+        "--objective",
+        objective,
+        "--objective-kwargs",
+        json.dumps(dict(objective_kwargs or {})),
+        "--worker-id",
+        str(worker_id),
+    ]
 
 
-def run_workers(n_workers: int, config: StudyConfig, space: str, objective: str,
-                objective_kwargs: Mapping[str, Any] | None = None, threads_per_worker: int = 1,
-                env: Mapping[str, str] | None = None, timeout: float | None = None) -> dict:
+def run_workers(
+    n_workers: int,
+    config: StudyConfig,
+    space: str,
+    objective: str,
+    objective_kwargs: Mapping[str, Any] | None = None,
+    threads_per_worker: int = 1,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> dict:
     """Start ``n_workers`` processes on one study and wait for them; returns the wall seconds.
 
     ``space`` and ``objective`` are ``"module:attribute"`` references; the objective attribute is
@@ -422,11 +478,23 @@ def run_workers(n_workers: int, config: StudyConfig, space: str, objective: str,
     ``threads_per_worker`` threads (OMP/MKL), so N workers do not oversubscribe the cores.
     """
     threads = str(threads_per_worker)
-    child_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    child_env = {
+        **os.environ,
+        **(env or {}),
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+    }
     start = time.perf_counter()
-    procs = [subprocess.Popen(worker_command(config, space, objective, objective_kwargs, i),
-                              env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(n_workers)]
+    procs = [
+        subprocess.Popen(
+            worker_command(config, space, objective, objective_kwargs, i),
+            env=child_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(n_workers)
+    ]
     outputs = []
     try:
         for p in procs:
@@ -437,8 +505,11 @@ def run_workers(n_workers: int, config: StudyConfig, space: str, objective: str,
                 p.kill()
                 p.wait()
     seconds = time.perf_counter() - start
-    failed = [(i, p.returncode, out[-2000:]) for i, (p, out) in enumerate(zip(procs, outputs))
-              if p.returncode != 0]
+    failed = [
+        (i, p.returncode, out[-2000:])
+        for i, (p, out) in enumerate(zip(procs, outputs))
+        if p.returncode != 0
+    ]
     if failed:
         raise RuntimeError(f"worker(s) failed: {failed}")
     return {"workers": n_workers, "seconds": seconds, "outputs": outputs}
@@ -448,19 +519,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="One worker of an Optuna study (lmref.tuning).")
     parser.add_argument("--config", required=True, help="StudyConfig as JSON")
     parser.add_argument("--space", required=True, help="module:attribute, a list of Param")
-    parser.add_argument("--objective", required=True,
-                        help="module:factory; factory(**objective_kwargs) returns objective(trial)")
+    parser.add_argument(
+        "--objective",
+        required=True,
+        help="module:factory; factory(**objective_kwargs) returns objective(trial)",
+    )
     parser.add_argument("--objective-kwargs", default="{}")
     parser.add_argument("--worker-id", type=int, default=0)
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = StudyConfig(**json.loads(args.config))
     objective = load_reference(args.objective)(**json.loads(args.objective_kwargs))
-    study = run_study(objective, config, load_reference(args.space), args.worker_id,
-                      on_trial=lambda t: print(f"trial {t.number} {t.state.name} {t.value}",
-                                               flush=True))
-    print(json.dumps({"worker_id": args.worker_id, "pid": os.getpid(),
-                      "finished": len(study.get_trials(deepcopy=False, states=FINISHED))}))
+    study = run_study(
+        objective,
+        config,
+        load_reference(args.space),
+        args.worker_id,
+        on_trial=lambda t: print(f"trial {t.number} {t.state.name} {t.value}", flush=True),
+    )
+    print(
+        json.dumps(
+            {
+                "worker_id": args.worker_id,
+                "pid": os.getpid(),
+                "finished": len(study.get_trials(deepcopy=False, states=FINISHED)),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ from lmref.engine import (
 
 def make_engine(path, **spec) -> Engine:
     torch.set_num_threads(1)
-    engine = Engine(ModelSpec("tiny", str(path), batch_wait_ms=0, **spec), EngineMetrics(),
-                    ResponseCache(0))
+    engine = Engine(
+        ModelSpec("tiny", str(path), batch_wait_ms=0, **spec), EngineMetrics(), ResponseCache(0)
+    )
     engine.start()
     assert engine.loaded.wait(120) and engine.ready, engine.load_error
     return engine
@@ -137,8 +138,10 @@ def test_join_pads_the_shorter_cache_and_leave_trims_padding(tiny_model_dir):
     assert len(batch) == 0
 
 
-SHARED = ("The following is a list of the names, values and types defined in the module, "
-          "sorted by name and written one per line: ")
+SHARED = (
+    "The following is a list of the names, values and types defined in the module, "
+    "sorted by name and written one per line: "
+)
 
 
 def test_shared_prompt_start_is_computed_once_and_changes_no_text(tiny_model_dir):
@@ -148,7 +151,7 @@ def test_shared_prompt_start_is_computed_once_and_changes_no_text(tiny_model_dir
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [tok(SHARED + end)["input_ids"] for end in ("alpha", "beta gamma", "x")]
     prefix = PrefixCache(model, min_tokens=16)
-    Prefill(model, prompts[:1], 0, prefix=prefix)       # nothing to share yet
+    Prefill(model, prompts[:1], 0, prefix=prefix)  # nothing to share yet
     with_prefix = Prefill(model, prompts[1:], 0, prefix=prefix)
     assert with_prefix.shared >= 16 and len(prefix.ids) >= 16
     assert with_prefix.ids.shape[1] < max(len(p) for p in prompts[1:])  # the rest runs only

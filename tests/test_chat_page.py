@@ -24,8 +24,10 @@ KEY = "page-key-1"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 REAL_MODEL = Path(__file__).resolve().parent.parent / "artifacts" / "smollm2-135m-instruct"
 
-pytestmark = pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-                                reason="needs Debian's chromium and chromium-driver (make system)")
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason="needs Debian's chromium and chromium-driver (make system)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,14 @@ def browser(tmp_path_factory):
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager: never fetch a browser or a driver
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1100,760", f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1100,760",
+        f"--user-data-dir={tmp_path_factory.mktemp('chrome')}",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     yield driver
@@ -51,19 +59,33 @@ def second_model_dir(tiny_tokenizer, tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=tiny_tokenizer.bos_token_id,
-                         eos_token_id=tiny_tokenizer.eos_token_id,
-                         pad_token_id=tiny_tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tiny_tokenizer.bos_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
     path = tmp_path_factory.mktemp("tiny-b")
     LlamaForCausalLM(config).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
 
 
-def chat_in_page(driver, url: str, model: str, question: str, max_tokens: int,
-                 key: str | None = None, timeout: float = 120) -> dict:
+def chat_in_page(
+    driver,
+    url: str,
+    model: str,
+    question: str,
+    max_tokens: int,
+    key: str | None = None,
+    timeout: float = 120,
+) -> dict:
     """Open the page, give the key if it asks, pick the model, send, wait for the answer."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
@@ -75,8 +97,12 @@ def chat_in_page(driver, url: str, model: str, question: str, max_tokens: int,
         box = wait.until(ready.visibility_of_element_located((By.ID, "api-key")))
         box.send_keys(key)
         driver.find_element(By.ID, "max-tokens").click()  # leaving the field fires "change"
-    wait.until(lambda d: model in [o.get_attribute("value") for o in
-                                   d.find_elements(By.CSS_SELECTOR, "#model option")])
+    wait.until(
+        lambda d: (
+            model
+            in [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#model option")]
+        )
+    )
     Select(driver.find_element(By.ID, "model")).select_by_value(model)
     for field, value in (("max-tokens", max_tokens), ("temperature", 0)):
         driver.find_element(By.ID, field).clear()
@@ -85,18 +111,30 @@ def chat_in_page(driver, url: str, model: str, question: str, max_tokens: int,
     driver.find_element(By.ID, "send").click()
     wait.until(lambda d: d.find_element(By.ID, "status").text in ("done", "error"))
     read = "return document.querySelector(arguments[0]).textContent"
-    return {"status": driver.find_element(By.ID, "status").text,
-            "answer": driver.execute_script(read, "#messages .assistant:last-of-type .content"),
-            "errors": [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".error")],
-            "key_asked": driver.find_element(By.ID, "key-box").is_displayed(),
-            **{name: driver.find_element(By.ID, name).text
-               for name in ("ttft", "tps", "tokens", "answered-by")}}
+    return {
+        "status": driver.find_element(By.ID, "status").text,
+        "answer": driver.execute_script(read, "#messages .assistant:last-of-type .content"),
+        "errors": [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".error")],
+        "key_asked": driver.find_element(By.ID, "key-box").is_displayed(),
+        **{
+            name: driver.find_element(By.ID, name).text
+            for name in ("ttft", "tps", "tokens", "answered-by")
+        },
+    }
 
 
 def test_page_streams_the_answer_the_api_gives(browser, tiny_model_dir, second_model_dir):
-    server = start_server(ServingConfig(
-        models=[ModelSpec("tiny-a", str(tiny_model_dir)), ModelSpec("tiny-b", str(second_model_dir))],
-        api_keys=[KEY], cache_size=0, torch_threads=1))
+    server = start_server(
+        ServingConfig(
+            models=[
+                ModelSpec("tiny-a", str(tiny_model_dir)),
+                ModelSpec("tiny-b", str(second_model_dir)),
+            ],
+            api_keys=[KEY],
+            cache_size=0,
+            torch_threads=1,
+        )
+    )
     try:
         assert requests.get(server.url + "/v1/models", timeout=10).status_code == 401
         page = requests.get(server.url + "/", timeout=10)  # the page itself needs no key
@@ -104,10 +142,12 @@ def test_page_streams_the_answer_the_api_gives(browser, tiny_model_dir, second_m
         shown = chat_in_page(browser, server.url, "tiny-b", "Sort the list", 24, key=KEY)
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
         messages = [{"role": "user", "content": "Sort the list"}]
-        reply = client.chat.completions.create(model="tiny-b", messages=messages, max_tokens=24,
-                                               temperature=0)
-        other = client.chat.completions.create(model="tiny-a", messages=messages, max_tokens=24,
-                                               temperature=0)
+        reply = client.chat.completions.create(
+            model="tiny-b", messages=messages, max_tokens=24, temperature=0
+        )
+        other = client.chat.completions.create(
+            model="tiny-a", messages=messages, max_tokens=24, temperature=0
+        )
     finally:
         server.stop(drain_timeout=5)
     assert shown["status"] == "done" and not shown["errors"] and shown["key_asked"], shown
@@ -119,18 +159,28 @@ def test_page_streams_the_answer_the_api_gives(browser, tiny_model_dir, second_m
     assert re.fullmatch(r"\d+\.\d tokens/s", shown["tps"]), shown
 
 
-@pytest.mark.skipif(not (REAL_MODEL / "config.json").exists(),
-                    reason="artifacts/smollm2-135m-instruct not built")
+@pytest.mark.skipif(
+    not (REAL_MODEL / "config.json").exists(), reason="artifacts/smollm2-135m-instruct not built"
+)
 def test_page_with_the_real_chat_model(browser, tmp_path):
     question = "What is the capital of France? Answer in one sentence."
-    server = start_server(ServingConfig(models=[ModelSpec("smollm2", str(REAL_MODEL))],
-                                        api_keys=[], cache_size=0, torch_threads=1))
+    server = start_server(
+        ServingConfig(
+            models=[ModelSpec("smollm2", str(REAL_MODEL))],
+            api_keys=[],
+            cache_size=0,
+            torch_threads=1,
+        )
+    )
     try:
         # The API first: the page's TTFT then shows a warm server, not the first forward pass.
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         reply = client.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": question}], max_tokens=48,
-            temperature=0)
+            model="smollm2",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=48,
+            temperature=0,
+        )
         shown = chat_in_page(browser, server.url, "smollm2", question, 48)
         shot = tmp_path / "chat_page.png"
         browser.save_screenshot(str(shot))

@@ -45,7 +45,7 @@ def token_rows(tiny_tokenizer):
     ids = tiny_tokenizer(text)["input_ids"]
     block = 64
     rows = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
-    return rows[:-4], rows[-4:]          # train rows, validation rows
+    return rows[:-4], rows[-4:]  # train rows, validation rows
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def fitted_dir(tiny_model_dir, token_rows, tmp_path_factory):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     train, _ = token_rows
     for step in range(40):
-        batch = train[(step * 8) % len(train):][:8]
+        batch = train[(step * 8) % len(train) :][:8]
         model(input_ids=batch, labels=batch).loss.backward()
         opt.step()
         opt.zero_grad()
@@ -76,15 +76,19 @@ def model(fitted_dir):
 def test_magnitude_reaches_exact_sparsity(model, scope, sparsity):
     report = prune_model(model, PruneConfig("magnitude", sparsity, scope=scope))
     layers = prunable_linears(model)
-    expected = sum(round(sparsity * m.weight.numel()) for m in layers.values()) if scope == "layer" \
-        else round(sparsity * report["weights"]) if scope == "global" \
+    expected = (
+        sum(round(sparsity * m.weight.numel()) for m in layers.values())
+        if scope == "layer"
+        else round(sparsity * report["weights"])
+        if scope == "global"
         else sum(round(sparsity * m.in_features) * m.out_features for m in layers.values())
+    )
     assert report["zeros"] == expected
     # rows of 64 round 0.3 * 64 to 19 zeros (29.7%): the requested share, to one weight per row
     assert report["global"] == pytest.approx(sparsity, abs=1e-3 if scope != "row" else 1 / 64)
-    if scope != "global":                       # every layer hits the target, not just the sum
+    if scope != "global":  # every layer hits the target, not just the sum
         assert all(s == pytest.approx(sparsity, abs=0.01) for s in report["layers"].values())
-    else:                                       # global lets layers differ
+    else:  # global lets layers differ
         assert len({round(s, 3) for s in report["layers"].values()}) > 1
     assert "lm_head" not in report["layers"]
 
@@ -179,7 +183,7 @@ def test_recover_trains_but_keeps_zeros(model, token_rows):
     def train_fn(m):
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
         for i in range(3):
-            m(input_ids=train[i:i + 4], labels=train[i:i + 4]).loss.backward()
+            m(input_ids=train[i : i + 4], labels=train[i : i + 4]).loss.backward()
             opt.step()
             opt.zero_grad()
         return "trained"
@@ -214,8 +218,11 @@ def test_quantized_perplexity_stays_within_bound(fitted_dir, token_rows, tmp_pat
     assert memory_bytes(int8) < 0.6 * memory_bytes(base_model)
     with pytest.raises(TypeError, match="not saveable"):
         save_model(int8, tmp_path / "int8")
-    variants = {"int8-dynamic": int8, "bnb-int8": load_bnb(fitted_dir, "int8", device="cpu"),
-                "nf4": load_bnb(fitted_dir, "nf4", device="cpu")}
+    variants = {
+        "int8-dynamic": int8,
+        "bnb-int8": load_bnb(fitted_dir, "int8", device="cpu"),
+        "nf4": load_bnb(fitted_dir, "nf4", device="cpu"),
+    }
     for name, variant in variants.items():
         ppl = measure(variant, valid, name=name, new_tokens=4, repeats=1).perplexity
         assert ppl <= base.perplexity * (1 + PPL_BOUND[name]), (name, ppl, base.perplexity)
@@ -234,7 +241,9 @@ def test_bnb_4bit_saves_and_reloads_quantized(fitted_dir, token_rows, tmp_path):
     assert disk_bytes(tmp_path, "*.safetensors") < fp32_bytes
 
 
-def test_bnb_4bit_saved_after_a_forward_reloads_to_the_same_logits(fitted_dir, token_rows, tmp_path):
+def test_bnb_4bit_saved_after_a_forward_reloads_to_the_same_logits(
+    fitted_dir, token_rows, tmp_path
+):
     """bitsandbytes repacks 4-bit weights for its CPU kernel on the first inference forward (on
     CPUs with AVX512-BF16); a folder saved after that used to reload as garbage."""
     ids = token_rows[1]
@@ -242,12 +251,16 @@ def test_bnb_4bit_saved_after_a_forward_reloads_to_the_same_logits(fitted_dir, t
         nf4 = load_bnb(fitted_dir, "nf4", device="cpu", double_quant=double_quant)
         with torch.inference_mode():
             before = nf4(input_ids=ids).logits
-        memory_bytes(nf4)                          # a state_dict() before saving, as measure() does
+        memory_bytes(nf4)  # a state_dict() before saving, as measure() does
         save_model(nf4, tmp_path / str(double_quant))
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / str(double_quant), device_map="cpu")
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            tmp_path / str(double_quant), device_map="cpu"
+        )
         with torch.inference_mode():
             assert torch.equal(reloaded.eval()(input_ids=ids).logits, before)
-            assert torch.equal(nf4(input_ids=ids).logits, before)   # saving changed nothing in memory
+            assert torch.equal(
+                nf4(input_ids=ids).logits, before
+            )  # saving changed nothing in memory
 
 
 def test_gpt2_conv1d_layers_prune_and_quantize(token_rows):
@@ -258,9 +271,11 @@ def test_gpt2_conv1d_layers_prune_and_quantize(token_rows):
     assert {type(m).__name__ for m in layers.values()} == {"Conv1D"}
     for method in ("magnitude", "wanda"):
         model = copy.deepcopy(gpt2)
-        report = prune_model(model, PruneConfig(method, n_m=(2, 4)), calibration_batches=[token_rows[0][:2]])
+        report = prune_model(
+            model, PruneConfig(method, n_m=(2, 4)), calibration_batches=[token_rows[0][:2]]
+        )
         assert report["global"] == pytest.approx(0.5, abs=1e-3)
-        for layer in prunable_linears(model).values():   # 2 of every 4 kept along the INPUT dim
+        for layer in prunable_linears(model).values():  # 2 of every 4 kept along the INPUT dim
             assert is_n_m_sparse(out_in_weight(layer), 2, 4)
             assert (out_in_weight(layer) != 0).reshape(-1, 4).sum(1).eq(2).all()
     int8 = quantize_int8_dynamic(gpt2)

@@ -29,24 +29,35 @@ def test_module_is_copyable_alone_and_documented(path):
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0, f"{path.name}: relative import"
             if (node.module or "").split(".")[0] == "lmref":
-                assert node.module != "lmref" and f"lmref.{node.module.split('.')[-1]}" in docstring, \
-                    f"{path.name} imports {node.module} without naming it in its docstring"
+                assert (
+                    node.module != "lmref" and f"lmref.{node.module.split('.')[-1]}" in docstring
+                ), f"{path.name} imports {node.module} without naming it in its docstring"
         if isinstance(node, ast.Import):
             assert all(a.name.split(".")[0] != "lmref" for a in node.names), path.name
 
 
 def test_no_module_over_600_lines():
-    long = {p.name: n for p in (ROOT / "lmref").glob("*.py")
-            if (n := len(p.read_text().splitlines())) > 600}
+    long = {
+        p.name: n
+        for p in (ROOT / "lmref").glob("*.py")
+        if (n := len(p.read_text().splitlines())) > 600
+    }
     assert not long, f"over 600 lines: move a coherent concern into a module of its own: {long}"
 
 
 def test_the_serving_engine_imports_no_web_framework():
     tree = ast.parse((ROOT / "lmref" / "engine.py").read_text())
-    names = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-             for a in node.names}
-    names |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
-              if isinstance(node, ast.ImportFrom)}
+    names = {
+        a.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for a in node.names
+    }
+    names |= {
+        (node.module or "").split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+    }
     assert "torch" in names and not names & {"flask", "werkzeug", "waitress"}, names
 
 
@@ -59,16 +70,27 @@ def test_every_course_notebook_exists():
 def test_notebook_is_thin(path):
     nb = json.loads(path.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    assert "parameters" in code[0].get("metadata", {}).get("tags", []), "first code cell: parameters"
+    assert "parameters" in code[0].get("metadata", {}).get("tags", []), (
+        "first code cell: parameters"
+    )
     for cell in code:
         source = "".join(cell["source"])
-        tree = ast.parse("\n".join(line for line in source.splitlines()
-                                   if not line.lstrip().startswith(("%", "!"))))
-        defined = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef)]
+        tree = ast.parse(
+            "\n".join(
+                line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))
+            )
+        )
+        defined = [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef)
+        ]
         assert not defined, f"defines {defined[0].name}: move it into lmref"
         assert len(source.splitlines()) <= 25, f"a code cell of {len(source.splitlines())} lines"
-    assert any(c["cell_type"] == "markdown" and "summary" in "".join(c["source"]).lower()
-               for c in nb["cells"]), "a closing summary"
+    assert any(
+        c["cell_type"] == "markdown" and "summary" in "".join(c["source"]).lower()
+        for c in nb["cells"]
+    ), "a closing summary"
     assert any("assert " in "".join(c["source"]) for c in code), "asserts on the outputs"
 
 
@@ -82,8 +104,12 @@ PLOTS = re.compile(r"\bplt\.|\.plot[.(]|\bax\w*\.(plot|bar|barh|scatter|hist)\("
 QUOTED = re.compile(r"(?<![\w.,])(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+)(?=x\b|%|[^\w.]|$)")
 # Numbers in markdown that are not this run's (papers, hardware specs, earlier runs that the text
 # names as such). Each one is justified where it is written.
-NOT_FROM_THE_RUN = {"4.70", "4.80", "2.38", "2.11",   # 03: an earlier 60-step experiment, named so
-                    }
+NOT_FROM_THE_RUN = {
+    "4.70",
+    "4.80",
+    "2.38",
+    "2.11",  # 03: an earlier 60-step experiment, named so
+}
 
 
 def _outputs_text(nb: dict) -> str:
@@ -112,12 +138,15 @@ def test_committed_notebook_carries_its_outputs_and_plots(path):
     assert all(c.get("execution_count") for c in code), "commit the notebook executed (make course)"
     outputs = [o for c in code for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"], "an error in the outputs"
-    widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    widgets = [
+        o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
     assert not widgets, "widget outputs (tqdm.auto bars) show as errors on GitHub: print text bars"
     for cell in code:
         if PLOTS.search("".join(cell["source"])):
-            assert any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])), \
+            assert any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])), (
                 "a cell that plots carries no image: " + "".join(cell["source"])[:80]
+            )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -21,7 +21,9 @@ def _linears(model) -> int:
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
 def test_packed_llama_computes_the_same_logits(tiny_model_dir, dtype, tolerance):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).eval()
-    ids = torch.randint(0, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0)
+    )
     with torch.inference_mode():
         expected = model(ids).logits.float()
         linears = _linears(model)
@@ -34,8 +36,9 @@ def test_packed_llama_computes_the_same_logits(tiny_model_dir, dtype, tolerance)
 
 def test_packed_gpt2_conv1d_is_transposed_right():
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2,
-                                       n_positions=64)).eval()
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    ).eval()
     ids = torch.randint(0, 97, (2, 9))
     with torch.inference_mode():
         expected = model(ids).logits
@@ -60,8 +63,11 @@ def test_engine_greedy_text_is_the_same_packed_and_unpacked(tiny_model_dir):
 
     texts = {}
     for packed in (True, False):
-        engine = Engine(ModelSpec("t", str(tiny_model_dir), batch_wait_ms=0, pack_linears=packed),
-                        EngineMetrics(), ResponseCache(0))
+        engine = Engine(
+            ModelSpec("t", str(tiny_model_dir), batch_wait_ms=0, pack_linears=packed),
+            EngineMetrics(),
+            ResponseCache(0),
+        )
         engine.start()
         assert engine.loaded.wait(120) and engine.ready, engine.load_error
         assert any(isinstance(m, PackedLinear) for m in engine.model.modules()) == packed
@@ -78,8 +84,11 @@ def test_engine_greedy_text_is_the_same_packed_and_unpacked(tiny_model_dir):
 def test_engine_serves_bf16_packed_by_either_name(tiny_model_dir, dtype):
     from lmref.engine import Engine, EngineMetrics, Job, ModelSpec, ResponseCache, SamplingParams
 
-    engine = Engine(ModelSpec("t", str(tiny_model_dir), batch_wait_ms=0, dtype=dtype),
-                    EngineMetrics(), ResponseCache(0))
+    engine = Engine(
+        ModelSpec("t", str(tiny_model_dir), batch_wait_ms=0, dtype=dtype),
+        EngineMetrics(),
+        ResponseCache(0),
+    )
     engine.start()
     assert engine.loaded.wait(120) and engine.ready, engine.load_error
     assert engine.model.lm_head.packed.dtype == torch.bfloat16
@@ -102,12 +111,14 @@ def test_engine_serves_an_adapter_folder_unpacked(tiny_model_dir, tmp_path):
     get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
-    engine = Engine(ModelSpec("a", str(tmp_path), batch_wait_ms=0), EngineMetrics(),
-                    ResponseCache(0))
+    engine = Engine(
+        ModelSpec("a", str(tmp_path), batch_wait_ms=0), EngineMetrics(), ResponseCache(0)
+    )
     engine.start()
     assert engine.loaded.wait(120) and engine.ready, engine.load_error
-    assert engine.model.peft_config and not any(isinstance(m, PackedLinear)
-                                                for m in engine.model.modules())
+    assert engine.model.peft_config and not any(
+        isinstance(m, PackedLinear) for m in engine.model.modules()
+    )
     job = Job("a", stream=False)
     job.add_row("def add(", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     engine.submit(job)

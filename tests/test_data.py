@@ -35,8 +35,10 @@ from lmref.data import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("file list string value name type object error data line path time key module class "
-         "text word code node user host port mode size queue stack lock event task thread").split()
+WORDS = (
+    "file list string value name type object error data line path time key module class "
+    "text word code node user host port mode size queue stack lock event task thread"
+).split()
 
 
 def prose(seed: int, n_words: int = 60) -> str:
@@ -47,6 +49,7 @@ def prose(seed: int, n_words: int = 60) -> str:
 # ---------------------------------------------------------------------------------------------
 # sources
 # ---------------------------------------------------------------------------------------------
+
 
 def test_load_text_files_counts_and_replaces_undecodable_bytes(tmp_path):
     (tmp_path / "good.txt").write_text("plain UTF-8 text, caf\u00e9 included")
@@ -126,8 +129,9 @@ def test_stdlib_docstrings_are_a_real_corpus(stdlib_docs):
     assert stats["source_modules"] > 100 and stats["compiled_modules"] > 10
     sources = {d.source for d in docs}
     assert "json.dumps" in sources and "math.sqrt" in sources and "builtins.len" in sources
-    assert not any(s.startswith(("test.", "idlelib", "tkinter", "antigravity", "this."))
-                   for s in sources)
+    assert not any(
+        s.startswith(("test.", "idlelib", "tkinter", "antigravity", "this.")) for s in sources
+    )
 
 
 def test_stdlib_docstrings_are_deterministic_and_never_import_side_effects():
@@ -172,6 +176,7 @@ def test_load_documents_dispatches_and_hf_loader(tmp_path):
 # cleaning
 # ---------------------------------------------------------------------------------------------
 
+
 def test_clean_text_unicode_forms():
     text = "\uff26\uff55\uff4c\uff4c width \ufb01le\u00a0x\u00b2 e\u0301"
     nfkc, counts = clean_text(text, CleanConfig(unicode_form="NFKC"))
@@ -203,8 +208,10 @@ def test_clean_text_doctest_modes():
 
 
 def test_clean_text_rest_markup():
-    text = ("See :func:`json.dumps`, :class:`~collections.OrderedDict`, "
-            ":py:meth:`title <str.title>` and ``None``.")
+    text = (
+        "See :func:`json.dumps`, :class:`~collections.OrderedDict`, "
+        ":py:meth:`title <str.title>` and ``None``."
+    )
     out, counts = clean_text(text)
     assert out == "See json.dumps, OrderedDict, title and None."
     assert counts["rest_markup_replaced"] == 4
@@ -232,12 +239,18 @@ def test_clean_documents_reports_and_drops_emptied_docs():
 # dedup, filters, split
 # ---------------------------------------------------------------------------------------------
 
+
 def test_deduplicate_exact_and_near_duplicates():
     base = prose(1, 80)
     words = base.split()
     near = " ".join(words[:40] + ["changed"] + words[41:])  # one word in 80 differs
-    docs = [Document(base, "a"), Document("  " + base.replace(" ", "\n", 3), "a-copy"),
-            Document(near, "a-near"), Document(prose(2, 80), "b"), Document(prose(3, 80), "c")]
+    docs = [
+        Document(base, "a"),
+        Document("  " + base.replace(" ", "\n", 3), "a-copy"),
+        Document(near, "a-near"),
+        Document(prose(2, 80), "b"),
+        Document(prose(3, 80), "c"),
+    ]
     kept, stats = deduplicate(docs)
     assert [d.source for d in kept] == ["a", "b", "c"]
     assert stats["exact_duplicates"] == 1 and stats["near_duplicates"] == 1
@@ -267,8 +280,9 @@ def test_filter_documents_reasons():
     kept, stats = filter_documents([good, *docs.values()], FilterConfig())
     assert [d.text for d in kept] == [good]
     assert stats["removed"] == {reason: 1 for reason in docs}
-    kept, stats = filter_documents(docs.values(), FilterConfig(min_chars=1, min_words=1,
-                                                               max_symbol_ratio=1.0))
+    kept, stats = filter_documents(
+        docs.values(), FilterConfig(min_chars=1, min_words=1, max_symbol_ratio=1.0)
+    )
     assert stats["removed"]["too_long"] == 1 and "too_short" not in stats["removed"]
 
 
@@ -292,6 +306,7 @@ def test_split_is_stable_when_documents_are_added():
 # tokenizer and packing
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_tokenizer():
     docs, _ = load_stdlib_docstrings(["json", "textwrap", "string", "math"])
@@ -304,8 +319,13 @@ def test_train_tokenizer_round_trips_and_saves(small_tokenizer, tmp_path):
     assert stats["vocab_size"] == len(tokenizer) == 600 and stats["chars_per_token"] > 1.5
     assert tokenizer.bos_token == tokenizer.eos_token == "<|endoftext|>"
     assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
-    for text in ["def f(x):\n    return x ** 2  # squared", "caf\u00e9 \u65e5\u672c \U0001f600 \ufffd",
-                 "  leading and trailing  ", "2024-07-14 12345", "a\tb\r\nc"]:
+    for text in [
+        "def f(x):\n    return x ** 2  # squared",
+        "caf\u00e9 \u65e5\u672c \U0001f600 \ufffd",
+        "  leading and trailing  ",
+        "2024-07-14 12345",
+        "a\tb\r\nc",
+    ]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.decode(ids) == text
     assert tokenizer.tokenize("12345") == ["1", "2", "3", "4", "5"]  # digits one by one
@@ -331,7 +351,7 @@ def test_pack_blocks_exact_lengths_zero_padding(small_tokenizer):
     assert 0 <= stats["dropped_tokens"] < 32 * 3  # at most a partial block per map batch (3)
     # the stream is the documents joined by EOS, in order
     first = tokenizer(texts[0])["input_ids"] + [tokenizer.eos_token_id]
-    assert flat[:len(first)] == first[:len(flat)]
+    assert flat[: len(first)] == first[: len(flat)]
     with pytest.raises(ValueError, match="block_size"):
         pack_blocks(texts, tokenizer, block_size=1)
 
@@ -340,14 +360,16 @@ def test_pack_blocks_exact_lengths_zero_padding(small_tokenizer):
 # the whole pipeline
 # ---------------------------------------------------------------------------------------------
 
+
 def test_prepare_data_end_to_end_and_load_prepared(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(120):
         (corpus / f"{i:03d}.txt").write_text(prose(i, 80) + "\n\n>>> doctest()\n1\n")
     (corpus / "dup.txt").write_text(prose(0, 80))
-    config = DataConfig(source=str(corpus), vocab_size=300, block_size=64,
-                        val_fraction=0.1, test_fraction=0.1)
+    config = DataConfig(
+        source=str(corpus), vocab_size=300, block_size=64, val_fraction=0.1, test_fraction=0.1
+    )
     out = tmp_path / "out"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no undecodable bytes here: no warning either
@@ -397,10 +419,19 @@ print(json.dumps({"grew_mb": (after - before) / 1024, "chars": len(text), "kept"
 
 
 def test_near_dedup_memory_per_document_is_bounded():
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-c", HUGE_LINE], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", HUGE_LINE],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     measured = json.loads(run.stdout)
     assert measured["chars"] > 2_000_000 and measured["kept"] == 2
@@ -429,11 +460,19 @@ def small_corpus(folder: Path, n: int, words: int = 12) -> str:
 
 
 def test_prepare_data_fails_on_a_split_without_one_block(tmp_path):
-    config = DataConfig(source=small_corpus(tmp_path / "c", 60, words=6), vocab_size=300,
-                        block_size=256, val_fraction=0.1, test_fraction=0.1,
-                        filters=FilterConfig(min_chars=20, min_words=3))
-    with pytest.raises(ValueError, match=r"the (validation|test) split has \d+ tokens in \d+ "
-                                         r"document\(s\), not enough for one block of block_size=256"):
+    config = DataConfig(
+        source=small_corpus(tmp_path / "c", 60, words=6),
+        vocab_size=300,
+        block_size=256,
+        val_fraction=0.1,
+        test_fraction=0.1,
+        filters=FilterConfig(min_chars=20, min_words=3),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"the (validation|test) split has \d+ tokens in \d+ "
+        r"document\(s\), not enough for one block of block_size=256",
+    ):
         prepare_data(config, out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written for load_prepared to trip on
 
@@ -445,10 +484,16 @@ def test_pack_blocks_without_a_block_is_a_clear_error(small_tokenizer):
 
 
 def test_corpus_emptied_by_the_filters_says_so(tmp_path):
-    config = DataConfig(source=small_corpus(tmp_path / "c", 10), vocab_size=300,
-                        filters=FilterConfig(min_chars=10_000, max_chars=20_000))
-    with pytest.raises(ValueError, match=r"no document is left after filter .*too_short.*"
-                                         r"relax DataConfig.filters"):
+    config = DataConfig(
+        source=small_corpus(tmp_path / "c", 10),
+        vocab_size=300,
+        filters=FilterConfig(min_chars=10_000, max_chars=20_000),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"no document is left after filter .*too_short.*"
+        r"relax DataConfig.filters",
+    ):
         prepare_data(config, out_dir=tmp_path / "out")
 
 
@@ -457,6 +502,8 @@ def test_load_prepared_names_an_empty_split(tmp_path, small_tokenizer):
 
     tokenizer, _ = small_tokenizer
     blocks = Dataset.from_dict({"input_ids": [[1, 2], [3, 4]]})
-    save_artifacts(tmp_path, tokenizer, DatasetDict({"train": blocks, "test": blocks.select([])}), {})
+    save_artifacts(
+        tmp_path, tokenizer, DatasetDict({"train": blocks, "test": blocks.select([])}), {}
+    )
     with pytest.raises(ValueError, match=r"empty split\(s\) \['test'\]"):
         load_prepared(tmp_path)

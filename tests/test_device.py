@@ -37,7 +37,7 @@ def test_no_module_decides_precision_on_its_own():
     """Only lmref/device.py may ask the hardware which float types it supports."""
     offenders = []
     for path in sorted((ROOT / "lmref").glob("*.py")):
-        if path.name in ("device.py", "env.py"):   # env.py reports the hardware, decides nothing
+        if path.name in ("device.py", "env.py"):  # env.py reports the hardware, decides nothing
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr == "is_bf16_supported":

@@ -32,7 +32,7 @@ def test_loss_matches_a_hand_computation():
     # prompt token, -100) is never a target.
     student = [[1.0, 0.0, -1.0], [0.5, 0.2, 0.1], [2.0, -1.0, 0.0]]
     teacher = [[0.0, 1.0, 0.0], [3.0, 0.0, -2.0], [0.0, 0.0, 1.0]]
-    labels = [-100, 0, 2]          # next-token targets: pos 0 -> 0, pos 1 -> 2, pos 2 -> none
+    labels = [-100, 0, 2]  # next-token targets: pos 0 -> 0, pos 1 -> 2, pos 2 -> none
     t, alpha = 2.0, 0.3
     expected = 0.0
     for pos, target in ((0, 0), (1, 2)):
@@ -40,23 +40,41 @@ def test_loss_matches_a_hand_computation():
         kl = sum(b * (math.log(b) - math.log(a)) for a, b in zip(ps, pt))
         ce = -math.log(softmax(student[pos], 1.0)[target])
         expected += alpha * t * t * kl + (1 - alpha) * ce
-    loss, count = distillation_loss_sum(torch.tensor([student]), torch.tensor([teacher]),
-                                         torch.tensor([labels]),
-                                         DistillationConfig(temperature=t, alpha=alpha))
+    loss, count = distillation_loss_sum(
+        torch.tensor([student]),
+        torch.tensor([teacher]),
+        torch.tensor([labels]),
+        DistillationConfig(temperature=t, alpha=alpha),
+    )
     assert int(count) == 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_blend_zero_is_causal_lm_loss_sum():
     torch.manual_seed(0)
-    model = build_model("tiny", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
-    teacher = build_model("tiny", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, seed=1)
+    model = build_model(
+        "tiny",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    teacher = build_model(
+        "tiny",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        seed=1,
+    )
     ids = torch.randint(0, VOCAB, (3, 12))
     labels = ids.clone()
-    labels[:, :4] = -100                   # a prompt
-    labels[2, 9:] = -100                   # padding
+    labels[:, :4] = -100  # a prompt
+    labels[2, 9:] = -100  # padding
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
     want_loss, want_count = causal_lm_loss_sum(model, batch)
     got_loss, got_count = distillation_loss(teacher, DistillationConfig(1.0, 0.0))(model, batch)
@@ -76,8 +94,9 @@ def test_masked_positions_do_not_count_and_chunks_change_nothing():
     config = DistillationConfig(temperature=3.0, alpha=0.7, chunk_tokens=1000)
     whole, n = distillation_loss_sum(student, teacher, labels, config)
     (grad_whole,) = torch.autograd.grad(whole, student)
-    chunked, n2 = distillation_loss_sum(student, teacher, labels,
-                                        DistillationConfig(3.0, 0.7, chunk_tokens=3))
+    chunked, n2 = distillation_loss_sum(
+        student, teacher, labels, DistillationConfig(3.0, 0.7, chunk_tokens=3)
+    )
     (grad_chunked,) = torch.autograd.grad(chunked, student)
     assert int(n) == int(n2) == 2 * 6 - 2
     torch.testing.assert_close(chunked, whole)
@@ -103,22 +122,46 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="alpha"):
         DistillationConfig(alpha=1.5)
     with pytest.raises(ValueError, match="tokenizer"):
-        distillation_loss_sum(torch.zeros(1, 4, 10), torch.zeros(1, 4, 12), torch.zeros(1, 4).long())
+        distillation_loss_sum(
+            torch.zeros(1, 4, 10), torch.zeros(1, 4, 12), torch.zeros(1, 4).long()
+        )
 
 
 def test_distillation_through_the_training_loop_moves_student_towards_teacher(tmp_path):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     data = datasets.Dataset.from_dict(
-        {"input_ids": torch.randint(0, VOCAB, (64, 16), generator=g).tolist()})
-    teacher = build_model("tiny", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    student = build_model("tiny", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, seed=3)
+        {"input_ids": torch.randint(0, VOCAB, (64, 16), generator=g).tolist()}
+    )
+    teacher = build_model(
+        "tiny",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    student = build_model(
+        "tiny",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        seed=3,
+    )
     batch = {"input_ids": torch.tensor(data[:16]["input_ids"])}
     before = agreement(student, teacher, batch)["kl_per_token"]
-    config = TrainingConfig(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8,
-                            learning_rate=1e-2, logging_steps=10, disable_tqdm=True)
+    config = TrainingConfig(
+        output_dir=str(tmp_path),
+        max_steps=30,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=10,
+        disable_tqdm=True,
+    )
     train(student, data, config, loss_fn=distillation_loss(teacher, DistillationConfig(2.0, 1.0)))
     after = agreement(student, teacher, batch)
     assert after["kl_per_token"] < 0.5 * before

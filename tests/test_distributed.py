@@ -28,24 +28,42 @@ from lmref.processes import RunLog, run_logged
 from lmref.train import main as train_main
 from lmref.train import parse_config
 
-VOCAB = 512          # the tiny_model_dir fixture's vocabulary
+VOCAB = 512  # the tiny_model_dir fixture's vocabulary
 STEPS = 6
 ACCUMULATION = 2
 SEQ = 16
 SAMPLES = 24
 # One thread per process: 2 processes on 2 cores; no hub access.
-LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-              "PYTHONUNBUFFERED": "1"}
+LAUNCH_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
 ROOT = Path(__file__).resolve().parent.parent
-TORCHRUN_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                     "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")
+TORCHRUN_ENV_KEYS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RESTART_COUNT",
+)
 
 
-def launch(args: list[str], nproc: int = 2, max_restarts: int = 0, extra_env: dict | None = None,
-           timeout_s: float = 300, echo=False) -> RunLog:
+def launch(
+    args: list[str],
+    nproc: int = 2,
+    max_restarts: int = 0,
+    extra_env: dict | None = None,
+    timeout_s: float = 300,
+    echo=False,
+) -> RunLog:
     command = D.torchrun_command(args, nproc, max_restarts=max_restarts)
-    return run_logged(command, timeout_s, env={**LAUNCH_ENV, **(extra_env or {})},
-                      cwd=ROOT, echo=echo)
+    return run_logged(
+        command, timeout_s, env={**LAUNCH_ENV, **(extra_env or {})}, cwd=ROOT, echo=echo
+    )
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -53,7 +71,9 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def metric_steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +87,34 @@ def data_dir(tmp_path_factory) -> Path:
     return path
 
 
-def cli_args(model_dir: Path, data_dir: Path, out: Path, batch: int = 2,
-             accumulation: int = ACCUMULATION) -> list[str]:
-    return ["--model", str(model_dir), "--data", str(data_dir), "--output-dir", str(out),
-            "--max-steps", str(STEPS), "--batch-size", str(batch), "--lr", "1e-2",
-            "--grad-accum", str(accumulation),
-            "--warmup-steps", "1", "--logging-steps", "1", "--save-steps", "2",
-            "--eval-split", "none", "--disable-tqdm"]
+def cli_args(
+    model_dir: Path, data_dir: Path, out: Path, batch: int = 2, accumulation: int = ACCUMULATION
+) -> list[str]:
+    return [
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data_dir),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        str(STEPS),
+        "--batch-size",
+        str(batch),
+        "--lr",
+        "1e-2",
+        "--grad-accum",
+        str(accumulation),
+        "--warmup-steps",
+        "1",
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        "2",
+        "--eval-split",
+        "none",
+        "--disable-tqdm",
+    ]
 
 
 PROBE = textwrap.dedent("""
@@ -144,8 +185,10 @@ def ddp_run(tmp_path_factory, tiny_model_dir, data_dir) -> tuple[Path, list[dict
 
 # ---------------------------------------------------------------- real torchrun
 
-def test_two_processes_match_one_process_with_double_batch(ddp_run, tiny_model_dir, data_dir,
-                                                           tmp_path):
+
+def test_two_processes_match_one_process_with_double_batch(
+    ddp_run, tiny_model_dir, data_dir, tmp_path
+):
     ddp_dir, _ = ddp_run
     # One process, batch 8, no accumulation, in this interpreter (no torchrun: world size 1).
     single_args = cli_args(tiny_model_dir, data_dir, tmp_path / "single", batch=8, accumulation=1)
@@ -166,7 +209,7 @@ def test_every_sample_once_per_epoch_across_ranks(ddp_run):
     _, ranks = ddp_run
     # 24 samples / 2 ranks / micro-batch 2 = 6 micro-batches a rank an epoch = 3 optimizer
     # steps (accumulation 2): the 6 steps are 2 epochs.
-    epochs = [[sum(r["seen"][e * 6:(e + 1) * 6], []) for e in (0, 1)] for r in ranks]
+    epochs = [[sum(r["seen"][e * 6 : (e + 1) * 6], []) for e in (0, 1)] for r in ranks]
     assert all(len(r["seen"]) == STEPS * ACCUMULATION for r in ranks)
     for e in (0, 1):
         a, b = epochs[0][e], epochs[1][e]
@@ -180,8 +223,10 @@ def test_only_rank_zero_writes_files(ddp_run):
     assert ranks[1]["writes"] == []
     written = {Path(p).name for _, p in ranks[0]["writes"]}  # the probe does see rank 0's writes
     assert {"metrics.jsonl", ".tmp-checkpoint-0000002", "final"} <= written, written
-    assert sorted(p.name for p in ddp_dir.glob("checkpoint-*")) == ["checkpoint-0000004",
-                                                                     "checkpoint-0000006"]
+    assert sorted(p.name for p in ddp_dir.glob("checkpoint-*")) == [
+        "checkpoint-0000004",
+        "checkpoint-0000006",
+    ]
 
 
 def test_accumulation_micro_steps_skip_the_gradient_allreduce(ddp_run):
@@ -209,8 +254,9 @@ def launch_until_final_line(args: list[str], marker: str, **kwargs) -> tuple[Run
 PROMPT_EXIT_S = 30.0
 
 
-def test_killed_rank_restarts_and_ends_with_uninterrupted_weights(ddp_run, tiny_model_dir,
-                                                                  data_dir, tmp_path):
+def test_killed_rank_restarts_and_ends_with_uninterrupted_weights(
+    ddp_run, tiny_model_dir, data_dir, tmp_path
+):
     """A rank dies after step 3; torchrun restarts the group, which resumes from step 2 and ends
     with the uninterrupted run's weights, and the job exits promptly after its final line (it
     once hung there: see test_leaving_a_group_many_times_never_deadlocks). More launches:
@@ -219,10 +265,14 @@ def test_killed_rank_restarts_and_ends_with_uninterrupted_weights(ddp_run, tiny_
         out = tmp_path / f"faulty{i}"
         log, exit_after_final_s = launch_until_final_line(
             ["-m", "lmref.train", *cli_args(tiny_model_dir, data_dir, out), "--resume"],
-            '"final_dir"', max_restarts=1, extra_env={D.FAIL_AT_STEP: "3", D.FAIL_RANK: "1"})
+            '"final_dir"',
+            max_restarts=1,
+            extra_env={D.FAIL_AT_STEP: "3", D.FAIL_RANK: "1"},
+        )
         log.check()
-        assert exit_after_final_s < PROMPT_EXIT_S, \
+        assert exit_after_final_s < PROMPT_EXIT_S, (
             f"launch {i}: exited {exit_after_final_s:.0f} s after its final line"
+        )
         assert log.output.count("fault injection: exiting") == 1
         assert "attempt 1" in log.output  # the restarted group's banner
         result = json.loads((out / "final" / "train_result.json").read_text())
@@ -291,6 +341,7 @@ def test_repeated_launches_end_cleanly(tmp_path):
 
 # ---------------------------------------------------------------- in-process pieces
 
+
 def test_no_torchrun_environment_is_a_noop_with_world_size_one(monkeypatch, capsys):
     for key in TORCHRUN_ENV_KEYS:
         monkeypatch.delenv(key, raising=False)
@@ -305,10 +356,23 @@ def test_no_torchrun_environment_is_a_noop_with_world_size_one(monkeypatch, caps
 
 
 def test_read_env_parses_torchrun_variables_and_rejects_bad_ones():
-    full = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "node0", "MASTER_PORT": "29500", "TORCHELASTIC_RESTART_COUNT": "2"}
+    full = {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "node0",
+        "MASTER_PORT": "29500",
+        "TORCHELASTIC_RESTART_COUNT": "2",
+    }
     env = D.read_env(full)
-    assert (env.rank, env.local_rank, env.world_size, env.master_port, env.restart_count) == (3, 1, 4, 29500, 2)
+    assert (env.rank, env.local_rank, env.world_size, env.master_port, env.restart_count) == (
+        3,
+        1,
+        4,
+        29500,
+        2,
+    )
     assert env.launched and not env.is_main
     assert D.read_env({}) == D.DistEnv()
     with pytest.raises(ValueError, match="MASTER_ADDR"):
@@ -322,6 +386,7 @@ def test_read_env_parses_torchrun_variables_and_rejects_bad_ones():
 def test_fault_injection_targets_one_rank_on_the_first_attempt_only():
     def env(rank, attempt):
         return D.DistEnv(rank=rank, world_size=2, restart_count=attempt, launched=True)
+
     ask = {D.FAIL_AT_STEP: "3", D.FAIL_RANK: "1"}
     assert D.fault_injection_from_env({}, env(1, 0)) is None
     assert D.fault_injection_from_env(ask, env(0, 0)) is None
@@ -335,20 +400,36 @@ def test_fault_injection_targets_one_rank_on_the_first_attempt_only():
 
 def test_torchrun_command_single_and_multi_node():
     single = D.torchrun_command(["-m", "lmref.train"], 2, launcher=["torchrun"])
-    assert single == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=2",
-                      "--max-restarts=0", "-m", "lmref.train"]
-    multi = D.format_command(D.torchrun_command(
-        ["-m", "lmref.train"], 8, nnodes=2, rdzv_endpoint="node0:29500", max_restarts=3,
-        launcher=["torchrun"]))
-    assert ("torchrun --nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=node0:29500 "
-            "--rdzv-id=lmref --nproc-per-node=8 --max-restarts=3 -m lmref.train") == multi
+    assert single == [
+        "torchrun",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--max-restarts=0",
+        "-m",
+        "lmref.train",
+    ]
+    multi = D.format_command(
+        D.torchrun_command(
+            ["-m", "lmref.train"],
+            8,
+            nnodes=2,
+            rdzv_endpoint="node0:29500",
+            max_restarts=3,
+            launcher=["torchrun"],
+        )
+    )
+    assert (
+        "torchrun --nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=node0:29500 "
+        "--rdzv-id=lmref --nproc-per-node=8 --max-restarts=3 -m lmref.train"
+    ) == multi
     with pytest.raises(ValueError, match="rdzv_endpoint"):
         D.torchrun_command(["x.py"], nnodes=2)
 
 
 def test_ring_allreduce_volume():
     assert D.ring_allreduce_bytes(1000, 1) == 0
-    assert D.ring_allreduce_bytes(1000, 2, 4) == 4000           # 2 (N-1)/N = 1 at N = 2
+    assert D.ring_allreduce_bytes(1000, 2, 4) == 4000  # 2 (N-1)/N = 1 at N = 2
     assert D.ring_allreduce_bytes(1000, 8, 2) == 2 * 7 / 8 * 2000
     estimate = D.ddp_step_estimate(124_000_000, 8192, 8, bus_bandwidth_gbs=100, peak_flops=1e15)
     assert estimate["allreduce_bytes"] == D.ring_allreduce_bytes(124_000_000, 8, 4)
@@ -360,13 +441,15 @@ def test_ring_allreduce_volume():
 def test_run_logged_streams_and_kills_on_timeout():
     # The job starts a child in a session of its own, as torchrun starts its workers: killpg
     # cannot reach it, and the timeout must still end it and report its stack.
-    code = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
-            "'import time; time.sleep(60)'], start_new_session=True); "
-            "print('started', child.pid, flush=True); time.sleep(60)")
+    code = (
+        "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+        "'import time; time.sleep(60)'], start_new_session=True); "
+        "print('started', child.pid, flush=True); time.sleep(60)"
+    )
     log = run_logged([sys.executable, "-c", code], timeout_s=5, echo=False)
     assert log.timed_out and not log.ok and log.lines[0].startswith("started")
     child = int(log.lines[0].split()[1])
-    child_report = log.stacks[log.stacks.index(f"--- pid {child} "):]
+    child_report = log.stacks[log.stacks.index(f"--- pid {child} ") :]
     assert "time_sleep" in child_report  # py-spy's native frame: the child's stack was dumped
     assert log.seconds < 40
     time.sleep(0.5)
@@ -377,14 +460,29 @@ def test_run_logged_streams_and_kills_on_timeout():
 
 def test_cli_config_file_then_flags(tmp_path):
     config_file = tmp_path / "run.yaml"
-    config_file.write_text("model: tiny-gpt2\nmax_steps: 7\nlearning_rate: 0.002\n"
-                           "model_overrides: {num_hidden_layers: 2}\n")
-    config = parse_config(["--config", str(config_file), "--lr", "0.01", "--resume",
-                           "--grad-accum", "4", "--max-grad-norm", "none"])
+    config_file.write_text(
+        "model: tiny-gpt2\nmax_steps: 7\nlearning_rate: 0.002\n"
+        "model_overrides: {num_hidden_layers: 2}\n"
+    )
+    config = parse_config(
+        [
+            "--config",
+            str(config_file),
+            "--lr",
+            "0.01",
+            "--resume",
+            "--grad-accum",
+            "4",
+            "--max-grad-norm",
+            "none",
+        ]
+    )
     assert config.model == "tiny-gpt2" and config.model_overrides == {"num_hidden_layers": 2}
     assert config.training.max_steps == 7 and config.training.learning_rate == 0.01
     assert config.training.resume_from_checkpoint is True
-    assert config.training.gradient_accumulation_steps == 4 and config.training.max_grad_norm is None
+    assert (
+        config.training.gradient_accumulation_steps == 4 and config.training.max_grad_norm is None
+    )
     assert parse_config(["--resume", "ckpt/x"]).training.resume_from_checkpoint == "ckpt/x"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"max_stepz": 3}))
@@ -396,5 +494,15 @@ def test_cli_rejects_missing_data_and_a_too_small_vocabulary(tmp_path, data_dir)
     with pytest.raises(SystemExit, match="no dataset"):
         train_main(["--data", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="vocabulary"):
-        train_main(["--model", "tiny", "--model-overrides", '{"vocab_size": 64}',
-                    "--data", str(data_dir), "--output-dir", str(tmp_path / "o")])
+        train_main(
+            [
+                "--model",
+                "tiny",
+                "--model-overrides",
+                '{"vocab_size": 64}',
+                "--data",
+                str(data_dir),
+                "--output-dir",
+                str(tmp_path / "o"),
+            ]
+        )

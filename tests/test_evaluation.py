@@ -37,7 +37,7 @@ def test_perplexity_is_token_weighted_not_batch_averaged():
     logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))
     model = FixedLogits(logits)
     rows = [
-        {"input_ids": [0, 0, 0, 0], "labels": [-100, 0, 0, 0]},       # 3 tokens of ln 2
+        {"input_ids": [0, 0, 0, 0], "labels": [-100, 0, 0, 0]},  # 3 tokens of ln 2
         {"input_ids": [1, 1, 1, 1], "labels": [-100, -100, -100, 1]},  # 1 token of ln 4
     ]
     collate = lambda rs: {k: torch.tensor([r[k] for r in rs]) for k in rs[0]}  # noqa: E731

@@ -66,15 +66,19 @@ def test_instruction_dataset_is_deterministic_and_checks_tasks(tmp_path):
     b, _ = make_instruction_dataset(config)
     assert list(a["train"]["instruction"]) == list(b["train"]["instruction"])
     row = a["test"][0]
-    assert row["task"] == "reverse" and row["answer"].split() == row["instruction"].split(": ")[1].split()[::-1]
+    assert (
+        row["task"] == "reverse"
+        and row["answer"].split() == row["instruction"].split(": ")[1].split()[::-1]
+    )
     with pytest.raises(ValueError, match="unknown task"):
         make_instruction_dataset(InstructionConfig(tasks=("poetry",)))
     with pytest.raises(ValueError, match="distinct inputs"):
         make_instruction_dataset(InstructionConfig(tasks=("add",), test_per_task=900))
     specs = tmp_path / "tasks.json"
     specs.write_text(json.dumps({"add": {"template": "{a}+{b}=", "a": [1, 3], "b": [5, 5]}}))
-    ds, stats = make_instruction_dataset(InstructionConfig(tasks=("add",), test_per_task=1,
-                                                           task_specs_path=str(specs)))
+    ds, stats = make_instruction_dataset(
+        InstructionConfig(tasks=("add",), test_per_task=1, task_specs_path=str(specs))
+    )
     assert sorted(list(ds["train"]["answer"]) + list(ds["test"]["answer"])) == ["6", "7", "8"]
     assert stats["tasks"]["add"]["train"] == 2
 
@@ -86,7 +90,9 @@ def test_shipped_task_definitions_match_the_code():
 
 def test_format_prompt():
     prompt = format_prompt("Sort the words alphabetically: b a")
-    assert prompt == instruction_data.PROMPT_TEMPLATE.format(instruction="Sort the words alphabetically: b a")
+    assert prompt == instruction_data.PROMPT_TEMPLATE.format(
+        instruction="Sort the words alphabetically: b a"
+    )
     assert "Sort the words alphabetically: b a" in prompt and prompt.endswith("\n")
 
 
@@ -122,7 +128,9 @@ def test_collator_pads_dynamically_and_masks_prompt_and_padding(instructions, ti
         assert batch["input_ids"][i, n:].eq(tiny_tokenizer.pad_token_id).all()
         assert batch["labels"][i].tolist() == f["labels"] + [IGNORE_INDEX] * (longest - n)
         masked = sum(1 for x in f["labels"] if x == IGNORE_INDEX)
-        assert masked == len(tiny_tokenizer(format_prompt(ds["test"][i * 20]["instruction"]))["input_ids"])
+        assert masked == len(
+            tiny_tokenizer(format_prompt(ds["test"][i * 20]["instruction"]))["input_ids"]
+        )
     padded = InstructionCollator(tiny_tokenizer, pad_to_multiple_of=16)(features)
     assert padded["input_ids"].shape[1] % 16 == 0
     with pytest.raises(ValueError, match="empty batch"):
@@ -138,44 +146,54 @@ def test_collator_batch_trains_a_model(tiny_model_dir, tiny_tokenizer, instructi
 
     ds, _ = instructions
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    batch = InstructionCollator(tiny_tokenizer)(list(tokenize_instructions(ds["test"].select(range(8)),
-                                                                           tiny_tokenizer)))
+    batch = InstructionCollator(tiny_tokenizer)(
+        list(tokenize_instructions(ds["test"].select(range(8)), tiny_tokenizer))
+    )
     loss = model(**batch).loss
     assert torch.isfinite(loss) and loss.item() > 0
-
-
 
 
 # ---------------------------------------------------------------------------------------------
 # bad input and the library collator
 # ---------------------------------------------------------------------------------------------
 
+
 def test_task_spec_missing_a_field_names_the_task_example_and_field(tmp_path):
     specs = json.loads(json.dumps(TASK_SPECS))
     del specs["date"]["months"]
     path = tmp_path / "tasks.json"
     path.write_text(json.dumps(specs))
-    config = InstructionConfig(tasks=("date",), train_per_task=5, test_per_task=1,
-                               task_specs_path=str(path))
-    with pytest.raises(ValueError, match=r"task 'date' in .*tasks.json: example 0 needs the "
-                                         r"field 'months'"):
+    config = InstructionConfig(
+        tasks=("date",), train_per_task=5, test_per_task=1, task_specs_path=str(path)
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"task 'date' in .*tasks.json: example 0 needs the "
+        r"field 'months'",
+    ):
         make_instruction_dataset(config)
     specs["date"]["months"] = ["January"]  # present but too short: the failing lookup is named
     path.write_text(json.dumps(specs))
-    with pytest.raises(ValueError, match=r"task 'date' in .*: example \d+ failed on a field .*IndexError"):
+    with pytest.raises(
+        ValueError, match=r"task 'date' in .*: example \d+ failed on a field .*IndexError"
+    ):
         make_instruction_dataset(config)
 
 
 def test_null_answer_names_the_task_example_and_field(tiny_tokenizer):
     from datasets import Dataset
 
-    rows = [{"task": "add", "instruction": "What is 1 plus 2?", "answer": "3"},
-            {"task": "sort", "instruction": "Sort the words alphabetically: b a", "answer": None}]
+    rows = [
+        {"task": "add", "instruction": "What is 1 plus 2?", "answer": "3"},
+        {"task": "sort", "instruction": "Sort the words alphabetically: b a", "answer": None},
+    ]
     with pytest.raises(ValueError, match=r"example 1 \(task 'sort'\): field 'answer' is None"):
         tokenize_instructions(Dataset.from_list(rows), tiny_tokenizer)
 
 
-def test_collator_is_transformers_and_pads_right_whatever_the_tokenizer(instructions, tiny_tokenizer):
+def test_collator_is_transformers_and_pads_right_whatever_the_tokenizer(
+    instructions, tiny_tokenizer
+):
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
     ds, _ = instructions
@@ -184,5 +202,8 @@ def test_collator_is_transformers_and_pads_right_whatever_the_tokenizer(instruct
     left = AutoTokenizer.from_pretrained(tiny_tokenizer.name_or_path, padding_side="left")
     batch = InstructionCollator(left)(features)
     assert left.padding_side == "left"  # the caller's tokenizer is left as it was
-    assert batch["input_ids"].tolist() == InstructionCollator(tiny_tokenizer)(features)["input_ids"].tolist()
+    assert (
+        batch["input_ids"].tolist()
+        == InstructionCollator(tiny_tokenizer)(features)["input_ids"].tolist()
+    )
     assert batch["attention_mask"][:, 0].all()  # padding at the end

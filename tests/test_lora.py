@@ -75,7 +75,9 @@ def test_targets_of_a_gpt2_shaped_model(ids):
     assert lora_config(model).fan_in_fan_out is True  # Conv1D stores W transposed
     before = logits(model, ids)
     peft_model = add_lora(model, LoraSettings(target_modules="attention"))
-    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
+    adapted = {
+        n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if ".lora_A" in n
+    }
     assert len(adapted) == 4 and not any("mlp" in n for n in adapted), adapted
     # B starts at zero: the adapted model is the base model until it trains.
     assert torch.equal(logits(peft_model, ids), before)
@@ -98,8 +100,15 @@ def test_only_lora_parameters_train(tiny_model_dir):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     # r * (in + out) per adapted layer: hidden 64, intermediate 128, 4 heads of 16, 2 kv heads.
-    shapes = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
-              "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)}
+    shapes = {
+        "q_proj": (64, 64),
+        "k_proj": (64, 32),
+        "v_proj": (64, 32),
+        "o_proj": (64, 64),
+        "gate_proj": (64, 128),
+        "up_proj": (64, 128),
+        "down_proj": (128, 64),
+    }
     expected = 2 * sum(4 * (i + o) for i, o in shapes.values())  # 2 layers
     report = trainable_report(model)
     assert report["trainable_parameters"] == report["lora_parameters"] == expected
@@ -163,9 +172,15 @@ def test_qlora_trains_on_cpu_with_a_4bit_base(tiny_model_dir, tiny_tokenizer, tm
     text = "The quick brown fox jumps over the lazy dog. " * 6
     block = tiny_tokenizer(text)["input_ids"][:32]
     data = Dataset.from_dict({"input_ids": [block] * 8})
-    config = TrainingConfig(output_dir=str(tmp_path / "run"), max_steps=8, learning_rate=2e-2,
-                            per_device_train_batch_size=4, logging_steps=1, weight_decay=0.0,
-                            disable_tqdm=True)
+    config = TrainingConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=8,
+        learning_rate=2e-2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        weight_decay=0.0,
+        disable_tqdm=True,
+    )
     packed_before = q_proj.base_layer.weight.data.clone()
     result = train(model, data, config)
     losses = [h["loss"] for h in result.history if "loss" in h]
@@ -210,10 +225,19 @@ PEAK_SCRIPT = textwrap.dedent("""
 
 
 def _added_mb(*args: str) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *args], capture_output=True,
-                         text=True, timeout=120, env=env, check=True).stdout
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
+    ).stdout
     added = json.loads(out.splitlines()[-1])
     if added is None:
         pytest.skip("no /proc/self/status on this platform")

@@ -39,4 +39,5 @@ def test_load_model_roundtrip(tiny_model_dir):
     assert model.config._attn_implementation == "sdpa"
     report = model_report(model)
     assert report["weight_mb"] == pytest.approx(
-        sum(p.numel() * 4 for p in model.parameters()) / 2**20, rel=0.01)
+        sum(p.numel() * 4 for p in model.parameters()) / 2**20, rel=0.01
+    )

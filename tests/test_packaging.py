@@ -15,8 +15,9 @@ CONDA_NAMES = {"pytorch": "torch"}  # conda-forge spells a few packages differen
 def split(requirement: str) -> tuple[str, str]:
     # Extras stay part of the name: "transformers[serving]" (the bench extra) is a requirement of
     # its own beside plain "transformers".
-    name, spec = re.match(r"([A-Za-z0-9_.\-]+(?:\[[^\]]*\])?)(.*)",
-                          requirement.replace(" ", "")).groups()
+    name, spec = re.match(
+        r"([A-Za-z0-9_.\-]+(?:\[[^\]]*\])?)(.*)", requirement.replace(" ", "")
+    ).groups()
     return name.lower().replace("_", "-"), spec
 
 
@@ -40,8 +41,11 @@ def conda_requirements() -> dict[str, str]:
 
 def test_environment_yml_matches_pyproject():
     pip, conda = pyproject_requirements(), conda_requirements()
-    assert pip == conda, {k: (pip.get(k), conda.get(k)) for k in pip.keys() | conda.keys()
-                          if pip.get(k) != conda.get(k)}
+    assert pip == conda, {
+        k: (pip.get(k), conda.get(k))
+        for k in pip.keys() | conda.keys()
+        if pip.get(k) != conda.get(k)
+    }
 
 
 def test_packages_of_record_are_bounded_above():
@@ -56,4 +60,5 @@ def test_python_version_of_environment_is_supported():
     python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
     required = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert tuple(map(int, python.split("=")[1].split("."))) >= tuple(
-        map(int, required.removeprefix(">=").split(".")))
+        map(int, required.removeprefix(">=").split("."))
+    )

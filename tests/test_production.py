@@ -36,7 +36,8 @@ KEY = "sk-test"
 needs_servers = pytest.mark.skipif(
     not all(shutil.which(b) for b in ("redis-server", "nginx"))
     or not Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists(),
-    reason="redis-server, rabbitmq-server and nginx come from Debian (make system)")
+    reason="redis-server, rabbitmq-server and nginx come from Debian (make system)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +48,26 @@ def backends():
 
 def worker_env(backends, model_dir, **extra) -> dict:
     redis_, rabbit = backends
-    return {"LMREF_BROKER_URL": rabbit.url, "LMREF_STORE_URL": redis_.url,
-            "LMREF_WORKER_MODELS": f"tiny={model_dir}", **extra}
+    return {
+        "LMREF_BROKER_URL": rabbit.url,
+        "LMREF_STORE_URL": redis_.url,
+        "LMREF_WORKER_MODELS": f"tiny={model_dir}",
+        **extra,
+    }
 
 
 def start_workers(services, backends, model_dir, names: list[str], **extra) -> dict:
     """Workers started together (each loads its model meanwhile), ready once all have."""
     from lmref.batch_queue import READY_LINE
 
-    workers = {name: services.add(start_celery_worker(
-        "lmref.batch_queue", name, worker_env(backends, model_dir, **extra), wait=False))
-        for name in names}
+    workers = {
+        name: services.add(
+            start_celery_worker(
+                "lmref.batch_queue", name, worker_env(backends, model_dir, **extra), wait=False
+            )
+        )
+        for name in names
+    }
     for worker in workers.values():
         worker.wait_for_text(READY_LINE, timeout=120)
     return workers
@@ -71,27 +81,39 @@ def api(backends, tiny_model_dir):
     from lmref.serving import ModelSpec, ServingConfig
 
     redis_, rabbit = backends
-    handle = start_server(ServingConfig(models=[ModelSpec("tiny", str(tiny_model_dir))],
-                                        api_keys=[KEY]),
-                          shared=SharedServices(cache_url=redis_.url.replace("/0", "/2"),
-                                                broker_url=rabbit.url, store_url=redis_.url))
+    handle = start_server(
+        ServingConfig(models=[ModelSpec("tiny", str(tiny_model_dir))], api_keys=[KEY]),
+        shared=SharedServices(
+            cache_url=redis_.url.replace("/0", "/2"), broker_url=rabbit.url, store_url=redis_.url
+        ),
+    )
     client = openai.OpenAI(base_url=handle.url + "/v1", api_key=KEY, max_retries=0)
     yield handle, client
     handle.stop(drain_timeout=5)
 
 
 def request_line(custom_id: str, **body) -> dict:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": "tiny", "messages": [{"role": "user", "content": custom_id}],
-                     "temperature": 0, "max_tokens": 4, **body}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": custom_id}],
+            "temperature": 0,
+            "max_tokens": 4,
+            **body,
+        },
+    }
 
 
 def submit(client, lines: list[dict], tmp_path, **kw):
     path = tmp_path / "requests.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     uploaded = client.files.create(file=path.open("rb"), purpose="batch")
-    return client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                 completion_window="24h", **kw)
+    return client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h", **kw
+    )
 
 
 def wait_done(client, batch_id: str, timeout: float = 120.0):
@@ -150,14 +172,15 @@ def test_worker_killed_mid_job_loses_nothing(backends, api, tiny_model_dir, tmp_
     assert all(x["response"]["status_code"] == 200 for x in output)
     assert all(len(x["response"]["body"]["choices"]) == 16 for x in output)
     attempts = store.attempts(batch.id)
-    assert attempts[victim_job] == 2, attempts             # delivered again ...
-    assert store.workers(batch.id)[victim_job] != victim   # ... and completed by the other
+    assert attempts[victim_job] == 2, attempts  # delivered again ...
+    assert store.workers(batch.id)[victim_job] != victim  # ... and completed by the other
     assert queue_depth(handle.url) == 0
 
 
 @needs_servers
-def test_a_request_that_keeps_killing_workers_fails_as_a_poison_pill(backends, api,
-                                                                     tiny_model_dir, tmp_path):
+def test_a_request_that_keeps_killing_workers_fails_as_a_poison_pill(
+    backends, api, tiny_model_dir, tmp_path
+):
     """With LMREF_MAX_ATTEMPTS=1 a request whose worker dies once is not run a second time: the
     next worker records it as failed (a request that crashes every worker it reaches would
     otherwise be redelivered forever), and the batch still completes."""
@@ -167,8 +190,9 @@ def test_a_request_that_keeps_killing_workers_fails_as_a_poison_pill(backends, a
     store = Store(backends[0].url)
     lines = [request_line("crashes-workers", max_tokens=220, ignore_eos=True, n=16)]
     with Services() as services:
-        workers = start_workers(services, backends, tiny_model_dir, ["w5", "w6"],
-                                LMREF_MAX_ATTEMPTS="1")
+        workers = start_workers(
+            services, backends, tiny_model_dir, ["w5", "w6"], LMREF_MAX_ATTEMPTS="1"
+        )
         batch = submit(client, lines, tmp_path)
         deadline = time.monotonic() + 60
         while not (running := store.running(batch.id)):
@@ -187,10 +211,14 @@ def test_a_request_that_keeps_killing_workers_fails_as_a_poison_pill(backends, a
 def test_poisoned_jobs_fail_alone(backends, api, tiny_model_dir, tmp_path):
     handle, client = api
     # The quick ones take ~15 ms, the slow one ~1 s on a 2-core CPU: a 0.3 s limit parts them.
-    lines = [request_line("ok-1", max_tokens=2), request_line("bad-max-tokens", max_tokens=-3),
-             request_line("ok-2", max_tokens=2), request_line("unknown-model", model="nope"),
-             request_line("too-slow", max_tokens=220, ignore_eos=True, n=16),
-             request_line("ok-3", max_tokens=2)]
+    lines = [
+        request_line("ok-1", max_tokens=2),
+        request_line("bad-max-tokens", max_tokens=-3),
+        request_line("ok-2", max_tokens=2),
+        request_line("unknown-model", model="nope"),
+        request_line("too-slow", max_tokens=220, ignore_eos=True, n=16),
+        request_line("ok-3", max_tokens=2),
+    ]
     with Services() as services:
         start_workers(services, backends, tiny_model_dir, ["w3"])
         # metadata job_time_limit_s: each request's Celery soft time limit (hard: +15 s)
@@ -216,8 +244,15 @@ def test_worker_forwards_to_an_upstream_openai_server(backends, api, tiny_model_
     handle, client = api
     lines = [request_line("up-1"), request_line("up-bad", temperature=-1)]
     with Services() as services:
-        start_workers(services, backends, tiny_model_dir, ["w4"], LMREF_WORKER_MODELS="",
-                      LMREF_WORKER_UPSTREAM=handle.url, LMREF_WORKER_UPSTREAM_KEY=KEY)
+        start_workers(
+            services,
+            backends,
+            tiny_model_dir,
+            ["w4"],
+            LMREF_WORKER_MODELS="",
+            LMREF_WORKER_UPSTREAM=handle.url,
+            LMREF_WORKER_UPSTREAM_KEY=KEY,
+        )
         done = wait_done(client, submit(client, lines, tmp_path).id)
     output, errors = jsonl(client, done.output_file_id), jsonl(client, done.error_file_id)
     assert [x["custom_id"] for x in output] == ["up-1"]
@@ -235,27 +270,37 @@ def test_batch_api_rejects_bad_input_naming_it(api, tmp_path):
     bad.write_text(json.dumps(request_line("a")) + "\n" + json.dumps({"custom_id": "b"}) + "\n")
     uploaded = client.files.create(file=bad.open("rb"), purpose="batch")
     with pytest.raises(openai.BadRequestError, match="line 2: 'url'"):
-        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                              completion_window="24h")
+        client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
     with pytest.raises(openai.BadRequestError, match="purpose"):
         client.files.create(file=bad.open("rb"), purpose="fine-tune")
     with pytest.raises(openai.NotFoundError, match="batch_nope"):
         client.batches.retrieve("batch_nope")
     with pytest.raises(openai.NotFoundError, match="file-nope"):
-        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions",
-                              completion_window="24h")
+        client.batches.create(
+            input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
+        )
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).batches.retrieve(
-            "batch_x")
+            "batch_x"
+        )
 
 
 @needs_servers
 def test_cache_shared_by_replicas_behind_nginx(backends, tiny_model_dir):
     redis_url = backends[0].url
     with Services() as services:
-        replicas = [services.add(start_replica(f"tiny={tiny_model_dir}", [
-            "--cache-url", redis_url, "--cache-ttl-s", "600", "--torch-threads", "1"],
-            env={"LMREF_API_KEYS": ""})) for _ in range(2)]
+        replicas = [
+            services.add(
+                start_replica(
+                    f"tiny={tiny_model_dir}",
+                    ["--cache-url", redis_url, "--cache-ttl-s", "600", "--torch-threads", "1"],
+                    env={"LMREF_API_KEYS": ""},
+                )
+            )
+            for _ in range(2)
+        ]
         lb = services.add(start_nginx([f"127.0.0.1:{r.port}" for r in replicas]))
         body = {"model": "tiny", "prompt": "def shared(", "max_tokens": 12, "temperature": 0}
         answers = []
@@ -274,8 +319,9 @@ def test_cache_shared_by_replicas_behind_nginx(backends, tiny_model_dir):
         # Logprobs survive the trip through Redis: the replica that did not generate the
         # answer returns the same tokens and numbers.
         scored = {**body, "prompt": "def scored(", "logprobs": 2, "echo": True}
-        first, second = (requests.post(lb.url + "/v1/completions", json=scored, timeout=30)
-                         for _ in range(2))
+        first, second = (
+            requests.post(lb.url + "/v1/completions", json=scored, timeout=30) for _ in range(2)
+        )
         assert first.headers["X-Upstream"] != second.headers["X-Upstream"]
         assert first.json()["choices"] == second.json()["choices"]
         assert len(first.json()["choices"][0]["logprobs"]["tokens"]) > 12
@@ -311,8 +357,9 @@ def _redis(url: str):
     return redis.Redis.from_url(url)
 
 
-def test_shared_cache_misses_when_redis_is_down_and_keys_carry_the_version(tiny_model_dir,
-                                                                          tmp_path):
+def test_shared_cache_misses_when_redis_is_down_and_keys_carry_the_version(
+    tiny_model_dir, tmp_path
+):
     from lmref.engine import Finished
     from lmref.local_services import free_port
     from lmref.redis_cache import RedisResponseCache
@@ -331,15 +378,20 @@ def test_shared_cache_misses_when_redis_is_down_and_keys_carry_the_version(tiny_
     b = RedisResponseCache("redis://127.0.0.1:1/0", versions={"tiny": str(other)})
     key = ("tiny", False, "'p'", 4, (), False)
     assert a.key(key) != b.key(key)
-    assert a.key(key) == RedisResponseCache("redis://127.0.0.1:1/0",
-                                            versions={"tiny": str(tiny_model_dir)}).key(key)
+    assert a.key(key) == RedisResponseCache(
+        "redis://127.0.0.1:1/0", versions={"tiny": str(tiny_model_dir)}
+    ).key(key)
 
 
 def k8s_resources() -> list[tuple[str, dict]]:
     import yaml
 
-    return [(path.name, doc) for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
-            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [
+        (path.name, doc)
+        for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
 
 
 def test_kubernetes_manifests_validate_offline():
@@ -377,13 +429,21 @@ def test_grafana_dashboard_uses_metrics_the_server_exports(api):
     handle, _ = api
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "lmref-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+
     def base(name: str) -> str:
         return re.sub(r"_(total|bucket|sum|count)$", "", name)
 
     names = {base(n) for e in exprs for n in re.findall(r"lmref:[a-z0-9_]+", e)}
-    exported = {base(n) for n in re.findall(r"^# TYPE (\S+) ", requests.get(
-        handle.url + "/metrics", timeout=10).text, re.M)}
+    exported = {
+        base(n)
+        for n in re.findall(
+            r"^# TYPE (\S+) ", requests.get(handle.url + "/metrics", timeout=10).text, re.M
+        )
+    }
     assert len(names) >= 8 and names <= exported, names - exported
-    adapter = next(d for n, d in k8s_resources() if d["kind"] == "ConfigMap"
-                   and "adapter" in d["metadata"]["name"])["data"]["config.yaml"]
+    adapter = next(
+        d
+        for n, d in k8s_resources()
+        if d["kind"] == "ConfigMap" and "adapter" in d["metadata"]["name"]
+    )["data"]["config.yaml"]
     assert set(re.findall(r"lmref:[a-z0-9_]+", adapter)) <= exported

@@ -30,10 +30,14 @@ def model_and_tokenizer():
 
 def test_france_question_is_answered_with_paris(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    enc = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)
-    answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 
@@ -41,9 +45,14 @@ def test_converted_logits_equal_the_gguf_loaded_model(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     gguf = packaged_gguf_path(NAMED_MODELS[NAME])
     reference = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True)).eval()
-    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"]
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    ).eval()
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")[
+        "input_ids"
+    ]
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, reference(ids).logits)
     assert model.config.num_hidden_layers == 30 and len(tokenizer) == 49152
@@ -68,5 +77,7 @@ def test_server_cli_resolves_course_names_and_defaults_to_the_real_model(tmp_pat
 
     folder = resolve_model(NAME)
     assert resolve_model_args([]) == ["--model", f"smollm2={folder}"]
-    argv = resolve_model_args(["--model", f"chat={NAME}", "--model", f"mine={tmp_path}", "--port", "0"])
+    argv = resolve_model_args(
+        ["--model", f"chat={NAME}", "--model", f"mine={tmp_path}", "--port", "0"]
+    )
     assert argv == ["--model", f"chat={folder}", "--model", f"mine={tmp_path}", "--port", "0"]

@@ -44,8 +44,9 @@ def test_step_logprobs_are_the_raw_log_softmax(tiny_tokenizer):
     assert entries[1].logprob == pytest.approx(float(reference[1, 9]), abs=1e-6)
     values, ids = reference[0].topk(3)
     assert [t.logprob for t in entries[0].top] == pytest.approx(values.tolist(), abs=1e-6)
-    assert [bytes(t.bytes).decode("utf-8", "replace") for t in entries[0].top] == \
-        [tiny_tokenizer.decode([i]) for i in ids.tolist()]
+    assert [bytes(t.bytes).decode("utf-8", "replace") for t in entries[0].top] == [
+        tiny_tokenizer.decode([i]) for i in ids.tolist()
+    ]
     assert entries[1].top == ()
 
 

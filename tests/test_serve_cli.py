@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MISTAKES = {
     "missing model folder": (["--model", "x=/no/such/folder"], "no such folder"),
     "port out of range": (["--model", "t={tiny}", "--port", "99999"], "0..65535"),
-    "mistyped template path": (["--model", "t={tiny}", "--chat-template", "templates/chat.jinja"],
-                               "no such file"),
+    "mistyped template path": (
+        ["--model", "t={tiny}", "--chat-template", "templates/chat.jinja"],
+        "no such file",
+    ),
     "duplicate model name": (["--model", "t={tiny}", "--model", "t={tiny}"], "more than once"),
     "unknown alias target": (["--model", "t={tiny}", "--alias", "ab=t:1,ghost:1"], "ghost"),
 }
@@ -29,14 +31,23 @@ MISTAKES = {
 def cli_runs(tiny_model_dir) -> dict:
     """All mistakes at once, each in its own process; a process still running after 60 s (serving
     or 'loading') is killed and recorded as the TimeoutExpired it raised."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LMREF_API_KEYS": "",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "LMREF_API_KEYS": "",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
 
     def run(args: list[str]):
         args = [a.replace("{tiny}", str(tiny_model_dir)) for a in args]
         try:
-            return subprocess.run([sys.executable, "-m", "lmref.serve", *args, "--torch-threads",
-                                   "1"], capture_output=True, text=True, timeout=60, env=env)
+            return subprocess.run(
+                [sys.executable, "-m", "lmref.serve", *args, "--torch-threads", "1"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=env,
+            )
         except subprocess.TimeoutExpired as exc:
             return exc
 
@@ -54,9 +65,24 @@ def test_command_line_mistakes_are_usage_errors(cli_runs, case):
 
 
 def test_flags_come_from_the_config_dataclasses(tiny_model_dir):
-    config = config_from_args(["--model", f"t={tiny_model_dir}", "--max-batch-size", "3",
-                               "--threads", "5", "--max-tokens-limit", "64", "--port", "0",
-                               "--default-max-tokens", "8", "--unbatched", "t"])
+    config = config_from_args(
+        [
+            "--model",
+            f"t={tiny_model_dir}",
+            "--max-batch-size",
+            "3",
+            "--threads",
+            "5",
+            "--max-tokens-limit",
+            "64",
+            "--port",
+            "0",
+            "--default-max-tokens",
+            "8",
+            "--unbatched",
+            "t",
+        ]
+    )
     assert [m.name for m in config.models] == ["t", "t-unbatched"]
     assert all(m.pack_linears for m in config.models)  # a bool field: --[no-]pack-linears
     unpacked = config_from_args(["--model", f"t={tiny_model_dir}", "--no-pack-linears"])
@@ -70,7 +96,9 @@ def test_flags_come_from_the_config_dataclasses(tiny_model_dir):
 
 def test_api_keys_from_the_flag_and_documented(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("LMREF_API_KEYS", "from-env")
-    config = config_from_args(["--model", f"t={tiny_model_dir}", "--api-key", "k1", "--api-key", "k2"])
+    config = config_from_args(
+        ["--model", f"t={tiny_model_dir}", "--api-key", "k1", "--api-key", "k2"]
+    )
     assert config.resolved_api_keys() == ["k1", "k2"]  # the flag wins over the environment
     assert config_from_args(["--model", f"t={tiny_model_dir}"]).resolved_api_keys() == ["from-env"]
     help_text = build_parser().format_help()
@@ -82,9 +110,18 @@ def test_api_keys_from_the_flag_and_documented(tiny_model_dir, monkeypatch):
 def test_a_model_that_fails_to_load_ends_the_process(tmp_path):
     """An existing folder that holds no model: the process says why and exits 1, instead of
     answering 503 'loading' for ever."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LMREF_API_KEYS": "",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run([sys.executable, "-m", "lmref.serve", "--model", f"empty={tmp_path}",
-                             "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "LMREF_API_KEYS": "",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "lmref.serve", "--model", f"empty={tmp_path}", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 1
     assert "model failed to load" in result.stderr and str(tmp_path) in result.stderr

@@ -33,10 +33,16 @@ ERROR_FIELDS = {"message", "type", "param", "code"}
 def server(tiny_model_dir):
     """Auth on, two versions and a 50/50 alias, cache off (so every answer is generated)."""
     config = ServingConfig(
-        models=[ModelSpec("tiny", str(tiny_model_dir), max_batch_size=32, max_queue_size=512),
-                ModelSpec("tiny-b", str(tiny_model_dir))],
-        aliases={"ab": {"tiny": 1.0, "tiny-b": 1.0}}, api_keys=[KEY], cache_size=0,
-        server_threads=96, torch_threads=1)  # 1 thread: this shared machine is oversubscribed
+        models=[
+            ModelSpec("tiny", str(tiny_model_dir), max_batch_size=32, max_queue_size=512),
+            ModelSpec("tiny-b", str(tiny_model_dir)),
+        ],
+        aliases={"ab": {"tiny": 1.0, "tiny-b": 1.0}},
+        api_keys=[KEY],
+        cache_size=0,
+        server_threads=96,
+        torch_threads=1,
+    )  # 1 thread: this shared machine is oversubscribed
     handle = start_server(config)
     yield handle
     handle.stop(drain_timeout=5)
@@ -47,17 +53,23 @@ def small_server(tiny_model_dir):
     """No auth, cache on, no batching, a 2-row queue, small limits: backpressure and fuzzing."""
     config = ServingConfig(
         models=[ModelSpec("tiny", str(tiny_model_dir), max_batch_size=1, max_queue_size=2)],
-        api_keys=[], max_tokens_limit=48, default_max_tokens=4, max_content_length=4096,
-        torch_threads=1)
+        api_keys=[],
+        max_tokens_limit=48,
+        default_max_tokens=4,
+        max_content_length=4096,
+        torch_threads=1,
+    )
     handle = start_server(config)
     yield handle
     handle.stop(drain_timeout=5)
 
 
 # A template that raises on some messages, as real ones do (roles must alternate).
-ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-               "{{ raise_exception('roles must alternate user/assistant/user/...') }}{% endif %}"
-               "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>\n")
+ALTERNATING = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate user/assistant/user/...') }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +77,20 @@ def scripted_server(scripted_model_dir):
     """The crafted model twice: as is, and with ALTERNATING and a long batch window (so requests
     sent together share a batch)."""
     config = ServingConfig(
-        models=[ModelSpec("scripted", str(scripted_model_dir)),
-                ModelSpec("alternating", str(scripted_model_dir), max_batch_size=8,
-                          batch_wait_ms=1000, chat_template=ALTERNATING)],
-        api_keys=[], cache_size=0, torch_threads=1)
+        models=[
+            ModelSpec("scripted", str(scripted_model_dir)),
+            ModelSpec(
+                "alternating",
+                str(scripted_model_dir),
+                max_batch_size=8,
+                batch_wait_ms=1000,
+                chat_template=ALTERNATING,
+            ),
+        ],
+        api_keys=[],
+        cache_size=0,
+        torch_threads=1,
+    )
     handle = start_server(config)
     yield handle
     handle.stop(drain_timeout=5)
@@ -91,10 +113,17 @@ def reference(tiny_model_dir):
     def greedy(prompt: str, max_tokens: int) -> str:
         ids = tokenizer(prompt, return_tensors="pt")
         with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        return tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True,
-                                clean_up_tokenization_spaces=False)
+            out = model.generate(
+                **ids,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        return tokenizer.decode(
+            out[0, ids.input_ids.shape[1] :],
+            skip_special_tokens=True,
+            clean_up_tokenization_spaces=False,
+        )
 
     return greedy
 
@@ -114,17 +143,27 @@ def scripted_model_dir(tiny_tokenizer, tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=256, tie_word_embeddings=False,
-                         eos_token_id=tiny_tokenizer.eos_token_id,
-                         bos_token_id=tiny_tokenizer.bos_token_id,
-                         pad_token_id=tiny_tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        bos_token_id=tiny_tokenizer.bos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
     successor = {}
     for prompt, text in SCRIPTED.items():
-        chain = [tiny_tokenizer.encode(prompt)[-1], *tiny_tokenizer.encode(text),
-                 tiny_tokenizer.eos_token_id]
+        chain = [
+            tiny_tokenizer.encode(prompt)[-1],
+            *tiny_tokenizer.encode(text),
+            tiny_tokenizer.eos_token_id,
+        ]
         for a, b in zip(chain, chain[1:]):
             assert successor.setdefault(a, b) == b, "the chains must not share a token"
     with torch.no_grad():
@@ -180,8 +219,9 @@ def post(url: str, path: str, body, key: str | None = KEY, **kwargs) -> requests
 
 # ------------------------------------------------------------------ completions and chat
 def test_completion_plain_and_streamed_agree(client):
-    plain = client.completions.create(model="tiny", prompt="Return the value", max_tokens=12,
-                                      temperature=0)
+    plain = client.completions.create(
+        model="tiny", prompt="Return the value", max_tokens=12, temperature=0
+    )
     choice = plain.choices[0]
     assert plain.id.startswith("cmpl-") and plain.model == "tiny"
     assert choice.finish_reason in ("stop", "length") and choice.text
@@ -190,8 +230,11 @@ def test_completion_plain_and_streamed_agree(client):
     if choice.finish_reason == "length":
         assert plain.usage.completion_tokens == 12
 
-    chunks = list(client.completions.create(model="tiny", prompt="Return the value",
-                                            max_tokens=12, temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="Return the value", max_tokens=12, temperature=0, stream=True
+        )
+    )
     assert len({c.id for c in chunks}) == 1
     assert "".join(c.choices[0].text for c in chunks) == choice.text
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
@@ -199,8 +242,14 @@ def test_completion_plain_and_streamed_agree(client):
 
 
 def test_stream_usage_chunk_and_done(server):
-    body = {"model": "tiny", "prompt": "Split the string", "max_tokens": 6, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "tiny",
+        "prompt": "Split the string",
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with post(server.url, "/v1/completions", body, stream=True) as r:
         assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
         events = sse_events(r)
@@ -212,14 +261,20 @@ def test_stream_usage_chunk_and_done(server):
 
 
 def test_chat_plain_and_streamed(client):
-    messages = [{"role": "system", "content": "You answer."},
-                {"role": "user", "content": "Return the value"}]
-    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
-                                           temperature=0)
+    messages = [
+        {"role": "system", "content": "You answer."},
+        {"role": "user", "content": "Return the value"},
+    ]
+    plain = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0
+    )
     assert plain.id.startswith("chatcmpl-") and plain.object == "chat.completion"
     assert plain.choices[0].message.role == "assistant"
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
-                                                 temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.choices[0].delta.role is None for c in chunks[1:])  # role only in the first
     assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
@@ -237,8 +292,18 @@ def test_prompt_list_gives_one_choice_each(client, reference):
 
 def test_same_seed_same_text(client):
     def sample(seed):
-        return client.completions.create(model="tiny", prompt="The object", max_tokens=16,
-                                         temperature=1.0, top_p=0.9, seed=seed).choices[0].text
+        return (
+            client.completions.create(
+                model="tiny",
+                prompt="The object",
+                max_tokens=16,
+                temperature=1.0,
+                top_p=0.9,
+                seed=seed,
+            )
+            .choices[0]
+            .text
+        )
 
     with cf.ThreadPoolExecutor(4) as pool:  # also while other requests share the batch
         texts = list(pool.map(sample, [7, 7, 7, 8]))
@@ -247,26 +312,36 @@ def test_same_seed_same_text(client):
 
 
 def test_stop_strings_never_leak(client):
-    full = client.completions.create(model="tiny", prompt="Return the", max_tokens=30,
-                                     temperature=0).choices[0].text
+    full = (
+        client.completions.create(model="tiny", prompt="Return the", max_tokens=30, temperature=0)
+        .choices[0]
+        .text
+    )
     assert len(full) > 12
     stop = full[6:10]  # tokens of this tiny BPE are a few characters: the stop spans tokens
-    expected = full[:full.find(stop)]
-    plain = client.completions.create(model="tiny", prompt="Return the", max_tokens=30,
-                                      temperature=0, stop=[stop, "\x00never"])
+    expected = full[: full.find(stop)]
+    plain = client.completions.create(
+        model="tiny", prompt="Return the", max_tokens=30, temperature=0, stop=[stop, "\x00never"]
+    )
     assert plain.choices[0].text == expected and plain.choices[0].finish_reason == "stop"
-    chunks = list(client.completions.create(model="tiny", prompt="Return the", max_tokens=30,
-                                            temperature=0, stop=stop, stream=True))
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="Return the", max_tokens=30, temperature=0, stop=stop, stream=True
+        )
+    )
     streamed = "".join(c.choices[0].text for c in chunks)
     assert streamed == expected and stop not in streamed
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("prompt, stop, expected", [
-    ("Say:", "😀", "ok"), ("Say:", "k😀", "o"), ("Run", "yは", "x"), ("Run", "は!", "xy")])
+@pytest.mark.parametrize(
+    "prompt, stop, expected",
+    [("Say:", "😀", "ok"), ("Say:", "k😀", "o"), ("Run", "yは", "x"), ("Run", "は!", "xy")],
+)
 def test_stop_string_ending_in_a_split_character(scripted_server, prompt, stop, expected):
-    client = openai.OpenAI(base_url=scripted_server.url + "/v1", api_key="-", max_retries=0,
-                           timeout=60)
+    client = openai.OpenAI(
+        base_url=scripted_server.url + "/v1", api_key="-", max_retries=0, timeout=60
+    )
     request = {"model": "scripted", "prompt": prompt, "max_tokens": 20, "temperature": 0}
     assert client.completions.create(**request).choices[0].text == SCRIPTED[prompt]
     plain = client.completions.create(**request, stop=[stop]).choices[0]
@@ -284,8 +359,12 @@ def test_chat_template_error_is_a_400_for_that_request_only(scripted_server):
     rows = metric(url, "lmref:batch_size_sum", model_name="alternating")
 
     def one(messages):
-        return post(url, "/v1/chat/completions", {"model": "alternating", "messages": messages,
-                                                  "max_tokens": 4, "temperature": 0}, key=None)
+        return post(
+            url,
+            "/v1/chat/completions",
+            {"model": "alternating", "messages": messages, "max_tokens": 4, "temperature": 0},
+            key=None,
+        )
 
     with cf.ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(one, [good, bad, good, good]))
@@ -299,18 +378,21 @@ def test_chat_template_error_is_a_400_for_that_request_only(scripted_server):
 
 def test_body_over_the_limit_is_refused_before_it_is_read(server):
     # 50 MB announced, one byte sent, no key: answered at once (not after reading, not 401)
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 50000000\r\n\r\n{")
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 50000000\r\n\r\n{"
+    )
     status, kind, body = raw_http(server.url, head)
     assert status == 413 and kind == "application/json"
     assert json.loads(body)["error"]["code"] == "request_too_large"
 
 
 def test_errors_below_flask_are_openai_json(server):
-    big_header = (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000
-                  + b"\r\n\r\n")
-    bad_chunks = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                  b"\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n")
+    big_header = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n"
+    bad_chunks = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+    )
     for raw, expected in ((big_header, 431), (bad_chunks, 400)):
         status, kind, body = raw_http(server.url, raw)
         assert status == expected and kind == "application/json"
@@ -325,47 +407,78 @@ def test_model_by_id(client):
 
 
 def test_chat_without_max_tokens_runs_to_the_context(client):
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                          temperature=0, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "x"}],
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert chat.choices[0].finish_reason == "length"
     assert chat.usage.prompt_tokens + chat.usage.completion_tokens == 256  # the context length
-    plain = client.completions.create(model="tiny", prompt="x", temperature=0,
-                                      extra_body={"ignore_eos": True})
+    plain = client.completions.create(
+        model="tiny", prompt="x", temperature=0, extra_body={"ignore_eos": True}
+    )
     assert plain.usage.completion_tokens == 16  # completions keep OpenAI's default
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-@pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("response_format", {"type": "json_object"}), ("logit_bias", {"5": 10}),
-    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("suffix", "end")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("response_format", {"type": "json_object"}),
+        ("logit_bias", {"5": 10}),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1),
+        ("suffix", "end"),
+    ],
+)
 def test_unimplemented_fields_are_400_naming_them(server, path, field, value):
-    body = {"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}],
-            "max_tokens": 2}
+    body = {
+        "model": "tiny",
+        "prompt": "x",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 2,
+    }
     r = post(server.url, path, {**body, field: value})
     assert r.status_code == 400 and r.json()["error"]["param"] == field
     assert field in r.json()["error"]["message"]
-    unused = {"tools": [], "response_format": {"type": "text"}, "logit_bias": {},
-              "presence_penalty": 0, "frequency_penalty": 0, "suffix": ""}[field]
+    unused = {
+        "tools": [],
+        "response_format": {"type": "text"},
+        "logit_bias": {},
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
+        "suffix": "",
+    }[field]
     assert post(server.url, path, {**body, field: unused}).status_code == 200  # lm-eval sends these
 
 
 def test_n_choices(client):
     def sample():
-        return client.completions.create(model="tiny", prompt=["a", "b"], n=2, max_tokens=8,
-                                         temperature=1.0, seed=3)
+        return client.completions.create(
+            model="tiny", prompt=["a", "b"], n=2, max_tokens=8, temperature=1.0, seed=3
+        )
 
     first = sample()
     assert [c.index for c in first.choices] == [0, 1, 2, 3]
     texts = [c.text for c in first.choices]
     assert texts[0] != texts[1] and texts[2] != texts[3]  # each choice its own sample
     assert [c.text for c in sample().choices] == texts  # seeded: the same again
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                          n=3, max_tokens=6, temperature=0)
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], n=3, max_tokens=6, temperature=0
+    )
     assert len({c.message.content for c in chat.choices}) == 1 and len(chat.choices) == 3
-    chunks = list(client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "x"}], n=2, max_tokens=6,
-        temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "x"}],
+            n=2,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+        )
+    )
     finished = {c.choices[0].index for c in chunks if c.choices[0].finish_reason}
     assert finished == {0, 1}
     with pytest.raises(openai.BadRequestError) as info:  # more rows than the queue could hold
@@ -377,34 +490,41 @@ def test_predict_and_models(server):
     r = post(server.url, "/predict", {"prompt": "Return the"})
     assert r.status_code == 200 and r.json()["finish_reason"] in ("stop", "length")
     assert isinstance(r.json()["completion"], str) and r.json()["model"] == "tiny"
-    models = requests.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"},
-                          timeout=10).json()
+    models = requests.get(
+        server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10
+    ).json()
     ids = {m["id"] for m in models["data"]}
     assert {"tiny", "tiny-b", "ab"} <= ids
 
 
 def test_ab_alias_names_the_version(client):
-    seen = {client.completions.create(model="ab", prompt="x", max_tokens=1).model
-            for _ in range(24)}
+    seen = {
+        client.completions.create(model="ab", prompt="x", max_tokens=1).model for _ in range(24)
+    }
     assert seen == {"tiny", "tiny-b"}
-    sticky = {client.completions.create(model="ab", prompt="x", max_tokens=1, user="alice").model
-              for _ in range(6)}
+    sticky = {
+        client.completions.create(model="ab", prompt="x", max_tokens=1, user="alice").model
+        for _ in range(6)
+    }
     assert len(sticky) == 1
 
 
 # ------------------------------------------------------------------ errors
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": "x", "temperature": -0.1}, "temperature"),
-    ({"prompt": "x", "top_p": 0}, "top_p"),
-    ({"prompt": "x", "top_p": 1.5}, "top_p"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "x", "max_tokens": "9"}, "max_tokens"),
-    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"prompt": "x " * 10, "max_tokens": 250}, "max_tokens"),  # prompt + max_tokens > 256
-    ({"prompt": 3}, "prompt"),
-    ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "x", "temperature": -0.1}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "9"}, "max_tokens"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "x " * 10, "max_tokens": 250}, "max_tokens"),  # prompt + max_tokens > 256
+        ({"prompt": 3}, "prompt"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
 def test_bad_fields_are_400(server, body, param):
     r = post(server.url, "/v1/completions", {"model": "tiny", **body})
     assert r.status_code == 400, r.text
@@ -429,19 +549,25 @@ def test_malformed_json_wrong_type_and_too_large(server):
     for raw in (b"{not json", b"[1, 2]", b'{"prompt": NaN}', b"\xff\xfe"):
         r = requests.post(server.url + "/v1/completions", data=raw, headers=headers, timeout=10)
         assert r.status_code == 400 and set(r.json()["error"]) == ERROR_FIELDS
-    r = requests.post(server.url + "/v1/completions", data="prompt=x", timeout=10,
-                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"})
+    r = requests.post(
+        server.url + "/v1/completions",
+        data="prompt=x",
+        timeout=10,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"},
+    )
     assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
     r = post(server.url, "/v1/completions", {"prompt": "x" * (2 << 20)})
     assert r.status_code == 413 and set(r.json()["error"]) == ERROR_FIELDS
 
 
 def test_unknown_route_and_method(server):
-    r = requests.get(server.url + "/v2/nothing", headers={"Authorization": f"Bearer {KEY}"},
-                     timeout=10)
+    r = requests.get(
+        server.url + "/v2/nothing", headers={"Authorization": f"Bearer {KEY}"}, timeout=10
+    )
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
-    r = requests.get(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                     timeout=10)
+    r = requests.get(
+        server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=10
+    )
     assert r.status_code == 405 and set(r.json()["error"]) == ERROR_FIELDS
 
 
@@ -457,16 +583,18 @@ def test_auth_required_but_health_and_metrics_public(server):
 
 
 def test_not_loaded_is_503(tiny_model_dir, tmp_path):
-    app = create_app(ServingConfig(models=[ModelSpec("tiny", str(tiny_model_dir))], api_keys=[]),
-                     start=False)  # workers not started: the state while weights load
+    app = create_app(
+        ServingConfig(models=[ModelSpec("tiny", str(tiny_model_dir))], api_keys=[]), start=False
+    )  # workers not started: the state while weights load
     web = app.test_client()
     assert web.get("/health").status_code == 200
     assert web.get("/ready").status_code == 503
     r = web.post("/v1/completions", json={"prompt": "x"})
     assert r.status_code == 503 and r.json["error"]["code"] == "model_loading"
     assert "Retry-After" in r.headers
-    broken = start_server(ServingConfig(models=[ModelSpec("gone", str(tmp_path))], api_keys=[]),
-                          wait=False)
+    broken = start_server(
+        ServingConfig(models=[ModelSpec("gone", str(tmp_path))], api_keys=[]), wait=False
+    )
     try:
         broken.state.engines["gone"].loaded.wait(30)
         assert requests.get(broken.url + "/ready", timeout=10).status_code == 503
@@ -478,16 +606,21 @@ def test_not_loaded_is_503(tiny_model_dir, tmp_path):
 
 def test_queue_full_is_429_with_retry_after(small_server):
     def one(i):
-        return post(small_server.url, "/v1/completions", {
-            "prompt": f"request {i}", "max_tokens": 48, "temperature": 0, "ignore_eos": True},
-            key=None)
+        return post(
+            small_server.url,
+            "/v1/completions",
+            {"prompt": f"request {i}", "max_tokens": 48, "temperature": 0, "ignore_eos": True},
+            key=None,
+        )
 
     with cf.ThreadPoolExecutor(12) as pool:
         responses = list(pool.map(one, range(12)))
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 1
     rejected = next(r for r in responses if r.status_code == 429)
-    assert rejected.headers["Retry-After"] and rejected.json()["error"]["type"] == "rate_limit_error"
+    assert (
+        rejected.headers["Retry-After"] and rejected.json()["error"]["type"] == "rate_limit_error"
+    )
     # the queue drains: the server takes work again
     assert one(99).status_code == 200
 
@@ -501,8 +634,9 @@ def test_cache_hits_for_greedy_requests(small_server):
     assert first["choices"] == second["choices"] and first["usage"] == second["usage"]
     assert metric(small_server.url, "lmref:response_cache_hits_total") == hits + 1
     assert metric(small_server.url, "lmref:response_cache_misses_total") == misses + 1
-    with post(small_server.url, "/v1/completions", {**body, "stream": True}, key=None,
-              stream=True) as r:
+    with post(
+        small_server.url, "/v1/completions", {**body, "stream": True}, key=None, stream=True
+    ) as r:
         events = sse_events(r)
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == first["choices"][0]["text"]
     post(small_server.url, "/v1/completions", {**body, "temperature": 0.7}, key=None)
@@ -511,8 +645,9 @@ def test_cache_hits_for_greedy_requests(small_server):
 
 # ------------------------------------------------------------------ batching and load
 def test_200_concurrent_requests_match_unbatched_greedy(server, reference):
-    prompts = [f"Item {i}: return the {['list', 'value', 'string', 'name'][i % 4]} of"
-               for i in range(200)]
+    prompts = [
+        f"Item {i}: return the {['list', 'value', 'string', 'name'][i % 4]} of" for i in range(200)
+    ]
     batches = metric(server.url, "lmref:batch_size_count", model_name="tiny")
     rows = metric(server.url, "lmref:batch_size_sum", model_name="tiny")
     session = threading.local()
@@ -520,9 +655,12 @@ def test_200_concurrent_requests_match_unbatched_greedy(server, reference):
     def one(prompt):
         s = getattr(session, "s", None) or requests.Session()
         session.s = s
-        r = s.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": prompt,
-                   "max_tokens": 8, "temperature": 0}, headers={"Authorization": f"Bearer {KEY}"},
-                   timeout=120)
+        r = s.post(
+            server.url + "/v1/completions",
+            json={"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=120,
+        )
         return r.status_code, r.json()
 
     with cf.ThreadPoolExecutor(200) as pool:
@@ -538,22 +676,23 @@ def test_200_concurrent_requests_match_unbatched_greedy(server, reference):
 def test_metrics_move_after_traffic(server, client):
     def snapshot():
         return {
-            "ok": metric(server.url, "lmref:http_requests_total", endpoint="/v1/completions",
-                         status="200"),
+            "ok": metric(
+                server.url, "lmref:http_requests_total", endpoint="/v1/completions", status="200"
+            ),
             "gen": metric(server.url, "lmref:generation_tokens_total", model_name="tiny"),
             "prompt": metric(server.url, "lmref:prompt_tokens_total", model_name="tiny"),
-            "ttft": metric(server.url, "lmref:time_to_first_token_seconds_count",
-                           model_name="tiny"),
-            "itl": metric(server.url, "lmref:inter_token_latency_seconds_count",
-                          model_name="tiny"),
-            "e2e": metric(server.url, "lmref:e2e_request_latency_seconds_count",
-                          model_name="tiny"),
+            "ttft": metric(
+                server.url, "lmref:time_to_first_token_seconds_count", model_name="tiny"
+            ),
+            "itl": metric(server.url, "lmref:inter_token_latency_seconds_count", model_name="tiny"),
+            "e2e": metric(server.url, "lmref:e2e_request_latency_seconds_count", model_name="tiny"),
             "401": metric(server.url, "lmref:http_requests_total", status="401"),
         }
 
     before = snapshot()
-    client.completions.create(model="tiny", prompt="Count", max_tokens=5, temperature=0,
-                              extra_body={"ignore_eos": True})
+    client.completions.create(
+        model="tiny", prompt="Count", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     post(server.url, "/v1/completions", {"prompt": "x"}, key="bad")
     after = snapshot()
     assert after["ok"] == before["ok"] + 1 and after["gen"] == before["gen"] + 5
@@ -567,8 +706,14 @@ def test_metrics_move_after_traffic(server, client):
 
 def test_client_disconnect_frees_its_slot(server):
     aborted = metric(server.url, "lmref:request_success_total", finished_reason="abort")
-    body = {"model": "tiny-b", "prompt": "go on", "max_tokens": 240, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": "tiny-b",
+        "prompt": "go on",
+        "max_tokens": 240,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     r = post(server.url, "/v1/completions", body, stream=True)
     next(r.iter_lines())  # the stream started
     r.close()
@@ -589,30 +734,59 @@ def test_load_generator_reports_percentiles(small_server):
 
 # ------------------------------------------------------------------ fuzzing
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=10)
-MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
-                                 "content": st.text(max_size=20)})
-VALID = st.fixed_dictionaries({  # bodies both endpoints accept (prompt for one, messages for other)
-    "model": st.just("tiny"), "prompt": st.text(max_size=30),
-    "messages": st.lists(MESSAGE, min_size=1, max_size=3),
-}, optional={
-    "max_tokens": st.integers(1, 6), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
-    "stop": st.lists(st.text(min_size=1, max_size=3), max_size=4), "seed": st.integers(0, 2**64 - 1),
-    "stream": st.booleans(), "user": st.text(max_size=5), "ignore_eos": st.booleans(),
-})
-FIELD_NAMES = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed",
-               "stream", "stream_options", "n", "user", "ignore_eos", "max_completion_tokens"]
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=20)}
+)
+VALID = st.fixed_dictionaries(
+    {  # bodies both endpoints accept (prompt for one, messages for other)
+        "model": st.just("tiny"),
+        "prompt": st.text(max_size=30),
+        "messages": st.lists(MESSAGE, min_size=1, max_size=3),
+    },
+    optional={
+        "max_tokens": st.integers(1, 6),
+        "temperature": st.floats(0, 2),
+        "top_p": st.floats(0.01, 1),
+        "stop": st.lists(st.text(min_size=1, max_size=3), max_size=4),
+        "seed": st.integers(0, 2**64 - 1),
+        "stream": st.booleans(),
+        "user": st.text(max_size=5),
+        "ignore_eos": st.booleans(),
+    },
+)
+FIELD_NAMES = [
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "n",
+    "user",
+    "ignore_eos",
+    "max_completion_tokens",
+]
 # A valid body, or one with one field replaced by any JSON value (most of those are 400s).
-BODIES = VALID | st.builds(lambda body, name, value: {**body, name: value},
-                           VALID, st.sampled_from(FIELD_NAMES), JSON)
+BODIES = VALID | st.builds(
+    lambda body, name, value: {**body, name: value}, VALID, st.sampled_from(FIELD_NAMES), JSON
+)
 
 
-@settings(max_examples=80, deadline=None, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(body=BODIES, path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/predict"]))
 def test_fuzzed_json_never_5xx(small_server, body, path):
     r = requests.post(small_server.url + path, json=body, timeout=60)
@@ -624,21 +798,24 @@ def test_fuzzed_json_never_5xx(small_server, body, path):
         assert r.text.rstrip().endswith("data: [DONE]")
 
 
-@settings(max_examples=40, deadline=None, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(raw=st.binary(max_size=200))
 def test_fuzzed_bytes_never_5xx(small_server, raw):
-    r = requests.post(small_server.url + "/v1/completions", data=raw, timeout=30,
-                      headers={"Content-Type": "application/json"})
+    r = requests.post(
+        small_server.url + "/v1/completions",
+        data=raw,
+        timeout=30,
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code < 500 and "Traceback" not in r.text
 
 
 # ------------------------------------------------------------------ shutdown
 def test_error_after_stream_start_is_an_event(tiny_model_dir):
-    handle = start_server(ServingConfig(models=[ModelSpec("tiny", str(tiny_model_dir))],
-                                        api_keys=[]))
-    body = {"prompt": "go", "max_tokens": 250, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+    handle = start_server(
+        ServingConfig(models=[ModelSpec("tiny", str(tiny_model_dir))], api_keys=[])
+    )
+    body = {"prompt": "go", "max_tokens": 250, "temperature": 0, "ignore_eos": True, "stream": True}
     with requests.post(handle.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
         lines = r.iter_lines()
         assert next(lines).startswith(b"data: ")
@@ -652,13 +829,29 @@ def test_error_after_stream_start_is_an_event(tiny_model_dir):
 
 
 def test_sigterm_drains_in_flight_requests(tiny_model_dir):
-    server = spawn_server(["--model", f"tiny={tiny_model_dir}", "--max-batch-size", "1",
-                           "--torch-threads", "1", "--drain-timeout", "60"],
-                          env={"LMREF_API_KEYS": ""}, module="lmref.serve")
+    server = spawn_server(
+        [
+            "--model",
+            f"tiny={tiny_model_dir}",
+            "--max-batch-size",
+            "1",
+            "--torch-threads",
+            "1",
+            "--drain-timeout",
+            "60",
+        ],
+        env={"LMREF_API_KEYS": ""},
+        module="lmref.serve",
+    )
     try:
+
         def one(i):
-            return post(server.url, "/v1/completions", {"prompt": f"drain {i}", "max_tokens": 200,
-                        "temperature": 0, "ignore_eos": True}, key=None)
+            return post(
+                server.url,
+                "/v1/completions",
+                {"prompt": f"drain {i}", "max_tokens": 200, "temperature": 0, "ignore_eos": True},
+                key=None,
+            )
 
         pool = cf.ThreadPoolExecutor(4)
         futures = [pool.submit(one, i) for i in range(4)]

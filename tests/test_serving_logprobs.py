@@ -20,8 +20,9 @@ PROMPT = "Return a new list containing"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    config = ServingConfig(models=[ModelSpec("tiny", str(tiny_model_dir))], api_keys=[],
-                           cache_size=0, torch_threads=1)
+    config = ServingConfig(
+        models=[ModelSpec("tiny", str(tiny_model_dir))], api_keys=[], cache_size=0, torch_threads=1
+    )
     handle = start_server(config)
     yield handle
     handle.stop(drain_timeout=5)
@@ -62,13 +63,20 @@ def assert_close(got: float, want: float) -> None:
 def test_chat_logprobs_match_a_direct_forward_pass(client, direct):
     tokenizer, _, greedy = direct
     messages = [{"role": "user", "content": "Sort the items"}]
-    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6,
-                                           temperature=0, logprobs=True, top_logprobs=3,
-                                           extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     content = reply.choices[0].logprobs.content
     assert len(content) == 6
-    text = tokenizer.apply_chat_template(messages, chat_template=DEFAULT_CHAT_TEMPLATE,
-                                         tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=DEFAULT_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
     ids, rows = greedy(tokenizer(text)["input_ids"], 6)
     for entry, token, row in zip(content, ids, rows):
         assert_close(entry.logprob, float(row[token]))
@@ -80,14 +88,16 @@ def test_chat_logprobs_match_a_direct_forward_pass(client, direct):
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the top
         assert bytes(entry.bytes).decode("utf-8", "replace") == tokenizer.decode([token])
     # The bytes of the tokens are the answer's text (ignore_eos: an EOS decodes to nothing).
-    joined = b"".join(bytes(e.bytes) for e, t in zip(content, ids)
-                      if t != tokenizer.eos_token_id).decode("utf-8", "replace")
+    joined = b"".join(
+        bytes(e.bytes) for e, t in zip(content, ids) if t != tokenizer.eos_token_id
+    ).decode("utf-8", "replace")
     assert joined == reply.choices[0].message.content
 
 
 def test_chat_without_logprobs_has_none(client):
-    reply = client.chat.completions.create(model="tiny", max_tokens=2, temperature=0,
-                                           messages=[{"role": "user", "content": "hi"}])
+    reply = client.chat.completions.create(
+        model="tiny", max_tokens=2, temperature=0, messages=[{"role": "user", "content": "hi"}]
+    )
     assert reply.choices[0].logprobs is None
 
 
@@ -95,8 +105,9 @@ def test_echo_max_tokens_0_scores_the_prompt(client, direct):
     """What lm-evaluation-harness's local-completions sends to score a continuation."""
     tokenizer, logprobs, _ = direct
     ids = tokenizer(PROMPT)["input_ids"]
-    reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True,
-                                      logprobs=2, temperature=0)
+    reply = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2, temperature=0
+    )
     choice = reply.choices[0]
     assert choice.text == PROMPT and reply.usage.completion_tokens == 0
     lp = choice.logprobs
@@ -116,8 +127,15 @@ def test_echo_with_generation_and_token_id_prompts(client, direct):
     tokenizer, logprobs, greedy = direct
     ids = tokenizer(PROMPT)["input_ids"]
     other = tokenizer("Split the string")["input_ids"]
-    reply = client.completions.create(model="tiny", prompt=[ids, other], max_tokens=3, echo=True,
-                                      logprobs=1, temperature=0, extra_body={"ignore_eos": True})
+    reply = client.completions.create(
+        model="tiny",
+        prompt=[ids, other],
+        max_tokens=3,
+        echo=True,
+        logprobs=1,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert [c.index for c in reply.choices] == [0, 1]
     for choice, prompt_ids in zip(reply.choices, [ids, other]):
         lp = choice.logprobs
@@ -128,27 +146,42 @@ def test_echo_with_generation_and_token_id_prompts(client, direct):
         for i in range(1, len(full)):
             assert_close(lp.token_logprobs[i], float(reference[i - 1, full[i]]))
         assert choice.text.startswith(tokenizer.decode(prompt_ids))
-    by_string = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, echo=True,
-                                          logprobs=1, temperature=0,
-                                          extra_body={"ignore_eos": True})
+    by_string = client.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=3,
+        echo=True,
+        logprobs=1,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert by_string.choices[0].logprobs.tokens == reply.choices[0].logprobs.tokens
     assert by_string.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
-        reply.choices[0].logprobs.token_logprobs[1:], abs=1e-5)
+        reply.choices[0].logprobs.token_logprobs[1:], abs=1e-5
+    )
 
 
 def test_streamed_logprobs_equal_the_plain_ones(client):
     kwargs = dict(model="tiny", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
     messages = [{"role": "user", "content": "Format the date"}]
-    plain = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2,
-                                           **kwargs).choices[0].logprobs.content
-    streamed = [e for chunk in client.chat.completions.create(
-        messages=messages, logprobs=True, top_logprobs=2, stream=True, **kwargs)
+    plain = (
+        client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, **kwargs)
+        .choices[0]
+        .logprobs.content
+    )
+    streamed = [
+        e
+        for chunk in client.chat.completions.create(
+            messages=messages, logprobs=True, top_logprobs=2, stream=True, **kwargs
+        )
         if chunk.choices and chunk.choices[0].logprobs
-        for e in chunk.choices[0].logprobs.content]
+        for e in chunk.choices[0].logprobs.content
+    ]
     assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in plain]
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in plain], abs=1e-5)
-    assert [[t.token for t in e.top_logprobs] for e in streamed] == \
-        [[t.token for t in e.top_logprobs] for e in plain]
+    assert [[t.token for t in e.top_logprobs] for e in streamed] == [
+        [t.token for t in e.top_logprobs] for e in plain
+    ]
 
     plain = client.completions.create(prompt=PROMPT, logprobs=2, **kwargs).choices[0]
     tokens, offsets, values = [], [], []
@@ -164,14 +197,21 @@ def test_streamed_logprobs_equal_the_plain_ones(client):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_stop_string_cuts_the_reported_tokens_too(client, stream):
     """Tokens that start after the cut are not part of the answer: neither is their logprob."""
-    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0,
-                  extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=12,
+        temperature=0,
+        logprobs=0,
+        extra_body={"ignore_eos": True},
+    )
     full = client.completions.create(**kwargs).choices[0]
-    cut = next(i for i in range(3, len(full.text) - 1) if full.text[i:i + 2].strip())
-    stop = full.text[cut:cut + 2]
+    cut = next(i for i in range(3, len(full.text) - 1) if full.text[i : i + 2].strip())
+    stop = full.text[cut : cut + 2]
     cut = full.text.index(stop)
-    expected = [t for t, start in zip(full.logprobs.tokens, full.logprobs.text_offset)
-                if start < cut]
+    expected = [
+        t for t, start in zip(full.logprobs.tokens, full.logprobs.text_offset) if start < cut
+    ]
     if stream:
         text, tokens = "", []
         for chunk in client.completions.create(stop=stop, stream=True, **kwargs):
@@ -184,25 +224,28 @@ def test_a_stop_string_cuts_the_reported_tokens_too(client, stream):
     assert tokens == expected
 
 
-@pytest.mark.parametrize("path,body,param", [
-    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
-    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ("/v1/chat/completions", {"logprobs": "yes"}, "logprobs"),
-    ("/v1/chat/completions", {"echo": True}, "echo"),
-    ("/v1/completions", {"logprobs": 21}, "logprobs"),
-    ("/v1/completions", {"logprobs": True}, "logprobs"),
-    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
-    ("/v1/completions", {"echo": True, "stream": True}, "echo"),
-    ("/v1/completions", {"echo": "yes"}, "echo"),
-    ("/v1/completions", {"prompt": [[1, 2], [-1]]}, "prompt"),
-    ("/v1/completions", {"prompt": [[]]}, "prompt"),
-    ("/v1/completions", {"prompt": [10 ** 9]}, "prompt"),  # the engine knows the vocabulary
-])
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": "yes"}, "logprobs"),
+        ("/v1/chat/completions", {"echo": True}, "echo"),
+        ("/v1/completions", {"logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"logprobs": True}, "logprobs"),
+        ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
+        ("/v1/completions", {"echo": True, "stream": True}, "echo"),
+        ("/v1/completions", {"echo": "yes"}, "echo"),
+        ("/v1/completions", {"prompt": [[1, 2], [-1]]}, "prompt"),
+        ("/v1/completions", {"prompt": [[]]}, "prompt"),
+        ("/v1/completions", {"prompt": [10**9]}, "prompt"),  # the engine knows the vocabulary
+    ],
+)
 def test_bad_logprob_fields_are_400_naming_them(server, path, body, param):
-    base = ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path
-            else {"prompt": "hi"})
-    response = requests.post(server.url + path, json={"model": "tiny", "max_tokens": 2,
-                                                      **base, **body}, timeout=30)
+    base = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    response = requests.post(
+        server.url + path, json={"model": "tiny", "max_tokens": 2, **base, **body}, timeout=30
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param, json.dumps(response.json())
 
@@ -214,9 +257,16 @@ def test_tokens_holding_part_of_a_character_are_spelled_as_bytes(client, direct)
     prompt = "ok 😀 は done"
     ids = tokenizer(prompt)["input_ids"]
     assert len(ids) > len(prompt.split()) + 3  # some characters span several tokens
-    tokens = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True,
-                                       logprobs=0).choices[0].logprobs.tokens
+    tokens = (
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+        .choices[0]
+        .logprobs.tokens
+    )
     assert any(t.startswith("bytes:") for t in tokens)
-    data = b"".join(bytes(int(h, 16) for h in t[len("bytes:"):].split("\\x")[1:])
-                    if t.startswith("bytes:") else t.encode() for t in tokens)
+    data = b"".join(
+        bytes(int(h, 16) for h in t[len("bytes:") :].split("\\x")[1:])
+        if t.startswith("bytes:")
+        else t.encode()
+        for t in tokens
+    )
     assert data.decode("utf-8") == prompt

@@ -33,20 +33,36 @@ VOCAB = 256
 
 def make_data(n: int = 64, seq: int = 32, seed: int = 0) -> datasets.Dataset:
     g = torch.Generator().manual_seed(seed)
-    return datasets.Dataset.from_dict({"input_ids": torch.randint(0, VOCAB, (n, seq), generator=g).tolist()})
+    return datasets.Dataset.from_dict(
+        {"input_ids": torch.randint(0, VOCAB, (n, seq), generator=g).tolist()}
+    )
 
 
 def small_model(dropout: float = 0.1):
     # Dropout on, so that resume must restore the RNG to match bitwise.
-    return build_model("tiny", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       attention_dropout=dropout)
+    return build_model(
+        "tiny",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_dropout=dropout,
+    )
 
 
 def config(tmp_path, **kw) -> TrainingConfig:
-    base = dict(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
-                learning_rate=1e-2, warmup_steps=2, logging_steps=2, save_steps=3,
-                disable_tqdm=True)
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        logging_steps=2,
+        save_steps=3,
+        disable_tqdm=True,
+    )
     return TrainingConfig(**{**base, **kw})
 
 
@@ -113,8 +129,10 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     reference = tmp_path / "reference.py"
     reference.write_text(SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path / "ref")))
     assert subprocess.run([sys.executable, str(reference)], env=env, timeout=300).returncode == 0
-    assert_bitwise_equal(torch.load(tmp_path / "ref" / "final.pt", weights_only=True),
-                         torch.load(out / "final.pt", weights_only=True))
+    assert_bitwise_equal(
+        torch.load(tmp_path / "ref" / "final.pt", weights_only=True),
+        torch.load(out / "final.pt", weights_only=True),
+    )
 
 
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
@@ -154,11 +172,24 @@ def masked_collate(rows):
 def test_gradient_accumulation_matches_large_batch(tmp_path):
     data = make_data(n=64)
     big, accumulated = small_model(dropout=0.0), small_model(dropout=0.0)
-    train(big, data, config(tmp_path / "a", max_steps=3, per_device_train_batch_size=16,
-                            save_steps=0), collate_fn=masked_collate)
-    train(accumulated, data, config(tmp_path / "b", max_steps=3, per_device_train_batch_size=4,
-                                    gradient_accumulation_steps=4, save_steps=0),
-          collate_fn=masked_collate)
+    train(
+        big,
+        data,
+        config(tmp_path / "a", max_steps=3, per_device_train_batch_size=16, save_steps=0),
+        collate_fn=masked_collate,
+    )
+    train(
+        accumulated,
+        data,
+        config(
+            tmp_path / "b",
+            max_steps=3,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=4,
+            save_steps=0,
+        ),
+        collate_fn=masked_collate,
+    )
     for (name, a), b in zip(big.named_parameters(), accumulated.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
     # And it is not trivially equal: the weights moved.
@@ -166,9 +197,13 @@ def test_gradient_accumulation_matches_large_batch(tmp_path):
 
 
 def test_schedule_warmup_then_cosine_to_min(tmp_path):
-    result = train(small_model(), make_data(), config(tmp_path, max_steps=10, warmup_steps=4,
-                                                      logging_steps=1, save_steps=0,
-                                                      min_lr_ratio=0.1))
+    result = train(
+        small_model(),
+        make_data(),
+        config(
+            tmp_path, max_steps=10, warmup_steps=4, logging_steps=1, save_steps=0, min_lr_ratio=0.1
+        ),
+    )
     lrs = [h["lr"] for h in result.history if "lr" in h]
     peak = 1e-2
     # After step s the scheduler holds the lr for step s+1: warmup is linear up to the peak ...
@@ -193,8 +228,11 @@ def test_precision_per_device(monkeypatch):
 def test_fp16_scaler_and_bf16_autocast_run_on_cpu(tmp_path):
     # The mixed-precision code paths execute here too (CPU autocast supports both dtypes).
     for precision in ("bf16", "fp16"):
-        result = train(small_model(), make_data(), config(tmp_path / precision, max_steps=3,
-                                                          precision=precision, save_steps=0))
+        result = train(
+            small_model(),
+            make_data(),
+            config(tmp_path / precision, max_steps=3, precision=precision, save_steps=0),
+        )
         assert math.isfinite(result.train_loss)
 
 
@@ -227,10 +265,15 @@ def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="make no batch"):
         train(small_model(), make_data(n=4), config(tmp_path, per_device_train_batch_size=8))
     with pytest.raises(FileNotFoundError):
-        train(small_model(), make_data(), config(tmp_path, resume_from_checkpoint=str(tmp_path / "nope")))
+        train(
+            small_model(),
+            make_data(),
+            config(tmp_path, resume_from_checkpoint=str(tmp_path / "nope")),
+        )
 
 
 # ---------------------------------------------------------------- bad input and damaged checkpoints
+
 
 def damage(checkpoint, how: str) -> None:
     if how == "truncated weights":
@@ -243,8 +286,11 @@ def damage(checkpoint, how: str) -> None:
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
-DAMAGE = {"truncated weights": "model.safetensors", "missing trainer state": "trainer_state.json",
-          "torn training state": "training_state.pt"}
+DAMAGE = {
+    "truncated weights": "model.safetensors",
+    "missing trainer state": "trainer_state.json",
+    "torn training state": "training_state.pt",
+}
 
 
 @pytest.mark.parametrize("how", DAMAGE)
@@ -280,20 +326,36 @@ def test_no_checkpoint_that_verifies_stops_the_resume_and_deletes_nothing(tmp_pa
         train(small_model(), make_data(), config(tmp_path), callbacks=[fail_at_step(7)])
     for name in ("checkpoint-0000003", "checkpoint-0000006"):
         damage(tmp_path / name, "torn training state")
-    with pytest.raises(ValueError, match="no checkpoint in .* verifies.*checkpoint-0000006.*"
-                                         "training_state.pt.*checkpoint-0000003"):
+    with pytest.raises(
+        ValueError,
+        match="no checkpoint in .* verifies.*checkpoint-0000006.*"
+        "training_state.pt.*checkpoint-0000003",
+    ):
         train(small_model(), make_data(), config(tmp_path, resume_from_checkpoint=True))
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
-        "checkpoint-0000003", "checkpoint-0000006"]
+        "checkpoint-0000003",
+        "checkpoint-0000006",
+    ]
 
 
 def test_resume_with_other_settings_is_refused_with_the_list(tmp_path):
     with pytest.raises(SimulatedFailure):
-        train(small_model(), make_data(), config(tmp_path, save_steps=2), callbacks=[fail_at_step(5)])
-    changed = config(tmp_path, save_steps=2, resume_from_checkpoint=True, learning_rate=5e-3,
-                     per_device_train_batch_size=16, logging_steps=1)
-    with pytest.raises(ValueError, match=r"learning_rate: 0\.01 -> 0\.005; "
-                                         r"per_device_train_batch_size: 8 -> 16\. .*allow_config_change"):
+        train(
+            small_model(), make_data(), config(tmp_path, save_steps=2), callbacks=[fail_at_step(5)]
+        )
+    changed = config(
+        tmp_path,
+        save_steps=2,
+        resume_from_checkpoint=True,
+        learning_rate=5e-3,
+        per_device_train_batch_size=16,
+        logging_steps=1,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"learning_rate: 0\.01 -> 0\.005; "
+        r"per_device_train_batch_size: 8 -> 16\. .*allow_config_change",
+    ):
         train(small_model(), make_data(), changed)
 
 
@@ -307,14 +369,23 @@ def test_allowed_settings_change_applies_the_new_lr_and_batch_size(tmp_path):
         batches.append([tuple(r["input_ids"]) for r in rows])
         return training.collate_input_ids(rows)
 
-    changed = config(tmp_path, save_steps=2, resume_from_checkpoint=True, learning_rate=5e-3,
-                     per_device_train_batch_size=16, logging_steps=1, allow_config_change=True)
+    changed = config(
+        tmp_path,
+        save_steps=2,
+        resume_from_checkpoint=True,
+        learning_rate=5e-3,
+        per_device_train_batch_size=16,
+        logging_steps=1,
+        allow_config_change=True,
+    )
     with pytest.warns(UserWarning, match="learning_rate: 0.01 -> 0.005"):
         result = train(small_model(), data, changed, collate_fn=recording_collate)
     assert result.resumed_from_step == 4 and result.step == 8
     # The schedule is the new one (peak 5e-3, warmup 2, cosine to 0.1 x peak at step 8) from step 5.
     lrs = {h["step"]: h["lr"] for h in result.history if "lr" in h}
-    expected = {s: 5e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 6))) for s in range(5, 9)}
+    expected = {
+        s: 5e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 6))) for s in range(5, 9)
+    }
     assert lrs == pytest.approx(expected)
     # Batches of 16 from where the old run stopped in the epoch: 4 steps x 8 = 32 samples done,
     # so the next batch is positions 32..47 of the epoch's permutation (none repeated or skipped).
@@ -324,10 +395,18 @@ def test_allowed_settings_change_applies_the_new_lr_and_batch_size(tmp_path):
     assert batches[0] == [rows[i] for i in order[32:48]]
 
 
-@pytest.mark.parametrize("field,value", [("max_steps", 0), ("gradient_accumulation_steps", 0),
-                                         ("per_device_train_batch_size", 0),
-                                         ("per_device_eval_batch_size", 0), ("logging_steps", 0),
-                                         ("warmup_steps", -1), ("learning_rate", 0.0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_steps", 0),
+        ("gradient_accumulation_steps", 0),
+        ("per_device_train_batch_size", 0),
+        ("per_device_eval_batch_size", 0),
+        ("logging_steps", 0),
+        ("warmup_steps", -1),
+        ("learning_rate", 0.0),
+    ],
+)
 def test_settings_are_checked_before_anything_runs(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"TrainingConfig.{field} must be"):
         config(tmp_path, **{field: value})
@@ -345,8 +424,14 @@ def test_eval_set_without_label_tokens_fails_before_training(tmp_path):
 
     steps = []
     with pytest.raises(ValueError, match="eval_dataset has no label tokens"):
-        train(small_model(), make_data(), config(tmp_path), eval_dataset=make_data(n=8),
-              collate_fn=no_labels, callbacks=[lambda step, metrics: steps.append(step)])
+        train(
+            small_model(),
+            make_data(),
+            config(tmp_path),
+            eval_dataset=make_data(n=8),
+            collate_fn=no_labels,
+            callbacks=[lambda step, metrics: steps.append(step)],
+        )
     assert steps == []  # before the fix: 8 steps trained, then the final evaluation raised
 
 
@@ -354,9 +439,26 @@ def cli_run(tmp_path, model_dir, *extra: str) -> list[str]:
     data = tmp_path / "blocks"
     if not data.exists():
         make_data(n=32, seq=16).save_to_disk(str(data))
-    return ["--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "run"),
-            "--max-steps", "4", "--batch-size", "8", "--lr", "1e-2", "--save-steps", "2",
-            "--eval-split", "none", "--disable-tqdm", *extra]
+    return [
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--save-steps",
+        "2",
+        "--eval-split",
+        "none",
+        "--disable-tqdm",
+        *extra,
+    ]
 
 
 def test_cli_resume_of_a_finished_run_keeps_its_result(tmp_path, tiny_model_dir):
@@ -369,8 +471,11 @@ def test_cli_resume_of_a_finished_run_keeps_its_result(tmp_path, tiny_model_dir)
     assert result_file.read_text() == first  # not rewritten (before: train_loss NaN)
     # And train() itself reports the last logged loss, not NaN, when nothing was left to train.
     result = train(small_model(), make_data(), config(tmp_path / "t", max_steps=3, save_steps=3))
-    again = train(small_model(), make_data(), config(tmp_path / "t", max_steps=3, save_steps=3,
-                                                     resume_from_checkpoint=True))
+    again = train(
+        small_model(),
+        make_data(),
+        config(tmp_path / "t", max_steps=3, save_steps=3, resume_from_checkpoint=True),
+    )
     assert again.step == again.resumed_from_step == 3 and again.train_loss == result.train_loss
 
 
@@ -378,12 +483,28 @@ def test_cli_refuses_changed_settings_unless_allowed(tmp_path, tiny_model_dir, c
     from lmref.train import main
 
     assert main(cli_run(tmp_path, tiny_model_dir, "--max-steps", "2")) == 0
-    with pytest.raises(SystemExit, match=r"learning_rate: 0\.01 -> 0\.005; .*max_steps: 2 -> 4; "
-                                         r"per_device_train_batch_size: 8 -> 16"):
+    with pytest.raises(
+        SystemExit,
+        match=r"learning_rate: 0\.01 -> 0\.005; .*max_steps: 2 -> 4; "
+        r"per_device_train_batch_size: 8 -> 16",
+    ):
         main(cli_run(tmp_path, tiny_model_dir, "--resume", "--batch-size", "16", "--lr", "5e-3"))
     with pytest.warns(UserWarning, match="resuming with changed settings"):
-        assert main(cli_run(tmp_path, tiny_model_dir, "--resume", "--batch-size", "16", "--lr",
-                            "5e-3", "--allow-config-change")) == 0
+        assert (
+            main(
+                cli_run(
+                    tmp_path,
+                    tiny_model_dir,
+                    "--resume",
+                    "--batch-size",
+                    "16",
+                    "--lr",
+                    "5e-3",
+                    "--allow-config-change",
+                )
+            )
+            == 0
+        )
     with pytest.raises(SystemExit, match="TrainingConfig.max_steps must be an integer >= 1, got 0"):
         main(cli_run(tmp_path, tiny_model_dir, "--max-steps", "0"))
 
@@ -392,8 +513,22 @@ def test_cli_names_an_empty_split(tmp_path, tiny_model_dir):
     from lmref.train import main
 
     data = tmp_path / "blocks"
-    datasets.DatasetDict({"train": make_data(n=32, seq=16),
-                          "validation": make_data(n=32, seq=16).select([])}).save_to_disk(str(data))
+    datasets.DatasetDict(
+        {"train": make_data(n=32, seq=16), "validation": make_data(n=32, seq=16).select([])}
+    ).save_to_disk(str(data))
     with pytest.raises(SystemExit, match="the 'validation' split of .*blocks has no rows"):
-        main(["--model", str(tiny_model_dir), "--data", str(data), "--output-dir",
-              str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "8", "--disable-tqdm"])
+        main(
+            [
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--disable-tqdm",
+            ]
+        )

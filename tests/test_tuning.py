@@ -26,7 +26,7 @@ from lmref.tuning import Param, StudyConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
-OBJECTIVE = textwrap.dedent('''
+OBJECTIVE = textwrap.dedent("""
     import json, os, time
     from lmref.tuning import Param, suggest
 
@@ -41,14 +41,16 @@ OBJECTIVE = textwrap.dedent('''
                                     "params": params}) + "\\n")
             return (params["x"] - 1.0) ** 2 + params["k"]
         return objective
-''')
+""")
 
 
 @pytest.fixture()
 def toy(tmp_path, monkeypatch):
     (tmp_path / "toy_objective.py").write_text(OBJECTIVE)
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path, env
 
@@ -66,8 +68,12 @@ def test_killed_study_resumes_from_storage(toy):
     tmp_path, env = toy
     log = tmp_path / "calls.jsonl"
     config = StudyConfig("resume", str(tmp_path / "study.journal"), sampler="random", n_trials=8)
-    cmd = tuning.worker_command(config, "toy_objective:SPACE", "toy_objective:make_objective",
-                                {"log": str(log), "sleep": 0.3})
+    cmd = tuning.worker_command(
+        config,
+        "toy_objective:SPACE",
+        "toy_objective:make_objective",
+        {"log": str(log), "sleep": 0.3},
+    )
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
     deadline = time.time() + 40
     while len(calls(log)) < 3 and time.time() < deadline:
@@ -100,10 +106,18 @@ def test_killed_study_resumes_from_storage(toy):
 def test_two_worker_processes_share_one_study(toy):
     tmp_path, env = toy
     log = tmp_path / "calls.jsonl"
-    config = StudyConfig("shared", str(tmp_path / "shared.journal"), sampler="tpe", n_trials=12,
-                         n_startup_trials=3)
-    result = tuning.run_workers(2, config, "toy_objective:SPACE", "toy_objective:make_objective",
-                                {"log": str(log), "sleep": 0.2}, env=env, timeout=50)
+    config = StudyConfig(
+        "shared", str(tmp_path / "shared.journal"), sampler="tpe", n_trials=12, n_startup_trials=3
+    )
+    result = tuning.run_workers(
+        2,
+        config,
+        "toy_objective:SPACE",
+        "toy_objective:make_objective",
+        {"log": str(log), "sleep": 0.2},
+        env=env,
+        timeout=50,
+    )
     study = optuna.load_study(study_name="shared", storage=tuning.open_storage(config.storage))
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 12, "exactly the budget, all done"
@@ -119,11 +133,14 @@ def test_two_worker_processes_share_one_study(toy):
 
 
 def test_grid_fits_budget_and_uses_cell_centres():
-    space = [Param("lr", 1e-4, 1e-2, log=True), Param("warmup", 0, 10, integer=True),
-             Param("r", choices=(4, 8, 16, 32))]
+    space = [
+        Param("lr", 1e-4, 1e-2, log=True),
+        Param("warmup", 0, 10, integer=True),
+        Param("r", choices=(4, 8, 16, 32)),
+    ]
     grid = tuning.grid_points(space, 8)
     assert [len(v) for v in grid.values()] == [2, 2, 2]
-    assert grid["lr"] == pytest.approx([10 ** -3.5, 10 ** -2.5], rel=1e-2)
+    assert grid["lr"] == pytest.approx([10**-3.5, 10**-2.5], rel=1e-2)
     assert grid["warmup"] == [2, 8]
     assert grid["r"] == [8, 32]
     assert [len(v) for v in tuning.grid_points(space, 1).values()] == [1, 1, 1]
@@ -151,8 +168,15 @@ def test_grid_sampler_covers_the_grid_then_stops(tmp_path):
 
 def test_pruning_callback_prunes_a_bad_trial(tmp_path):
     space = [Param("slope", 0.0, 1.0)]
-    config = StudyConfig("prune", str(tmp_path / "p.journal"), sampler="random", n_trials=12,
-                         pruner="median", min_resource=2, max_resource=10)
+    config = StudyConfig(
+        "prune",
+        str(tmp_path / "p.journal"),
+        sampler="random",
+        n_trials=12,
+        pruner="median",
+        min_resource=2,
+        max_resource=10,
+    )
     steps_run = []
 
     def objective(trial):
@@ -176,8 +200,11 @@ def test_pruning_callback_prunes_a_bad_trial(tmp_path):
 def test_resume_with_another_setup_is_refused(tmp_path):
     space = [Param("x", 0.0, 1.0)]
     storage = str(tmp_path / "s.journal")
-    tuning.run_study(lambda t: tuning.suggest(t, space)["x"],
-                     StudyConfig("s", storage, sampler="random", n_trials=2), space)
+    tuning.run_study(
+        lambda t: tuning.suggest(t, space)["x"],
+        StudyConfig("s", storage, sampler="random", n_trials=2),
+        space,
+    )
     with pytest.raises(ValueError, match="sampler"):
         tuning.open_study(StudyConfig("s", storage, sampler="tpe", n_trials=2), space)
     with pytest.raises(ValueError, match="space"):
@@ -197,11 +224,17 @@ def test_bad_settings_name_the_field():
 
 def test_cli_worker_reports_json(toy):
     tmp_path, env = toy
-    config = StudyConfig("cli", str(tmp_path / "cli.journal"), sampler="gp", n_trials=5,
-                         n_startup_trials=2)
-    cmd = tuning.worker_command(config, "toy_objective:SPACE", "toy_objective:make_objective",
-                                {"log": str(tmp_path / "c.jsonl")})
-    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True,
-                         timeout=50, check=True).stdout
+    config = StudyConfig(
+        "cli", str(tmp_path / "cli.journal"), sampler="gp", n_trials=5, n_startup_trials=2
+    )
+    cmd = tuning.worker_command(
+        config,
+        "toy_objective:SPACE",
+        "toy_objective:make_objective",
+        {"log": str(tmp_path / "c.jsonl")},
+    )
+    out = subprocess.run(
+        cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=50, check=True
+    ).stdout
     assert json.loads(out.strip().splitlines()[-1])["finished"] == 5
     assert sys.executable == cmd[0]
