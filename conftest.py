@@ -2,7 +2,7 @@
 
 - Every test item has a time limit (pytest-timeout, ``timeout`` in pyproject.toml). When it runs
   out, the report first shows what each child process of the test run was doing (a torchrun
-  rank, a notebook kernel, a server: ``lmref.processes.stack_report``), then pytest-timeout dumps
+  rank, a notebook kernel, a server: ``lmref.core.processes.stack_report``), then pytest-timeout dumps
   this process's threads and fails the test, so a hang names its own cause and the suite goes on.
 - At the end, the time spent per phase (the unit tests, each notebook) is printed, so a run that
   grows slower shows where, with the CPU time that anything but the notebook's kernel used
@@ -32,7 +32,7 @@ def pytest_timeout_set_timer(item, settings):
         return None  # pytest-timeout's own implementation takes over
     import pytest_timeout
 
-    from lmref.processes import stack_report
+    from lmref.core.processes import stack_report
 
     def on_timeout(signum, frame):
         __tracebackhide__ = True

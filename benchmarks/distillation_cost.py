@@ -1,8 +1,8 @@
 """What distillation costs per training step against plain cross-entropy training.
 
 The student (half the width and depth of the course's fine-tuned model, notebook 08) trains on
-the instruction set through ``lmref.training.train`` twice for the same steps: with the default
-loss, and with ``lmref.distillation.distillation_loss`` (the teacher's forward pass on every
+the instruction set through ``lmref.training.loop.train`` twice for the same steps: with the default
+loss, and with ``lmref.training.distillation.distillation_loss`` (the teacher's forward pass on every
 micro-batch, plus the KL at temperature T). The difference per step is split into the teacher's
 forward pass and the loss itself (timed alone on the same batches).
 
@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmref import course
-from lmref.distillation import DistillationConfig, distillation_loss_sum
-from lmref.env import cpu_model
-from lmref.modeling import count_parameters, load_model
-from lmref.training import TrainingConfig
+from lmref.lab import course
+from lmref.training.distillation import DistillationConfig, distillation_loss_sum
+from lmref.lab.env import cpu_model
+from lmref.models.loading import count_parameters, load_model
+from lmref.training.loop import TrainingConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -2,7 +2,7 @@
 
 CPU (default here): the `tiny` preset (Llama-shaped, 2.4M parameters), batch 8 x 256 tokens, fp32.
 GPU: the ~1.1B Llama shape (`llama-1b`: hidden 2048, 22 layers, GQA 32/4, vocab 32000), batch 4 x
-1024 tokens, bf16 autocast. Every variant trains through `lmref.training.train`.
+1024 tokens, bf16 autocast. Every variant trains through `lmref.training.loop.train`.
 
 What each method holds in memory (the point of the comparison):
 - full: fp32 master weights + fp32 gradients + two AdamW moments = 16 bytes/parameter, plus
@@ -70,7 +70,7 @@ def settings(device: str) -> dict:
 
 def save_base(s: dict, out_dir: Path, device: str) -> None:
     """A random-init base saved as an HF folder, so QLoRA can quantise it while loading."""
-    from lmref.modeling import build_model
+    from lmref.models.loading import build_model
 
     model = build_model(s["preset"])
     if device == "cuda":
@@ -82,8 +82,8 @@ def run_variant(method: str, checkpointing: bool, compile_: bool, s: dict, base_
     import datasets
     from transformers import AutoModelForCausalLM
 
-    from lmref.device import default_device
-    from lmref.lora import (
+    from lmref.core.device import default_device
+    from lmref.training.lora import (
         LoraSettings,
         PeakMemory,
         add_lora,
@@ -91,7 +91,7 @@ def run_variant(method: str, checkpointing: bool, compile_: bool, s: dict, base_
         load_qlora,
         trainable_report,
     )
-    from lmref.training import TrainingConfig, peak_memory_mb, train
+    from lmref.training.loop import TrainingConfig, peak_memory_mb, train
 
     device = default_device()
     lora = LoraSettings(

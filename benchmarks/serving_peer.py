@@ -43,9 +43,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lmref.env import cpu_model  # noqa: E402
-from lmref.loadtest import drain, latency_percentiles, spawn_server  # noqa: E402
-from lmref.local_services import free_port  # noqa: E402
+from lmref.lab.env import cpu_model  # noqa: E402
+from lmref.lab.loadtest import drain, latency_percentiles, spawn_server  # noqa: E402
+from lmref.lab.services import free_port  # noqa: E402
 
 TOPICS = (
     "a lighthouse keeper",
@@ -115,13 +115,13 @@ def decode_profile(
     steps: int = 6,
 ) -> list[dict]:
     """Where a decode step's time goes, in this process (no server): the engine's step
-    (lmref.batching) at each batch size against the model's linear layers alone on the same
+    (lmref.serving.batching) at each batch size against the model's linear layers alone on the same
     shapes (the weight-reading matmuls; the rest is attention, norms, Python). ``packed``: the
-    weights packed for oneDNN as the engine does by default (lmref.cpu_inference)."""
+    weights packed for oneDNN as the engine does by default (lmref.serving.packed_linear)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmref.batching import Prefill, RunningBatch
-    from lmref.cpu_inference import PackedLinear, pack_linears
+    from lmref.serving.batching import Prefill, RunningBatch
+    from lmref.serving.packed_linear import PackedLinear, pack_linears
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
@@ -375,7 +375,7 @@ def main() -> None:
     if not Path(args.model, "config.json").exists():
         sys.exit(
             f"--model {args.model}: no Hugging Face folder there (config.json missing); "
-            "build it with `python -m lmref.course` or `make artifacts`"
+            "build it with `python -m lmref.lab.course` or `make artifacts`"
         )
 
     bandwidth = read_bandwidth_gbs(args.torch_threads)

@@ -59,9 +59,9 @@ def make_data(vocab: int, n: int, seq: int):
 
 
 def run_variant(variant: str, s: dict) -> dict:
-    from lmref.device import default_device
-    from lmref.modeling import build_model
-    from lmref.training import (
+    from lmref.core.device import default_device
+    from lmref.models.loading import build_model
+    from lmref.training.loop import (
         TrainingConfig,
         device_peak_flops,
         flops_per_token,

@@ -5,7 +5,7 @@
    worker bookkeeping (file lock, dead-trial recovery, counting). Each sampler runs with the
    journal file on disk (what the notebook uses) and, for reference, Optuna's in-memory storage
    through plain ``study.optimize``.
-2. Workers: the course's real LoRA trial (``lmref.course:lora_objective``, a short fine-tune of
+2. Workers: the course's real LoRA trial (``lmref.lab.course:lora_objective``, a short fine-tune of
    the base on the instruction set) run by 1 worker process and by 2, same trial count, random
    sampler's settings queued in advance so both runs train the same trials, ``OMP_NUM_THREADS=1``
    per process; wall time including process start-up, and trials per second between the first
@@ -26,9 +26,10 @@ from pathlib import Path
 import optuna
 import torch
 
-from lmref import course, tuning
-from lmref.env import cpu_model
-from lmref.tuning import StudyConfig
+from lmref.lab import course
+from lmref.tuning import search as tuning
+from lmref.lab.env import cpu_model
+from lmref.tuning.search import StudyConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,8 +87,8 @@ def workers(n_workers: int, n_trials: int, steps: int, folder: Path) -> dict:
     run = tuning.run_workers(
         n_workers,
         config,
-        "lmref.course:LORA_SPACE",
-        "lmref.course:lora_objective",
+        "lmref.lab.course:LORA_SPACE",
+        "lmref.lab.course:lora_objective",
         {"steps": steps},
         threads_per_worker=1,
     )

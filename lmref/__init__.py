@@ -1,26 +1,26 @@
 """lmref: a notebook-driven course and reference implementation of the LLM engineering stack.
 
 Each module is one concern and can be copied into another project on its own (with the few
-modules it names in its docstring, e.g. ``lmref.device``):
+modules it names in its docstring, e.g. ``lmref.core.device``):
 
-- ``lmref.sources``     where a corpus comes from: text files, stdlib docstrings, HF datasets
-- ``lmref.data``        corpus cleaning, dedup, filters, split, tokenizer, packing (uses sources)
-- ``lmref.instruction_data``  the instruction task set, prompt template, loss masking, collator
-- ``lmref.device``      the one device and precision policy (cuda/cpu; bf16, fp16 or fp32)
-- ``lmref.modeling``    model presets, loading any Hugging Face causal LM, the packaged real model
-- ``lmref.training``    one training loop: mixed precision, accumulation, checkpoint/resume
-- ``lmref.checkpoints`` crash-safe checkpoint folders: manifest, verification (used by training)
-- ``lmref.evaluation``  perplexity, exact match, sample generation
-- ``lmref.lora``        LoRA and QLoRA with peft + bitsandbytes
-- ``lmref.distributed`` data parallelism under torchrun
-- ``lmref.processes``   child processes under a time limit: streamed log, stacks on timeout, kill
-- ``lmref.compression`` pruning and quantization
-- ``lmref.engine``      the generation engine: queue, batching, KV cache, sampling, stops
-- ``lmref.serving``     an OpenAI-compatible Flask app over the engine (``python -m lmref.serve``)
-- ``lmref.loadtest``    a load generator and a server-process helper for benchmarks
-- ``lmref.tuning``      hyperparameter search with Optuna: samplers, pruning, resumable studies
-- ``lmref.distillation`` knowledge distillation loss (KL at a temperature + CE), chunked
-- ``lmref.course``      glue for the notebooks: rebuild earlier artifacts when missing
+- ``lmref.data.sources``     where a corpus comes from: text files, stdlib docstrings, HF datasets
+- ``lmref.data.pipeline``        corpus cleaning, dedup, filters, split, tokenizer, packing (uses sources)
+- ``lmref.data.instructions``  the instruction task set, prompt template, loss masking, collator
+- ``lmref.core.device``      the one device and precision policy (cuda/cpu; bf16, fp16 or fp32)
+- ``lmref.models.loading``    model presets, loading any Hugging Face causal LM, the packaged real model
+- ``lmref.training.loop``    one training loop: mixed precision, accumulation, checkpoint/resume
+- ``lmref.training.checkpoints`` crash-safe checkpoint folders: manifest, verification (used by training)
+- ``lmref.evaluation.metrics``  perplexity, exact match, sample generation
+- ``lmref.training.lora``        LoRA and QLoRA with peft + bitsandbytes
+- ``lmref.training.distributed`` data parallelism under torchrun
+- ``lmref.core.processes``   child processes under a time limit: streamed log, stacks on timeout, kill
+- ``lmref.compression.methods`` pruning and quantization
+- ``lmref.serving.engine``      the generation engine: queue, batching, KV cache, sampling, stops
+- ``lmref.serving.app``     an OpenAI-compatible Flask app over the engine (``python -m lmref.serve``)
+- ``lmref.lab.loadtest``    a load generator and a server-process helper for benchmarks
+- ``lmref.tuning.search``      hyperparameter search with Optuna: samplers, pruning, resumable studies
+- ``lmref.training.distillation`` knowledge distillation loss (KL at a temperature + CE), chunked
+- ``lmref.lab.course``      glue for the notebooks: rebuild earlier artifacts when missing
 """
 
 __version__ = "0.1.0"

@@ -1,16 +1,16 @@
 """Running the model server: ``python -m lmref.serve`` (one process), or in a thread (tests).
 
-The app is ``lmref.serving`` (over ``lmref.engine``); this module runs it under waitress.
+The app is ``lmref.serving.app`` (over ``lmref.serving.engine``); this module runs it under waitress.
 ``start_server(config)`` serves in a thread of this process and returns a handle with ``.url`` and
 ``.stop()``; ``python -m lmref.serve`` is the one command line. Its flags come from the fields of
 ``ServingConfig`` and ``ModelSpec`` (``--max-batch-size``, ``--drain-timeout-s`` ...), plus:
 ``--model NAME=PATH`` (repeatable; a folder, a hub id in the local cache, or a course name from
-``lmref.modeling``: ``smollm2-135m-instruct``; default: that real chat model as ``smollm2``),
+``lmref.models.loading``: ``smollm2-135m-instruct``; default: that real chat model as ``smollm2``),
 ``--alias NAME=V1:W1,V2:W2`` (weighted A/B), ``--unbatched NAME`` and ``--api-key KEY``
 (repeatable; or env ``LMREF_API_KEYS``, a comma list), and the ``SharedServices`` of a replica:
-``--cache-url redis://...`` (a response cache shared by replicas, ``lmref.redis_cache``) and
+``--cache-url redis://...`` (a response cache shared by replicas, ``lmref.production.shared_cache``) and
 ``--broker-url amqp://... --store-url redis://...`` (the OpenAI Batch API on Celery workers,
-``lmref.batch_queue``; env ``LMREF_CACHE_URL``, ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``). Without keys anyone who reaches the port
+``lmref.production.batch``; env ``LMREF_CACHE_URL``, ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``). Without keys anyone who reaches the port
 may use the models: the server says so loudly at start. SIGTERM: new requests get 503, in-flight
 ones get ``--drain-timeout-s`` to finish.
 
@@ -49,8 +49,8 @@ from flask import Flask
 from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask
 
-from lmref.engine import ModelSpec
-from lmref.serving import (
+from lmref.serving.engine import ModelSpec
+from lmref.serving.app import (
     HTTP_ERRORS,
     APIError,
     ServingConfig,
@@ -88,7 +88,7 @@ def build_app(config: ServingConfig, shared: SharedServices | None = None) -> Fl
         raise ValueError("the Batch API needs both --broker-url and --store-url")
     cache = None
     if shared.cache_url:
-        from lmref.redis_cache import RedisResponseCache
+        from lmref.production.shared_cache import RedisResponseCache
 
         cache = RedisResponseCache(
             shared.cache_url, shared.cache_ttl_s, {m.name: m.path for m in config.models}
@@ -97,7 +97,7 @@ def build_app(config: ServingConfig, shared: SharedServices | None = None) -> Fl
     if cache is not None:
         cache.register(app.extensions["lmref"].metrics.registry)
     if shared.broker_url:
-        from lmref.batch_queue import BatchConfig, register_batch_api
+        from lmref.production.batch import BatchConfig, register_batch_api
 
         register_batch_api(
             app, BatchConfig(broker_url=shared.broker_url, store_url=shared.store_url)
@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help=help_,
                 metavar=f.type.split(" |")[0].upper(),
             )
-    group = parser.add_argument_group("SharedServices (lmref.redis_cache, lmref.batch_queue)")
+    group = parser.add_argument_group("SharedServices (lmref.production.shared_cache, lmref.production.batch)")
     for f in dataclasses.fields(SharedServices):
         default = os.environ.get(SHARED_ENV.get(f.name, ""), f.default)
         group.add_argument(
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_path(parser: argparse.ArgumentParser, name: str, path: str) -> str:
     """The folder to load, or a usage error: a mistyped path must not 'load' forever."""
     if "/" not in path and os.sep not in path:  # a course name (imports transformers: seconds)
-        from lmref.modeling import resolve_model
+        from lmref.models.loading import resolve_model
 
         path = resolve_model(path)
     if os.path.isdir(path):
@@ -395,7 +395,7 @@ def config_from_args(argv: list[str] | None) -> ServingConfig:
 
 def resolve_model_args(argv: list[str]) -> list[str]:
     """Each ``--model NAME=PATH`` with a course name as PATH gets the converted folder instead."""
-    from lmref.modeling import resolve_model
+    from lmref.models.loading import resolve_model
 
     argv = list(argv) if "--model" in argv else ["--model", DEFAULT_MODEL, *argv]
     for i, arg in enumerate(argv[:-1]):

@@ -14,7 +14,7 @@ Usage::
     python -m lmref.train --config run.yaml --lr 1e-3
 
 Fault injection (to practise recovery): ``LMREF_FAIL_AT_STEP=k LMREF_FAIL_RANK=r`` makes rank r
-exit hard after step k on the first attempt (see ``lmref.distributed.fault_injection_from_env``).
+exit hard after step k on the first attempt (see ``lmref.training.distributed.fault_injection_from_env``).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from datasets import Dataset, DatasetDict, disable_progress_bars, load_from_disk
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from lmref.data import empty_splits_on_disk
-from lmref.distributed import (
+from lmref.data.pipeline import empty_splits_on_disk
+from lmref.training.distributed import (
     barrier,
     distributed,
     fault_injection_from_env,
@@ -42,8 +42,8 @@ from lmref.distributed import (
     unwrap_model,
     wrap_model,
 )
-from lmref.modeling import PRESETS, build_model, load_model
-from lmref.training import CheckpointError, ConfigChangeError, TrainingConfig, train
+from lmref.models.loading import PRESETS, build_model, load_model
+from lmref.training.loop import CheckpointError, ConfigChangeError, TrainingConfig, train
 
 ALIASES = {
     "per_device_train_batch_size": ["--batch-size"],
@@ -57,7 +57,7 @@ ALIASES = {
 class RunConfig:
     """What the command trains on and where it saves, besides the ``TrainingConfig`` knobs."""
 
-    model: str = "tiny"  # a preset of lmref.modeling, or an HF id / folder
+    model: str = "tiny"  # a preset of lmref.models.loading, or an HF id / folder
     model_overrides: dict = field(default_factory=dict)  # config fields for a preset
     attn_implementation: str | None = None  # None: the model's default (eager, sdpa, ...)
     data: str | None = None  # load_from_disk folder; default: the course corpus
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lmref.train",
         argument_default=argparse.SUPPRESS,
-        description="Train a causal LM with lmref.training (DDP under torchrun).",
+        description="Train a causal LM with lmref.training.loop (DDP under torchrun).",
     )
     parser.add_argument("--config", help="JSON or YAML file of RunConfig/TrainingConfig keys")
     run = parser.add_argument_group("run")
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-split", type=_optional(str))
     run.add_argument("--max-train-samples", type=_optional(int))
     run.add_argument("--final-dir")
-    knobs = parser.add_argument_group("training (lmref.training.TrainingConfig)")
+    knobs = parser.add_argument_group("training (lmref.training.loop.TrainingConfig)")
     for f in dataclasses.fields(TrainingConfig):
         flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
         default = f.default
@@ -174,7 +174,7 @@ def load_data(config: RunConfig) -> tuple[Dataset, Dataset | None, Path | None]:
     """Train and eval splits, and the tokenizer folder that goes with them (if any)."""
     if config.data is None:
         # Rank 0 builds the course data if missing; the others wait rather than build it too.
-        from lmref.course import ARTIFACTS, ensure_data  # imported only when needed: it is heavy
+        from lmref.lab.course import ARTIFACTS, ensure_data  # imported only when needed: it is heavy
 
         if is_main():
             ensure_data()
@@ -187,7 +187,7 @@ def load_data(config: RunConfig) -> tuple[Dataset, Dataset | None, Path | None]:
     for name in empty_splits_on_disk(data_path):  # load_from_disk fails on them, deep inside
         raise SystemExit(
             f"error: the {name!r} split of {data_path} has no rows; prepare the "
-            "data again (see lmref.data.prepare_data) or save it without that split"
+            "data again (see lmref.data.pipeline.prepare_data) or save it without that split"
         )
     data = load_from_disk(str(data_path))
     if isinstance(data, DatasetDict):

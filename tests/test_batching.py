@@ -1,4 +1,4 @@
-"""Continuous batching in the engine (lmref.engine over lmref.batching), on the tiny random Llama:
+"""Continuous batching in the engine (lmref.serving.engine over lmref.serving.batching), on the tiny random Llama:
 a request sent while another decodes joins it and finishes first, a long prompt's prefill runs
 in chunks between the running rows' decode steps, a shared prompt start is computed once, and
 every greedy text is the one the same request gets alone."""
@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from lmref.batching import Prefill, PrefixCache, RunningBatch
-from lmref.engine import (
+from lmref.serving.batching import Prefill, PrefixCache, RunningBatch
+from lmref.serving.engine import (
     Admitted,
     Delta,
     Engine,

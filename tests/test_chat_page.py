@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from lmref.serve import start_server
-from lmref.serving import ModelSpec, ServingConfig
+from lmref.serving.app import ModelSpec, ServingConfig
 
 KEY = "page-key-1"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

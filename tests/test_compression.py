@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from lmref.compression import (
+from lmref.compression.methods import (
     SAVE_SUPPORT,
     PruneConfig,
     collect_input_norms,
@@ -264,7 +264,7 @@ def test_bnb_4bit_saved_after_a_forward_reloads_to_the_same_logits(
 
 
 def test_gpt2_conv1d_layers_prune_and_quantize(token_rows):
-    from lmref.modeling import build_model
+    from lmref.models.loading import build_model
 
     gpt2 = build_model("tiny-gpt2", vocab_size=512, num_hidden_layers=2).eval()
     layers = prunable_linears(gpt2)

@@ -19,13 +19,13 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
 def test_module_is_copyable_alone_and_documented(path):
     """A module imports no other lmref module, except one its top docstring names (a declared
-    dependency, e.g. every module on ``lmref.device``, the one device/dtype policy)."""
+    dependency, e.g. every module on ``lmref.core.device``, the one device/dtype policy)."""
     tree = ast.parse(path.read_text())
     docstring = ast.get_docstring(tree)
     assert docstring and "Usage" in docstring, f"{path.name}: top docstring with a usage example"
     for node in ast.walk(tree):
         # The one exception the house rules allow: a dependency that is the point, named in the
-        # top docstring (e.g. lmref.training saves through lmref.checkpoints).
+        # top docstring (e.g. lmref.training.loop saves through lmref.training.checkpoints).
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0, f"{path.name}: relative import"
             if (node.module or "").split(".")[0] == "lmref":

@@ -1,4 +1,4 @@
-"""Tests for lmref.data and lmref.sources: every public function, bad input included. Real parts, no mocks."""
+"""Tests for lmref.data.pipeline and lmref.data.sources: every public function, bad input included. Real parts, no mocks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lmref.data import (
+from lmref.data.pipeline import (
     CleanConfig,
     DataConfig,
     Document,
@@ -404,7 +404,7 @@ def test_save_artifacts_layout(tmp_path, small_tokenizer):
 
 HUGE_LINE = """
 import json, random, resource, sys
-from lmref.data import Document, deduplicate
+from lmref.data.pipeline import Document, deduplicate
 rng = random.Random(0)
 vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
          for _ in range(20000)]

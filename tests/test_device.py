@@ -1,4 +1,4 @@
-"""One device/dtype policy (lmref.device), used by every module that picks a dtype."""
+"""One device/dtype policy (lmref.core.device), used by every module that picks a dtype."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmref import compression, lora
-from lmref.device import compute_dtype, resolve_device, select_precision
+from lmref.compression import methods as compression
+from lmref.training import lora
+from lmref.core.device import compute_dtype, resolve_device, select_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ def test_cpu_is_fp32_and_explicit_requests_win():
 
 
 def test_no_module_decides_precision_on_its_own():
-    """Only lmref/device.py may ask the hardware which float types it supports."""
+    """Only lmref/core/device.py may ask the hardware which float types it supports."""
     offenders = []
     for path in sorted((ROOT / "lmref").glob("*.py")):
         if path.name in ("device.py", "env.py"):  # env.py reports the hardware, decides nothing

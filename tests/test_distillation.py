@@ -1,4 +1,4 @@
-"""lmref.distillation: the loss against a hand computation, its reduction to cross-entropy,
+"""lmref.training.distillation: the loss against a hand computation, its reduction to cross-entropy,
 masking, chunking, and a real distillation run through the one training loop."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ import datasets
 import pytest
 import torch
 
-from lmref.distillation import (
+from lmref.training.distillation import (
     DistillationConfig,
     agreement,
     distillation_loss,
     distillation_loss_sum,
 )
-from lmref.modeling import build_model
-from lmref.training import TrainingConfig, causal_lm_loss_sum, train
+from lmref.models.loading import build_model
+from lmref.training.loop import TrainingConfig, causal_lm_loss_sum, train
 
 VOCAB = 128
 

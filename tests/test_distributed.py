@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmref import distributed as D
-from lmref.processes import RunLog, run_logged
+from lmref.training import distributed as D
+from lmref.core.processes import RunLog, run_logged
 from lmref.train import main as train_main
 from lmref.train import parse_config
 
@@ -127,7 +127,7 @@ PROBE = textwrap.dedent("""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     import lmref.train as cli
-    import lmref.training as training
+    from lmref.training import loop as training
 
     record_path, argv = sys.argv[1], sys.argv[2:]
     watched = str(Path(argv[argv.index("--output-dir") + 1]).resolve())
@@ -287,7 +287,7 @@ CYCLES = textwrap.dedent("""
     # Join the group, train one DDP step, gather an object (as a checkpoint's RNG states are),
     # leave, drop the model: the moment at which a finished job used to deadlock.
     import sys, torch, torch.distributed as dist
-    from lmref.distributed import distributed, wrap_model
+    from lmref.training.distributed import distributed, wrap_model
 
     for cycle in range(int(sys.argv[1])):
         with distributed(timeout_s=60) as env:
@@ -303,20 +303,20 @@ def test_leaving_a_group_many_times_never_deadlocks(tmp_path):
     """The hang of a finished job (issue 20), reproduced in one launch: DDP's C++ Reducer held the
     last reference to the destroyed group, so freeing the model joined gloo's threads with the GIL
     held while a gloo thread waited for the GIL (py-spy showed both). Before the fix one rank
-    deadlocked within about 45 cycles (3 runs of 3); lmref.distributed.cleanup now frees the
+    deadlocked within about 45 cycles (3 runs of 3); lmref.training.distributed.cleanup now frees the
     Reducers first.
     LMREF_TEST_CYCLES for more."""
     script = tmp_path / "cycles.py"
     script.write_text(CYCLES)
     cycles = int(os.environ.get("LMREF_TEST_CYCLES", 100))
     log = launch([str(script), str(cycles)], timeout_s=240)
-    log.check()  # on a hang: the stacks of every rank (lmref.processes)
+    log.check()  # on a hang: the stacks of every rank (lmref.core.processes)
     assert log.output.count(f": {cycles} cycles") == 2, log.output[-2000:]
 
 
 TEARDOWN = textwrap.dedent("""
     import torch, torch.distributed as dist
-    from lmref.distributed import distributed
+    from lmref.training.distributed import distributed
 
     with distributed() as env:
         total = torch.tensor([env.rank + 1.0])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmref.evaluation import exact_match, generate_text, perplexity
+from lmref.evaluation.metrics import exact_match, generate_text, perplexity
 
 
 class FixedLogits(torch.nn.Module):

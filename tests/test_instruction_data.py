@@ -1,4 +1,4 @@
-"""Tests for lmref.instruction_data: the task set, prompt masking, the collator, bad specs."""
+"""Tests for lmref.data.instructions: the task set, prompt masking, the collator, bad specs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmref import instruction_data
-from lmref.instruction_data import (
+from lmref.data import instructions as instruction_data
+from lmref.data.instructions import (
     IGNORE_INDEX,
     TASK_SPECS,
     InstructionCollator,

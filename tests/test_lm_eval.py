@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from lmref.serve import start_server
-from lmref.serving import ModelSpec, ServingConfig
+from lmref.serving.app import ModelSpec, ServingConfig
 
 KEY = "lm-eval-key"
 QUESTIONS = [

@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from lmref.lora import (
+from lmref.training.lora import (
     LoraSettings,
     PeakMemory,
     add_lora,
@@ -30,8 +30,8 @@ from lmref.lora import (
     save_adapter,
     trainable_report,
 )
-from lmref.modeling import build_model
-from lmref.training import TrainingConfig, train
+from lmref.models.loading import build_model
+from lmref.training.loop import TrainingConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -208,7 +208,7 @@ def test_peak_memory_collects_earlier_garbage_at_entry():
 # 0.0 MB in the full suite, while passing alone).
 PEAK_SCRIPT = textwrap.dedent("""
     import json, mmap, sys, torch
-    from lmref.lora import PeakMemory
+    from lmref.training.lora import PeakMemory
 
     mapped = None
     if len(sys.argv) > 1:  # a file made resident first, unmapped inside the block

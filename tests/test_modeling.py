@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmref.modeling import PRESETS, build_model, load_model, model_report
+from lmref.models.loading import PRESETS, build_model, load_model, model_report
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2"])

@@ -1,8 +1,8 @@
 """The production architecture against real servers on 127.0.0.1: RabbitMQ and Redis (Debian's
 packages), Celery workers in their own processes, server replicas behind nginx.
 
-Covers lmref.batch_queue (OpenAI Batch API on Celery: a worker killed mid-job, poisoned jobs,
-time limits, queue depth), lmref.redis_cache (a cache shared by replicas) and the deploy/
+Covers lmref.production.batch (OpenAI Batch API on Celery: a worker killed mid-job, poisoned jobs,
+time limits, queue depth), lmref.production.shared_cache (a cache shared by replicas) and the deploy/
 manifests (validated offline with kubernetes-validate)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ pytest.importorskip("celery")
 pytest.importorskip("redis")
 openai = pytest.importorskip("openai")
 
-from lmref.local_services import (  # noqa: E402
+from lmref.lab.services import (  # noqa: E402
     Services,
     remaining,
     start_celery_worker,
@@ -58,12 +58,12 @@ def worker_env(backends, model_dir, **extra) -> dict:
 
 def start_workers(services, backends, model_dir, names: list[str], **extra) -> dict:
     """Workers started together (each loads its model meanwhile), ready once all have."""
-    from lmref.batch_queue import READY_LINE
+    from lmref.production.batch import READY_LINE
 
     workers = {
         name: services.add(
             start_celery_worker(
-                "lmref.batch_queue", name, worker_env(backends, model_dir, **extra), wait=False
+                "lmref.production.batch", name, worker_env(backends, model_dir, **extra), wait=False
             )
         )
         for name in names
@@ -78,7 +78,7 @@ def api(backends, tiny_model_dir):
     """A server replica (in this process) with the Batch API and the shared cache, wired as
     ``python -m lmref.serve --cache-url ... --broker-url ... --store-url ...`` wires them."""
     from lmref.serve import SharedServices, start_server
-    from lmref.serving import ModelSpec, ServingConfig
+    from lmref.serving.app import ModelSpec, ServingConfig
 
     redis_, rabbit = backends
     handle = start_server(
@@ -141,7 +141,7 @@ def queue_depth(url: str) -> float | None:
 @needs_servers
 def test_worker_killed_mid_job_loses_nothing(backends, api, tiny_model_dir, tmp_path):
     handle, client = api
-    from lmref.batch_queue import Store
+    from lmref.production.batch import Store
 
     # Submitted before any worker runs: the queue depth the autoscaler reads shows all of them.
     lines = [request_line(f"job-{i}", max_tokens=220, ignore_eos=True, n=16) for i in range(6)]
@@ -185,7 +185,7 @@ def test_a_request_that_keeps_killing_workers_fails_as_a_poison_pill(
     next worker records it as failed (a request that crashes every worker it reaches would
     otherwise be redelivered forever), and the batch still completes."""
     handle, client = api
-    from lmref.batch_queue import Store
+    from lmref.production.batch import Store
 
     store = Store(backends[0].url)
     lines = [request_line("crashes-workers", max_tokens=220, ignore_eos=True, n=16)]
@@ -328,7 +328,7 @@ def test_cache_shared_by_replicas_behind_nginx(backends, tiny_model_dir):
 
         # Kill one replica under load: nginx routes new requests to the survivor; only the
         # requests that were inside the killed replica fail (a POST is never retried mid-way).
-        from lmref.loadtest import closed_loop
+        from lmref.lab.loadtest import closed_loop
 
         long_body = {"model": "tiny", "prompt": "x", "max_tokens": 64, "temperature": 1.0}
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -360,9 +360,9 @@ def _redis(url: str):
 def test_shared_cache_misses_when_redis_is_down_and_keys_carry_the_version(
     tiny_model_dir, tmp_path
 ):
-    from lmref.engine import Finished
-    from lmref.local_services import free_port
-    from lmref.redis_cache import RedisResponseCache
+    from lmref.serving.engine import Finished
+    from lmref.lab.services import free_port
+    from lmref.production.shared_cache import RedisResponseCache
 
     down = RedisResponseCache(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
     row = Finished(0, "text", "stop", 3, 1)

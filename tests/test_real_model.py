@@ -1,6 +1,6 @@
 """The real pretrained model of the course, offline: SmolLM2-135M-Instruct from its packaged GGUF.
 
-Converted once into artifacts/ (``lmref.modeling.resolve_model``); these tests check that the
+Converted once into artifacts/ (``lmref.models.loading.resolve_model``); these tests check that the
 conversion is faithful (logits equal to the GGUF-loaded model's) and that the model is the real
 chat model (it knows the capital of France through its chat template).
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GgufConfig
 
-from lmref.modeling import (
+from lmref.models.loading import (
     NAMED_MODELS,
     convert_gguf,
     load_model,

@@ -1,4 +1,4 @@
-"""lmref.sampling on its own: token choice per row and the log-probabilities it reports, against
+"""lmref.serving.sampler on its own: token choice per row and the log-probabilities it reports, against
 torch computed here on the conftest's tiny Llama and BPE."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmref.sampling import TokenPieces, reported, sample, score_prompt, step_logprobs
+from lmref.serving.sampler import TokenPieces, reported, sample, score_prompt, step_logprobs
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lmref.loadtest import run_load, spawn_server
+from lmref.lab.loadtest import run_load, spawn_server
 from lmref.serve import start_server
-from lmref.serving import ModelSpec, ServingConfig, create_app
+from lmref.serving.app import ModelSpec, ServingConfig, create_app
 
 KEY = "test-key-123"
 ERROR_FIELDS = {"message", "type", "param", "code"}

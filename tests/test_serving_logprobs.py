@@ -11,9 +11,9 @@ import pytest
 import requests
 import torch
 
-from lmref.engine import DEFAULT_CHAT_TEMPLATE
+from lmref.serving.engine import DEFAULT_CHAT_TEMPLATE
 from lmref.serve import start_server
-from lmref.serving import ModelSpec, ServingConfig
+from lmref.serving.app import ModelSpec, ServingConfig
 
 PROMPT = "Return a new list containing"
 

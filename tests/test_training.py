@@ -16,9 +16,10 @@ import datasets
 import pytest
 import torch
 
-from lmref import checkpoints, training
-from lmref.modeling import build_model
-from lmref.training import (
+from lmref.training import checkpoints
+from lmref.training import loop as training
+from lmref.models.loading import build_model
+from lmref.training.loop import (
     SimulatedFailure,
     TrainingConfig,
     fail_at_step,
@@ -101,7 +102,7 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_training import make_data, small_model, config
     from pathlib import Path
-    from lmref.training import train
+    from lmref.training.loop import train
     slow = lambda step, metrics: time.sleep(0.3)  # leaves time to be killed mid-run
     model = small_model()
     train(model, make_data(), config(Path({out!r}), max_steps=12, resume_from_checkpoint=True),

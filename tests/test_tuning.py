@@ -1,7 +1,7 @@
-"""lmref.tuning: a SIGKILLed study resumes from its storage, two worker processes share one study,
+"""lmref.tuning.search: a SIGKILLed study resumes from its storage, two worker processes share one study,
 grids fit the budget, pruning stops bad trials, a resume with another setup is refused.
 
-Worker processes are real ``python -m lmref.tuning`` processes on a real journal file; the
+Worker processes are real ``python -m lmref.tuning.search`` processes on a real journal file; the
 objective is a cheap function in a module written to tmp_path (no model: the point is the
 bookkeeping), which logs every call so the test can count what really ran.
 """
@@ -21,14 +21,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from lmref import tuning
-from lmref.tuning import Param, StudyConfig
+from lmref.tuning import search as tuning
+from lmref.tuning.search import Param, StudyConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 OBJECTIVE = textwrap.dedent("""
     import json, os, time
-    from lmref.tuning import Param, suggest
+    from lmref.tuning.search import Param, suggest
 
     SPACE = [Param("x", -5.0, 5.0), Param("k", choices=(1, 2, 3))]
 

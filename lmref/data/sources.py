@@ -1,0 +1,395 @@
+"""Where a corpus comes from: local text files, the standard library's docstrings, HF datasets.
+
+Each loader returns ``(documents, stats)``: ``Document(text, source)`` objects, and a dict of what
+it read in numbers (files, bytes, undecodable bytes, docs, chars). Nothing needs a network except
+a hub dataset name. ``lmref.data.pipeline`` (cleaning, dedup, filters, split, tokenizer, packing) takes the
+documents from here.
+
+Usage::
+
+    from lmref.data.sources import load_documents, load_text_files
+
+    docs, stats = load_documents("stdlib")              # ~1.8 MB of docstrings, offline
+    docs, stats = load_text_files("data/messy", separator="\n%%\n")
+    docs, stats = load_documents("path/to/folder")      # a missing path: FileNotFoundError
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import re
+import subprocess
+import sys
+import sysconfig
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Document:
+    """A unit of text and where it came from (a file path, ``module.qualname``, a dataset row)."""
+
+    text: str
+    source: str
+
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+_SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")  # one per byte that was not valid UTF-8
+
+
+def _decode(raw: bytes, on_decode_error: str) -> tuple[str | None, int]:
+    """Decode UTF-8; return (text or None when the file is skipped, number of undecodable bytes).
+
+    ``surrogateescape`` maps each bad byte to one lone surrogate, so the bytes can be counted
+    exactly in linear time before they are replaced or dropped.
+    """
+    text = raw.decode("utf-8", errors="surrogateescape")
+    bad = len(_SURROGATE_ESCAPE.findall(text))
+    if bad == 0:
+        return text, 0
+    if on_decode_error == "raise":
+        raise UnicodeDecodeError("utf-8", raw, 0, len(raw), f"{bad} undecodable bytes")
+    if on_decode_error == "skip":
+        return None, bad
+    return _SURROGATE_ESCAPE.sub("\ufffd" if on_decode_error == "replace" else "", text), bad
+
+
+def load_text_files(
+    paths: str | Path | Sequence[str | Path],
+    suffixes: Sequence[str] = TEXT_SUFFIXES,
+    on_decode_error: str = "replace",
+    separator: str | None = None,
+) -> tuple[list[Document], dict]:
+    """Read text files and folders (recursively, sorted) as UTF-8 documents.
+
+    Bytes that are not valid UTF-8 are counted per file and then, by ``on_decode_error``:
+    ``"replace"`` with U+FFFD, ``"drop"``, ``"skip"`` the file, or ``"raise"``. Empty and binary
+    files (a NUL byte) are skipped and counted. ``separator`` (e.g. ``"\\n%%\\n"``) cuts a file
+    into several documents. Raises ``FileNotFoundError`` for a missing path and ``ValueError``
+    when no text is found.
+    """
+    if on_decode_error not in ("replace", "drop", "skip", "raise"):
+        raise ValueError(
+            f"on_decode_error must be replace|drop|skip|raise, got {on_decode_error!r}"
+        )
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    stats = Counter(
+        files=len(files),
+        bytes=0,
+        empty_files=0,
+        binary_files=0,
+        files_with_undecodable_bytes=0,
+        undecodable_bytes=0,
+        skipped_undecodable_files=0,
+    )
+    undecodable: dict[str, int] = {}
+    docs: list[Document] = []
+    for f in files:
+        raw = f.read_bytes()
+        stats["bytes"] += len(raw)
+        if not raw.strip():
+            stats["empty_files"] += 1
+            continue
+        if b"\x00" in raw[:8192]:
+            stats["binary_files"] += 1
+            continue
+        try:
+            text, bad = _decode(raw, on_decode_error)
+        except UnicodeDecodeError as e:
+            raise UnicodeDecodeError("utf-8", raw, e.start, e.end, f"{f}: {e.reason}") from None
+        if bad:
+            stats["files_with_undecodable_bytes"] += 1
+            stats["undecodable_bytes"] += bad
+            undecodable[str(f)] = bad
+        if text is None:
+            stats["skipped_undecodable_files"] += 1
+            continue
+        parts = text.split(separator) if separator else [text]
+        docs += [
+            Document(t, f"{f}#{i}" if separator else str(f))
+            for i, t in enumerate(parts)
+            if t.strip()
+        ]
+    if undecodable:
+        warnings.warn(
+            f"{stats['undecodable_bytes']} bytes that are not UTF-8 in "
+            f"{len(undecodable)} file(s) (on_decode_error={on_decode_error!r}): "
+            f"{sorted(undecodable)[:5]}",
+            stacklevel=2,
+        )
+    if not docs:
+        raise ValueError(
+            f"no text found in {[str(p) for p in paths]}: {len(files)} file(s) with "
+            f"suffix {tuple(suffixes)}, {stats['empty_files']} empty, "
+            f"{stats['binary_files']} binary, "
+            f"{stats['skipped_undecodable_files']} skipped as undecodable"
+        )
+    out = dict(
+        stats,
+        docs=len(docs),
+        chars=sum(len(d.text) for d in docs),
+        undecodable_by_file=undecodable,
+        on_decode_error=on_decode_error,
+    )
+    return docs, out
+
+
+# Never parsed or imported: GUI and demo code, test suites, vendored installers, and easter eggs
+# whose import has side effects (``antigravity`` opens a browser, ``this`` prints the Zen).
+STDLIB_SKIP = frozenset(
+    {
+        "test",
+        "tests",
+        "idlelib",
+        "tkinter",
+        "turtle",
+        "turtledemo",
+        "lib2to3",
+        "ensurepip",
+        "pydoc_data",
+        "antigravity",
+        "this",
+        "__phello__",
+        "_pyrepl",
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "readline",
+        "_tkinter",
+        "_curses",
+        "_curses_panel",
+    }
+)
+
+
+def _skip_module(name: str) -> bool:
+    return (
+        name in STDLIB_SKIP
+        or name.startswith(("test", "_test", "xx", "_xx"))
+        or name.endswith("_test")
+    )
+
+
+def _source_docstrings(tree: ast.Module, module: str) -> list[Document]:
+    """Docstrings of a module and, recursively, its classes and functions, in source order."""
+    docs = []
+
+    def visit(node: ast.AST, qualname: str) -> None:
+        doc = ast.get_docstring(node, clean=True)  # type: ignore[arg-type]
+        if doc:
+            docs.append(Document(doc, qualname))
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, f"{qualname}.{child.name}")
+
+    visit(tree, module)
+    return docs
+
+
+def _compiled_docstrings_worker(names: list[str]) -> dict:
+    """Docstrings of compiled modules: the module, its functions, its classes and their members.
+
+    Self-contained (stdlib only) because it runs in a fresh ``python -I -S`` process: the caller
+    may have patched ``builtins`` or ``sys`` (an IPython kernel replaces ``input`` and injects
+    ``get_ipython``), which would make the corpus depend on where it was built, and imports stay
+    out of the caller's process. ``__doc__`` is read directly: ``inspect.getdoc`` would repeat
+    inherited docs.
+    """
+    import importlib
+    import inspect
+    import warnings
+
+    docs, failed = [], []
+    for name in names:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # deprecated modules (nis, audioop, ...) warn
+                module = importlib.import_module(name)
+        except Exception:  # not in this build (e.g. Windows-only modules on Linux)
+            failed.append(name)
+            continue
+        seen = set()
+
+        def add(obj, qualname, seen=seen):
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str) and doc.strip() and id(obj) not in seen:
+                seen.add(id(obj))
+                docs.append((inspect.cleandoc(doc), qualname))
+
+        # only what the module defines; _collections.deque reports module "collections"
+        own = {name, name.lstrip("_")}
+        add(module, name)
+        for attr, obj in sorted(vars(module).items()):
+            if getattr(obj, "__module__", None) not in own:
+                continue
+            if inspect.isclass(obj):
+                add(obj, f"{name}.{attr}")
+                for member, value in sorted(vars(obj).items()):
+                    if callable(value) or inspect.isdatadescriptor(value):
+                        add(value, f"{name}.{attr}.{member}")
+            elif inspect.isroutine(obj):
+                add(obj, f"{name}.{attr}")
+    return {"docs": docs, "failed": failed}
+
+
+def _compiled_docstrings(names: list[str]) -> tuple[list[Document], list[str]]:
+    """Run :func:`_compiled_docstrings_worker` in a clean interpreter; (documents, failed names)."""
+    script = (
+        inspect.getsource(_compiled_docstrings_worker)
+        + "\nimport json, sys\nprint(json.dumps(_compiled_docstrings_worker(json.loads(sys.argv[1]))))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script, json.dumps(names)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"reading compiled stdlib modules failed: {result.stderr[-2000:]}")
+    out = json.loads(result.stdout)
+    return [Document(text, source) for text, source in out["docs"]], out["failed"]
+
+
+def load_stdlib_docstrings(modules: Sequence[str] | None = None) -> tuple[list[Document], dict]:
+    """The docstrings of the running interpreter's standard library, fully offline.
+
+    Modules written in Python are *parsed* with ``ast`` (never imported, so importing has no side
+    effects and nothing can fail at import time); compiled modules (``math``, ``builtins``, ...)
+    are imported, in a separate clean interpreter, to read their ``__doc__``. Test suites,
+    GUI code and easter eggs are skipped (``STDLIB_SKIP``). The order is deterministic: modules
+    sorted by name, docstrings in source order.
+    """
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    names = sorted(modules if modules is not None else sys.stdlib_module_names)
+    stats = Counter()
+    docs: list[Document] = []
+    compiled: list[str] = []  # read after the Python modules, in one clean subprocess
+    for name in names:
+        if _skip_module(name):
+            stats["modules_skipped"] += 1
+            continue
+        package, single = stdlib / name, stdlib / f"{name}.py"
+        if (package / "__init__.py").is_file():
+            files = sorted(
+                f
+                for f in package.rglob("*.py")
+                if not any(_skip_module(part) for part in f.relative_to(stdlib).parts[:-1])
+                and not _skip_module(f.stem)
+            )
+        elif single.is_file():
+            files = [single]
+        else:
+            compiled.append(name)
+            continue
+        for f in files:
+            rel = f.relative_to(stdlib).with_suffix("")
+            module = ".".join(p for p in rel.parts if p != "__init__")
+            try:
+                tree = ast.parse(f.read_bytes(), filename=str(f))
+            except (SyntaxError, ValueError):
+                stats["files_unparsable"] += 1
+                continue
+            stats["source_files"] += 1
+            docs += _source_docstrings(tree, module)
+        stats["source_modules"] += 1
+    if compiled:
+        compiled_docs, failed = _compiled_docstrings(compiled)
+        docs += compiled_docs
+        stats["compiled_modules"] += len(compiled) - len(failed)
+        stats["modules_failed_import"] += len(failed)
+    if not docs:
+        raise ValueError(f"no docstrings found in the standard library at {stdlib}")
+    out = dict(
+        stats, docs=len(docs), chars=sum(len(d.text) for d in docs), python=sys.version.split()[0]
+    )
+    return docs, out
+
+
+def load_hf_dataset(
+    name: str,
+    split: str = "train",
+    text_column: str = "text",
+    max_docs: int | None = None,
+    **load_kwargs: Any,
+) -> tuple[list[Document], dict]:
+    """Documents from any ``datasets`` dataset: a hub name (needs network) or a local path."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(name, split=split, **load_kwargs)
+    except Exception as e:
+        raise RuntimeError(
+            f"could not load dataset {name!r} (split {split!r}); offline, use a "
+            f"local path or the 'stdlib' source: {e}"
+        ) from e
+    if text_column not in ds.column_names:
+        raise ValueError(
+            f"dataset {name!r} has no column {text_column!r}; columns: {ds.column_names}"
+        )
+    if max_docs is not None:
+        ds = ds.select(range(min(max_docs, len(ds))))
+    docs = [
+        Document(t, f"{name}[{i}]")
+        for i, t in enumerate(ds[text_column])
+        if isinstance(t, str) and t.strip()
+    ]
+    return docs, {
+        "rows": len(ds),
+        "docs": len(docs),
+        "chars": sum(len(d.text) for d in docs),
+        "dataset": name,
+        "split": split,
+    }
+
+
+def looks_like_a_path(source: str | Path) -> bool:
+    """Whether ``source`` can only mean a local path, not a hub name (``name`` or ``owner/name``).
+
+    Absolute, ``./``, ``../`` or ``~`` paths, more than one ``/``, a text-file suffix, or a first
+    component that is a local folder (``data/mesy`` beside a ``data/`` folder).
+    """
+    text = str(source)
+    parts = Path(text).parts
+    return (
+        isinstance(source, Path)
+        or Path(text).is_absolute()
+        or text.startswith(("./", "../", "~", ".\\"))
+        or text.count("/") > 1
+        or "\\" in text
+        or Path(text).suffix.lower() in TEXT_SUFFIXES
+        or (len(parts) > 1 and Path(parts[0]).is_dir())
+    )
+
+
+def load_documents(source: str | Path = "stdlib", **kwargs: Any) -> tuple[list[Document], dict]:
+    """Dispatch on ``source``: ``"stdlib"``, an existing file or folder, else a ``datasets`` name.
+
+    A path that does not exist but can only be a path (see :func:`looks_like_a_path`) raises
+    ``FileNotFoundError`` instead of being looked up on the hub.
+    """
+    if str(source) == "stdlib":
+        return load_stdlib_docstrings(**kwargs)
+    if Path(source).expanduser().exists():
+        return load_text_files(Path(source).expanduser(), **kwargs)
+    if looks_like_a_path(source):
+        raise FileNotFoundError(
+            f"no such file or folder: {source} (resolved to "
+            f"{Path(source).expanduser().resolve()}); check the path, or call "
+            "load_hf_dataset() directly for a hub data set of that name"
+        )
+    return load_hf_dataset(str(source), **kwargs)

@@ -1,0 +1,135 @@
+"""Evaluation of causal language models: perplexity, exact-match accuracy, sample generation.
+
+Perplexity is the exponential of the *token-weighted* mean negative log-likelihood over every
+evaluation token. Averaging per-batch perplexities (or per-batch losses of unequal batches) is
+biased, and exponentiating in half precision overflows: that is how a run ends up reporting
+``eval_perplexity: inf`` for a finite loss. Here sums are float64 and the exponential is taken
+once, in Python.
+
+Usage::
+
+    from lmref.evaluation.metrics import perplexity, exact_match, generate_text
+
+    perplexity(model, corpus["validation"])             # {"loss": 5.1, "perplexity": 164.0, "tokens": ...}
+    exact_match(model, tokenizer, prompts, answers)     # greedy decoding, {"accuracy": 0.62, ...}
+    generate_text(model, tokenizer, ["def main("], max_new_tokens=40, temperature=0.8)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+
+def _collate_input_ids(rows: list[dict]) -> dict:
+    return {"input_ids": torch.tensor([list(r["input_ids"]) for r in rows], dtype=torch.long)}
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    dataset,
+    batch_size: int = 16,
+    collate_fn: Callable | None = None,
+    max_batches: int | None = None,
+) -> dict:
+    """exp(sum of token NLL / number of tokens) over ``dataset`` (rows with ``input_ids``,
+    optionally ``labels`` with -100 for positions that do not count)."""
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn or _collate_input_ids)
+    was_training = model.training
+    model.eval()
+    nll, tokens = 0.0, 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.get("labels", batch["input_ids"])[:, 1:]
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+        ).logits[:, :-1]
+        nll += F.cross_entropy(
+            logits.flatten(0, 1).double(), labels.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
+        tokens += int((labels != -100).sum())
+    model.train(was_training)
+    if tokens == 0:
+        raise ValueError("no tokens to evaluate: the dataset is empty or every label is -100")
+    loss = nll / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
+
+
+@torch.no_grad()
+def generate_text(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 50,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> list[str]:
+    """Continuations of ``prompts`` (without the prompt): greedy at temperature 0, else sampled.
+
+    Batches are left-padded so that every row's last real token sits at the same position,
+    which is what a decoder-only model needs to continue all rows at once.
+    """
+    device = next(model.parameters()).device
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(
+                list(prompts[start : start + batch_size]), return_tensors="pt", padding=True
+            ).to(device)
+            sampling = (
+                {"do_sample": True, "temperature": temperature, "top_p": top_p}
+                if temperature > 0
+                else {"do_sample": False}
+            )
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+            outputs += tokenizer.batch_decode(
+                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return outputs
+
+
+def exact_match(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+) -> dict:
+    """Share of prompts whose greedy continuation equals the answer (surrounding spaces ignored)."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    predictions = generate_text(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    hits = [p.strip() == a.strip() for p, a in zip(predictions, answers)]
+    return {
+        "accuracy": sum(hits) / len(hits) if hits else 0.0,
+        "correct": sum(hits),
+        "total": len(hits),
+        "predictions": predictions,
+        "hits": hits,
+    }

@@ -1,0 +1,391 @@
+"""Glue for the notebooks: where artifacts live, the course's recipes, and rebuilding artifacts.
+
+Each notebook runs standalone in a fresh kernel. When it needs an earlier notebook's output
+(the data of 01, the base model of 02) and that is missing, it calls ``ensure_*`` here, which
+runs the same code, with the same recipe, as the earlier notebook. This module is the one place
+that ties the other ``lmref`` modules together; they stay copyable on their own.
+
+Usage::
+
+    from lmref.lab.course import ARTIFACTS, ensure_base, load_instruction_eval
+
+    base_dir = ensure_base()                     # pretrains artifacts/base/ if it is not there
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+import optuna
+import torch
+from datasets import Dataset, DatasetDict, load_from_disk
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from lmref.data.pipeline import load_prepared, prepare_data
+from lmref.training.distillation import DistillationConfig, distillation_loss
+from lmref.data.instructions import (
+    PROMPT_TEMPLATE,
+    InstructionCollator,
+    format_prompt,
+    save_instruction_dataset,
+    tokenize_instructions,
+)
+from lmref.training.lora import LoraSettings, add_lora
+from lmref.models.loading import ARTIFACTS, build_model, load_model
+from lmref.training.loop import TrainingConfig, TrainResult, train
+from lmref.tuning.search import Param, pruning_callback, suggest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# The recipes of notebook 02, sized for 2 CPU cores (a few minutes). Notebooks override the
+# step counts from environment variables; ensure_base()/ensure_full_ft() use these values.
+# Pretraining peaks at 1e-3: at 3e-3 the base reached a similar perplexity (264 vs 295) but
+# fine-tuned far worse (11-15% exact match after 300 steps instead of 79%; measured on the
+# course CPU) -- its attention had not learnt to look back at the prompt.
+PRETRAIN = TrainingConfig(
+    output_dir=str(ARTIFACTS / "runs" / "pretrain"),
+    max_steps=150,
+    per_device_train_batch_size=16,
+    learning_rate=1e-3,
+    warmup_steps=20,
+    weight_decay=0.1,
+    eval_steps=50,
+    eval_max_batches=8,
+    logging_steps=10,
+    save_steps=50,
+)
+FINETUNE = TrainingConfig(
+    output_dir=str(ARTIFACTS / "runs" / "full-ft"),
+    max_steps=300,
+    per_device_train_batch_size=16,
+    gradient_accumulation_steps=2,
+    learning_rate=2e-3,
+    warmup_steps=20,
+    weight_decay=0.1,
+    eval_steps=100,
+    eval_max_batches=4,
+    logging_steps=10,
+    save_steps=50,
+)
+
+
+def ensure_data(data_dir: Path | str | None = None) -> Path:
+    """``artifacts/data`` (corpus, tokenizer, instructions), built by notebook 01's code if missing."""
+    data_dir = Path(data_dir or ARTIFACTS / "data")
+    if not (data_dir / "report.json").exists():
+        prepare_data(out_dir=data_dir)
+    if not (data_dir / "instructions" / "dataset_dict.json").exists():
+        save_instruction_dataset(out_dir=data_dir / "instructions")
+    return data_dir
+
+
+def load_corpus(data_dir: Path | str | None = None) -> tuple[PreTrainedTokenizerBase, DatasetDict]:
+    return load_prepared(ensure_data(data_dir))
+
+
+def load_instructions(
+    tokenizer: PreTrainedTokenizerBase,
+    data_dir: Path | str | None = None,
+) -> tuple[DatasetDict, DatasetDict, InstructionCollator]:
+    """The instruction set raw (task, instruction, answer) and tokenized with prompt masking."""
+    raw = load_from_disk(str(ensure_data(data_dir) / "instructions"))
+    tokenized = DatasetDict({k: tokenize_instructions(v, tokenizer) for k, v in raw.items()})
+    return raw, tokenized, InstructionCollator(tokenizer)
+
+
+def load_instruction_eval(raw_split) -> tuple[list[str], list[str]]:
+    """Prompts (in the course's template) and answers for exact-match evaluation."""
+    return [format_prompt(x) for x in raw_split["instruction"]], list(raw_split["answer"])
+
+
+# The course's instruction format as a Jinja chat template, saved with the fine-tuned model so that
+# /v1/chat/completions (and apply_chat_template) send it exactly the prompt it was trained on.
+COURSE_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}"
+    + PROMPT_TEMPLATE.replace("{instruction}", "{{ m['content'] }}")
+    + "{% endif %}{% endfor %}"
+)
+
+# The real pretrained chat model of the course (converted from its packaged GGUF on first use).
+REAL_MODEL = "smollm2-135m-instruct"
+
+
+def real_text_blocks(
+    tokenizer: PreTrainedTokenizerBase,
+    split: str = "validation",
+    n_tokens: int = 512,
+    block_size: int = 256,
+    data_dir: Path | str | None = None,
+) -> torch.Tensor:
+    """``n_tokens`` of the course corpus's ``split`` in ``tokenizer``'s tokens, as rows of
+    ``block_size``: the docstrings of notebook 01, decoded from its blocks and re-tokenized, so a
+    real model is measured on held-out real text (calibrate on "train", evaluate on "validation").
+    """
+    if n_tokens % block_size:
+        raise ValueError(f"n_tokens={n_tokens} is not a multiple of block_size={block_size}")
+    course_tokenizer, corpus = load_corpus(data_dir)
+    ids: list[int] = []
+    for row in corpus[split]:
+        ids += tokenizer(course_tokenizer.decode(row["input_ids"]), add_special_tokens=False)[
+            "input_ids"
+        ]
+        if len(ids) >= n_tokens:
+            return torch.tensor(ids[:n_tokens]).reshape(-1, block_size)
+    raise ValueError(
+        f"the {split!r} split holds {len(ids)} tokens of this tokenizer, fewer than {n_tokens}"
+    )
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:
+    """One user turn in the model's own chat template, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def chat_instructions(
+    tokenizer: PreTrainedTokenizerBase,
+    split: str = "train",
+    n: int | None = None,
+    task: str | None = None,
+    data_dir: Path | str | None = None,
+) -> tuple[Dataset, list[str], list[str]]:
+    """Notebook 01's instruction set for a chat model: tokenized with the prompt masked
+    (``labels`` -100) and the answer ended by the template's end-of-turn token, plus the raw
+    prompts and answers for exact match. ``task`` keeps one task ("digits", "time", ...)."""
+    raw = load_from_disk(str(ensure_data(data_dir) / "instructions"))[split]
+    if task is not None:
+        raw = raw.filter(lambda row: row["task"] == task)
+    if len(raw) == 0:
+        raise ValueError(f"no {task!r} examples in the {split!r} split of the instruction set")
+    raw = raw.select(range(min(n or len(raw), len(raw))))
+    tokenized = tokenize_instructions(
+        raw, tokenizer, max_length=512, prompt_format=lambda x: chat_prompt(tokenizer, x)
+    )
+    return tokenized, [chat_prompt(tokenizer, x) for x in raw["instruction"]], list(raw["answer"])
+
+
+def pretrain_base(
+    out_dir: Path | str | None = None,
+    config: TrainingConfig = PRETRAIN,
+    preset: str = "tiny",
+    data_dir: Path | str | None = None,
+) -> TrainResult:
+    """Notebook 02's pretraining: a ``preset`` model on the packed corpus, saved in HF format."""
+    out_dir = Path(out_dir or ARTIFACTS / "base")
+    tokenizer, corpus = load_corpus(data_dir)
+    model = build_model(
+        preset,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    result = train(model, corpus["train"], config, eval_dataset=corpus["validation"])
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "train_result.json").write_text(
+        json.dumps({k: v for k, v in vars(result).items() if k != "history"}, indent=1)
+    )
+    return result
+
+
+def finetune(
+    base_dir: Path | str,
+    out_dir: Path | str,
+    config: TrainingConfig = FINETUNE,
+    data_dir: Path | str | None = None,
+    callbacks=(),
+) -> TrainResult:
+    """Notebook 02's full fine-tuning on the instruction set, saved in HF format."""
+    out_dir = Path(out_dir)
+    model = load_model(str(base_dir))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    _, tokenized, collator = load_instructions(tokenizer, data_dir)
+    result = train(
+        model,
+        tokenized["train"],
+        config,
+        eval_dataset=tokenized["test"],
+        collate_fn=collator,
+        callbacks=callbacks,
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.chat_template = COURSE_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    return result
+
+
+def ensure_base(base_dir: Path | str | None = None) -> Path:
+    """``artifacts/base``: the pretrained base model, pretrained with notebook 02's recipe if missing."""
+    base_dir = Path(base_dir or ARTIFACTS / "base")
+    if not (base_dir / "model.safetensors").exists():
+        pretrain_base(base_dir, replace(PRETRAIN, disable_tqdm=True))
+    return base_dir
+
+
+def ensure_full_ft(out_dir: Path | str | None = None) -> Path:
+    """``artifacts/full-ft``: the fully fine-tuned model, rebuilt with notebook 02's recipe if missing."""
+    out_dir = Path(out_dir or ARTIFACTS / "full-ft")
+    if not (out_dir / "model.safetensors").exists():
+        finetune(ensure_base(), out_dir, replace(FINETUNE, disable_tqdm=True))
+    return out_dir
+
+
+# ---------------------------------------------------------------- notebook 07: search
+
+# What notebook 07 searches: LoRA on the base (notebook 03's method), most important first (a
+# grid gives its levels in this order). alpha is searched as alpha / r, the effective scale.
+LORA_SPACE = [
+    Param("learning_rate", 3e-4, 3e-2, log=True),
+    Param("lora_r", choices=(4, 8, 16, 32)),
+    Param("warmup_steps", 0, 10, integer=True),
+    Param("batch_size", choices=(4, 8, 16)),
+    Param("alpha_over_r", choices=(0.5, 1.0, 2.0, 4.0)),
+]
+# Notebook 03's choice, the point a search has to beat.
+LORA_DEFAULTS = {
+    "learning_rate": 5e-3,
+    "lora_r": 16,
+    "warmup_steps": 10,
+    "batch_size": 16,
+    "alpha_over_r": 2.0,
+}
+
+
+@lru_cache(maxsize=2)
+def _tokenized_instructions(base_dir: str):
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    _, tokenized, collator = load_instructions(tokenizer)
+    return tokenized, collator
+
+
+def lora_trial(
+    params: dict,
+    steps: int = 20,
+    eval_examples: int = 128,
+    report_every: int = 5,
+    base_dir: Path | str | None = None,
+    callbacks=(),
+    seed: int = 0,
+) -> tuple[torch.nn.Module, TrainResult]:
+    """A short LoRA fine-tune of the base with ``params`` (the names of ``LORA_SPACE``).
+
+    Returns the model and the run; ``result.eval_loss`` is the validation loss on the first
+    ``eval_examples`` test examples (answer tokens only). Embeddings train too, as in notebook 03.
+    """
+    base_dir = str(base_dir or ensure_base())
+    tokenized, collator = _tokenized_instructions(base_dir)
+    r = int(params["lora_r"])
+    torch.manual_seed(seed)  # LoRA's A matrices start random: the same params, the same trial
+    model = add_lora(
+        load_model(base_dir),
+        LoraSettings(
+            r=r, alpha=params["alpha_over_r"] * r, dropout=0.0, modules_to_save=["embed_tokens"]
+        ),
+    )
+    with tempfile.TemporaryDirectory(prefix="lmref-trial-") as out_dir:
+        config = TrainingConfig(
+            output_dir=out_dir,
+            max_steps=steps,
+            per_device_train_batch_size=int(params["batch_size"]),
+            learning_rate=params["learning_rate"],
+            warmup_steps=int(params["warmup_steps"]),
+            weight_decay=0.0,
+            logging_steps=report_every,
+            per_device_eval_batch_size=32,
+            eval_max_batches=max(1, eval_examples // 32),
+            seed=seed,
+            disable_tqdm=True,
+        )
+        result = train(
+            model,
+            tokenized["train"],
+            config,
+            eval_dataset=tokenized["test"],
+            collate_fn=collator,
+            callbacks=callbacks,
+        )
+    return model, result
+
+
+def lora_objective(
+    steps: int = 20, eval_examples: int = 128, report_every: int = 5, base_dir: str | None = None
+) -> Callable[[optuna.Trial], float]:
+    """``objective(trial)`` for ``lmref.tuning.search``: a short LoRA run, its validation loss, pruned
+    on the training loss reported every ``report_every`` steps. Importable by workers as
+    ``"lmref.lab.course:lora_objective"`` (with ``LORA_SPACE`` as ``"lmref.lab.course:LORA_SPACE"``)."""
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, LORA_SPACE)
+        _, result = lora_trial(
+            params,
+            steps,
+            eval_examples,
+            report_every,
+            base_dir,
+            callbacks=[pruning_callback(trial, "loss")],
+        )
+        trial.set_user_attr("train_seconds", result.train_seconds)
+        return result.eval_loss
+
+    return objective
+
+
+# ---------------------------------------------------------------- notebook 08: distillation
+
+
+def build_student(
+    teacher_dir: Path | str, width: float = 0.5, depth: float = 0.5, seed: int = 0
+) -> torch.nn.Module:
+    """A randomly initialised Llama of ``width`` x the teacher's hidden size (and heads, MLP) and
+    ``depth`` x its layers, with the teacher's vocabulary and special tokens (same tokenizer)."""
+    t = AutoConfig.from_pretrained(teacher_dir)
+    heads = max(1, round(t.num_attention_heads * width))
+    kv_heads = max(1, round(t.num_key_value_heads * width))
+    head_dim = t.hidden_size // t.num_attention_heads
+    return build_model(
+        "tiny",
+        vocab_size=t.vocab_size,
+        seed=seed,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=max(1, round(t.num_hidden_layers * depth)),
+        intermediate_size=int(t.intermediate_size * width),
+        max_position_embeddings=t.max_position_embeddings,
+        tie_word_embeddings=t.tie_word_embeddings,
+        bos_token_id=t.bos_token_id,
+        eos_token_id=t.eos_token_id,
+        pad_token_id=t.pad_token_id,
+    )
+
+
+def train_student(
+    teacher: torch.nn.Module | None,
+    teacher_dir: Path | str,
+    config: TrainingConfig,
+    distill: DistillationConfig | None = None,
+    seed: int = 0,
+) -> tuple[torch.nn.Module, TrainResult]:
+    """A fresh student trained on the instruction set: distilled from ``teacher`` with
+    ``distill``, or on the labels alone (plain cross-entropy) when ``distill`` is None."""
+    student = build_student(teacher_dir, seed=seed).to(
+        next(teacher.parameters()).device if teacher is not None else "cpu"
+    )
+    tokenized, collator = _tokenized_instructions(str(teacher_dir))
+    loss = {} if distill is None else {"loss_fn": distillation_loss(teacher, distill)}
+    result = train(
+        student,
+        tokenized["train"],
+        config,
+        eval_dataset=tokenized["test"],
+        collate_fn=collator,
+        **loss,
+    )
+    return student, result

@@ -1,0 +1,384 @@
+"""LoRA and QLoRA fine-tuning with peft + bitsandbytes: attach, train, save, load, merge.
+
+LoRA (Hu et al., 2021) freezes every weight ``W`` of the base model and learns a low-rank
+update for chosen linear layers: ``W x + (alpha / r) * B A x`` with ``A`` (r x in) and ``B``
+(out x r). Only ``A`` and ``B`` get gradients and optimizer state, so a 2048x2048 projection
+trains 2 * 2048 * r numbers instead of 4.2M (r=16: 1.6%). ``B`` starts at zero, so step 0 is
+the base model exactly. The knobs (fields of ``LoraSettings``):
+
+- ``r`` (rank): capacity of the update. 8-64 covers most fine-tuning; a narrow task (the
+  course's instruction set) is learnt with r=8, new knowledge or a new language wants more.
+- ``alpha``: the update is scaled by ``alpha / r``. Keeping ``alpha / r`` fixed while changing
+  ``r`` keeps the effective learning rate roughly fixed, so a rank sweep needs no new lr
+  (``use_rslora`` scales by ``alpha / sqrt(r)`` instead, which stays stable at high ranks).
+  A common default is ``alpha = 2 * r``.
+- ``dropout``: dropout on the LoRA input only; regularises small data sets. 0 is faster (and
+  what ``torch.compile`` likes); 0.05-0.1 is usual.
+- ``target_modules``: which layers get an update. ``"all-linear"`` (every linear layer but the
+  output head; the QLoRA paper's finding: all layers beat attention-only at equal parameters),
+  ``"attention"`` (q/k/v/o, the original LoRA paper), ``"mlp"``, or an explicit list of names.
+  ``find_target_modules`` resolves these for any causal LM: Llama-style ``q_proj ... down_proj``
+  (``nn.Linear``), GPT-2-style ``c_attn/c_proj/c_fc`` (transformers' ``Conv1D``, whose weight is
+  stored transposed: peft needs ``fan_in_fan_out=True``, set here automatically).
+
+- ``modules_to_save``: modules trained in full next to the adapters, e.g. ``["embed_tokens"]``
+  when the task needs tokens the base rarely produced (or new tokens); with tied input/output
+  embeddings peft keeps the head tied to the trained copy (``ensure_weight_tying``), so merging
+  stays exact. LoRA on a tied embedding itself does not merge correctly, hence this route.
+
+A 4-bit base evaluated on a CPU and then saved (``save_adapter`` calls ``state_dict()``) relies on
+``lmref.compression.methods.fix_bitsandbytes_cpu_unpacking``; ``load_4bit`` makes sure it is applied.
+
+QLoRA (Dettmers et al., 2023) keeps the frozen base in 4-bit NormalFloat (nf4, with the
+quantisation constants themselves quantised: "double quantisation") and computes in a higher
+precision (bf16 on GPUs, fp32 on CPU: ``lmref.core.device``'s policy); gradients flow through the dequantised weights into the
+LoRA matrices, which stay in full precision. Memory for the base drops ~4x vs bf16.
+
+Merging folds ``(alpha / r) B A`` into ``W``: the result is a plain Hugging Face model with no
+peft dependency and no extra latency. Merge onto a full-precision base; merging into 4-bit
+weights re-quantises and loses precision (peft warns), so for a QLoRA adapter load the base in
+full precision, ``load_adapter`` it there, then merge.
+
+Usage::
+
+    from lmref.training.lora import LoraSettings, add_lora, load_qlora, trainable_report, \\
+        save_adapter, load_adapter, merge_and_save
+    from lmref.models.loading import load_model
+    from lmref.training.loop import TrainingConfig, train
+
+    model = add_lora(load_model("artifacts/base"), LoraSettings(r=8, alpha=16))
+    # or QLoRA: model = load_qlora("artifacts/base", LoraSettings(r=8, alpha=16))
+    print(trainable_report(model))          # {"trainable_parameters": 108544, "trainable_share": 0.044, ...}
+    train(model, data["train"], TrainingConfig(learning_rate=3e-3, max_steps=100), collate_fn=collator)
+    save_adapter(model, "artifacts/lora-adapter", tokenizer)          # adapter_model.safetensors
+    model = load_adapter("artifacts/base", "artifacts/lora-adapter")  # base path or model
+    merge_and_save(model, "artifacts/lora-merged", tokenizer)         # a plain HF model
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from lmref.compression.methods import fix_bitsandbytes_cpu_unpacking
+from lmref.core.device import compute_dtype, resolve_device
+
+# Leaf names of the attention projections across common architectures (Llama/Mistral/Qwen:
+# q/k/v/o_proj; GPT-2: c_attn + attn.c_proj; GPT-NeoX: query_key_value + dense; OPT: out_proj).
+_ATTENTION_PARENTS = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)$")
+
+
+@dataclass
+class LoraSettings:
+    """What to adapt and how strongly; see the module docstring for how to choose each value."""
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"  # "all-linear" | "attention" | "mlp" | names
+    bias: str = "none"  # "none" | "lora_only" | "all"
+    use_rslora: bool = False
+    # True: B = 0, so the adapted model starts as the base. False: B random too (for tests that
+    # must see a non-zero update before training).
+    init_lora_weights: bool | str = True
+    modules_to_save: list[str] = field(default_factory=list)  # extra modules trained in full
+    # Embeddings tied to the output head (small models): an adapter on one is applied to both.
+    ensure_weight_tying: bool = True
+
+
+def _linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every linear layer (nn.Linear, GPT-2 Conv1D, bitsandbytes 4/8-bit) except the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = {}
+    for name, module in model.named_modules():
+        if module is head or "lora_" in name:
+            continue
+        # bnb's Linear4bit / Linear8bitLt subclass nn.Linear, so a 4-bit base is found as well.
+        if isinstance(module, torch.nn.Linear | Conv1D):
+            found[name] = module
+    return found
+
+
+def find_target_modules(model: torch.nn.Module, which: str = "all-linear") -> list[str]:
+    """Names to pass as peft ``target_modules``: ``"all-linear"``, ``"attention"`` or ``"mlp"``.
+
+    Names are leaf names (``q_proj``) where that is unambiguous, else ``parent.leaf``
+    (GPT-2's ``attn.c_proj`` vs ``mlp.c_proj``); peft matches them as suffixes of module paths.
+    """
+    if which not in {"all-linear", "attention", "mlp"}:
+        raise ValueError(f"which must be 'all-linear', 'attention' or 'mlp', not {which!r}")
+    layers = _linear_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no linear layers to adapt")
+
+    def in_attention(name: str) -> bool:
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        return bool(_ATTENTION_PARENTS.search(parent))
+
+    chosen = {
+        n for n in layers if which == "all-linear" or (which == "attention") == in_attention(n)
+    }
+    if not chosen:
+        raise ValueError(f"no {which} layers found in {type(model).__name__}")
+    leaf = lambda n: n.rsplit(".", 1)[-1]  # noqa: E731
+    left_out = {leaf(n) for n in layers if n not in chosen}
+    names = set()
+    for name in chosen:
+        parts = name.split(".")
+        names.add(parts[-1] if parts[-1] not in left_out else ".".join(parts[-2:]))
+    return sorted(names)
+
+
+def lora_config(model: torch.nn.Module, settings: LoraSettings | None = None) -> LoraConfig:
+    """A peft ``LoraConfig`` for ``model`` with the target modules resolved to names."""
+    settings = settings or LoraSettings()
+    if settings.r <= 0:
+        raise ValueError(f"LoRA rank r must be positive, got {settings.r}")
+    targets = settings.target_modules
+    if isinstance(targets, str):
+        targets = find_target_modules(model, targets)
+    elif not targets:
+        raise ValueError("target_modules is empty")
+    layers = _linear_layers(model)
+    targeted = [m for n, m in layers.items() if any(n == t or n.endswith("." + t) for t in targets)]
+    if not targeted:
+        raise ValueError(f"none of {targets} names a linear layer of {type(model).__name__}")
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(targets),
+        bias=settings.bias,
+        use_rslora=settings.use_rslora,
+        init_lora_weights=settings.init_lora_weights,
+        modules_to_save=list(settings.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+        ensure_weight_tying=settings.ensure_weight_tying
+        and bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False)),
+        # Conv1D stores W as (in, out); peft transposes when told.
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in targeted),
+    )
+
+
+def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None) -> PeftModel:
+    """Freeze ``model`` and wrap it with trainable LoRA matrices (peft ``get_peft_model``)."""
+    return get_peft_model(model, lora_config(model, settings))
+
+
+# ---------------------------------------------------------------- QLoRA
+
+
+def nf4_config(device: torch.device | str = "auto") -> BitsAndBytesConfig:
+    """QLoRA's quantisation: 4-bit NormalFloat, double quantisation, compute dtype per device."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(device),
+    )
+
+
+def load_4bit(
+    name_or_path: str | os.PathLike, device: torch.device | str = "auto", **kwargs
+) -> PreTrainedModel:
+    """A causal LM with its linear layers in nf4 (bitsandbytes ``Linear4bit``), others in the
+    compute dtype. Embeddings and the output head stay unquantised, as in transformers."""
+    device = resolve_device(device)
+    fix_bitsandbytes_cpu_unpacking()
+    return AutoModelForCausalLM.from_pretrained(
+        str(name_or_path),
+        quantization_config=nf4_config(device),
+        dtype=compute_dtype(device),
+        device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
+        use_safetensors=True,
+        **kwargs,
+    )
+
+
+def load_qlora(
+    name_or_path: str | os.PathLike,
+    settings: LoraSettings | None = None,
+    device: torch.device | str = "auto",
+    gradient_checkpointing: bool = False,
+) -> PeftModel:
+    """QLoRA in one call: the base in 4-bit, prepared for k-bit training, with LoRA attached.
+
+    ``prepare_model_for_kbit_training`` freezes the base and casts the remaining half-precision
+    weights (norms, embeddings) to fp32 for stable training. Gradient checkpointing is left to
+    the training loop (``TrainingConfig.gradient_checkpointing``), which uses the non-reentrant
+    variant that needs no input-gradient hook.
+    """
+    model = load_4bit(name_or_path, device)
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    return add_lora(model, settings)
+
+
+def is_4bit(model: torch.nn.Module) -> bool:
+    """True when the model holds bitsandbytes 4-bit weights (``Params4bit``)."""
+    return any(type(p).__name__ == "Params4bit" for p in model.parameters())
+
+
+# ---------------------------------------------------------------- reports and files
+
+
+def trainable_report(model: torch.nn.Module) -> dict:
+    """Trainable vs all parameters (4-bit weights counted unpacked: 2 per stored byte), and the
+    fp32 bytes an adapter of the trainable parameters takes."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 * p.element_size() if type(p).__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return {
+        "trainable_parameters": trainable,
+        "parameters": total,
+        "trainable_share": trainable / total if total else 0.0,
+        "lora_parameters": lora,
+        "adapter_mb_fp32": 4 * trainable / 2**20,
+        "base_in_4bit": is_4bit(model),
+    }
+
+
+def training_state_mb(model: torch.nn.Module) -> float:
+    """Memory the weights, gradients and AdamW moments take, in MiB, activations not included.
+
+    Trainable parameters: 16 bytes each in fp32 (weight, gradient, two moments). Frozen ones:
+    their storage only (4 bytes fp32, 2 bf16, ~0.5 for nf4: Params4bit holds two per byte).
+    Unlike a measured peak, this does not depend on what the process allocated before.
+    """
+    total = 0
+    for p in model.parameters():
+        total += 16 * p.numel() if p.requires_grad else p.numel() * p.element_size()
+    return total / 2**20
+
+
+class PeakMemory:
+    """Peak memory of a block, to compare fine-tuning methods run one after another.
+
+    CUDA: the allocator's peak (``max_memory_allocated``) above what was allocated at entry.
+    CPU (Linux): the process's resident high-water mark (``VmHWM``), reset at entry through
+    ``/proc/self/clear_refs``, minus the resident memory at entry. ``ru_maxrss`` cannot be reset,
+    so in a notebook it would report the largest thing the kernel ever did, not this block.
+    Elsewhere the CPU figures are None.
+
+        with PeakMemory() as mem:
+            train(...)
+        mem.peak_mb, mem.added_mb   # peak during the block; peak minus memory at entry
+    """
+
+    def __init__(self, device: torch.device | str = "auto"):
+        self.device = resolve_device(device)
+        self.peak_mb: float | None = None
+        self.added_mb: float | None = None
+        self._start = self._start_anon = None
+
+    def _cpu_status(self, field_name: str) -> float | None:
+        try:
+            text = Path("/proc/self/status").read_text()
+        except OSError:
+            return None
+        match = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE)
+        return int(match.group(1)) / 1024 if match else None
+
+    def __enter__(self) -> PeakMemory:
+        # Earlier work's garbage (a model in a reference cycle) is collected now: freed inside
+        # the block, it would offset this block's own allocations and hide them from the peak.
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+            self._start = self._cpu_status("VmRSS")
+            self._start_anon = self._cpu_status("RssAnon")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.peak_mb = self._cpu_status("VmHWM")
+        if self.peak_mb is not None and self._start is not None:
+            self.added_mb = self.peak_mb - self._start
+        # RSS counts file-backed pages (mapped libraries, safetensors) too, and the kernel may
+        # drop cold ones during the block, so RSS can fall as fast as the block allocates: in
+        # a fresh-clone test run a 64 MiB tensor showed as 0.0 MB (on a VM whose DAMON pages
+        # out cold memory). The anonymous memory still held at exit is a lower bound as well.
+        end_anon = self._cpu_status("RssAnon") if self.device.type != "cuda" else None
+        if self.added_mb is not None and end_anon is not None and self._start_anon is not None:
+            self.added_mb = max(self.added_mb, end_anon - self._start_anon)
+
+
+def directory_size_mb(path: str | os.PathLike) -> float:
+    """Size of the files under ``path`` in MiB (what a download or a disk quota sees)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def save_adapter(model: PeftModel, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write the adapter in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``):
+    only the LoRA matrices, a few hundred KB to a few MB; the base is referenced, not copied."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"save_adapter needs a peft model, got {type(model).__name__}")
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_adapter(
+    base: PreTrainedModel | str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    trainable: bool = False,
+    device: torch.device | str = "auto",
+) -> PeftModel:
+    """Put a saved adapter on a base model (a model, or a path/hub id loaded in fp32/bf16)."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json (not a PEFT adapter)")
+    if not isinstance(base, torch.nn.Module):
+        device = resolve_device(device)
+        base = AutoModelForCausalLM.from_pretrained(
+            str(base), dtype=compute_dtype(device), use_safetensors=True
+        ).to(device)
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
+
+
+def merge(model: PeftModel) -> PreTrainedModel:
+    """Fold the LoRA update into the base weights and drop the peft wrappers (consumes ``model``)."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"merge needs a peft model, got {type(model).__name__}")
+    if is_4bit(model):
+        raise ValueError(
+            "merging into 4-bit weights re-quantises them and loses precision: load "
+            "the base in full precision, load_adapter() onto it, then merge"
+        )
+    return model.merge_and_unload(safe_merge=True)
+
+
+def merge_and_save(model: PeftModel, out_dir: str | os.PathLike, tokenizer=None) -> PreTrainedModel:
+    """``merge`` and save as a plain Hugging Face model (safetensors); returns the merged model."""
+    merged = merge(model)
+    out_dir = Path(out_dir)
+    merged.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return merged
