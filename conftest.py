@@ -20,6 +20,9 @@ import threading
 import psutil
 import pytest
 
+# pytester: tests/test_conventions.py runs pytest on a made-up test file to check the marker rule.
+pytest_plugins = ["pytester"]
+
 _ENVIRONMENT_AT_START = dict(os.environ)
 _phase_seconds: collections.Counter[str] = collections.Counter()
 _cpu_beside_kernel: collections.Counter[str] = collections.Counter()

@@ -1,6 +1,6 @@
 """Compression benchmark: what int8 buys on CPU, and what 4/8-bit and 2:4 sparsity buy on a GPU.
 
-CPU (no CUDA): int8 dynamic quantization (``lmref.compression.methods.quantize_int8_dynamic``) against
+CPU (no CUDA): int8 dynamic quantization (``lmref.compression.quantization.quantize_int8_dynamic``) against
 fp32 on a model large enough for weight traffic to dominate decoding: the ``llama-1b`` preset's
 layer shape (hidden 2048, MLP 5632, GQA 32/4 heads) with ``--layers`` decoder layers (default 2,
 ~100M parameters, 400 MB fp32) and the course vocabulary size (4096). Randomly initialised: on 2
@@ -10,7 +10,7 @@ trained course base model (``artifacts/base``, ``tiny`` preset), measured on the
 (``--base``; skipped when the folder is missing). Decode and prefill are timed in alternating
 rounds, best of each, so that neighbours' load on a shared machine hits both variants alike.
 If torchao is importable, its ``Int8DynamicActivationInt8WeightConfig`` is timed too (it is not a
-project dependency: the record shows why ``lmref.compression.methods`` does not use it on CPU).
+project dependency: the record shows why ``lmref.compression`` does not use it on CPU).
 
 GPU (CUDA present): the ~1.1B ``llama-1b`` shape (22 layers): weight memory of bf16 vs bitsandbytes
 int8 and nf4, with decode tokens/s; and 2:4 semi-structured sparse matmuls
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from lmref.compression.methods import load_bnb, measure, memory_bytes, quantize_int8_dynamic
+from lmref.compression import load_bnb, measure, memory_bytes, quantize_int8_dynamic
 from lmref.lab.course import ARTIFACTS
-from lmref.models.loading import build_model
+from lmref.models.presets import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

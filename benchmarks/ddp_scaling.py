@@ -36,13 +36,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmref.training.distributed import (  # noqa: E402
+from lmref.core.processes import run_logged  # noqa: E402
+from lmref.models.presets import PRESETS, build_model, count_parameters  # noqa: E402
+from lmref.training.launch import (  # noqa: E402
     ddp_step_estimate,
     ring_allreduce_bytes,
     torchrun_command,
 )
-from lmref.models.loading import PRESETS, build_model, count_parameters  # noqa: E402
-from lmref.core.processes import run_logged  # noqa: E402
 
 # Achievable NCCL all-reduce bus bandwidth (GB/s), rounded from nccl-tests reports; the
 # theoretical link rates are higher (NVLink 4: 450 GB/s a direction).

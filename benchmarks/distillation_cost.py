@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from lmref.lab import course
-from lmref.training.distillation import DistillationConfig, distillation_loss_sum
 from lmref.lab.env import cpu_model
-from lmref.models.loading import count_parameters, load_model
+from lmref.models.loading import load_model
+from lmref.models.presets import count_parameters
+from lmref.training.distillation import DistillationConfig, distillation_loss_sum
 from lmref.training.loop import TrainingConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"

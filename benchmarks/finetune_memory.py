@@ -13,11 +13,13 @@ What each method holds in memory (the point of the comparison):
 - QLoRA: the frozen linear layers in nf4 (~0.5 byte/parameter), dequantised on the fly;
 - gradient checkpointing keeps one activation per layer and recomputes the rest in backward.
 
-Each variant runs in a fresh process, so its peak memory is its own: CUDA reports the allocator's
-peak; CPU reports the process's peak resident memory (``peak_rss_mb``, Python and torch included)
-and the growth during training above the loaded model (``train_added_mb``). Tokens/s counts
-input tokens over the timed steps (the first ``warmup`` steps are not timed). Data are random
-token blocks: speed and memory do not depend on content.
+Each variant runs in a fresh process. Memory is one measurement, ``lmref.core.memory.PeakMemory``
+around the ``train()`` call (the same one the trainer reports as ``TrainResult.peak_memory_mb``):
+``peak_memory_mb`` is the peak during training (CUDA: allocated by torch; CPU: resident, Python
+and torch included) and ``train_added_mb`` that peak above the memory in use when training
+started (the loaded model), which isolates what the method itself costs. Tokens/s counts input
+tokens over the timed steps (the first ``warmup`` steps are not timed). Data are random token
+blocks: speed and memory do not depend on content.
 
     python benchmarks/finetune_memory.py       # writes benchmarks/results/finetune_memory-<device>.json
     python benchmarks/finetune_memory.py --compile   # GPU: also torch.compile variants
@@ -70,7 +72,7 @@ def settings(device: str) -> dict:
 
 def save_base(s: dict, out_dir: Path, device: str) -> None:
     """A random-init base saved as an HF folder, so QLoRA can quantise it while loading."""
-    from lmref.models.loading import build_model
+    from lmref.models.presets import build_model
 
     model = build_model(s["preset"])
     if device == "cuda":
@@ -82,16 +84,11 @@ def run_variant(method: str, checkpointing: bool, compile_: bool, s: dict, base_
     import datasets
     from transformers import AutoModelForCausalLM
 
-    from lmref.core.device import default_device
-    from lmref.training.lora import (
-        LoraSettings,
-        PeakMemory,
-        add_lora,
-        compute_dtype,
-        load_qlora,
-        trainable_report,
-    )
-    from lmref.training.loop import TrainingConfig, peak_memory_mb, train
+    from lmref.core.device import compute_dtype, default_device
+    from lmref.core.memory import PeakMemory
+    from lmref.training.config import TrainingConfig
+    from lmref.training.loop import train
+    from lmref.training.lora import LoraSettings, add_lora, load_qlora, trainable_report
 
     device = default_device()
     lora = LoraSettings(
@@ -144,7 +141,7 @@ def run_variant(method: str, checkpointing: bool, compile_: bool, s: dict, base_
         "torch_compile": compile_,
         "tokens_per_s": tokens_per_s,
         "step_ms": 1000 * seconds / (len(timed) - 1),
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": mem.peak_mb,
         "train_added_mb": mem.added_mb,
         "trainable_parameters": report["trainable_parameters"],
         "parameters": report["parameters"],
@@ -213,7 +210,10 @@ def main() -> None:
         )
     if device == "cuda":
         name = torch.cuda.get_device_name(0)
-        note = "GPU run: peak_memory_mb = torch.cuda.max_memory_allocated of a fresh process"
+        note = (
+            "GPU run: peak_memory_mb = lmref.core.memory.PeakMemory around train() "
+            "(torch.cuda.max_memory_allocated, reset at its start)"
+        )
     else:
         name = (
             f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -221,9 +221,9 @@ def main() -> None:
         note = (
             "No GPU was lent for this run: CPU only. The GPU settings (llama-1b, batch 4 x 1024, "
             "bf16) are in settings() and are selected when CUDA is present. CPU peak memory is "
-            "the process's peak RSS, dominated by Python + torch (~0.4-0.5 GB) at this model "
-            "size; train_added_mb isolates what training added. 2 CPU cores shared with other "
-            "jobs: timings are noisy."
+            "lmref.core.memory.PeakMemory's resident high-water mark during train(), dominated "
+            "by Python + torch (~0.4-0.5 GB) at this model size; train_added_mb isolates what "
+            "training added. 2 CPU cores shared with other jobs: timings are noisy."
         )
     report = {
         "benchmark": "finetune_memory",

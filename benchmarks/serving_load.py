@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lmref.lab.loadtest import run_load, spawn_server  # noqa: E402
-from lmref.models.loading import build_model  # noqa: E402
+from lmref.models.presets import build_model  # noqa: E402
 
 PROMPT_WORDS = (
     "Return the list of names in the module",

@@ -60,14 +60,11 @@ def make_data(vocab: int, n: int, seq: int):
 
 def run_variant(variant: str, s: dict) -> dict:
     from lmref.core.device import default_device
-    from lmref.models.loading import build_model
-    from lmref.training.loop import (
-        TrainingConfig,
-        device_peak_flops,
-        flops_per_token,
-        peak_memory_mb,
-        train,
-    )
+    from lmref.core.memory import PeakMemory
+    from lmref.models.presets import build_model
+    from lmref.training.config import TrainingConfig
+    from lmref.training.loop import train
+    from lmref.training.metrics_log import device_peak_flops, flops_per_token
 
     device = default_device()
     model = build_model(s["preset"]).to(device)
@@ -75,47 +72,55 @@ def run_variant(variant: str, s: dict) -> dict:
     tokens_per_step = s["batch"] * s["seq"]
     out = tempfile.mkdtemp()
     step_times: list[float] = []
-    if variant == "lmref":
-        config = TrainingConfig(
-            output_dir=out,
-            max_steps=s["steps"],
-            per_device_train_batch_size=s["batch"],
-            learning_rate=3e-4,
-            precision=s["precision"],
-            torch_compile=s["compile"],
-            logging_steps=10**9,
-            disable_tqdm=True,
-        )
-        train(
-            model, data, config, callbacks=[lambda step, m: step_times.append(_sync_time(device))]
-        )
-    else:
-        from transformers import Trainer, TrainerCallback, TrainingArguments
+    with PeakMemory(device) as mem:
+        if variant == "lmref":
+            config = TrainingConfig(
+                output_dir=out,
+                max_steps=s["steps"],
+                per_device_train_batch_size=s["batch"],
+                learning_rate=3e-4,
+                precision=s["precision"],
+                torch_compile=s["compile"],
+                logging_steps=10**9,
+                disable_tqdm=True,
+            )
+            train(
+                model,
+                data,
+                config,
+                callbacks=[lambda step, m: step_times.append(_sync_time(device))],
+            )
+        else:
+            from transformers import Trainer, TrainerCallback, TrainingArguments
 
-        class Timer(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                step_times.append(_sync_time(device))
+            class Timer(TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    step_times.append(_sync_time(device))
 
-        args = TrainingArguments(
-            output_dir=out,
-            max_steps=s["steps"],
-            per_device_train_batch_size=s["batch"],
-            learning_rate=3e-4,
-            bf16=s["precision"] == "bf16",
-            report_to=[],
-            save_strategy="no",
-            logging_steps=10**9,
-            disable_tqdm=True,
-            use_cpu=device.type == "cpu",
-        )
+            args = TrainingArguments(
+                output_dir=out,
+                max_steps=s["steps"],
+                per_device_train_batch_size=s["batch"],
+                learning_rate=3e-4,
+                bf16=s["precision"] == "bf16",
+                report_to=[],
+                save_strategy="no",
+                logging_steps=10**9,
+                disable_tqdm=True,
+                use_cpu=device.type == "cpu",
+            )
 
-        def collate(rows):
-            ids = torch.tensor([r["input_ids"] for r in rows])
-            return {"input_ids": ids, "labels": ids}
+            def collate(rows):
+                ids = torch.tensor([r["input_ids"] for r in rows])
+                return {"input_ids": ids, "labels": ids}
 
-        Trainer(
-            model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Timer()]
-        ).train()
+            Trainer(
+                model=model,
+                args=args,
+                train_dataset=data,
+                data_collator=collate,
+                callbacks=[Timer()],
+            ).train()
     timed = step_times[s["warmup"] :]
     seconds = timed[-1] - timed[0]
     tokens_per_s = tokens_per_step * (len(timed) - 1) / seconds
@@ -125,7 +130,7 @@ def run_variant(variant: str, s: dict) -> dict:
         "tokens_per_s": tokens_per_s,
         "step_ms": 1000 * seconds / (len(timed) - 1),
         "mfu": tokens_per_s * flops_per_token(model, data) / peak if peak else None,
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": mem.peak_mb,  # the peak during training (lmref.core.memory)
     }
 
 

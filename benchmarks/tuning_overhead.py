@@ -26,10 +26,10 @@ from pathlib import Path
 import optuna
 import torch
 
+from lmref import tuning
 from lmref.lab import course
-from lmref.tuning import search as tuning
 from lmref.lab.env import cpu_model
-from lmref.tuning.search import StudyConfig
+from lmref.tuning import StudyConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

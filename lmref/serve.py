@@ -1,18 +1,21 @@
 """Running the model server: ``python -m lmref.serve`` (one process), or in a thread (tests).
 
-The app is ``lmref.serving.app`` (over ``lmref.serving.engine``); this module runs it under waitress.
-``start_server(config)`` serves in a thread of this process and returns a handle with ``.url`` and
-``.stop()``; ``python -m lmref.serve`` is the one command line. Its flags come from the fields of
-``ServingConfig`` and ``ModelSpec`` (``--max-batch-size``, ``--drain-timeout-s`` ...), plus:
-``--model NAME=PATH`` (repeatable; a folder, a hub id in the local cache, or a course name from
-``lmref.models.loading``: ``smollm2-135m-instruct``; default: that real chat model as ``smollm2``),
-``--alias NAME=V1:W1,V2:W2`` (weighted A/B), ``--unbatched NAME`` and ``--api-key KEY``
-(repeatable; or env ``LMREF_API_KEYS``, a comma list), and the ``SharedServices`` of a replica:
-``--cache-url redis://...`` (a response cache shared by replicas, ``lmref.production.shared_cache``) and
-``--broker-url amqp://... --store-url redis://...`` (the OpenAI Batch API on Celery workers,
-``lmref.production.batch``; env ``LMREF_CACHE_URL``, ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``). Without keys anyone who reaches the port
-may use the models: the server says so loudly at start. SIGTERM: new requests get 503, in-flight
-ones get ``--drain-timeout-s`` to finish.
+The app is ``lmref.serving.app`` (over ``lmref.serving.engine``), run under waitress by
+``lmref.serving.server``; this entry point adds the command line and the production services a
+replica may share. ``start_server(config)`` serves in a thread of this process and returns a
+handle with ``.url`` and ``.stop()``; ``python -m lmref.serve`` is the one command line. Its flags
+come from the fields of ``ServingConfig``, ``ModelSpec`` and ``SharedServices`` through
+``lmref.core.cli`` (``transformers.HfArgumentParser``) (``--max-batch-size``, ``--drain-timeout-s`` ...; aliases such as
+``--threads`` from field metadata), plus: ``--model NAME=PATH`` (repeatable; a folder, a hub id
+in the local cache, or a course name from ``lmref.models.loading``: ``smollm2-135m-instruct``;
+default: that real chat model as ``smollm2``), ``--alias NAME=V1:W1,V2:W2`` (weighted A/B),
+``--unbatched NAME`` and ``--api-key KEY`` (repeatable; or env ``LMREF_API_KEYS``, a comma list),
+and the ``SharedServices`` of a replica: ``--cache-url redis://...`` (a response cache shared by
+replicas, ``lmref.production.shared_cache``) and ``--broker-url amqp://... --store-url
+redis://...`` (the OpenAI Batch API on Celery workers, ``lmref.production.batch_api``; env
+``LMREF_CACHE_URL``, ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``). Without keys anyone who reaches
+the port may use the models: the server says so loudly at start. SIGTERM: new requests get 503,
+in-flight ones get ``--drain-timeout-s`` to finish.
 
 Usage::
 
@@ -27,16 +30,11 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
 import re
-import signal
 import sys
-import threading
-import time
 
 # OpenMP's wait policy is left to libgomp's default: an idle torch thread spins a short while,
 # then sleeps. A decode step runs some 300 parallel regions, and forcing OMP_WAIT_POLICY=PASSIVE
@@ -46,18 +44,13 @@ import time
 # (16 clients: 13.4 spinning, 38.0 passive): export OMP_WAIT_POLICY=PASSIVE there.
 import torch
 from flask import Flask
-from waitress.channel import HTTPChannel
-from waitress.task import ErrorTask
 
+from lmref.core.cli import DataclassArgumentParser, flags_dataclass
+from lmref.serving.app import ServingConfig, create_app
 from lmref.serving.engine import ModelSpec
-from lmref.serving.app import (
-    HTTP_ERRORS,
-    APIError,
-    ServingConfig,
-    ServingState,
-    create_app,
-)
+from lmref.serving.server import ServerHandle, run_until_signal, start_in_thread
 
+__all__ = ["SharedServices", "ServerHandle", "build_app", "build_parser", "start_server"]
 log = logging.getLogger("lmref.serve")
 DEFAULT_MODEL = "smollm2=smollm2-135m-instruct"
 
@@ -97,104 +90,13 @@ def build_app(config: ServingConfig, shared: SharedServices | None = None) -> Fl
     if cache is not None:
         cache.register(app.extensions["lmref"].metrics.registry)
     if shared.broker_url:
-        from lmref.production.batch import BatchConfig, register_batch_api
+        from lmref.production.batch_api import register_batch_api
+        from lmref.production.celery_app import BatchConfig
 
         register_batch_api(
             app, BatchConfig(broker_url=shared.broker_url, store_url=shared.store_url)
         )
     return app
-
-
-class _JSONErrorTask(ErrorTask):
-    """waitress's own answers to requests it cannot parse (431 headers too large, 413 body too
-    large, bad chunked encoding ...) in the OpenAI error shape instead of plain text."""
-
-    def execute(self) -> None:
-        error = self.request.error
-        type_, code = HTTP_ERRORS.get(error.code, ("invalid_request_error", None))
-        api_error = APIError(error.code, f"{error.reason}: {error.body}", type_, code=code)
-        body = json.dumps(api_error.body()).encode()
-        self.status = f"{error.code} {error.reason}"
-        self.response_headers.append(("Content-Type", "application/json"))
-        self.set_close_on_finish()
-        self.content_length = len(body)
-        self.write(body)
-
-
-class _JSONErrorChannel(HTTPChannel):
-    error_task_class = _JSONErrorTask
-
-
-class ServerHandle:
-    """A waitress server running in a thread of this process (tests, notebooks, benchmarks)."""
-
-    def __init__(self, app: Flask, server, thread: threading.Thread, stop: threading.Event):
-        self.app, self.server, self.thread, self._stop = app, server, thread, stop
-        self.state: ServingState = app.extensions["lmref"]
-        self.url = f"http://127.0.0.1:{server.effective_port}"
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.state.ready:
-            errors = [e.load_error for e in self.state.engines.values() if e.load_error]
-            if errors:
-                raise RuntimeError(f"model failed to load: {errors}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("models did not load in time")
-            time.sleep(0.05)
-
-    def stop(self, drain_timeout: float | None = None) -> bool:
-        """Drain (new requests get 503), wait for in-flight ones, then close. True when drained."""
-        state = self.state
-        state.draining.set()
-        drained = state.wait_idle(
-            state.config.drain_timeout_s if drain_timeout is None else drain_timeout
-        )
-        state.close()
-        if not drained:
-            state.wait_idle(2.0)  # aborted streams still send their error event
-        self._stop.set()
-        self.thread.join(timeout=10)
-        return drained
-
-
-def _run_waitress(server, stop: threading.Event) -> None:
-    """waitress's loop, polled until ``stop`` is set, then everything closed in this thread:
-    the listener, the worker threads and open keep-alive connections (a single-socket server's
-    own close() leaves those, and closing sockets from another thread races the poll)."""
-    from waitress import wasyncore
-
-    while not stop.is_set():
-        wasyncore.loop(timeout=0.1, map=server._map, count=1)
-    server.close()
-    server.task_dispatcher.shutdown(timeout=5)
-    wasyncore.close_all(server._map, ignore_all=True)
-
-
-def _waitress_server(app: Flask, config: ServingConfig, port: int):
-    from waitress.server import create_server
-
-    # threads: every waiting or streaming request holds a waitress thread, so the batcher can
-    # only batch as many requests as there are threads. channel_request_lookahead lets waitress
-    # notice a client that disconnected while its request runs.
-    # connection_limit: idle keep-alive connections count too; at the limit waitress stops
-    # accepting, and new clients would wait for old idle ones to time out.
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # a queue is normal under load
-    # max_request_body_size: waitress refuses a larger body from its Content-Length (or while
-    # reading a chunked one), before it buffers it; its default is 1 GiB.
-    server = create_server(
-        app,
-        host=config.host,
-        port=port,
-        threads=config.server_threads,
-        channel_request_lookahead=1,
-        expose_tracebacks=False,
-        ident="lmref",
-        connection_limit=max(1000, 4 * config.server_threads),
-        max_request_body_size=config.max_content_length,
-    )
-    server.channel_class = _JSONErrorChannel
-    return server
 
 
 def start_server(
@@ -204,56 +106,27 @@ def start_server(
     ``config.torch_threads`` is applied to this whole process."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    app = build_app(config, shared)
-    server = _waitress_server(app, config, port)
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=_run_waitress, args=(server, stop), name="waitress", daemon=True
-    )
-    thread.start()
-    handle = ServerHandle(app, server, thread, stop)
-    if wait:
-        handle.wait_ready()
-    return handle
+    return start_in_thread(build_app(config, shared), config, port, wait)
 
 
 # ----------------------------------------------------------------------------------- the command
-ALIASES = {"server_threads": ["--threads"], "drain_timeout_s": ["--drain-timeout"]}
-CLI_FIELDS = (
-    (
-        ServingConfig,
-        [
-            f
-            for f in dataclasses.fields(ServingConfig)
-            if f.name not in {"models", "aliases", "api_keys", "load_in_background"}
-        ],
-    ),
-    (ModelSpec, [f for f in dataclasses.fields(ModelSpec) if f.name not in {"name", "path"}]),
+SERVER_FLAGS = flags_dataclass(
+    ServingConfig, frozenset({"models", "aliases", "api_keys", "load_in_background"})
+)
+MODEL_FLAGS = flags_dataclass(
+    ModelSpec,
+    frozenset({"name", "path"}),
+    chat_template="a Jinja chat template for every --model: a file, or the template text",
+)
+SHARED_FLAGS = flags_dataclass(
+    SharedServices,
+    group="SharedServices (lmref.production.shared_cache, lmref.production.batch_api)",
 )
 
 
-def _port(text: str) -> int:
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0..65535 (0: a free one), not {port}")
-    return port
-
-
-def _kind(annotation: str):
-    """The parser of a dataclass field's type, as written (``int``, ``float | None`` ...)."""
-    base = {"int": int, "float": float, "str": str}[annotation.split(" |")[0]]
-    if "None" not in annotation:
-        return base
-
-    def optional(text: str):
-        return None if text.lower() in {"none", "null", ""} else base(text)
-
-    optional.__name__ = base.__name__
-    return optional
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> DataclassArgumentParser:
+    parser = DataclassArgumentParser(
+        [SERVER_FLAGS, MODEL_FLAGS, SHARED_FLAGS],
         prog="python -m lmref.serve",
         description="Serve Hugging Face causal LMs with an OpenAI-compatible API.",
         epilog="API keys: --api-key KEY (repeatable) or env LMREF_API_KEYS=k1,k2. With neither, "
@@ -265,8 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME=PATH",
         help="a model version to serve (repeatable; the first is the default): a "
-        "folder, a cached hub id or a course name; default "
-        f"{DEFAULT_MODEL}",
+        f"folder, a cached hub id or a course name; default {DEFAULT_MODEL}",
     )
     parser.add_argument(
         "--alias",
@@ -290,44 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="also serve NAME-unbatched: the same weights with max_batch_size=1",
     )
-    for cls, fields in CLI_FIELDS:
-        group = parser.add_argument_group(f"{cls.__name__} (lmref.{cls.__module__.split('.')[-1]})")
-        for f in fields:
-            flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
-            if f.type == "bool":  # --pack-linears / --no-pack-linears
-                group.add_argument(
-                    *flags, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction
-                )
-                continue
-            kind = _port if f.name == "port" else _kind(f.type)
-            help_ = (
-                "a Jinja chat template for every --model: a file, or the template text"
-                if f.name == "chat_template"
-                else "default: %(default)s"
-            )
-            group.add_argument(
-                *flags,
-                dest=f.name,
-                type=kind,
-                default=f.default,
-                help=help_,
-                metavar=f.type.split(" |")[0].upper(),
-            )
-    group = parser.add_argument_group("SharedServices (lmref.production.shared_cache, lmref.production.batch)")
-    for f in dataclasses.fields(SharedServices):
-        default = os.environ.get(SHARED_ENV.get(f.name, ""), f.default)
-        group.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
-            type=_kind(f.type),
-            default=default,
-            help="default: %(default)s",
-            metavar=f.type.split(" |")[0].upper(),
-        )
+    # A container's config: the environment gives the defaults, a flag still wins.
+    parser.set_defaults(**{f: os.environ[e] for f, e in SHARED_ENV.items() if os.environ.get(e)})
     return parser
 
 
-def _model_path(parser: argparse.ArgumentParser, name: str, path: str) -> str:
+def _parse(argv: list[str] | None):
+    """(parser, server flags, model flags, shared flags, the hand-made flags); unknown
+    arguments are a usage error (exit 2), as argparse's own parse_args makes them."""
+    parser = build_parser()
+    *parsed, rest = parser.parse_args_into_dataclasses(
+        argv, return_remaining_strings=True, look_for_args_file=False
+    )
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return parser, *parsed
+
+
+def _model_path(parser: DataclassArgumentParser, name: str, path: str) -> str:
     """The folder to load, or a usage error: a mistyped path must not 'load' forever."""
     if "/" not in path and os.sep not in path:  # a course name (imports transformers: seconds)
         from lmref.models.loading import resolve_model
@@ -345,9 +197,8 @@ def _model_path(parser: argparse.ArgumentParser, name: str, path: str) -> str:
 
 def config_from_args(argv: list[str] | None) -> ServingConfig:
     """Parse the command line into a ServingConfig; anything wrong is a usage error (exit 2)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    template = args.chat_template
+    parser, server, model, _, args = _parse(argv)
+    template = model.chat_template
     if template is not None:
         if os.path.isfile(template):
             with open(template, encoding="utf-8") as f:
@@ -357,9 +208,7 @@ def config_from_args(argv: list[str] | None) -> ServingConfig:
                 f"--chat-template {template}: no such file (a template given as text "
                 "has {{ or {%)"
             )
-    spec_kw = {f.name: getattr(args, f.name) for f in CLI_FIELDS[1][1]} | {
-        "chat_template": template
-    }
+    spec_kw = {**dataclasses.asdict(model), "chat_template": template}
     specs = []
     for item in args.model or [DEFAULT_MODEL]:
         name, sep, path = item.partition("=")
@@ -381,10 +230,7 @@ def config_from_args(argv: list[str] | None) -> ServingConfig:
         except ValueError:
             parser.error(f"--alias takes NAME=V1:W1,V2:W2, got {item!r}")
     config = ServingConfig(
-        models=specs,
-        aliases=aliases,
-        api_keys=args.api_keys,
-        **{f.name: getattr(args, f.name) for f in CLI_FIELDS[0][1]},
+        models=specs, aliases=aliases, api_keys=args.api_keys, **dataclasses.asdict(server)
     )
     try:
         config.validate()
@@ -406,10 +252,7 @@ def resolve_model_args(argv: list[str]) -> list[str]:
 
 
 def shared_from_args(argv: list[str] | None) -> SharedServices:
-    args = build_parser().parse_args(argv)
-    return SharedServices(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(SharedServices)}
-    )
+    return SharedServices(**dataclasses.asdict(_parse(argv)[3]))
 
 
 def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
@@ -426,33 +269,7 @@ def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
         )
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    app = build_app(config, shared)
-    server = _waitress_server(app, config, config.port)
-    state: ServingState = app.extensions["lmref"]
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop_loop = threading.Event()
-    thread = threading.Thread(
-        target=_run_waitress, args=(server, stop_loop), name="waitress", daemon=True
-    )
-    thread.start()
-    url = f"http://{config.host}:{server.effective_port}"
-    print(json.dumps({"event": "listening", "url": url, "pid": os.getpid()}), flush=True)
-    failed = {}
-    while not stop.wait(0.5) and not failed:
-        failed = {n: e.load_error for n, e in state.engines.items() if e.load_error}
-    if failed:
-        log.error("model failed to load, stopping: %s", failed)
-    state.draining.set()
-    drained = state.wait_idle(config.drain_timeout_s)
-    state.close()
-    if not drained:
-        state.wait_idle(2.0)
-    stop_loop.set()
-    thread.join(timeout=10)
-    print(json.dumps({"event": "stopped", "drained": drained}), flush=True)
-    return 1 if failed else 0
+    return run_until_signal(build_app(config, shared), config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,11 @@
 """``python -m lmref.train``: the training loop as a command, for one process or many (torchrun).
 
-Every ``TrainingConfig`` field is a flag (``--max-steps``, ``--per-device-train-batch-size`` or
-``--batch-size``, ``--learning-rate`` or ``--lr``, ``--resume``, ``--allow-config-change`` ...),
-and a JSON or YAML file given with ``--config`` may set any of them plus the run's own keys
-(model, data, ...); flags on the command line win over the file. The final model is saved in Hugging Face format (rank 0).
+Every field of ``RunArguments`` (model, data, ...) and of ``TrainingConfig`` is a flag
+(``--max-steps``, ``--per-device-train-batch-size`` or ``--batch-size``, ``--learning-rate`` or
+``--lr``, ``--resume``, ``--allow-config-change`` ...): ``lmref.core.cli`` (``transformers.HfArgumentParser``) derives
+them from the dataclasses (help and aliases from the fields' metadata). A JSON or YAML file given
+with ``--config`` may set any of them; flags on the command line win over the file. The final
+model is saved in Hugging Face format (rank 0).
 
 Usage::
 
@@ -19,7 +21,6 @@ exit hard after step k on the first attempt (see ``lmref.training.distributed.fa
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -32,149 +33,126 @@ from datasets import Dataset, DatasetDict, disable_progress_bars, load_from_disk
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from lmref.core.cli import DataclassArgumentParser
+from lmref.core.ranks import is_main
 from lmref.data.pipeline import empty_splits_on_disk
+from lmref.models.loading import load_model
+from lmref.models.presets import PRESETS, build_model
+from lmref.training.checkpoints import CheckpointError
+from lmref.training.config import ConfigChangeError, TrainingConfig
 from lmref.training.distributed import (
     barrier,
     distributed,
     fault_injection_from_env,
-    is_main,
     print0,
     unwrap_model,
     wrap_model,
 )
-from lmref.models.loading import PRESETS, build_model, load_model
-from lmref.training.loop import CheckpointError, ConfigChangeError, TrainingConfig, train
-
-ALIASES = {
-    "per_device_train_batch_size": ["--batch-size"],
-    "gradient_accumulation_steps": ["--grad-accum"],
-    "learning_rate": ["--lr"],
-    "resume_from_checkpoint": ["--resume"],
-}
+from lmref.training.loop import train
 
 
 @dataclass
-class RunConfig:
+class RunArguments:
     """What the command trains on and where it saves, besides the ``TrainingConfig`` knobs."""
 
-    model: str = "tiny"  # a preset of lmref.models.loading, or an HF id / folder
-    model_overrides: dict = field(default_factory=dict)  # config fields for a preset
-    attn_implementation: str | None = None  # None: the model's default (eager, sdpa, ...)
-    data: str | None = None  # load_from_disk folder; default: the course corpus
-    tokenizer: str | None = None  # default: <data>/../tokenizer when it exists
-    train_split: str = "train"
-    eval_split: str | None = "validation"  # None (or "none"): no evaluation
-    max_train_samples: int | None = None  # the first N training blocks only
-    final_dir: str | None = None  # default: <output_dir>/final
+    model: str = field(
+        default="tiny",
+        metadata={"help": f"preset ({', '.join(PRESETS)}) or HF model id/folder"},
+    )
+    model_overrides: dict = field(
+        default_factory=dict,
+        metadata={
+            "type": json.loads,
+            "help": "JSON of config fields for a preset, e.g. '{\"num_hidden_layers\": 2}'",
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "eager, sdpa, flash_attention_2...; default: the model's own"},
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "datasets.load_from_disk folder with an input_ids column; "
+            "default: the course corpus"
+        },
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "tokenizer folder (saved with the final model); "
+            "default: <data>/../tokenizer when it exists"
+        },
+    )
+    train_split: str = field(default="train", metadata={"help": "split to train on"})
+    eval_split: str | None = field(
+        default="validation", metadata={"help": "split to evaluate on; none: no evaluation"}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "the first N training blocks only"}
+    )
+    final_dir: str | None = field(default=None, metadata={"help": "default: <output_dir>/final"})
+
+
+@dataclass
+class RunConfig(RunArguments):
+    """A whole run: ``RunArguments`` plus the loop's ``TrainingConfig``."""
+
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
 
-def _optional(kind):
-    def parse(text: str):
-        return None if text.lower() in {"none", "null", ""} else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _resume(text: str):
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    # SUPPRESS: a flag absent from the command line is absent from the namespace, so it cannot
-    # overwrite what the config file set.
-    parser = argparse.ArgumentParser(
+def build_parser() -> DataclassArgumentParser:
+    """The command line: ``--config FILE``, then every ``RunArguments`` and ``TrainingConfig``
+    field as a flag."""
+    parser = DataclassArgumentParser(
+        (RunArguments, TrainingConfig),
         prog="python -m lmref.train",
-        argument_default=argparse.SUPPRESS,
         description="Train a causal LM with lmref.training.loop (DDP under torchrun).",
     )
-    parser.add_argument("--config", help="JSON or YAML file of RunConfig/TrainingConfig keys")
-    run = parser.add_argument_group("run")
-    run.add_argument("--model", help=f"preset ({', '.join(PRESETS)}) or HF model id/folder")
-    run.add_argument(
-        "--model-overrides",
-        type=json.loads,
-        help="JSON of config fields for a preset, e.g. '{\"num_hidden_layers\": 2}'",
-    )
-    run.add_argument(
-        "--attn-implementation",
-        type=_optional(str),
-        help="eager, sdpa, flash_attention_2...; default: the model's own",
-    )
-    run.add_argument("--data", help="datasets.load_from_disk folder with an input_ids column")
-    run.add_argument("--tokenizer", help="tokenizer folder (saved with the final model)")
-    run.add_argument("--train-split")
-    run.add_argument("--eval-split", type=_optional(str))
-    run.add_argument("--max-train-samples", type=_optional(int))
-    run.add_argument("--final-dir")
-    knobs = parser.add_argument_group("training (lmref.training.loop.TrainingConfig)")
-    for f in dataclasses.fields(TrainingConfig):
-        flags = [f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, [])]
-        default = f.default
-        if f.name == "resume_from_checkpoint":
-            knobs.add_argument(
-                *flags,
-                dest=f.name,
-                nargs="?",
-                const=True,
-                type=_resume,
-                help="resume from the latest checkpoint in output_dir, or PATH",
-            )
-        elif f.name == "precision":
-            knobs.add_argument(*flags, dest=f.name, choices=["auto", "fp32", "bf16", "fp16"])
-        elif isinstance(default, bool):
-            knobs.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction)
-        elif f.type in ("float | None", "int | None"):
-            kind = float if f.type.startswith("float") else int
-            knobs.add_argument(
-                *flags, dest=f.name, type=_optional(kind), metavar=kind.__name__.upper()
-            )
-        else:
-            knobs.add_argument(
-                *flags, dest=f.name, type=type(default), metavar=type(default).__name__.upper()
-            )
+    parser.add_argument("--config", help="JSON or YAML file of RunArguments/TrainingConfig keys")
     return parser
 
 
 def parse_config(argv: list[str] | None = None) -> RunConfig:
     """Defaults, then the ``--config`` file, then command-line flags."""
-    given = vars(build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
     values: dict = {}
-    if "config" in given:
-        path = Path(given.pop("config"))
+    config_file = parser.parse_known_args(argv)[0].config
+    if config_file is not None:
+        path = Path(config_file)
         if not path.is_file():
             raise SystemExit(f"error: config file {path} not found")
         text = path.read_text()
         loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         if not isinstance(loaded, dict):
             raise SystemExit(f"error: {path} must hold a mapping of keys to values")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    values.update(given)
-    run_keys = {f.name for f in dataclasses.fields(RunConfig)} - {"training"}
-    train_keys = {f.name for f in dataclasses.fields(TrainingConfig)}
-    unknown = sorted(set(values) - run_keys - train_keys)
+        values = {k.replace("-", "_"): v for k, v in loaded.items()}
+    known = {f.name for cls in (RunArguments, TrainingConfig) for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise SystemExit(
-            f"error: unknown config keys {unknown}; known: {sorted(run_keys | train_keys)}"
-        )
+        raise SystemExit(f"error: unknown config keys {unknown}; known: {sorted(known)}")
     if "disable_tqdm" not in values and not sys.stderr.isatty():
         # A progress bar piped to a log (torchrun, a notebook subprocess) is one endless line.
         values["disable_tqdm"] = True
-    if isinstance(values.get("eval_split"), str) and values["eval_split"].lower() == "none":
-        values["eval_split"] = None
+    # The file's values become the defaults, so a flag on the command line wins over them.
+    # (argparse runs a string default through the flag's type: "none" in a file means None.)
+    parser.set_defaults(**values)
     try:
-        training = TrainingConfig(**{k: v for k, v in values.items() if k in train_keys})
+        run, training, *_ = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     except ValueError as e:  # a setting that cannot make a run: say which, no traceback
         raise SystemExit(f"error: {e}") from None
-    return RunConfig(**{k: v for k, v in values.items() if k in run_keys}, training=training)
+    return RunConfig(**dataclasses.asdict(run), training=training)
 
 
 def load_data(config: RunConfig) -> tuple[Dataset, Dataset | None, Path | None]:
     """Train and eval splits, and the tokenizer folder that goes with them (if any)."""
     if config.data is None:
         # Rank 0 builds the course data if missing; the others wait rather than build it too.
-        from lmref.lab.course import ARTIFACTS, ensure_data  # imported only when needed: it is heavy
+        from lmref.lab.course import (
+            ARTIFACTS,
+            ensure_data,
+        )  # imported only when needed: it is heavy
 
         if is_main():
             ensure_data()

@@ -1,18 +1,42 @@
-"""Shared fixtures: a tiny random Llama and a BPE tokenizer, built locally in seconds.
+"""Shared fixtures: a tiny random Llama and a BPE tokenizer, built locally in seconds; and the
+rule that every test is exactly one of unit, integration or slow (markers in pyproject.toml).
 
-They use only transformers/tokenizers (not lmref) so every module's tests can run alone.
+The fixtures use only transformers/tokenizers (not lmref) so every module's tests can run alone.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SIZES = ("unit", "integration", "slow")
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m unit` deselects: every collected test is seen
+def pytest_collection_modifyitems(config, items):
+    """Stop the run when a test under tests/ is not exactly one of unit, integration, slow: a new
+    test file without ``pytestmark = pytest.mark.<size>`` would otherwise silently miss from
+    ``make unit`` (or run there when it starts servers)."""
+    wrong = []
+    for item in items:
+        if not item.path.resolve().is_relative_to(HERE):
+            continue  # notebook cells under nbval
+        sizes = sorted({m.name for m in item.iter_markers() if m.name in SIZES})
+        if len(sizes) != 1:
+            wrong.append(f"{item.nodeid} ({', '.join(sizes) or 'none'})")
+    if wrong:
+        raise pytest.UsageError(
+            f"each test needs exactly one of the markers {', '.join(SIZES)} "
+            "(pytestmark = pytest.mark.unit at the top of the file):\n  " + "\n  ".join(wrong)
+        )
 
 
 def _stdlib_text(limit: int = 400) -> list[str]:

@@ -24,6 +24,8 @@ from lmref.serving.engine import (
     SamplingParams,
 )
 
+pytestmark = pytest.mark.unit  # engines in threads of this process
+
 
 def make_engine(path, **spec) -> Engine:
     torch.set_num_threads(1)

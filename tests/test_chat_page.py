@@ -24,10 +24,13 @@ KEY = "page-key-1"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 REAL_MODEL = Path(__file__).resolve().parent.parent / "artifacts" / "smollm2-135m-instruct"
 
-pytestmark = pytest.mark.skipif(
-    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-    reason="needs Debian's chromium and chromium-driver (make system)",
-)
+pytestmark = [
+    pytest.mark.integration,  # Chromium and a server
+    pytest.mark.skipif(
+        not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+        reason="needs Debian's chromium and chromium-driver (make system)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

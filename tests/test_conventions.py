@@ -1,64 +1,206 @@
-"""The project's conventions, checked: copyable modules, documented modules, thin notebooks, and
-committed notebooks that carry their outputs (plots included) and quote only numbers they show."""
+"""The project's conventions, checked: the layering of lmref's stages (import-linter), documented
+and short modules without repeated blocks, every test classified, thin notebooks, and committed
+notebooks that carry their outputs (plots included) and quote only numbers they show."""
 
 from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import tomllib
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
-GLUE = {"__init__.py", "course.py", "env.py", "train.py", "serve.py"}  # may import other modules
-MODULES = sorted(p for p in (ROOT / "lmref").glob("*.py") if p.name not in GLUE)
+PACKAGE = ROOT / "lmref"
+MODULES = sorted(PACKAGE.rglob("*.py"))
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+MAX_LINES = 400
+DUPLICATE_LINES = 6
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
-def test_module_is_copyable_alone_and_documented(path):
-    """A module imports no other lmref module, except one its top docstring names (a declared
-    dependency, e.g. every module on ``lmref.core.device``, the one device/dtype policy)."""
-    tree = ast.parse(path.read_text())
-    docstring = ast.get_docstring(tree)
-    assert docstring and "Usage" in docstring, f"{path.name}: top docstring with a usage example"
+def _rel(path: Path) -> str:
+    return str(path.relative_to(PACKAGE))
+
+
+def _lint_imports(cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--no-logo", "pyproject.toml"],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+# ------------------------------------------------------------------------ layering and modules
+
+
+def test_the_import_contracts_hold():
+    """core imports no stage; stages import each other only along the declared edges; no stage
+    imports lab/ or an entry point; the serving engine needs no web framework ([tool.importlinter]
+    in pyproject.toml)."""
+    run = _lint_imports(ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+# One breach per contract, written into a copy of the package: the contract must report it.
+BREACHES = {
+    "core-imports-a-stage": ("core/device.py", "lmref.data.sources", "core imports no stage"),
+    "stage-imports-a-stage": ("data/sources.py", "lmref.training.loop", "stages are independent"),
+    "reverse-of-an-edge": ("models/loading.py", "lmref.serving.engine", "stages are independent"),
+    "stage-imports-lab": ("serving/sampler.py", "lmref.lab.course", "no stage imports the tooling"),
+    "engine-imports-flask": ("serving/engine.py", "flask", "the serving engine"),
+    "worker-entry-imported": ("lab/course.py", "lmref.production.celery_worker", "nothing imports"),
+}
+
+
+@pytest.mark.parametrize("breach", BREACHES)
+def test_each_import_contract_catches_a_breach(breach, tmp_path):
+    module, imported, contract = BREACHES[breach]
+    shutil.copytree(PACKAGE, tmp_path / "lmref", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    target = tmp_path / "lmref" / module
+    target.write_text(target.read_text() + f"\nimport {imported}  # noqa\n")
+    run = _lint_imports(tmp_path, env={"PYTHONPATH": str(tmp_path)})  # the copy, not the install
+    assert run.returncode != 0, run.stdout
+    assert re.search(rf"^{re.escape(contract)}.* BROKEN", run.stdout, re.MULTILINE), run.stdout
+    assert imported in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_rel)
+def test_module_has_a_top_docstring_with_usage(path):
+    """What the module is for, and a short usage; a package's __init__ says what the package is."""
+    docstring = ast.get_docstring(ast.parse(path.read_text()))
+    assert docstring, f"{_rel(path)}: no top docstring"
+    if path.name != "__init__.py":
+        assert "Usage" in docstring, f"{_rel(path)}: the top docstring has no usage example"
+
+
+def test_no_module_over_400_lines():
+    long = {_rel(p): n for p in MODULES if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, (
+        f"over {MAX_LINES} lines: move a coherent concern into a module of its own: {long}"
+    )
+
+
+# -------------------------------------------------------------------------- repeated blocks
+# The definition of the library's `duplicates` tool: six or more lines the same, with white space
+# folded; blank lines, comments, lone punctuation and import lines are passed over. Windows made
+# only of docstring lines are prose, not code, and do not count.
+
+
+def _code_lines(text: str) -> list[tuple[int, str, bool]]:
+    """(line number, folded text, in a docstring) for each line that counts."""
+    tree = ast.parse(text)
+    skip, docs = set(), set()
     for node in ast.walk(tree):
-        # The one exception the house rules allow: a dependency that is the point, named in the
-        # top docstring (e.g. lmref.training.loop saves through lmref.training.checkpoints).
-        if isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"{path.name}: relative import"
-            if (node.module or "").split(".")[0] == "lmref":
-                assert (
-                    node.module != "lmref" and f"lmref.{node.module.split('.')[-1]}" in docstring
-                ), f"{path.name} imports {node.module} without naming it in its docstring"
-        if isinstance(node, ast.Import):
-            assert all(a.name.split(".")[0] != "lmref" for a in node.names), path.name
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            skip.update(range(node.lineno, node.end_lineno + 1))
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            docs.update(range(body[0].lineno, body[0].end_lineno + 1))
+    kept = []
+    for number, line in enumerate(text.splitlines(), 1):
+        folded = " ".join(line.split())
+        if number in skip or not re.search(r"\w", folded) or folded.startswith("#"):
+            continue
+        kept.append((number, folded, number in docs))
+    return kept
 
 
-def test_no_module_over_600_lines():
-    long = {
-        p.name: n
-        for p in (ROOT / "lmref").glob("*.py")
-        if (n := len(p.read_text().splitlines())) > 600
-    }
-    assert not long, f"over 600 lines: move a coherent concern into a module of its own: {long}"
+def repeated_blocks(files: dict[str, str], size: int = DUPLICATE_LINES) -> list[str]:
+    """Pairs of places that share ``size`` or more counted lines, as 'a.py:3-9 ~ b.py:20-26'."""
+    lines = {name: _code_lines(text) for name, text in files.items()}
+    places = defaultdict(list)
+    for name, kept in lines.items():
+        for i in range(len(kept) - size + 1):
+            window = kept[i : i + size]
+            if not all(doc for _, _, doc in window):
+                places[tuple(text for _, text, _ in window)].append((name, i))
+    pairs = set()
+    for found in places.values():
+        for a, (name_a, i) in enumerate(found):
+            for name_b, j in found[a + 1 :]:
+                if name_a != name_b or j >= i + size:  # not a window overlapping itself
+                    pairs.add((name_a, i, name_b, j))
+    rows = []
+    for name_a, i, name_b, j in sorted(pairs):
+        if (name_a, i - 1, name_b, j - 1) in pairs:
+            continue  # inside a run already reported from its start
+        end = 0
+        while (name_a, i + end + 1, name_b, j + end + 1) in pairs:
+            end += 1
+        a, b = lines[name_a], lines[name_b]
+        rows.append(
+            f"{name_a}:{a[i][0]}-{a[i + end + size - 1][0]} ~ "
+            f"{name_b}:{b[j][0]}-{b[j + end + size - 1][0]}"
+        )
+    return rows
 
 
-def test_the_serving_engine_imports_no_web_framework():
-    tree = ast.parse((ROOT / "lmref" / "engine.py").read_text())
-    names = {
-        a.name.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import)
-        for a in node.names
-    }
-    names |= {
-        (node.module or "").split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom)
-    }
-    assert "torch" in names and not names & {"flask", "werkzeug", "waitress"}, names
+def test_the_repeated_block_finder_finds_what_it_should():
+    body = ["x = load(path)", "y = x + 1", "z = y * 2", "print(z)", "w = z - y", "return w"]
+    first = "import os\n\n\ndef f(path):\n" + "".join(f"    {line}\n" for line in body)
+    # The same six lines, indented otherwise, with an import, a comment and a blank line between.
+    second = "def g(path):\n    # the same\n" + "".join(
+        f"        {line}\n" + ("        import os\n\n" if i == 2 else "")
+        for i, line in enumerate(body)
+    )
+    prose = '"""Prose.\n\n' + "".join(f"line {i}\n" for i in range(8)) + '"""\n'
+    files = {"a.py": first, "b.py": second, "c.py": prose, "d.py": prose}
+    assert repeated_blocks(files) == ["a.py:5-10 ~ b.py:3-10"]
+    assert repeated_blocks({"a.py": first, "e.py": first.replace("print(z)", "print(y)")}) == []
+
+
+def test_no_block_of_six_lines_is_repeated_inside_lmref():
+    files = {_rel(p): p.read_text() for p in MODULES}
+    rows = repeated_blocks(files)
+    assert not rows, "the same lines in two places: give them one home\n" + "\n".join(rows)
+
+
+# ------------------------------------------------------------------------ test classification
+
+
+def test_a_test_without_exactly_one_size_marker_stops_the_run(pytester):
+    """tests/conftest.py refuses a run in which a test is not exactly one of unit, integration,
+    slow: a new test file cannot go unclassified (and so missing from `make unit`)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    markers = "\n".join(f"    {m}" for m in config["markers"])
+    pytester.makeini(f"[pytest]\naddopts = --strict-markers\nmarkers =\n{markers}\n")
+    pytester.makeconftest((ROOT / "tests" / "conftest.py").read_text())
+    pytester.makepyfile(
+        test_plain="def test_unmarked():\n    pass\n",
+        test_twice="import pytest\n\npytestmark = pytest.mark.unit\n\n"
+        "@pytest.mark.slow\ndef test_twice():\n    pass\n",
+        test_fine="import pytest\n\npytestmark = pytest.mark.integration\n\n"
+        "def test_fine():\n    pass\n",
+    )
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    text = result.stdout.str() + result.stderr.str()
+    assert "test_plain.py::test_unmarked" in text and "test_twice.py::test_twice" in text, text
+    assert "test_fine" not in text, text
+    assert pytester.runpytest("test_fine.py").ret == pytest.ExitCode.OK
+
+
+# ------------------------------------------------------------------------------------ notebooks
 
 
 def test_every_course_notebook_exists():

@@ -11,7 +11,10 @@ from transformers.pytorch_utils import Conv1D
 
 from lmref.serving.packed_linear import PackedLinear, pack_linears, packing_available
 
-pytestmark = pytest.mark.skipif(not packing_available(), reason="torch built without oneDNN")
+pytestmark = [
+    pytest.mark.unit,
+    pytest.mark.skipif(not packing_available(), reason="torch built without oneDNN"),
+]
 
 
 def _linears(model) -> int:
@@ -59,7 +62,14 @@ def test_training_and_adapter_models_are_refused(tiny_model_dir):
 
 
 def test_engine_greedy_text_is_the_same_packed_and_unpacked(tiny_model_dir):
-    from lmref.serving.engine import Engine, EngineMetrics, Job, ModelSpec, ResponseCache, SamplingParams
+    from lmref.serving.engine import (
+        Engine,
+        EngineMetrics,
+        Job,
+        ModelSpec,
+        ResponseCache,
+        SamplingParams,
+    )
 
     texts = {}
     for packed in (True, False):
@@ -82,7 +92,14 @@ def test_engine_greedy_text_is_the_same_packed_and_unpacked(tiny_model_dir):
 
 @pytest.mark.parametrize("dtype", ["bf16", "bfloat16"])
 def test_engine_serves_bf16_packed_by_either_name(tiny_model_dir, dtype):
-    from lmref.serving.engine import Engine, EngineMetrics, Job, ModelSpec, ResponseCache, SamplingParams
+    from lmref.serving.engine import (
+        Engine,
+        EngineMetrics,
+        Job,
+        ModelSpec,
+        ResponseCache,
+        SamplingParams,
+    )
 
     engine = Engine(
         ModelSpec("t", str(tiny_model_dir), batch_wait_ms=0, dtype=dtype),
@@ -104,7 +121,14 @@ def test_engine_serves_an_adapter_folder_unpacked(tiny_model_dir, tmp_path):
     the engine leaves that model unpacked instead of failing to load it."""
     from peft import LoraConfig, get_peft_model
 
-    from lmref.serving.engine import Engine, EngineMetrics, Job, ModelSpec, ResponseCache, SamplingParams
+    from lmref.serving.engine import (
+        Engine,
+        EngineMetrics,
+        Job,
+        ModelSpec,
+        ResponseCache,
+        SamplingParams,
+    )
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     # The adapter's config records the base folder it was made from.

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -33,6 +31,8 @@ from lmref.data.pipeline import (
     split_of,
     train_tokenizer,
 )
+
+pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -401,42 +401,6 @@ def test_save_artifacts_layout(tmp_path, small_tokenizer):
 # ---------------------------------------------------------------------------------------------
 # bad input: each failure says what happened and what to do
 # ---------------------------------------------------------------------------------------------
-
-HUGE_LINE = """
-import json, random, resource, sys
-from lmref.data.pipeline import Document, deduplicate
-rng = random.Random(0)
-vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
-         for _ in range(20000)]
-text = " ".join(rng.choice(vocab) for _ in range(400_000))  # one line of varied words
-small = Document("a short document about files, paths and the modes they open in", "small")
-deduplicate([small])  # imports datasketch and numpy before the measurement
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-kept, stats = deduplicate([small, Document(text, "huge")])
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"grew_mb": (after - before) / 1024, "chars": len(text), "kept": len(kept)}))
-"""
-
-
-def test_near_dedup_memory_per_document_is_bounded():
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    run = subprocess.run(
-        [sys.executable, "-c", HUGE_LINE],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    measured = json.loads(run.stdout)
-    assert measured["chars"] > 2_000_000 and measured["kept"] == 2
-    # Unbounded, datasketch holds 128 hashes x 400k shingles (400 MB) several times over.
-    assert measured["grew_mb"] < 150, measured
 
 
 def test_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):

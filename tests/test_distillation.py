@@ -9,14 +9,18 @@ import datasets
 import pytest
 import torch
 
+from lmref.core.losses import causal_lm_loss_sum
+from lmref.models.presets import build_model
+from lmref.training.config import TrainingConfig
 from lmref.training.distillation import (
     DistillationConfig,
     agreement,
     distillation_loss,
     distillation_loss_sum,
 )
-from lmref.models.loading import build_model
-from lmref.training.loop import TrainingConfig, causal_lm_loss_sum, train
+from lmref.training.loop import train
+
+pytestmark = pytest.mark.unit
 
 VOCAB = 128
 

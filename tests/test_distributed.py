@@ -23,11 +23,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmref.training import distributed as D
+from lmref.core import ranks
 from lmref.core.processes import RunLog, run_logged
 from lmref.train import main as train_main
 from lmref.train import parse_config
+from lmref.training import distributed as D
+from lmref.training import launch as L
 
+pytestmark = pytest.mark.integration  # torchrun jobs of two processes
 VOCAB = 512  # the tiny_model_dir fixture's vocabulary
 STEPS = 6
 ACCUMULATION = 2
@@ -60,7 +63,7 @@ def launch(
     timeout_s: float = 300,
     echo=False,
 ) -> RunLog:
-    command = D.torchrun_command(args, nproc, max_restarts=max_restarts)
+    command = L.torchrun_command(args, nproc, max_restarts=max_restarts)
     return run_logged(
         command, timeout_s, env={**LAUNCH_ENV, **(extra_env or {})}, cwd=ROOT, echo=echo
     )
@@ -195,7 +198,7 @@ def test_two_processes_match_one_process_with_double_batch(
     assert train_main(single_args) == 0
     single, ddp = weights(tmp_path / "single"), weights(ddp_dir)
     initial = load_file(Path(tiny_model_dir) / "model.safetensors")
-    moved, diff = D.max_abs_difference(single, initial), D.max_abs_difference(single, ddp)
+    moved, diff = L.max_abs_difference(single, initial), L.max_abs_difference(single, ddp)
     # Same samples per step, loss weighted by tokens: equal up to float summation order
     # (measured ~2e-6 here), while training moved the weights by ~1e-2.
     assert diff < 2e-5, diff
@@ -350,7 +353,7 @@ def test_no_torchrun_environment_is_a_noop_with_world_size_one(monkeypatch, caps
         assert not torch.distributed.is_initialized()
         model = D.wrap_model(torch.nn.Linear(2, 2), env)
         assert isinstance(model, torch.nn.Linear) and D.unwrap_model(model) is model
-        assert D.is_main()
+        assert ranks.is_main()
         D.print0("hello from rank 0")
     assert capsys.readouterr().out == "hello from rank 0\n"
 
@@ -399,7 +402,7 @@ def test_fault_injection_targets_one_rank_on_the_first_attempt_only():
 
 
 def test_torchrun_command_single_and_multi_node():
-    single = D.torchrun_command(["-m", "lmref.train"], 2, launcher=["torchrun"])
+    single = L.torchrun_command(["-m", "lmref.train"], 2, launcher=["torchrun"])
     assert single == [
         "torchrun",
         "--standalone",
@@ -409,8 +412,8 @@ def test_torchrun_command_single_and_multi_node():
         "-m",
         "lmref.train",
     ]
-    multi = D.format_command(
-        D.torchrun_command(
+    multi = L.format_command(
+        L.torchrun_command(
             ["-m", "lmref.train"],
             8,
             nnodes=2,
@@ -424,18 +427,18 @@ def test_torchrun_command_single_and_multi_node():
         "--rdzv-id=lmref --nproc-per-node=8 --max-restarts=3 -m lmref.train"
     ) == multi
     with pytest.raises(ValueError, match="rdzv_endpoint"):
-        D.torchrun_command(["x.py"], nnodes=2)
+        L.torchrun_command(["x.py"], nnodes=2)
 
 
 def test_ring_allreduce_volume():
-    assert D.ring_allreduce_bytes(1000, 1) == 0
-    assert D.ring_allreduce_bytes(1000, 2, 4) == 4000  # 2 (N-1)/N = 1 at N = 2
-    assert D.ring_allreduce_bytes(1000, 8, 2) == 2 * 7 / 8 * 2000
-    estimate = D.ddp_step_estimate(124_000_000, 8192, 8, bus_bandwidth_gbs=100, peak_flops=1e15)
-    assert estimate["allreduce_bytes"] == D.ring_allreduce_bytes(124_000_000, 8, 4)
+    assert L.ring_allreduce_bytes(1000, 1) == 0
+    assert L.ring_allreduce_bytes(1000, 2, 4) == 4000  # 2 (N-1)/N = 1 at N = 2
+    assert L.ring_allreduce_bytes(1000, 8, 2) == 2 * 7 / 8 * 2000
+    estimate = L.ddp_step_estimate(124_000_000, 8192, 8, bus_bandwidth_gbs=100, peak_flops=1e15)
+    assert estimate["allreduce_bytes"] == L.ring_allreduce_bytes(124_000_000, 8, 4)
     assert estimate["step_s_overlapped"] <= estimate["step_s_serial"]
     with pytest.raises(ValueError):
-        D.ring_allreduce_bytes(10, 0)
+        L.ring_allreduce_bytes(10, 0)
 
 
 def test_run_logged_streams_and_kills_on_timeout():

@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from lmref.evaluation.metrics import exact_match, generate_text, perplexity
 
+pytestmark = pytest.mark.unit
+
 
 class FixedLogits(torch.nn.Module):
     """A 'model' whose next-token distribution is the same known one everywhere."""

@@ -19,6 +19,8 @@ from lmref.data.instructions import (
     tokenize_instructions,
 )
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -191,19 +193,32 @@ def test_null_answer_names_the_task_example_and_field(tiny_tokenizer):
         tokenize_instructions(Dataset.from_list(rows), tiny_tokenizer)
 
 
-def test_collator_is_transformers_and_pads_right_whatever_the_tokenizer(
-    instructions, tiny_tokenizer
-):
+def test_collator_pads_right_like_transformers_whatever_the_tokenizer(instructions, tiny_tokenizer):
+    # Replaces an isinstance check (InstructionCollator subclasses DataCollatorForSeq2Seq, so it
+    # could not fail): the batches are compared with transformers' own collator instead.
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
     ds, _ = instructions
     features = list(tokenize_instructions(ds["test"].select(range(0, 100, 20)), tiny_tokenizer))
-    assert isinstance(InstructionCollator(tiny_tokenizer), DataCollatorForSeq2Seq)
+    lengths = [len(f["input_ids"]) for f in features]
+    assert len(set(lengths)) > 1, "rows of different lengths, or padding is not exercised"
+
+    def library(tokenizer):
+        return DataCollatorForSeq2Seq(
+            tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt"
+        )(features)
+
+    right = AutoTokenizer.from_pretrained(tiny_tokenizer.name_or_path, padding_side="right")
     left = AutoTokenizer.from_pretrained(tiny_tokenizer.name_or_path, padding_side="left")
-    batch = InstructionCollator(left)(features)
+    reference = library(right)
+    for tokenizer in (right, left):
+        batch = InstructionCollator(tokenizer)(features)
+        assert set(batch) == set(reference)
+        for key in reference:
+            assert batch[key].tolist() == reference[key].tolist(), (tokenizer.padding_side, key)
     assert left.padding_side == "left"  # the caller's tokenizer is left as it was
-    assert (
-        batch["input_ids"].tolist()
-        == InstructionCollator(tiny_tokenizer)(features)["input_ids"].tolist()
-    )
-    assert batch["attention_mask"][:, 0].all()  # padding at the end
+    # The library collator follows a left-padding tokenizer: forcing the right side is real work.
+    assert library(left)["input_ids"].tolist() != reference["input_ids"].tolist()
+    assert reference["attention_mask"][:, 0].all()  # padding at the end
+    shortest = lengths.index(min(lengths))
+    assert reference["labels"][shortest, min(lengths) :].eq(-100).all()

@@ -21,6 +21,7 @@ import torch
 from lmref.serve import start_server
 from lmref.serving.app import ModelSpec, ServingConfig
 
+pytestmark = pytest.mark.integration  # lm-eval against a server on 127.0.0.1
 KEY = "lm-eval-key"
 QUESTIONS = [
     "The list was sorted in",

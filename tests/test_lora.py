@@ -15,9 +15,11 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
+from lmref.core.memory import PeakMemory
+from lmref.models.presets import build_model
+from lmref.training.loop import TrainingConfig, train
 from lmref.training.lora import (
     LoraSettings,
-    PeakMemory,
     add_lora,
     directory_size_mb,
     find_target_modules,
@@ -30,8 +32,6 @@ from lmref.training.lora import (
     save_adapter,
     trainable_report,
 )
-from lmref.models.loading import build_model
-from lmref.training.loop import TrainingConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +57,7 @@ def ids():
     return torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.unit
 def test_targets_of_a_llama_shaped_model(tiny_model_dir):
     model = llama(tiny_model_dir)
     assert find_target_modules(model) == LLAMA_LINEAR
@@ -66,6 +67,7 @@ def test_targets_of_a_llama_shaped_model(tiny_model_dir):
     assert lora_config(model).fan_in_fan_out is False
 
 
+@pytest.mark.unit
 def test_targets_of_a_gpt2_shaped_model(ids):
     model = gpt2()
     assert find_target_modules(model) == ["c_attn", "c_fc", "c_proj"]
@@ -83,6 +85,7 @@ def test_targets_of_a_gpt2_shaped_model(ids):
     assert torch.equal(logits(peft_model, ids), before)
 
 
+@pytest.mark.unit
 def test_bad_settings_get_clear_errors(tiny_model_dir):
     model = llama(tiny_model_dir)
     with pytest.raises(ValueError, match="which must be"):
@@ -95,6 +98,7 @@ def test_bad_settings_get_clear_errors(tiny_model_dir):
         save_adapter(model, "unused")
 
 
+@pytest.mark.unit
 def test_only_lora_parameters_train(tiny_model_dir):
     model = add_lora(llama(tiny_model_dir), LoraSettings(r=4, alpha=8))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -115,6 +119,7 @@ def test_only_lora_parameters_train(tiny_model_dir):
     assert 0 < report["trainable_share"] < 0.2 and report["base_in_4bit"] is False
 
 
+@pytest.mark.unit
 def test_adapter_save_then_load_gives_identical_logits(tiny_model_dir, tmp_path, ids):
     model = add_lora(llama(tiny_model_dir), LoraSettings(init_lora_weights=False))  # B != 0
     expected = logits(model, ids)
@@ -132,6 +137,7 @@ def test_adapter_save_then_load_gives_identical_logits(tiny_model_dir, tmp_path,
         load_adapter(tiny_model_dir, tmp_path)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("shape", ["llama", "gpt2", "llama+embeddings"])
 def test_merged_model_matches_the_adapter_model(shape, tiny_model_dir, tmp_path, ids):
     base = gpt2() if shape == "gpt2" else llama(tiny_model_dir)
@@ -156,6 +162,7 @@ def test_merged_model_matches_the_adapter_model(shape, tiny_model_dir, tmp_path,
         merge(reloaded)
 
 
+@pytest.mark.unit
 def test_qlora_trains_on_cpu_with_a_4bit_base(tiny_model_dir, tiny_tokenizer, tmp_path):
     import bitsandbytes as bnb
 
@@ -191,6 +198,7 @@ def test_qlora_trains_on_cpu_with_a_4bit_base(tiny_model_dir, tiny_tokenizer, tm
         merge(model)
 
 
+@pytest.mark.unit
 def test_peak_memory_collects_earlier_garbage_at_entry():
     """Garbage left by earlier work (here a 64 MiB tensor in a reference cycle) is freed before
     the block starts, not inside it, where it would cancel the block's own allocations."""
@@ -208,7 +216,7 @@ def test_peak_memory_collects_earlier_garbage_at_entry():
 # 0.0 MB in the full suite, while passing alone).
 PEAK_SCRIPT = textwrap.dedent("""
     import json, mmap, sys, torch
-    from lmref.training.lora import PeakMemory
+    from lmref.core.memory import PeakMemory
 
     mapped = None
     if len(sys.argv) > 1:  # a file made resident first, unmapped inside the block
@@ -244,10 +252,12 @@ def _added_mb(*args: str) -> float:
     return added
 
 
+@pytest.mark.integration
 def test_peak_memory_sees_an_allocation():
     assert _added_mb() > 48
 
 
+@pytest.mark.integration
 def test_peak_memory_sees_an_allocation_while_file_pages_leave(tmp_path):
     """File-backed pages leaving RSS inside the block (here an unmapped file; on a VM, the kernel
     reclaiming cold library pages) must not hide the block's own 64 MiB."""

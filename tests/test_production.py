@@ -1,9 +1,9 @@
 """The production architecture against real servers on 127.0.0.1: RabbitMQ and Redis (Debian's
 packages), Celery workers in their own processes, server replicas behind nginx.
 
-Covers lmref.production.batch (OpenAI Batch API on Celery: a worker killed mid-job, poisoned jobs,
-time limits, queue depth), lmref.production.shared_cache (a cache shared by replicas) and the deploy/
-manifests (validated offline with kubernetes-validate)."""
+Covers the OpenAI Batch API on Celery (lmref.production.batch_api, .worker, .store: a worker
+killed mid-job, poisoned jobs, time limits, queue depth), lmref.production.shared_cache (a cache
+shared by replicas) and the deploy/ manifests (validated offline with kubernetes-validate)."""
 
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ pytest.importorskip("celery")
 pytest.importorskip("redis")
 openai = pytest.importorskip("openai")
 
-from lmref.lab.services import (  # noqa: E402
-    Services,
-    remaining,
+from lmref.lab.servers import (  # noqa: E402
     start_celery_worker,
     start_nginx,
     start_rabbitmq,
     start_redis,
     start_replica,
 )
+from lmref.lab.services import Services, remaining  # noqa: E402
 
+pytestmark = pytest.mark.integration  # Redis, RabbitMQ, nginx, Celery workers
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test"
 needs_servers = pytest.mark.skipif(
@@ -58,12 +58,15 @@ def worker_env(backends, model_dir, **extra) -> dict:
 
 def start_workers(services, backends, model_dir, names: list[str], **extra) -> dict:
     """Workers started together (each loads its model meanwhile), ready once all have."""
-    from lmref.production.batch import READY_LINE
+    from lmref.production.worker import READY_LINE
 
     workers = {
         name: services.add(
             start_celery_worker(
-                "lmref.production.batch", name, worker_env(backends, model_dir, **extra), wait=False
+                "lmref.production.celery_worker",
+                name,
+                worker_env(backends, model_dir, **extra),
+                wait=False,
             )
         )
         for name in names
@@ -141,7 +144,7 @@ def queue_depth(url: str) -> float | None:
 @needs_servers
 def test_worker_killed_mid_job_loses_nothing(backends, api, tiny_model_dir, tmp_path):
     handle, client = api
-    from lmref.production.batch import Store
+    from lmref.production.store import Store
 
     # Submitted before any worker runs: the queue depth the autoscaler reads shows all of them.
     lines = [request_line(f"job-{i}", max_tokens=220, ignore_eos=True, n=16) for i in range(6)]
@@ -185,7 +188,7 @@ def test_a_request_that_keeps_killing_workers_fails_as_a_poison_pill(
     next worker records it as failed (a request that crashes every worker it reaches would
     otherwise be redelivered forever), and the batch still completes."""
     handle, client = api
-    from lmref.production.batch import Store
+    from lmref.production.store import Store
 
     store = Store(backends[0].url)
     lines = [request_line("crashes-workers", max_tokens=220, ignore_eos=True, n=16)]
@@ -360,9 +363,9 @@ def _redis(url: str):
 def test_shared_cache_misses_when_redis_is_down_and_keys_carry_the_version(
     tiny_model_dir, tmp_path
 ):
-    from lmref.serving.engine import Finished
     from lmref.lab.services import free_port
     from lmref.production.shared_cache import RedisResponseCache
+    from lmref.serving.engine import Finished
 
     down = RedisResponseCache(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
     row = Finished(0, "text", "stop", 3, 1)

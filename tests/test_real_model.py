@@ -1,6 +1,7 @@
 """The real pretrained model of the course, offline: SmolLM2-135M-Instruct from its packaged GGUF.
 
-Converted once into artifacts/ (``lmref.models.loading.resolve_model``); these tests check that the
+Converted once into artifacts/ (``lmref.models.loading.resolve_model``, converting with
+``lmref.models.real_model.convert_gguf``); these tests check that the
 conversion is faithful (logits equal to the GGUF-loaded model's) and that the model is the real
 chat model (it knows the capital of France through its chat template).
 """
@@ -11,14 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GgufConfig
 
-from lmref.models.loading import (
-    NAMED_MODELS,
-    convert_gguf,
-    load_model,
-    load_tokenizer,
-    packaged_gguf_path,
-    resolve_model,
-)
+from lmref.models.loading import load_model, load_tokenizer, resolve_model
+from lmref.models.real_model import NAMED_MODELS, convert_gguf, packaged_gguf_path
 
 NAME = "smollm2-135m-instruct"
 
@@ -28,6 +23,7 @@ def model_and_tokenizer():
     return load_model(NAME, device="cpu").eval(), load_tokenizer(NAME)
 
 
+@pytest.mark.slow
 def test_france_question_is_answered_with_paris(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     enc = tokenizer.apply_chat_template(
@@ -41,6 +37,7 @@ def test_france_question_is_answered_with_paris(model_and_tokenizer):
     assert "Paris" in answer, answer
 
 
+@pytest.mark.slow
 def test_converted_logits_equal_the_gguf_loaded_model(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     gguf = packaged_gguf_path(NAMED_MODELS[NAME])
@@ -59,6 +56,7 @@ def test_converted_logits_equal_the_gguf_loaded_model(model_and_tokenizer):
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
 
 
+@pytest.mark.unit
 def test_conversion_refuses_a_file_with_the_wrong_hash(tmp_path):
     gguf = packaged_gguf_path(NAMED_MODELS[NAME])
     with pytest.raises(ValueError, match="sha256"):
@@ -66,12 +64,14 @@ def test_conversion_refuses_a_file_with_the_wrong_hash(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_names_resolve_and_paths_pass_through(tmp_path):
     assert resolve_model(NAME).endswith(NAME)
     assert resolve_model(str(tmp_path)) == str(tmp_path)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
 
 
+@pytest.mark.slow
 def test_server_cli_resolves_course_names_and_defaults_to_the_real_model(tmp_path):
     from lmref.serve import resolve_model_args
 

@@ -1,12 +1,23 @@
-"""lmref.serving.sampler on its own: token choice per row and the log-probabilities it reports, against
-torch computed here on the conftest's tiny Llama and BPE."""
+"""lmref.serving.sampler on its own: token choice per row (batched: greedy is the argmax, seeded rows
+repeat whatever shares the batch, frequencies and top-p follow the probabilities) and the
+log-probabilities it reports, against torch computed here on the conftest's tiny Llama and BPE."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lmref.serving.sampler import TokenPieces, reported, sample, score_prompt, step_logprobs
+from lmref.serving.sampler import (
+    SamplingRows,
+    TokenPieces,
+    reported,
+    sample,
+    score_prompt,
+    step_logprobs,
+    uniform,
+)
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
@@ -16,22 +27,95 @@ def model(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True).eval()
 
 
-def test_greedy_rows_take_the_argmax_and_seeded_rows_repeat():
+def rows_of(temperatures, top_ps, seeds, steps=None) -> SamplingRows:
+    return SamplingRows.of(list(temperatures), list(top_ps), list(seeds), steps)
+
+
+def test_greedy_rows_take_the_argmax():
     torch.manual_seed(0)
-    logits = torch.randn(3, 50)
-    generators = [None, torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)]
-    tokens = sample(logits, [0.0, 1.0, 1.0], [1.0, 0.9, 0.9], generators)
-    assert tokens[0] == int(logits[0].argmax())
-    again = sample(logits[1:2], [1.0], [0.9], [torch.Generator().manual_seed(7)])
-    assert again[0] == tokens[1]  # same seed, same row: same token, whatever else was batched
+    logits = torch.randn(4, 50)
+    tokens = sample(logits, rows_of([0.0, 1e-6, 0.0, 0.0], [1.0, 1.0, 0.5, 1.0], [1, 2, 3, 4]))
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    mixed = sample(logits, rows_of([0.0, 1.0, 0.0, 0.7], [1.0, 0.9, 1.0, 1.0], [0, 5, 0, 6]))
+    assert mixed[[0, 2]].tolist() == logits[[0, 2]].argmax(-1).tolist()
 
 
-def test_top_p_keeps_only_the_nucleus():
-    logits = torch.tensor([[4.0, 3.9, -5.0, -5.0, -6.0]])
-    probs = torch.softmax(logits[0], -1)
-    assert probs[:2].sum() > 0.99
-    picks = {sample(logits, [1.0], [0.9], [torch.Generator().manual_seed(s)])[0] for s in range(60)}
+def test_seeded_rows_give_the_same_tokens_alone_and_in_any_batch():
+    """A row's draws are a function of its seed and its token index only, so its tokens do not
+    depend on its neighbours, their settings, or where in the batch it sits."""
+    torch.manual_seed(1)
+    steps = [torch.randn(6, 300) for _ in range(8)]  # a row's logits at 8 decode steps
+    alone = rows_of([0.9], [0.8], [1234])
+    expected = [int(sample(logits[2:3], alone)[0]) for logits in steps]
+    assert len(set(expected)) > 1  # it samples, not just the argmax
+    batched = rows_of([0.0, 1.3, 0.9, 0.5, 1.0, 0.9], [1.0, 0.5, 0.8, 1.0, 0.95, 0.8],
+                      [7, 99, 1234, 3, 11, 4321])  # fmt: skip
+    got = [int(sample(logits, batched)[2]) for logits in steps]
+    assert got == expected
+    # The same row, at the end of a batch built by leaving and joining, from its 4th token on.
+    later = (
+        rows_of([1.0, 0.9], [1.0, 0.8], [5, 1234], [0, 4])
+        .select([1])
+        .cat(rows_of([0.3], [1.0], [8]))
+    )
+    assert [int(sample(logits[[2, 0]], later)[0]) for logits in steps[4:]] == expected[4:]
+
+
+def test_sampled_frequencies_follow_the_probabilities():
+    """Many seeds, one distribution: counts within 5 standard deviations of n * p."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.04, 0.01])
+    n = 20000
+    logits = probs.log().expand(n, -1)
+    counts = torch.bincount(sample(logits, rows_of([1.0] * n, [1.0] * n, range(n))), minlength=5)
+    sigma = (n * probs * (1 - probs)).sqrt()
+    assert ((counts - n * probs).abs() < 5 * sigma).all(), counts
+    # Temperature 0.5 squares the probabilities (renormalised).
+    sharp = probs**2 / (probs**2).sum()
+    counts = torch.bincount(sample(logits, rows_of([0.5] * n, [1.0] * n, range(n))), minlength=5)
+    assert ((counts - n * sharp).abs() < 5 * (n * sharp * (1 - sharp)).sqrt() + 1).all(), counts
+
+
+def test_top_p_keeps_only_the_nucleus_in_proportion():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.04, 0.01])
+    n = 20000
+    logits = probs.log().expand(n, -1)
+    # top_p 0.7: 0.5 < 0.7, so the second token is needed; the mass before the third is 0.8.
+    counts = torch.bincount(sample(logits, rows_of([1.0] * n, [0.7] * n, range(n))), minlength=5)
+    assert counts[2:].sum() == 0
+    share = counts[0] / counts[:2].sum()
+    assert abs(share - 0.5 / 0.8) < 0.02, share
+    one = sample(logits[:50], rows_of([1.0] * 50, [0.4] * 50, range(50)))
+    assert one.tolist() == [0] * 50  # the likeliest token alone holds more than 0.4
+    close = torch.tensor([[4.0, 3.9, -5.0, -5.0, -6.0]])
+    picks = {int(sample(close, rows_of([1.0], [0.9], [s]))[0]) for s in range(60)}
     assert picks == {0, 1}
+
+
+def test_uniforms_depend_on_seed_and_step_only():
+    seeds = torch.tensor([0, 1, 2**62 + 5, 2**63 - 1])
+    steps = torch.tensor([0, 0, 3, 7])
+    u = uniform(seeds, steps)
+    assert ((u >= 0) & (u < 1)).all() and len(set(u.tolist())) == 4
+    assert uniform(seeds[2:3], steps[2:3]).item() == u[2].item()
+    many = uniform(torch.full((50000,), 42), torch.arange(50000))
+    assert abs(many.mean() - 0.5) < 0.01 and abs(many.var() - 1 / 12) < 0.005
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_sampling_on_a_gpu_never_synchronizes_and_matches_the_cpu():
+    torch.manual_seed(2)
+    logits = torch.randn(8, 1000)
+    args = ([0.0, 1.0, 0.7, 1.2] * 2, [1.0, 0.9, 1.0, 0.5] * 2, range(8))
+    expected = sample(logits, rows_of(*args)).tolist()
+    rows = SamplingRows.of(*map(list, args), device="cuda")
+    on_gpu = logits.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = sample(on_gpu, rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens.tolist() == expected
 
 
 def test_step_logprobs_are_the_raw_log_softmax(tiny_tokenizer):

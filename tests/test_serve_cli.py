@@ -4,6 +4,7 @@ command line a usage error (exit 2) instead of a traceback or a process that nev
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from lmref.serve import build_parser, config_from_args
+from lmref.serve import build_parser, config_from_args, flags_dataclass
+
+pytestmark = pytest.mark.integration  # each mistake runs its own process
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each case: the arguments ({tiny} is a real model folder) and what the message must name.
@@ -125,3 +128,34 @@ def test_a_model_that_fails_to_load_ends_the_process(tmp_path):
     )
     assert result.returncode == 1
     assert "model failed to load" in result.stderr and str(tmp_path) in result.stderr
+
+
+@dataclasses.dataclass
+class _WithOptionalBool:  # the field kind the old annotation-string parser crashed on
+    name: str  # assembled by hand, like --model: left out of the flags
+    warmup: bool | None = None  # None: decide by itself
+    compile: bool = True
+    budget: float | None = None
+
+
+def test_a_bool_or_none_field_parses():
+    """Flags come from ``HfArgumentParser`` over the dataclass fields, so ``bool | None`` (and
+    ``float | None``) work; the old parser split annotation strings and raised KeyError."""
+    from transformers import HfArgumentParser
+
+    flags = flags_dataclass(_WithOptionalBool, frozenset({"name"}))
+    assert [f.name for f in dataclasses.fields(flags)] == ["warmup", "compile", "budget"]
+    parser = HfArgumentParser(flags)
+
+    def parse(*argv: str):
+        return parser.parse_args_into_dataclasses(list(argv), look_for_args_file=False)[0]
+
+    assert (parse().warmup, parse().compile, parse().budget) == (None, True, None)
+    assert parse("--warmup", "true").warmup is True
+    assert parse("--warmup", "false").warmup is False
+    assert parse("--no-compile").compile is False and parse("--budget", "2.5").budget == 2.5
+    with pytest.raises(SystemExit):  # not a boolean: a usage error
+        parse("--warmup", "maybe")
+    # The server's own flags carry their aliases in field metadata.
+    args = build_parser().parse_args(["--threads", "3", "--drain-timeout", "1.5"])
+    assert (args.server_threads, args.drain_timeout_s) == (3, 1.5)

@@ -25,6 +25,8 @@ from lmref.lab.loadtest import run_load, spawn_server
 from lmref.serve import start_server
 from lmref.serving.app import ModelSpec, ServingConfig, create_app
 
+pytestmark = pytest.mark.integration  # servers in threads and child processes
+
 KEY = "test-key-123"
 ERROR_FIELDS = {"message", "type", "param", "code"}
 

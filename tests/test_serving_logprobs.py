@@ -11,9 +11,11 @@ import pytest
 import requests
 import torch
 
-from lmref.serving.engine import DEFAULT_CHAT_TEMPLATE
 from lmref.serve import start_server
 from lmref.serving.app import ModelSpec, ServingConfig
+from lmref.serving.engine import DEFAULT_CHAT_TEMPLATE
+
+pytestmark = pytest.mark.integration  # a server on 127.0.0.1
 
 PROMPT = "Return a new list containing"
 

@@ -16,18 +16,13 @@ import datasets
 import pytest
 import torch
 
+from lmref.core.device import select_precision
+from lmref.models.presets import build_model
 from lmref.training import checkpoints
 from lmref.training import loop as training
-from lmref.models.loading import build_model
-from lmref.training.loop import (
-    SimulatedFailure,
-    TrainingConfig,
-    fail_at_step,
-    latest_checkpoint,
-    load_checkpoint,
-    select_precision,
-    train,
-)
+from lmref.training.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
+from lmref.training.config import TrainingConfig
+from lmref.training.loop import SimulatedFailure, fail_at_step, train
 
 VOCAB = 256
 
@@ -77,6 +72,7 @@ def assert_bitwise_equal(a: dict, b: dict):
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
+@pytest.mark.unit
 def test_resume_after_exception_is_bitwise_identical(tmp_path):
     data = make_data()
     reference = small_model()
@@ -111,6 +107,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # about 40 s: three child processes, one killed
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     out = tmp_path / "run"
     script = tmp_path / "run_train.py"
@@ -136,6 +133,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     )
 
 
+@pytest.mark.unit
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     data = make_data()
     model = small_model()
@@ -170,6 +168,7 @@ def masked_collate(rows):
     return {"input_ids": ids, "labels": labels}
 
 
+@pytest.mark.unit
 def test_gradient_accumulation_matches_large_batch(tmp_path):
     data = make_data(n=64)
     big, accumulated = small_model(dropout=0.0), small_model(dropout=0.0)
@@ -197,6 +196,7 @@ def test_gradient_accumulation_matches_large_batch(tmp_path):
     assert not torch.equal(big.lm_head.weight, small_model(dropout=0.0).lm_head.weight)
 
 
+@pytest.mark.unit
 def test_schedule_warmup_then_cosine_to_min(tmp_path):
     result = train(
         small_model(),
@@ -215,6 +215,7 @@ def test_schedule_warmup_then_cosine_to_min(tmp_path):
     assert lrs[4:] == pytest.approx(expected)
 
 
+@pytest.mark.unit
 def test_precision_per_device(monkeypatch):
     assert select_precision("cpu") == "fp32"
     assert select_precision("cpu", "bf16") == "bf16"
@@ -226,6 +227,7 @@ def test_precision_per_device(monkeypatch):
         select_precision("cpu", "fp8")
 
 
+@pytest.mark.unit
 def test_fp16_scaler_and_bf16_autocast_run_on_cpu(tmp_path):
     # The mixed-precision code paths execute here too (CPU autocast supports both dtypes).
     for precision in ("bf16", "fp16"):
@@ -237,6 +239,7 @@ def test_fp16_scaler_and_bf16_autocast_run_on_cpu(tmp_path):
         assert math.isfinite(result.train_loss)
 
 
+@pytest.mark.slow  # about 40 s on 2 cores: torch.compile's first compile
 def test_compiled_model_checkpoint_loads_into_plain_model(tmp_path):
     model = small_model(dropout=0.0)
     train(model, make_data(n=16), config(tmp_path, max_steps=2, torch_compile=True, save_steps=2))
@@ -249,6 +252,7 @@ def test_compiled_model_checkpoint_loads_into_plain_model(tmp_path):
     assert_bitwise_equal(weights(model), weights(plain))
 
 
+@pytest.mark.unit
 def test_only_trainable_parameters_change(tmp_path):
     model = small_model(dropout=0.0)
     frozen = model.model.layers[0].mlp.up_proj.weight
@@ -262,6 +266,7 @@ def test_only_trainable_parameters_change(tmp_path):
     assert "model.layers.0.mlp.up_proj.weight" not in saved and len(saved) > 0
 
 
+@pytest.mark.unit
 def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="make no batch"):
         train(small_model(), make_data(n=4), config(tmp_path, per_device_train_batch_size=8))
@@ -294,6 +299,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("how", DAMAGE)
 def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, how):
     data = make_data()
@@ -310,6 +316,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, how):
     assert_bitwise_equal(weights(reference), weights(resumed))
 
 
+@pytest.mark.unit
 def test_damaged_checkpoint_given_by_path_or_loaded_names_the_file(tmp_path):
     with pytest.raises(SimulatedFailure):
         train(small_model(), make_data(), config(tmp_path), callbacks=[fail_at_step(4)])
@@ -322,6 +329,80 @@ def test_damaged_checkpoint_given_by_path_or_loaded_names_the_file(tmp_path):
         load_checkpoint(checkpoint, small_model())
 
 
+class Wrapper(torch.nn.Module):
+    """A model whose own submodules are called ``module`` and ``original_module``."""
+
+    def __init__(self):
+        super().__init__()
+        self.original_module = torch.nn.Linear(3, 3)
+        self.module = torch.nn.Linear(3, 2)
+
+
+@pytest.mark.unit
+def test_wrapper_prefixes_are_stripped_only_at_the_front():
+    strip = checkpoints._strip_wrappers
+    # Before the fix, "module." was deleted anywhere: original_module.weight -> original_weight.
+    assert strip("original_module.weight") == "original_module.weight"
+    assert strip("model.layers.0.module.weight") == "model.layers.0.module.weight"
+    assert strip("module.model.embed.weight") == "model.embed.weight"  # DDP
+    assert strip("_orig_mod.module._orig_mod.lm_head.weight") == "lm_head.weight"  # nested
+
+
+@pytest.mark.unit
+def test_checkpoint_of_a_model_with_module_in_its_names_round_trips(tmp_path):
+    torch.manual_seed(0)
+    saved, loaded = Wrapper(), Wrapper()
+    optimizer = torch.optim.AdamW(saved.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    path = checkpoints.save_checkpoint(
+        tmp_path, saved, optimizer, scheduler, scaler, {"step": 1, "micro_step": 1}
+    )
+    load_checkpoint(path, loaded)  # before the fix: "does not match the model"
+    assert_bitwise_equal(weights(saved), weights(loaded))
+    # Saved from a compiled DDP model elsewhere: the wrappers' prefixes go, the names stay.
+    ddp_names = {f"_orig_mod.module.{k}": v for k, v in saved.state_dict().items()}
+    checkpoints.save_file(ddp_names, path / "model.safetensors")
+    (path / "manifest.json").unlink()
+    fresh = Wrapper()
+    load_checkpoint(path, fresh)
+    assert_bitwise_equal(weights(saved), weights(fresh))
+
+
+@pytest.mark.unit
+def test_resume_into_another_model_is_a_checkpoint_error_naming_the_mismatch(tmp_path):
+    train(small_model(), make_data(), config(tmp_path, max_steps=3, save_steps=3))
+    checkpoint = latest_checkpoint(tmp_path)
+    wider = build_model(
+        "tiny",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=256,  # the checkpoint's MLPs are 128 wide
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    # Before the fix: torch's RuntimeError (shapes), or a plain ValueError (names).
+    with pytest.raises(CheckpointError, match=r"other shape .*mlp\.\w+_proj\.weight \(128, 64\)"):
+        load_checkpoint(checkpoint, wider)
+    deeper = build_model(
+        "tiny",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    with pytest.raises(CheckpointError, match=r"trainable but not in the checkpoint .*layers\.2\."):
+        train(deeper, make_data(), config(tmp_path, max_steps=3, resume_from_checkpoint=True))
+    shallower = small_model()
+    del shallower.model.layers[1]
+    with pytest.raises(CheckpointError, match=r"not in the model .*layers\.1\."):
+        load_checkpoint(checkpoint, shallower)
+
+
+@pytest.mark.unit
 def test_no_checkpoint_that_verifies_stops_the_resume_and_deletes_nothing(tmp_path):
     with pytest.raises(SimulatedFailure):
         train(small_model(), make_data(), config(tmp_path), callbacks=[fail_at_step(7)])
@@ -339,6 +420,7 @@ def test_no_checkpoint_that_verifies_stops_the_resume_and_deletes_nothing(tmp_pa
     ]
 
 
+@pytest.mark.unit
 def test_resume_with_other_settings_is_refused_with_the_list(tmp_path):
     with pytest.raises(SimulatedFailure):
         train(
@@ -360,6 +442,7 @@ def test_resume_with_other_settings_is_refused_with_the_list(tmp_path):
         train(small_model(), make_data(), changed)
 
 
+@pytest.mark.unit
 def test_allowed_settings_change_applies_the_new_lr_and_batch_size(tmp_path):
     data = make_data(n=64)
     with pytest.raises(SimulatedFailure):
@@ -408,6 +491,7 @@ def test_allowed_settings_change_applies_the_new_lr_and_batch_size(tmp_path):
         ("learning_rate", 0.0),
     ],
 )
+@pytest.mark.unit
 def test_settings_are_checked_before_anything_runs(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"TrainingConfig.{field} must be"):
         config(tmp_path, **{field: value})
@@ -418,6 +502,7 @@ def test_settings_are_checked_before_anything_runs(tmp_path, field, value):
     assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
 
 
+@pytest.mark.unit
 def test_eval_set_without_label_tokens_fails_before_training(tmp_path):
     def no_labels(rows):
         ids = torch.tensor([r["input_ids"] for r in rows])
@@ -462,6 +547,7 @@ def cli_run(tmp_path, model_dir, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.unit
 def test_cli_resume_of_a_finished_run_keeps_its_result(tmp_path, tiny_model_dir):
     from lmref.train import main
 
@@ -480,6 +566,7 @@ def test_cli_resume_of_a_finished_run_keeps_its_result(tmp_path, tiny_model_dir)
     assert again.step == again.resumed_from_step == 3 and again.train_loss == result.train_loss
 
 
+@pytest.mark.unit
 def test_cli_refuses_changed_settings_unless_allowed(tmp_path, tiny_model_dir, capsys):
     from lmref.train import main
 
@@ -510,6 +597,7 @@ def test_cli_refuses_changed_settings_unless_allowed(tmp_path, tiny_model_dir, c
         main(cli_run(tmp_path, tiny_model_dir, "--max-steps", "0"))
 
 
+@pytest.mark.unit
 def test_cli_names_an_empty_split(tmp_path, tiny_model_dir):
     from lmref.train import main
 

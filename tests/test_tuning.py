@@ -1,7 +1,7 @@
-"""lmref.tuning.search: a SIGKILLed study resumes from its storage, two worker processes share one study,
+"""lmref.tuning: a SIGKILLed study resumes from its storage, two worker processes share one study,
 grids fit the budget, pruning stops bad trials, a resume with another setup is refused.
 
-Worker processes are real ``python -m lmref.tuning.search`` processes on a real journal file; the
+Worker processes are real ``python -m lmref.tuning`` processes on a real journal file; the
 objective is a cheap function in a module written to tmp_path (no model: the point is the
 bookkeeping), which logs every call so the test can count what really ran.
 """
@@ -21,14 +21,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from lmref.tuning import search as tuning
-from lmref.tuning.search import Param, StudyConfig
+from lmref import tuning
+from lmref.tuning import Param, StudyConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 OBJECTIVE = textwrap.dedent("""
-    import json, os, time
-    from lmref.tuning.search import Param, suggest
+    import json, os, sys, time
+    from lmref.tuning import Param, suggest
 
     SPACE = [Param("x", -5.0, 5.0), Param("k", choices=(1, 2, 3))]
 
@@ -40,6 +40,21 @@ OBJECTIVE = textwrap.dedent("""
                 f.write(json.dumps({"pid": os.getpid(), "number": trial.number,
                                     "params": params}) + "\\n")
             return (params["x"] - 1.0) ** 2 + params["k"]
+        return objective
+
+    def make_chatty_objective(folder, peers=2, chars=1_500_000, wait=60.0):
+        # Prints `chars` to stderr, then waits until `peers` workers have printed theirs.
+        def objective(trial):
+            params = suggest(trial, SPACE)
+            for _ in range(chars // 1024):
+                print("x" * 1023, file=sys.stderr)
+            open(os.path.join(folder, str(os.getpid())), "w").close()
+            deadline = time.time() + wait
+            while len(os.listdir(folder)) < peers:
+                if time.time() > deadline:
+                    raise RuntimeError("the other worker never finished printing")
+                time.sleep(0.05)
+            return params["x"]
         return objective
 """)
 
@@ -64,6 +79,7 @@ def complete_trials(config: StudyConfig) -> list:
     return study.get_trials(states=(TrialState.COMPLETE,))
 
 
+@pytest.mark.integration
 def test_killed_study_resumes_from_storage(toy):
     tmp_path, env = toy
     log = tmp_path / "calls.jsonl"
@@ -103,6 +119,7 @@ def test_killed_study_resumes_from_storage(toy):
     assert retried[0].state == TrialState.COMPLETE
 
 
+@pytest.mark.integration
 def test_two_worker_processes_share_one_study(toy):
     tmp_path, env = toy
     log = tmp_path / "calls.jsonl"
@@ -132,6 +149,34 @@ def test_two_worker_processes_share_one_study(toy):
     assert result["seconds"] > 0
 
 
+@pytest.mark.integration
+def test_workers_printing_more_than_a_pipe_holds_run_at_once(toy):
+    # Each worker prints 1.5 MiB (a pipe holds 64 KiB), then waits for the other to finish
+    # printing. Reading the pipes one at a time blocked worker 1 on its full pipe while worker 0
+    # waited for it: worker 0 failed after its wait, and run_workers raised.
+    tmp_path, env = toy
+    folder = tmp_path / "printed"
+    folder.mkdir()
+    config = StudyConfig("chatty", str(tmp_path / "chatty.journal"), sampler="random", n_trials=2)
+    result = tuning.run_workers(
+        2,
+        config,
+        "toy_objective:SPACE",
+        "toy_objective:make_chatty_objective",
+        {"folder": str(folder)},
+        env=env,
+        timeout=180,
+    )
+    assert len(os.listdir(folder)) == 2
+    for output in result["outputs"]:
+        assert len(output) >= 1_400_000, "each worker's whole output comes back"
+    ends = [json.loads(output.splitlines()[-1]) for output in result["outputs"]]
+    assert [end["worker_id"] for end in ends] == [0, 1]
+    trials = optuna.load_study(study_name="chatty", storage=tuning.open_storage(config.storage))
+    assert [t.state for t in trials.get_trials()] == [TrialState.COMPLETE] * 2
+
+
+@pytest.mark.unit
 def test_grid_fits_budget_and_uses_cell_centres():
     space = [
         Param("lr", 1e-4, 1e-2, log=True),
@@ -149,6 +194,7 @@ def test_grid_fits_budget_and_uses_cell_centres():
         tuning.grid_points(space, 0)
 
 
+@pytest.mark.unit
 def test_grid_sampler_covers_the_grid_then_stops(tmp_path):
     space = [Param("x", 0.0, 4.0), Param("k", choices=("a", "b"))]
     config = StudyConfig("grid", str(tmp_path / "g.journal"), sampler="grid", n_trials=9)
@@ -166,6 +212,7 @@ def test_grid_sampler_covers_the_grid_then_stops(tmp_path):
     assert tuning.best_so_far(study)[-1] == 0.5
 
 
+@pytest.mark.unit
 def test_pruning_callback_prunes_a_bad_trial(tmp_path):
     space = [Param("slope", 0.0, 1.0)]
     config = StudyConfig(
@@ -197,6 +244,7 @@ def test_pruning_callback_prunes_a_bad_trial(tmp_path):
     assert len(curve) == 12 and all(a >= b for a, b in zip(curve, curve[1:]))
 
 
+@pytest.mark.unit
 def test_resume_with_another_setup_is_refused(tmp_path):
     space = [Param("x", 0.0, 1.0)]
     storage = str(tmp_path / "s.journal")
@@ -211,6 +259,7 @@ def test_resume_with_another_setup_is_refused(tmp_path):
         tuning.open_study(StudyConfig("s", storage, sampler="random"), [Param("x", 0.0, 2.0)])
 
 
+@pytest.mark.unit
 def test_bad_settings_name_the_field():
     with pytest.raises(ValueError, match="sampler"):
         StudyConfig("s", "x.journal", sampler="bayes")
@@ -222,6 +271,7 @@ def test_bad_settings_name_the_field():
         tuning.load_reference("no_colon_here")
 
 
+@pytest.mark.integration
 def test_cli_worker_reports_json(toy):
     tmp_path, env = toy
     config = StudyConfig(

@@ -10,7 +10,7 @@ py-spy, or for other programs, the report gives the kernel's wait channel and st
 
 Usage::
 
-    from lmref.core.processes import run_logged, stack_report
+    from lmref.core.processes import run_logged, stack_report, stop_tree
 
     log = run_logged(["torchrun", "--nproc-per-node=2", "train.py"], timeout_s=300)
     log.check()                          # raises with the log's tail, and the stacks on a timeout
@@ -19,6 +19,7 @@ Usage::
         process.wait(timeout=300)
     except subprocess.TimeoutExpired:
         print(stack_report(process.pid))  # every process of the tree, with its stacks
+        stop_tree(process)                 # SIGTERM, then SIGKILL, to all of it
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def run_logged(
     cwd: str | os.PathLike | None = None,
     echo: bool | Callable[[str], bool] = True,
     max_lines: int = 20_000,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> RunLog:
     """Run ``command``, streaming its merged stdout/stderr line by line, within ``timeout_s``.
 
@@ -153,7 +155,8 @@ def run_logged(
     those for which it returns True. On timeout ``RunLog.stacks`` first records what each process
     of the job was doing (``stack_report``), then the process group and every descendant are
     killed, torchrun's workers included (they run in sessions of their own), so nothing outlives
-    the call.
+    the call. ``on_start`` receives the started process (a caller running several commands at
+    once in threads keeps them, to kill them all when it is interrupted).
     """
     command = [str(c) for c in command]
     process = subprocess.Popen(
@@ -167,6 +170,8 @@ def run_logged(
         start_new_session=True,
         errors="replace",
     )
+    if on_start is not None:
+        on_start(process)
     # A reader thread, because a blocking readline() could not honour the deadline.
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -188,7 +193,7 @@ def run_logged(
             if time.perf_counter() >= deadline:
                 log.timed_out = True
                 log.stacks = stack_report(process.pid)
-                _kill_group(process)
+                stop_tree(process)
                 break
             continue
         if line is None:
@@ -204,26 +209,36 @@ def run_logged(
     return log
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    """SIGTERM the process group (torchrun forwards it to workers), SIGKILL what is left.
+def stop_tree(
+    process: subprocess.Popen, first_signal: int = signal.SIGTERM, grace_s: float = 10.0
+) -> int:
+    """Stop a child started in a session of its own, and everything it started; its exit code.
 
-    torchrun starts each worker in a session of its own, out of reach of ``killpg``: the
-    descendants found before the first signal get the SIGKILL too, so none outlives a torchrun
-    that had to be killed.
+    ``first_signal`` goes to the process group (torchrun forwards SIGTERM to its workers; a
+    server drains), then after ``grace_s`` a SIGKILL. Whatever is left in the group once the
+    leader is gone (pool children) is killed, and so are the descendants found before the first
+    signal: torchrun starts each worker in a session of its own, out of reach of ``killpg``.
+    Safe to repeat.
     """
-    descendants = process_tree(process.pid)[1:]
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
+    descendants = process_tree(process.pid)[1:] if process.poll() is None else []
+    for sig, grace in ((first_signal, grace_s), (signal.SIGKILL, 5.0)):
+        _signal_group(process.pid, sig)
         try:
             process.wait(timeout=grace)
             break
         except subprocess.TimeoutExpired:
             continue
+    _signal_group(process.pid, signal.SIGKILL)
     for child in descendants:
         try:
             child.kill()
         except psutil.Error:  # gone already
             pass
+    return process.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):  # the group is gone (its id may be reused)
+        pass

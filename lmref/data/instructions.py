@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 from datasets import Dataset, DatasetDict
 from transformers import DataCollatorForSeq2Seq
 
+from lmref.core.losses import IGNORE_INDEX  # the label the loss skips: one constant, in core
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n### Answer:\n"
-IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 
 # Templated tasks whose answers are short, exactly checkable and need a transformation of the input
 # (not a copy of a span of it). data/instruction_tasks.json is a copy of this table (a test keeps

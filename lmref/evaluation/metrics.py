@@ -3,8 +3,9 @@
 Perplexity is the exponential of the *token-weighted* mean negative log-likelihood over every
 evaluation token. Averaging per-batch perplexities (or per-batch losses of unequal batches) is
 biased, and exponentiating in half precision overflows: that is how a run ends up reporting
-``eval_perplexity: inf`` for a finite loss. Here sums are float64 and the exponential is taken
-once, in Python.
+``eval_perplexity: inf`` for a finite loss. ``perplexity`` here only batches a dataset: the
+policy (label shift, ignored and padded positions, float64 sums, one exponential) is
+``lmref.core.losses.perplexity``, the same loss the trainer reports as ``eval_loss``.
 
 Usage::
 
@@ -17,19 +18,19 @@ Usage::
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
+
+from lmref.core import losses
 
 
 def _collate_input_ids(rows: list[dict]) -> dict:
     return {"input_ids": torch.tensor([list(r["input_ids"]) for r in rows], dtype=torch.long)}
 
 
-@torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
     dataset,
@@ -37,30 +38,17 @@ def perplexity(
     collate_fn: Callable | None = None,
     max_batches: int | None = None,
 ) -> dict:
-    """exp(sum of token NLL / number of tokens) over ``dataset`` (rows with ``input_ids``,
-    optionally ``labels`` with -100 for positions that do not count)."""
+    """exp(token-weighted mean NLL) over ``dataset`` (rows with ``input_ids``, optionally
+    ``labels`` with ``IGNORE_INDEX`` and ``attention_mask`` for positions that do not count),
+    through ``lmref.core.losses.perplexity``: ``{"loss", "perplexity", "tokens"}``."""
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn or _collate_input_ids)
-    was_training = model.training
-    model.eval()
-    nll, tokens = 0.0, 0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.get("labels", batch["input_ids"])[:, 1:]
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
-        ).logits[:, :-1]
-        nll += F.cross_entropy(
-            logits.flatten(0, 1).double(), labels.flatten(), ignore_index=-100, reduction="sum"
-        ).item()
-        tokens += int((labels != -100).sum())
-    model.train(was_training)
-    if tokens == 0:
-        raise ValueError("no tokens to evaluate: the dataset is empty or every label is -100")
-    loss = nll / tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
+
+    def batches() -> Iterator[dict]:
+        for batch in islice(loader, max_batches):
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    return losses.perplexity(model, batches())
 
 
 @torch.no_grad()

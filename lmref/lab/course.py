@@ -26,8 +26,6 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from lmref.data.pipeline import load_prepared, prepare_data
-from lmref.training.distillation import DistillationConfig, distillation_loss
 from lmref.data.instructions import (
     PROMPT_TEMPLATE,
     InstructionCollator,
@@ -35,12 +33,23 @@ from lmref.data.instructions import (
     save_instruction_dataset,
     tokenize_instructions,
 )
+from lmref.data.pipeline import load_prepared, prepare_data
+from lmref.models.artifacts import ARTIFACTS, checkout_root
+from lmref.models.loading import load_model
+from lmref.models.presets import build_model
+from lmref.training.config import TrainingConfig, TrainResult
+from lmref.training.distillation import DistillationConfig, distillation_loss
+from lmref.training.loop import train
 from lmref.training.lora import LoraSettings, add_lora
-from lmref.models.loading import ARTIFACTS, build_model, load_model
-from lmref.training.loop import TrainingConfig, TrainResult, train
-from lmref.tuning.search import Param, pruning_callback, suggest
+from lmref.tuning import Param, pruning_callback, suggest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The course runs from a source checkout: its notebooks, data/ and benchmarks/ live there.
+REPO_ROOT = checkout_root()
+if REPO_ROOT is None:
+    raise ImportError(
+        "lmref.lab.course is the notebooks' glue and needs the source checkout (git clone, then "
+        "pip install -e .); the stages (lmref.data, lmref.training, ...) work from any install"
+    )
 
 # The recipes of notebook 02, sized for 2 CPU cores (a few minutes). Notebooks override the
 # step counts from environment variables; ensure_base()/ensure_full_ft() use these values.
@@ -59,18 +68,15 @@ PRETRAIN = TrainingConfig(
     logging_steps=10,
     save_steps=50,
 )
-FINETUNE = TrainingConfig(
+# Fine-tuning differs from pretraining only in these settings.
+FINETUNE = replace(
+    PRETRAIN,
     output_dir=str(ARTIFACTS / "runs" / "full-ft"),
     max_steps=300,
-    per_device_train_batch_size=16,
     gradient_accumulation_steps=2,
     learning_rate=2e-3,
-    warmup_steps=20,
-    weight_decay=0.1,
     eval_steps=100,
     eval_max_batches=4,
-    logging_steps=10,
-    save_steps=50,
 )
 
 
@@ -195,6 +201,18 @@ def pretrain_base(
     return result
 
 
+def _train_on_instructions(model, tokenized, collator, config: TrainingConfig, callbacks=()):
+    """Train on the instruction set's train split, evaluated on its held-out split."""
+    return train(
+        model,
+        tokenized["train"],
+        config,
+        eval_dataset=tokenized["test"],
+        collate_fn=collator,
+        callbacks=callbacks,
+    )
+
+
 def finetune(
     base_dir: Path | str,
     out_dir: Path | str,
@@ -207,14 +225,7 @@ def finetune(
     model = load_model(str(base_dir))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     _, tokenized, collator = load_instructions(tokenizer, data_dir)
-    result = train(
-        model,
-        tokenized["train"],
-        config,
-        eval_dataset=tokenized["test"],
-        collate_fn=collator,
-        callbacks=callbacks,
-    )
+    result = _train_on_instructions(model, tokenized, collator, config, callbacks)
     model.save_pretrained(out_dir)
     tokenizer.chat_template = COURSE_CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
@@ -303,21 +314,14 @@ def lora_trial(
             seed=seed,
             disable_tqdm=True,
         )
-        result = train(
-            model,
-            tokenized["train"],
-            config,
-            eval_dataset=tokenized["test"],
-            collate_fn=collator,
-            callbacks=callbacks,
-        )
+        result = _train_on_instructions(model, tokenized, collator, config, callbacks)
     return model, result
 
 
 def lora_objective(
     steps: int = 20, eval_examples: int = 128, report_every: int = 5, base_dir: str | None = None
 ) -> Callable[[optuna.Trial], float]:
-    """``objective(trial)`` for ``lmref.tuning.search``: a short LoRA run, its validation loss, pruned
+    """``objective(trial)`` for ``lmref.tuning``: a short LoRA run, its validation loss, pruned
     on the training loss reported every ``report_every`` steps. Importable by workers as
     ``"lmref.lab.course:lora_objective"`` (with ``LORA_SPACE`` as ``"lmref.lab.course:LORA_SPACE"``)."""
 

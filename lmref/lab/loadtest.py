@@ -1,8 +1,8 @@
 """Load testing an OpenAI-compatible server: start one as a child process, drive it, time it.
 
-Not part of the server: tools for benchmarks, notebooks and tests, with the standard library only,
-so the file can be copied alone next to any server that prints a JSON "listening" line and has
-``GET /ready`` (``python -m lmref.serve`` does both).
+Not part of the server: tools for benchmarks, notebooks and tests, on the standard library and
+``lmref.lab.services`` (the child process itself), for any server that prints a JSON "listening"
+line and has ``GET /ready`` (``python -m lmref.serve`` does both).
 
 - ``spawn_server(args)``: ``python -m lmref.serve <args>`` on a free port, waits for /ready;
   ``.stop()`` sends SIGTERM and waits for the drain.
@@ -29,45 +29,34 @@ import collections
 import http.client
 import json
 import math
-import os
-import queue
-import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from lmref.lab.services import Service
+
 
 class ServerProcess:
-    """A server in a child process (``python -m lmref.serve ...``): its URL, and a clean stop."""
+    """A server in a child process (``python -m lmref.serve ...``): its URL, and a clean stop.
+
+    A ``lmref.lab.services.Service`` underneath (its own process group, its output drained in a
+    thread); ``proc`` and ``output`` are the Service's.
+    """
 
     def __init__(self, args: list[str], env: dict | None = None, timeout: float = 180.0):
-        self.output: collections.deque[str] = collections.deque(maxlen=200)
-        self.proc = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self._url: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._drain_output, daemon=True).start()
-        try:
-            self.url = self._url.get(timeout=timeout)
-        except queue.Empty:
-            self.stop()
-            raise TimeoutError("server did not start:\n" + "\n".join(self.output)) from None
-        if self.url is None:
-            raise RuntimeError("server exited:\n" + "\n".join(self.output))
+        self.service = Service("server", args, env=env)
+        self.proc, self.output = self.service.proc, self.service.output
+        self.service.wait_until(lambda: self._listening_url() is not None, timeout)
+        self.url = self._listening_url()
 
-    def _drain_output(self) -> None:  # keeps the pipe empty so the child never blocks on it
-        for line in self.proc.stdout:
-            self.output.append(line.rstrip())
+    def _listening_url(self) -> str | None:
+        """The URL of the server's JSON "listening" line, once printed."""
+        for line in list(self.output):
             if line.startswith('{"event": "listening"'):
-                self._url.put(json.loads(line)["url"])
-        self._url.put(None)
+                return json.loads(line)["url"]
+        return None
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
@@ -94,14 +83,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, wait for the drain, SIGKILL if it does not end; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return self.service.stop(timeout)
 
     def __enter__(self) -> ServerProcess:
         return self

@@ -1,7 +1,7 @@
 """The running batch of a continuous-batching engine: rows join and leave between decode steps.
 
-Used by ``lmref.serving.engine`` (its worker thread owns one ``RunningBatch`` per model); needs torch and
-transformers' ``DynamicCache`` only, so it can be copied alone.
+Used by ``lmref.serving.engine`` (its worker thread owns one ``RunningBatch`` per model); needs
+torch and transformers' ``DynamicCache`` only, so it can be copied alone.
 
 Layout, chosen for a CPU: one ``DynamicCache`` holds every running row, left padded, so each
 row's newest token is in the last column and one decode step is a single forward of shape
@@ -37,9 +37,26 @@ Usage::
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+
+@functools.cache
+def _cache_name(model_type: type) -> str:
+    params = inspect.signature(model_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model, cache: DynamicCache) -> dict:
+    """The forward keyword for a KV cache: transformers 5.24 renamed ``past_key_values`` to
+    ``cache`` (the old name warns that it goes in 5.40); earlier 5.x know the old name only. A
+    PEFT wrapper passes keywords through to its base model, so that model's signature decides."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_cache_name(type(base)): cache}
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -92,7 +109,7 @@ class PrefixCache:
                 device = next(self.model.parameters()).device
                 self.model(
                     input_ids=torch.tensor([prompt[:n]], device=device),
-                    past_key_values=cache,
+                    **cache_kwargs(self.model, cache),
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -151,7 +168,7 @@ class Prefill:
             input_ids=self.ids[:, start:end],
             attention_mask=self.attention[:, : self.shared + end],
             position_ids=self.positions[:, start:end],
-            past_key_values=self.cache,
+            **cache_kwargs(self.model, self.cache),
             use_cache=True,
             logits_to_keep=1,
         ).logits
@@ -221,7 +238,7 @@ class RunningBatch:
             input_ids=step,
             attention_mask=self.attention,
             position_ids=self.next_position,
-            past_key_values=self.cache,
+            **cache_kwargs(self.model, self.cache),
             use_cache=True,
         ).logits[:, -1, :]
         self.next_position = self.next_position + 1

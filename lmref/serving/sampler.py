@@ -13,9 +13,10 @@ evaluation needs.
 
 Usage::
 
-    from lmref.serving.sampler import TokenPieces, sample, score_prompt, step_logprobs
+    from lmref.serving.sampler import SamplingRows, TokenPieces, sample, score_prompt, step_logprobs
 
-    tokens = sample(logits, temperatures=[0.0, 0.8], top_ps=[1.0, 0.9], generators=[None, g])
+    rows = SamplingRows.of(temperatures=[0.0, 0.8], top_ps=[1.0, 0.9], seeds=[0, 7])
+    tokens = sample(logits, rows).tolist()   # rows.step advances: the next call draws anew
     pieces = TokenPieces(tokenizer)
     entries = step_logprobs(logits, tokens, top_n=[2, 0], pieces=pieces)   # TokenLogprob per row
     scored = score_prompt(model, prompt_ids, top_n=1, pieces=pieces)    # [0].logprob: None
@@ -79,30 +80,132 @@ class TokenPieces:
         return self._cache[token_id]
 
 
-def sample(
-    logits: torch.Tensor,
-    temperatures: list[float],
-    top_ps: list[float],
-    generators: list[torch.Generator | None],
-) -> list[int]:
-    """One token per row: greedy below temperature 1e-5, else temperature + top-p with the row's
-    own seeded generator, so a seeded request gives the same text whatever shares its batch."""
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens = []
-    for k, (temperature, top_p) in enumerate(zip(temperatures, top_ps)):
-        if temperature < 1e-5:  # dividing by ~0 overflows: that limit is greedy anyway
-            tokens.append(greedy[k])
-            continue
-        probs = torch.softmax(logits[k].float() / temperature, dim=-1)
-        if top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(0) - sorted_probs >= top_p  # always keeps the top one
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            choice = torch.multinomial(sorted_probs, 1, generator=generators[k])
-            tokens.append(int(order[choice]))
-        else:
-            tokens.append(int(torch.multinomial(probs, 1, generator=generators[k])))
-    return tokens
+# A counter-based generator (the idea of Philox, as in JAX's and vLLM's seeded sampling): a
+# row's random number for its k-th token is a hash of (seed, k), computed for all rows at once as
+# integer tensor ops. Unlike one torch.Generator per row, it needs no Python loop over rows, and a
+# seeded row draws the same numbers whatever else is in the batch, on CPU and GPU alike (integer
+# arithmetic is exact). The hash is Wellons' "lowbias32" with multipliers below 2**31, so every
+# product of two 32-bit values fits in int64 without overflow.
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One float64 in [0, 1) per row, a function of (seed, step) only: 53 random bits."""
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    a = _mix32(_mix32(_mix32((steps & _M32) ^ 0x9E3779B9) ^ lo) ^ hi)
+    b = _mix32(_mix32(a ^ 0x85EBCA6B) ^ lo)
+    return ((a << 21) | (b >> 11)).double() / float(1 << 53)
+
+
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy: dividing by ~0 overflows anyway
+
+
+@dataclass
+class SamplingRows:
+    """Each running row's sampling settings as tensors on the logits' device: ``temperature``,
+    ``top_p``, ``seed`` (int64, below 2**63) and ``step`` (tokens the row sampled: the counter
+    of its random numbers). ``top_ps`` and ``greedy`` stay on the host too, so which rows take
+    the nucleus path (``nucleus``, their indices on the device) is settled when rows join or
+    leave: a step then neither reads the device nor copies to it."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    seed: torch.Tensor
+    step: torch.Tensor
+    top_ps: tuple[float, ...]
+    greedy: tuple[bool, ...]
+    nucleus: torch.Tensor | None = None  # rows sampled with top_p < 1; None: none
+
+    def __post_init__(self) -> None:
+        rows = [k for k, (p, g) in enumerate(zip(self.top_ps, self.greedy)) if p < 1.0 and not g]
+        if rows and self.nucleus is None:
+            self.nucleus = torch.tensor(rows, dtype=torch.int64, device=self.seed.device)
+
+    @classmethod
+    def of(
+        cls,
+        temperatures: list[float],
+        top_ps: list[float],
+        seeds: list[int],
+        steps: list[int] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> SamplingRows:
+        steps = steps if steps is not None else [0] * len(seeds)
+        return cls(
+            torch.tensor(temperatures, dtype=torch.float32, device=device),
+            torch.tensor(top_ps, dtype=torch.float32, device=device),
+            torch.tensor(seeds, dtype=torch.int64, device=device),
+            torch.tensor(steps, dtype=torch.int64, device=device),
+            tuple(top_ps),
+            tuple(t < GREEDY_BELOW for t in temperatures),
+        )
+
+    def __len__(self) -> int:
+        return len(self.top_ps)
+
+    def select(self, keep: list[int]) -> SamplingRows:
+        """Rows ``keep`` (indices, in order), as ``RunningBatch.leave`` keeps them."""
+        index = torch.tensor(keep, dtype=torch.int64, device=self.seed.device)
+        return SamplingRows(
+            self.temperature[index],
+            self.top_p[index],
+            self.seed[index],
+            self.step[index],
+            tuple(self.top_ps[k] for k in keep),
+            tuple(self.greedy[k] for k in keep),
+        )
+
+    def cat(self, other: SamplingRows) -> SamplingRows:
+        """These rows, then ``other``'s (as ``RunningBatch.join`` appends a prefill's)."""
+        return SamplingRows(
+            torch.cat([self.temperature, other.temperature]),
+            torch.cat([self.top_p, other.top_p]),
+            torch.cat([self.seed, other.seed]),
+            torch.cat([self.step, other.step]),
+            self.top_ps + other.top_ps,
+            self.greedy + other.greedy,
+        )
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative mass exceeds ``u`` times the row's total (the
+    mass need not sum to 1: top-p zeroes the tail). float64 sums: 49k float32 terms drift."""
+    cdf = probs.double().cumsum(-1)
+    index = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return index.clamp(max=probs.shape[-1] - 1)
+
+
+def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """One token per row, as a tensor on the logits' device; each row's ``step`` advances.
+
+    Greedy rows take the argmax; the others sample temperature-scaled probabilities by inverse
+    CDF with the row's uniform(seed, step) (vocabulary order; rows with top_p < 1 over the
+    probabilities sorted and cut to the nucleus). All rows at once, no Python loop over rows and
+    no read of the device: the host reads the tokens once per step, after this."""
+    greedy = logits.argmax(dim=-1)
+    if all(rows.greedy):
+        rows.step += 1
+        return greedy
+    scaled = logits.float() / rows.temperature.clamp(min=GREEDY_BELOW).unsqueeze(1)
+    probs = torch.softmax(scaled, dim=-1)
+    u = uniform(rows.seed, rows.step)
+    tokens = _inverse_cdf(probs, u)
+    if (index := rows.nucleus) is not None:  # sorting 49k entries takes ms a row on a CPU
+        sorted_probs, order = probs[index].sort(dim=-1, descending=True, stable=True)
+        # Mass before a token >= top_p: outside the nucleus (the likeliest token always stays).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= rows.top_p[index].unsqueeze(1)
+        picked = _inverse_cdf(sorted_probs.masked_fill(outside, 0.0), u[index])
+        tokens = tokens.index_copy(0, index, order.gather(1, picked.unsqueeze(1)).squeeze(1))
+    rows.step += 1
+    return torch.where(rows.temperature < GREEDY_BELOW, greedy, tokens)
 
 
 def _entries(

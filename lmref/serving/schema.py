@@ -6,8 +6,8 @@ server does not implement are refused by name rather than ignored. Response shap
 log-probabilities the way OpenAI does: chat ``choices[].logprobs.content[]`` of ``{token,
 logprob, bytes, top_logprobs}``, and the legacy completions ``{tokens, token_logprobs,
 top_logprobs, text_offset}`` that lm-evaluation-harness reads (entries: any objects with
-``token``, ``bytes``, ``logprob`` and ``top``). Standard library only; the Flask app
-(``lmref.serving.app``) uses it.
+``token``, ``bytes``, ``logprob`` and ``top``). Standard library only; request and response
+shaping (``lmref.serving.shaping``) builds on it, for the Flask app and the Batch worker alike.
 
 Usage::
 
@@ -74,7 +74,8 @@ class APIError(Exception):
         }
 
 
-# HTTP errors raised below the routes (werkzeug's; waitress's, see lmref.serve) in OpenAI terms.
+# HTTP errors raised below the routes (werkzeug's; waitress's, see lmref.serving.server) in
+# OpenAI terms.
 HTTP_ERRORS = {
     400: ("invalid_request_error", "bad_request"),
     401: ("authentication_error", "invalid_api_key"),

@@ -22,7 +22,6 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -35,6 +34,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from lmref.core.hashing import sha256_of
+from lmref.core.ranks import rank_and_world
 
 
 class CheckpointError(ValueError):
@@ -63,7 +65,7 @@ def save_checkpoint(
     written last, so a folder damaged later (a torn copy, a full disk) is caught on resume.
     """
     final = Path(out_dir) / f"checkpoint-{state['step']:07d}"
-    world = _rank_and_world()[1]
+    world = rank_and_world()[1]
     torch_rng = [torch.get_rng_state()] * world
     if world > 1:  # rank 0 writes every rank's generator state (only rank 0 writes files)
         dist.all_gather_object(torch_rng, torch.get_rng_state())
@@ -99,7 +101,8 @@ def save_checkpoint(
         if run_config is not None:
             (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
         files = {
-            f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())
+            f.name: {"bytes": f.stat().st_size, "sha256": sha256_of(f)}
+            for f in sorted(tmp.iterdir())
         }
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         if final.exists():
@@ -127,7 +130,7 @@ def verify_checkpoint(path: Path | str) -> str | None:
             return f"{f} is missing"
         if f.stat().st_size != expected["bytes"]:
             return f"{f} has {f.stat().st_size} bytes, the manifest says {expected['bytes']}"
-        if _sha256(f) != expected["sha256"]:
+        if sha256_of(f) != expected["sha256"]:
             return f"{f} does not match its sha256 in the manifest"
     return None
 
@@ -176,13 +179,8 @@ def load_checkpoint(
     """
     path = Path(path)
     weights = _read(path / "model.safetensors", load_file)
-    weights = {_strip_wrappers(k): v for k, v in weights.items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or any(n in missing for n, p in model.named_parameters() if p.requires_grad):
-        raise ValueError(
-            f"checkpoint {path} does not match the model "
-            f"(unexpected: {unexpected[:3]}, trainable missing)"
-        )
+    check_weights_match(path, weights, model)
+    model.load_state_dict(_match_names(weights, model.state_dict()), strict=False)
     training = _read(
         path / "training_state.pt", lambda f: torch.load(f, weights_only=True, map_location="cpu")
     )
@@ -195,7 +193,7 @@ def load_checkpoint(
     # One generator state per rank (a resume at another world size is not exact anyway: the
     # data shards change; extra ranks then reuse saved states).
     rng = training["torch_rng"]
-    torch.set_rng_state(rng[_rank_and_world()[0] % len(rng)].clone())
+    torch.set_rng_state(rng[rank_and_world()[0] % len(rng)].clone())
     if training["cuda_rng"]:
         torch.cuda.set_rng_state_all(training["cuda_rng"])
     state = _read(path / "trainer_state.json", lambda f: json.loads(f.read_text()))
@@ -212,19 +210,62 @@ def _read(path: Path, reader: Callable):
         raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DDP's, in front of a name
 
 
 def _strip_wrappers(name: str) -> str:
-    """Names saved from a compiled or DDP-wrapped model elsewhere: drop those prefixes."""
-    for prefix in ("_orig_mod.", "module."):
-        name = name.replace(prefix, "")
+    """A name saved from a compiled or DDP-wrapped model elsewhere, without the wrappers'
+    leading prefixes (any number, in any order). Only leading ones: a submodule that is itself
+    called ``module`` or ``original_module`` keeps its name."""
+    while name != (shorter := _strip_one(name)):
+        name = shorter
     return name
+
+
+def _match_names(weights: dict, expected) -> dict:
+    """Saved names as the model names them: leading wrapper prefixes go one at a time, until
+    the name is one the model has (its own submodule may be called ``module``)."""
+    matched = {}
+    for name, value in weights.items():
+        key = name
+        while key not in expected and key != (shorter := _strip_one(key)):
+            key = shorter
+        matched[key if key in expected else _strip_wrappers(name)] = value
+    return matched
+
+
+def _strip_one(name: str) -> str:
+    prefix = next((p for p in WRAPPER_PREFIXES if name.startswith(p)), "")
+    return name.removeprefix(prefix)
+
+
+def check_weights_match(path: Path | str, weights: dict, model: torch.nn.Module) -> None:
+    """Raise ``CheckpointError`` when saved ``weights`` cannot resume ``model``: names the model
+    lacks, trainable parameters the checkpoint lacks, and shapes that differ (a few of each)."""
+    expected = model.state_dict()
+    weights = _match_names(weights, expected)
+    unexpected = sorted(k for k in weights if k not in expected)
+    missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in weights)
+    shapes = [
+        f"{k} {tuple(v.shape)} (model {tuple(expected[k].shape)})"
+        for k, v in sorted(weights.items())
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+        for label, items in (
+            ("not in the model", unexpected),
+            ("trainable but not in the checkpoint", missing),
+            ("other shape", shapes),
+        )
+        if items
+    ]
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: "
+            + "; ".join(problems)
+            + ". Resume with the model (and LoRA settings) that wrote it."
+        )
 
 
 def _jsonable(value):
@@ -233,9 +274,3 @@ def _jsonable(value):
 
 def _tupled(value):
     return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1

@@ -19,11 +19,13 @@ The KL is *forward* KL(teacher || student): the student is pushed to cover every
 teacher gives mass to (mean-seeking), the standard choice for distilling on fixed data
 (reverse KL, as in MiniLLM, is mode-seeking and needs student samples).
 
-Positions whose label is -100 (the prompt of an instruction, padding) count for neither term:
-the student learns from the teacher exactly where it would learn from the labels. Each loss is a
-**sum over label tokens plus the token count**, the contract of
-``lmref.training.loop.causal_lm_loss_sum``, so gradient accumulation stays exactly token-weighted
-when this loss replaces it in the training loop (``train(..., loss_fn=...)``).
+Positions that do not count in ``lmref.core.losses`` (label ``IGNORE_INDEX``: the prompt of an
+instruction; padding under the attention mask) count for neither term: the student learns from
+the teacher exactly where it would learn from the labels. The label shift, the ignore index and
+the cross-entropy term are ``lmref.core.losses``'s. Each loss is a **sum over label tokens plus
+the token count**, the contract of ``lmref.core.losses.causal_lm_loss_sum``, so gradient
+accumulation stays exactly token-weighted when this loss replaces it in the training loop
+(``train(..., loss_fn=...)``).
 
 Memory: the float32 log-softmax of both models, their probabilities and the KL terms are each
 (tokens x vocabulary). Only label positions are gathered, and they are processed
@@ -49,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from lmref.core.losses import IGNORE_INDEX, nll_sum, shift_labels
 
 
 @dataclass
@@ -86,7 +88,7 @@ def _chunk_loss(
         kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
         total = total + alpha * temperature**2 * kl
     if alpha < 1:
-        total = total + (1 - alpha) * F.cross_entropy(student, targets, reduction="sum")
+        total = total + (1 - alpha) * nll_sum(student, targets)
     return total
 
 
@@ -95,12 +97,15 @@ def distillation_loss_sum(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     config: DistillationConfig | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blended KD loss summed over label tokens, and how many there were.
 
     ``student_logits`` and ``teacher_logits`` are (batch, sequence, vocabulary) for the same
-    inputs; ``labels`` (batch, sequence) are the input ids with -100 where no loss counts. As in
-    transformers, the logits at position i predict the label at i + 1 (labels are shifted here).
+    inputs; ``labels`` (batch, sequence) are the input ids with ``IGNORE_INDEX`` where no loss
+    counts, and ``attention_mask`` (0: padding) removes padded positions too. As in
+    transformers, the logits at position i predict the label at i + 1 (labels are shifted here,
+    by ``lmref.core.losses.shift_labels``).
     """
     config = config or DistillationConfig()
     if student_logits.shape != teacher_logits.shape:
@@ -114,7 +119,7 @@ def distillation_loss_sum(
             f"labels {tuple(labels.shape)} do not match logits {tuple(student_logits.shape[:2])}"
         )
     # Shift labels, not logits (slicing logits would copy the largest tensor of the step).
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    targets = shift_labels(labels, attention_mask).flatten()
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     count = keep.numel()
     student_rows = student_logits.flatten(0, 1).index_select(0, keep)
@@ -159,7 +164,9 @@ def distillation_loss(
         with torch.no_grad():
             teacher_logits = teacher(**inputs).logits
         student_logits = model(**inputs).logits
-        return distillation_loss_sum(student_logits, teacher_logits, labels, config)
+        return distillation_loss_sum(
+            student_logits, teacher_logits, labels, config, batch.get("attention_mask")
+        )
 
     return loss_fn
 
@@ -177,9 +184,10 @@ def agreement(
     labels = batch.get("labels", batch["input_ids"])
     s_logits, t_logits = student(**inputs).logits, teacher(**inputs).logits
     config = DistillationConfig(temperature=temperature, alpha=1.0)
-    kl_sum, count = distillation_loss_sum(s_logits, t_logits, labels, config)
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    mask = targets != IGNORE_INDEX
+    kl_sum, count = distillation_loss_sum(
+        s_logits, t_logits, labels, config, batch.get("attention_mask")
+    )
+    mask = shift_labels(labels, batch.get("attention_mask")) != IGNORE_INDEX
     same = (s_logits.argmax(-1) == t_logits.argmax(-1)) & mask
     n = max(int(count), 1)
     # The loss carries T^2; undo it to report the plain KL at this temperature.

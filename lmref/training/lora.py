@@ -26,8 +26,9 @@ the base model exactly. The knobs (fields of ``LoraSettings``):
   embeddings peft keeps the head tied to the trained copy (``ensure_weight_tying``), so merging
   stays exact. LoRA on a tied embedding itself does not merge correctly, hence this route.
 
-A 4-bit base evaluated on a CPU and then saved (``save_adapter`` calls ``state_dict()``) relies on
-``lmref.compression.methods.fix_bitsandbytes_cpu_unpacking``; ``load_4bit`` makes sure it is applied.
+Every model here is loaded by the one loader, ``lmref.models.loading.load_model``: a 4-bit base
+evaluated on a CPU and then saved (``save_adapter`` calls ``state_dict()``) relies on the
+bitsandbytes setup step it runs (``lmref.models.quantized.prepare_bitsandbytes``).
 
 QLoRA (Dettmers et al., 2023) keeps the frozen base in 4-bit NormalFloat (nf4, with the
 quantisation constants themselves quantised: "double quantisation") and computes in a higher
@@ -57,7 +58,6 @@ Usage::
 
 from __future__ import annotations
 
-import gc
 import os
 import re
 from dataclasses import dataclass, field
@@ -65,11 +65,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from lmref.compression.methods import fix_bitsandbytes_cpu_unpacking
-from lmref.core.device import compute_dtype, resolve_device
+from lmref.models.loading import load_model
 
 # Leaf names of the attention projections across common architectures (Llama/Mistral/Qwen:
 # q/k/v/o_proj; GPT-2: c_attn + attn.c_proj; GPT-NeoX: query_key_value + dense; OPT: out_proj).
@@ -176,31 +175,14 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None) -> Pe
 # ---------------------------------------------------------------- QLoRA
 
 
-def nf4_config(device: torch.device | str = "auto") -> BitsAndBytesConfig:
-    """QLoRA's quantisation: 4-bit NormalFloat, double quantisation, compute dtype per device."""
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(device),
-    )
-
-
 def load_4bit(
     name_or_path: str | os.PathLike, device: torch.device | str = "auto", **kwargs
 ) -> PreTrainedModel:
-    """A causal LM with its linear layers in nf4 (bitsandbytes ``Linear4bit``), others in the
-    compute dtype. Embeddings and the output head stay unquantised, as in transformers."""
-    device = resolve_device(device)
-    fix_bitsandbytes_cpu_unpacking()
-    return AutoModelForCausalLM.from_pretrained(
-        str(name_or_path),
-        quantization_config=nf4_config(device),
-        dtype=compute_dtype(device),
-        device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
-        use_safetensors=True,
-        **kwargs,
-    )
+    """QLoRA's base: a causal LM with its linear layers in 4-bit NormalFloat with double
+    quantisation (bitsandbytes ``Linear4bit``), others in the device policy's compute dtype.
+    Embeddings and the output head stay unquantised, as in transformers. ``kwargs`` go to
+    ``load_model``."""
+    return load_model(name_or_path, device=device, quantization="nf4", double_quant=True, **kwargs)
 
 
 def load_qlora(
@@ -265,68 +247,6 @@ def training_state_mb(model: torch.nn.Module) -> float:
     return total / 2**20
 
 
-class PeakMemory:
-    """Peak memory of a block, to compare fine-tuning methods run one after another.
-
-    CUDA: the allocator's peak (``max_memory_allocated``) above what was allocated at entry.
-    CPU (Linux): the process's resident high-water mark (``VmHWM``), reset at entry through
-    ``/proc/self/clear_refs``, minus the resident memory at entry. ``ru_maxrss`` cannot be reset,
-    so in a notebook it would report the largest thing the kernel ever did, not this block.
-    Elsewhere the CPU figures are None.
-
-        with PeakMemory() as mem:
-            train(...)
-        mem.peak_mb, mem.added_mb   # peak during the block; peak minus memory at entry
-    """
-
-    def __init__(self, device: torch.device | str = "auto"):
-        self.device = resolve_device(device)
-        self.peak_mb: float | None = None
-        self.added_mb: float | None = None
-        self._start = self._start_anon = None
-
-    def _cpu_status(self, field_name: str) -> float | None:
-        try:
-            text = Path("/proc/self/status").read_text()
-        except OSError:
-            return None
-        match = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE)
-        return int(match.group(1)) / 1024 if match else None
-
-    def __enter__(self) -> PeakMemory:
-        # Earlier work's garbage (a model in a reference cycle) is collected now: freed inside
-        # the block, it would offset this block's own allocations and hide them from the peak.
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device) / 2**20
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-            except OSError:
-                pass
-            self._start = self._cpu_status("VmRSS")
-            self._start_anon = self._cpu_status("RssAnon")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            self.peak_mb = self._cpu_status("VmHWM")
-        if self.peak_mb is not None and self._start is not None:
-            self.added_mb = self.peak_mb - self._start
-        # RSS counts file-backed pages (mapped libraries, safetensors) too, and the kernel may
-        # drop cold ones during the block, so RSS can fall as fast as the block allocates: in
-        # a fresh-clone test run a 64 MiB tensor showed as 0.0 MB (on a VM whose DAMON pages
-        # out cold memory). The anonymous memory still held at exit is a lower bound as well.
-        end_anon = self._cpu_status("RssAnon") if self.device.type != "cuda" else None
-        if self.added_mb is not None and end_anon is not None and self._start_anon is not None:
-            self.added_mb = max(self.added_mb, end_anon - self._start_anon)
-
-
 def directory_size_mb(path: str | os.PathLike) -> float:
     """Size of the files under ``path`` in MiB (what a download or a disk quota sees)."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
@@ -355,10 +275,7 @@ def load_adapter(
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json (not a PEFT adapter)")
     if not isinstance(base, torch.nn.Module):
-        device = resolve_device(device)
-        base = AutoModelForCausalLM.from_pretrained(
-            str(base), dtype=compute_dtype(device), use_safetensors=True
-        ).to(device)
+        base = load_model(base, device=device)
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
 
 

@@ -1,26 +1,25 @@
-"""Hyperparameter search on Optuna: one budget, four samplers, pruning, resumable parallel studies.
+"""Studies on Optuna: one budget, four samplers, pruning, resumable studies shared by workers.
 
-A search space is a list of ``Param``; the objective is any ``objective(trial) -> float`` the
-caller passes in (this module trains nothing itself). Around Optuna it adds what a course needs:
+The objective is any ``objective(trial) -> float`` the caller passes in (this stage trains
+nothing itself); the space is a list of ``lmref.tuning.space.Param``. Around Optuna this adds:
 
-- the same space for every sampler: ``grid`` (``grid_points`` cuts each range into cells and
-  takes their centres, as many as the trial budget allows), ``random``, ``tpe`` (Bayesian
-  optimisation with Parzen estimators) and ``gp`` (Bayesian optimisation with a Gaussian
-  process, Optuna's ``GPSampler``, on torch + scipy);
+- four samplers on the same space: ``grid`` (``grid_points``: cell centres, as many as the trial
+  budget allows), ``random``, ``tpe`` (Bayesian optimisation with Parzen estimators) and ``gp``
+  (Bayesian optimisation with a Gaussian process, Optuna's ``GPSampler``, on torch + scipy);
 - pruning (``median`` or ``hyperband``) fed by ``pruning_callback``, a callback for a training
   loop that reports a metric each step and raises ``optuna.TrialPruned`` when the pruner says so;
 - studies in storage on disk (Optuna's journal file by default, or any SQLAlchemy URL such as
   ``sqlite:///study.db`` or a PostgreSQL server shared by many machines), so a killed study
   resumes: ``run_study`` counts the finished trials and runs only the rest; trials left RUNNING
   by a dead worker on this host are marked FAILED and their parameters re-queued;
-- several worker processes on one study (``run_workers``, or ``python -m lmref.tuning.search`` started
-  by hand on each machine): a file lock around "count the trials, ask for one" makes workers on
-  one machine stop at exactly ``n_trials``; across machines (no shared lock) they may overshoot
-  by at most one trial per worker.
+- a file lock around "count the trials, ask for one", so that several workers on one study
+  (``lmref.tuning.workers``) stop at exactly ``n_trials`` on one machine;
+- ``best_so_far`` and ``summarize`` for a study's curve and table.
 
 Usage::
 
-    from lmref.tuning.search import Param, StudyConfig, best_so_far, pruning_callback, run_study, suggest
+    from lmref.tuning.space import Param, suggest
+    from lmref.tuning.study import StudyConfig, best_so_far, pruning_callback, run_study
 
     space = [Param("learning_rate", 1e-4, 1e-2, log=True), Param("r", choices=(4, 8, 16))]
 
@@ -32,118 +31,29 @@ Usage::
     study = run_study(objective, StudyConfig("lora", "artifacts/studies/lora.journal",
                                              sampler="tpe", n_trials=16, pruner="median"), space)
     print(study.best_params, best_so_far(study))
-
-    # two more processes on the same study (the objective importable as "module:factory"):
-    # python -m lmref.tuning.search --storage artifacts/studies/lora.journal --study lora --n-trials 32 \\
-    #     --space mypkg.search:SPACE --objective mypkg.search:make_objective --worker-id 1
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
-import importlib
 import json
 import math
 import os
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from lmref.tuning.space import Param, grid_points
+
 SAMPLERS = ("grid", "random", "tpe", "gp")
 PRUNERS = ("none", "median", "hyperband")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-@dataclass(frozen=True)
-class Param:
-    """One hyperparameter: a float or int range (``log`` for scales like learning rates), or
-    ``choices`` (ordered values such as ranks or batch sizes, or unordered categories)."""
-
-    name: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    integer: bool = False
-    choices: tuple | None = None
-
-    def __post_init__(self) -> None:
-        if self.choices is not None:
-            if not self.choices:
-                raise ValueError(f"parameter {self.name!r}: choices is empty")
-            return
-        if self.low is None or self.high is None or not self.low < self.high:
-            raise ValueError(
-                f"parameter {self.name!r} needs low < high or choices "
-                f"(got low={self.low!r}, high={self.high!r})"
-            )
-        if self.log and self.low <= 0:
-            raise ValueError(
-                f"parameter {self.name!r}: a log range needs low > 0, not {self.low!r}"
-            )
-
-    def suggest(self, trial: optuna.Trial) -> Any:
-        if self.choices is not None:
-            return trial.suggest_categorical(self.name, list(self.choices))
-        if self.integer:
-            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
-
-    def grid(self, levels: int) -> list:
-        """``levels`` values: the centres of equal cells of the range (log cells for ``log``).
-
-        Centres, not ends: a 2-point grid over a learning rate range tries 1/4 and 3/4 of the
-        way (on the log scale), not its two extremes.
-        """
-        if self.choices is not None:
-            picks = [int((i + 0.5) * len(self.choices) / levels) for i in range(levels)]
-            return list(dict.fromkeys(self.choices[p] for p in picks))
-        low, high = (math.log(self.low), math.log(self.high)) if self.log else (self.low, self.high)
-        values = [low + (i + 0.5) * (high - low) / levels for i in range(levels)]
-        values = [math.exp(v) for v in values] if self.log else values
-        if self.integer:
-            return list(dict.fromkeys(int(round(v)) for v in values))
-        return [float(f"{v:.3g}") for v in values]
-
-    def max_levels(self) -> int:
-        if self.choices is not None:
-            return len(self.choices)
-        return int(self.high - self.low) + 1 if self.integer and not self.log else 1_000_000
-
-
-def suggest(trial: optuna.Trial, space: Sequence[Param]) -> dict[str, Any]:
-    """Ask ``trial`` for every parameter of ``space``; returns ``{name: value}``."""
-    return {p.name: p.suggest(trial) for p in space}
-
-
-def grid_points(space: Sequence[Param], budget: int) -> dict[str, list]:
-    """A grid over ``space`` of at most ``budget`` points, for ``optuna.samplers.GridSampler``.
-
-    Levels go to the parameters in the order given (put the one that matters most first): each
-    round adds a level to a parameter while the product stays within the budget. Parameters left
-    at one level sit at the centre of their range.
-    """
-    if budget < 1:
-        raise ValueError(f"a grid needs a budget of at least 1 trial, not {budget}")
-    levels = [1] * len(space)
-    grown = True
-    while grown:
-        grown = False
-        for i, p in enumerate(space):
-            bigger = levels[:i] + [levels[i] + 1] + levels[i + 1 :]
-            if levels[i] < p.max_levels() and math.prod(bigger) <= budget:
-                levels, grown = bigger, True
-    return {p.name: p.grid(n) for p, n in zip(space, levels)}
 
 
 def make_sampler(
@@ -426,127 +336,3 @@ def summarize(study: optuna.Study) -> dict:
         "best_trial": best.number if best else None,
         "best_params": dict(best.params) if best else None,
     }
-
-
-def load_reference(reference: str) -> Any:
-    """``"package.module:attribute"`` -> the attribute (how workers find space and objective)."""
-    module, _, attribute = reference.partition(":")
-    if not module or not attribute:
-        raise ValueError(f"expected 'module:attribute', got {reference!r}")
-    return getattr(importlib.import_module(module), attribute)
-
-
-def worker_command(
-    config: StudyConfig,
-    space: str,
-    objective: str,
-    objective_kwargs: Mapping[str, Any] | None = None,
-    worker_id: int = 0,
-) -> list[str]:
-    """The command line of one worker process (``python -m`` this module)."""
-    return [
-        sys.executable,
-        "-m",
-        __name__,
-        "--config",
-        json.dumps(asdict(config)),
-        "--space",
-        space,
-        "--objective",
-        objective,
-        "--objective-kwargs",
-        json.dumps(dict(objective_kwargs or {})),
-        "--worker-id",
-        str(worker_id),
-    ]
-
-
-def run_workers(
-    n_workers: int,
-    config: StudyConfig,
-    space: str,
-    objective: str,
-    objective_kwargs: Mapping[str, Any] | None = None,
-    threads_per_worker: int = 1,
-    env: Mapping[str, str] | None = None,
-    timeout: float | None = None,
-) -> dict:
-    """Start ``n_workers`` processes on one study and wait for them; returns the wall seconds.
-
-    ``space`` and ``objective`` are ``"module:attribute"`` references; the objective attribute is
-    a factory called with ``objective_kwargs`` that returns ``objective(trial)``. Each process gets
-    ``threads_per_worker`` threads (OMP/MKL), so N workers do not oversubscribe the cores.
-    """
-    threads = str(threads_per_worker)
-    child_env = {
-        **os.environ,
-        **(env or {}),
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-    }
-    start = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            worker_command(config, space, objective, objective_kwargs, i),
-            env=child_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(n_workers)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    seconds = time.perf_counter() - start
-    failed = [
-        (i, p.returncode, out[-2000:])
-        for i, (p, out) in enumerate(zip(procs, outputs))
-        if p.returncode != 0
-    ]
-    if failed:
-        raise RuntimeError(f"worker(s) failed: {failed}")
-    return {"workers": n_workers, "seconds": seconds, "outputs": outputs}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="One worker of an Optuna study (lmref.tuning.search).")
-    parser.add_argument("--config", required=True, help="StudyConfig as JSON")
-    parser.add_argument("--space", required=True, help="module:attribute, a list of Param")
-    parser.add_argument(
-        "--objective",
-        required=True,
-        help="module:factory; factory(**objective_kwargs) returns objective(trial)",
-    )
-    parser.add_argument("--objective-kwargs", default="{}")
-    parser.add_argument("--worker-id", type=int, default=0)
-    args = parser.parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    config = StudyConfig(**json.loads(args.config))
-    objective = load_reference(args.objective)(**json.loads(args.objective_kwargs))
-    study = run_study(
-        objective,
-        config,
-        load_reference(args.space),
-        args.worker_id,
-        on_trial=lambda t: print(f"trial {t.number} {t.state.name} {t.value}", flush=True),
-    )
-    print(
-        json.dumps(
-            {
-                "worker_id": args.worker_id,
-                "pid": os.getpid(),
-                "finished": len(study.get_trials(deepcopy=False, states=FINISHED)),
-            }
-        )
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,19 @@
+"""The Celery worker's entry point: ``celery -A lmref.production.celery_worker worker``.
+
+This module IS the entry, so it is the one module of the package that builds something on
+import: the worker's Celery app, from the environment (``LMREF_BROKER_URL``, ``LMREF_STORE_URL``,
+``LMREF_WORKER_MODELS`` ...: ``lmref.production.worker``). Nothing else imports it; a server
+replica builds its own producer app in ``lmref.production.batch_api.register_batch_api``.
+
+Usage::
+
+    celery -A lmref.production.celery_worker worker --pool prefork --concurrency 1
+"""
+
+from __future__ import annotations
+
+from lmref.production.celery_app import BatchConfig
+from lmref.production.worker import READY_LINE, create_worker_app
+
+__all__ = ["READY_LINE", "app"]
+app = create_worker_app(BatchConfig.from_env())

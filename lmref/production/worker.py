@@ -1,0 +1,212 @@
+"""The Batch API's Celery worker: one request of a batch at a time, its result line stored once.
+
+``create_worker_app(config)`` builds the worker's Celery app and registers the one task on it;
+``celery -A lmref.production.celery_worker worker --pool prefork --concurrency 1`` is the entry
+(env ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``, ``LMREF_WORKER_MODELS=name=path[,name=path]``, or
+``LMREF_WORKER_UPSTREAM=http://vllm:8000``: forward each request to another OpenAI-compatible
+server, vLLM, TGI, SGLang, with ``LMREF_WORKER_UPSTREAM_KEY``, instead of owning a model).
+
+Each worker process owns its models (a ``lmref.serving.state.ServingState``, loaded when the
+pool process starts) and answers a request with ``lmref.serving.service.answer``: the very
+request shaping, engine and response shaping the HTTP server runs, without HTTP. A request is
+acknowledged only when its line is stored (``acks_late``, ``task_reject_on_worker_lost``,
+prefetch 1), so a worker killed mid-request loses nothing: RabbitMQ delivers it again. A request
+that fails on its own input (a 4xx, its time limit, a worker lost ``max_attempts`` times on it)
+fails alone. With env ``LMREF_CACHE_URL`` workers share the replicas' response cache.
+
+Usage::
+
+    from lmref.production.celery_app import BatchConfig
+    from lmref.production.worker import create_worker_app
+
+    celery = create_worker_app(BatchConfig.from_env())    # what lmref.production.celery_worker does
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from celery import Celery, Task, signals
+from celery.exceptions import SoftTimeLimitExceeded
+
+from lmref.production.celery_app import TASK_NAME, BatchConfig, make_celery
+from lmref.production.store import Store, failure_line, result_line
+from lmref.serving.config import ServingConfig
+from lmref.serving.engine import ModelSpec
+from lmref.serving.schema import APIError
+from lmref.serving.service import answer
+from lmref.serving.state import ServingState
+
+log = logging.getLogger("lmref.production.worker")
+READY_LINE = "lmref worker: models loaded"
+
+
+def worker_models(text: str) -> list[ModelSpec]:
+    """``name=path[,name=path]`` (env ``LMREF_WORKER_MODELS``) as model specs."""
+    specs = []
+    for item in filter(None, text.split(",")):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"LMREF_WORKER_MODELS takes name=path[,name=path], got {item!r}")
+        specs.append(ModelSpec(name, path, batch_wait_ms=0.0))
+    if not specs:
+        raise ValueError("LMREF_WORKER_MODELS is empty: a worker needs a model (name=path)")
+    return specs
+
+
+def forward(
+    upstream: str, path: str, body: dict, api_key: str | None = None, timeout: float = 600.0
+) -> tuple[int, Any]:
+    """POST one request to another OpenAI-compatible server; its status and JSON body (an HTTP
+    error is an answer too: it goes to the error file). Connection errors raise ``URLError``."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(
+        upstream.rstrip("/") + path, json.dumps(body).encode(), headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        try:
+            return err.code, json.loads(raw)
+        except ValueError:
+            return err.code, {"error": {"message": raw.decode("utf-8", "replace")[:500]}}
+
+
+class BatchWorker:
+    """One worker process's state: its config, its store and (unless it forwards upstream) the
+    serving state that owns its models, each made on first use."""
+
+    def __init__(self, config: BatchConfig, env: dict[str, str] | None = None):
+        self.config = config
+        self.env = dict(os.environ if env is None else env)
+        self.upstream = self.env.get("LMREF_WORKER_UPSTREAM") or None
+        self._store: Store | None = None
+        self._serving: ServingState | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.config.store_url, self.config.ttl_s)
+        return self._store
+
+    @property
+    def serving(self) -> ServingState:
+        """The models, loaded once; a model that fails to load fails the worker."""
+        if self._serving is None:
+            models = worker_models(self.env.get("LMREF_WORKER_MODELS", ""))
+            cache = None
+            if self.env.get("LMREF_CACHE_URL"):
+                from lmref.production.shared_cache import RedisResponseCache
+
+                cache = RedisResponseCache(
+                    self.env["LMREF_CACHE_URL"], versions={m.name: m.path for m in models}
+                )
+            state = ServingState(ServingConfig(models=models, api_keys=[]), cache)
+            state.start(wait=True)
+            if state.load_errors():
+                raise RuntimeError(f"worker could not load its models: {state.load_errors()}")
+            self._serving = state
+        return self._serving
+
+    def load(self, **_: Any) -> None:
+        """``worker_process_init``: the model loads before the first request comes."""
+        started = time.perf_counter()
+        if not self.upstream:
+            self.serving  # noqa: B018 (loads the models)
+        # Celery says "ready." before its pool processes finish this handler: this line (on
+        # stdout, which Celery logs) is the moment the worker can really serve.
+        print(f"{READY_LINE} in {time.perf_counter() - started:.1f} s", flush=True)
+
+    def respond(self, url: str, body: dict, limit: float) -> tuple[int, Any]:
+        """This worker's answer to one request: the server's status and body."""
+        if self.upstream:
+            return forward(
+                self.upstream, url, body, self.env.get("LMREF_WORKER_UPSTREAM_KEY"), limit + 15
+            )
+        try:
+            return answer(self.serving, url, body)
+        except SoftTimeLimitExceeded:  # the request ends here; its rows are cancelled
+            err = APIError(
+                504,
+                f"the request ran past its time limit of {limit:g} s",
+                "server_error",
+                code="time_limit_exceeded",
+            )
+        except Exception:  # as the HTTP server answers an unexpected error
+            log.exception("request failed")
+            err = APIError(500, "internal server error", "server_error", code="internal_error")
+        return err.status, err.body()
+
+    def run(self, task: Task, batch_id: str, custom_id: str, url: str, body: dict) -> int:
+        """One delivery of one request: skip it when already answered, fail it when delivered
+        too often, else answer it and store its line; returns the status."""
+        store, config = self.store, self.config
+        if store.has_result(batch_id, custom_id):  # done before, the ack was lost: nothing to do
+            store.finalize(batch_id)
+            return 0
+        attempts = store.attempt(batch_id, custom_id, f"{task.request.hostname}")
+        limit = (task.request.timelimit or (None, None))[1] or config.job_time_limit_s
+        if attempts > config.max_attempts:
+            # Every delivery so far ended without a result (its worker died on it, or its
+            # upstream was unreachable): a poison pill, failed alone instead of forever.
+            message = (
+                f"delivered {attempts} times, {attempts - 1} without a result (workers lost while "
+                f"running it, or its upstream unreachable); at most {config.max_attempts} allowed"
+            )
+            line = failure_line(custom_id, "max_attempts_exceeded", message)
+            store.record(batch_id, custom_id, line)
+            store.finalize(batch_id)
+            return 500
+        try:
+            status, response = self.respond(url, body, limit)
+        except urllib.error.URLError as exc:  # the upstream is down: not the request's fault
+            raise task.retry(exc=exc, countdown=2, max_retries=5) from None
+        line = result_line(custom_id, status, response, f"req_{task.request.id}")
+        store.record(batch_id, custom_id, line)
+        store.finalize(batch_id)
+        return status
+
+    def fail(self, batch_id: str, custom_id: str, exc: BaseException) -> None:
+        """A task that raised, or hit its hard time limit: the request fails alone, on record."""
+        code = "time_limit_exceeded" if "TimeLimit" in type(exc).__name__ else "worker_error"
+        line = failure_line(custom_id, code, f"{type(exc).__name__}: {exc}")
+        self.store.record(batch_id, custom_id, line)
+        self.store.finalize(batch_id)
+
+
+class RequestTask(Task):
+    """The task's class: ``worker`` (a ``BatchWorker``) is set by ``create_worker_app``."""
+
+    worker: BatchWorker
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        # Runs for exceptions and for the hard time limit (in the parent process, the pool
+        # process having been killed).
+        self.worker.fail(args[0], args[1], exc)
+
+
+def run_request(task: Task, batch_id: str, custom_id: str, url: str, body: dict) -> int:
+    """Run one request of a batch (or forward it to ``LMREF_WORKER_UPSTREAM``); store its
+    line; returns the status."""
+    return task.worker.run(task, batch_id, custom_id, url, body)
+
+
+def create_worker_app(config: BatchConfig, env: dict[str, str] | None = None) -> Celery:
+    """A worker's Celery app: the task registered, the models loaded in each pool process as it
+    starts (``worker_process_init``). ``env``: the worker's settings (default ``os.environ``)."""
+    app = make_celery(config, main="lmref.production.worker")
+    worker = BatchWorker(config, env)
+    # Options of the task decorator become attributes of the task class: task.worker.
+    app.task(name=TASK_NAME, base=RequestTask, bind=True, worker=worker)(run_request)
+    signals.worker_process_init.connect(worker.load, weak=False)
+    return app

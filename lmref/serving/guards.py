@@ -1,0 +1,94 @@
+"""What every request of the model server passes: the body-size check, API keys, the drain
+flag and the in-flight count (before the route), the request counter (after it), and errors in
+the OpenAI shape ``{"error": {...}}`` whatever raised them (no traceback reaches a client).
+
+Usage::
+
+    from lmref.serving.guards import install
+
+    install(app)      # create_app does this; the state is lmref.serving.state.serving_state()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from lmref.serving.current import serving_state
+from lmref.serving.schema import HTTP_ERRORS, APIError
+
+log = logging.getLogger("lmref.serving.app")
+PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics"})  # "/": the page asks for a key
+
+
+def error_response(err: APIError) -> Response:
+    return Response(json.dumps(err.body()), err.status, err.headers, mimetype="application/json")
+
+
+def http_error(err: HTTPException) -> Response:
+    """werkzeug's errors (404, 405, 413 ...) in the OpenAI shape."""
+    type_, code = HTTP_ERRORS.get(err.code or 500, ("invalid_request_error", None))
+    message = {404: "not found: " + request.path, 413: "request body too large"}.get(
+        err.code, err.description or err.name
+    )
+    return error_response(APIError(err.code or 500, message, type_, code=code))
+
+
+def unexpected_error(err: Exception) -> Response:  # logged here; the client never sees a traceback
+    log.exception("unhandled error on %s", request.path)
+    return error_response(
+        APIError(500, "internal server error", "server_error", code="internal_error")
+    )
+
+
+def guard() -> None:
+    """Before every route: the declared body size, then the API key (not for public paths),
+    then the drain flag; a request let through is counted in flight until its response closes."""
+    state = serving_state()
+    # The declared size before auth or reading (waitress caps what it reads: lmref.serving.server).
+    if (request.content_length or 0) > state.config.max_content_length:
+        raise APIError(413, "request body too large", code="request_too_large")
+    if request.path in PUBLIC_PATHS:
+        return None
+    if not state.authorized(request.headers.get("Authorization")):
+        raise APIError(
+            401,
+            "Incorrect or missing API key (Authorization: Bearer <key>)",
+            "authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if state.draining.is_set():
+        raise APIError(
+            503,
+            "server is shutting down",
+            "service_unavailable_error",
+            code="shutting_down",
+            headers={"Retry-After": "5"},
+        )
+    state.enter()
+    request.environ["lmref.counted"] = True
+    return None
+
+
+def count(response: Response) -> Response:
+    """After every route: ``lmref:http_requests`` by route and status; a counted request leaves
+    the in-flight count when its response (a stream too) is closed."""
+    state = serving_state()
+    endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+    state.http_requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+    if request.environ.pop("lmref.counted", False):
+        response.call_on_close(state.leave)
+    return response
+
+
+def install(app: Flask) -> None:
+    """Register the guard, the counter and the error handlers on ``app``."""
+    app.register_error_handler(APIError, error_response)
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(Exception, unexpected_error)
+    app.before_request(guard)
+    app.after_request(count)
