@@ -22,12 +22,10 @@ export TOKENIZERS_PARALLELISM ?= false
 # No download bars from transformers/datasets ("Loading weights"): noise in saved notebooks.
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export HF_DATASETS_DISABLE_PROGRESS_BARS ?= 1
-# Progress bars are text everywhere, notebooks included: saved notebooks then show them on GitHub,
-# where widget outputs (tqdm.auto's notebook bars) render as errors. ipywidgets is therefore not a
-# dependency, and tqdm.auto's note that it is missing ("TqdmWarning: IProgress not found", printed
-# in a kernel at the first import of tqdm.auto: by datasets, transformers or lmref) is expected.
-# Silenced here, for the notebooks' kernels, rather than by a warnings filter set on import of lmref.
-export PYTHONWARNINGS ?= ignore:IProgress not found
+# The notebooks' kernels run notebooks/ipython/profile_default/startup/ first: it quiets two
+# notices expected offline (tqdm's missing ipywidgets, bitsandbytes' optional hub kernel), rather
+# than lmref doing so on import.
+export IPYTHONDIR ?= $(CURDIR)/notebooks/ipython
 # No MPLBACKEND here: an exported Agg would override the kernel's inline backend, and executed
 # notebooks would hold no plot at all.
 

@@ -134,29 +134,28 @@ class QueueDepthCollector:
         yield consumers
 
 
+def _not_found(kind: str, ident: str) -> APIError:
+    """OpenAI's 404 for a batch or a file id that is not in the store."""
+    return APIError(
+        404,
+        f"No {kind} with id '{ident}'",
+        "not_found_error",
+        param=f"{kind}_id",
+        code=f"{kind}_not_found",
+    )
+
+
 def batch_or_404(batch_id: str) -> dict:
     batch = batch_api().store.finalize(batch_id)
     if batch is None:
-        raise APIError(
-            404,
-            f"No batch with id '{batch_id}'",
-            "not_found_error",
-            param="batch_id",
-            code="batch_not_found",
-        )
+        raise _not_found("batch", batch_id)
     return batch
 
 
 def file_or_404(file_id: str) -> dict:
     meta = batch_api().store.file(file_id)
     if meta is None:
-        raise APIError(
-            404,
-            f"No file with id '{file_id}'",
-            "not_found_error",
-            param="file_id",
-            code="file_not_found",
-        )
+        raise _not_found("file", file_id)
     return meta
 
 
