@@ -38,6 +38,7 @@ from lmref.core.ranks import is_main
 from lmref.data.pipeline import empty_splits_on_disk
 from lmref.models.loading import load_model
 from lmref.models.presets import PRESETS, build_model
+from lmref.models.quantized import quiet_cpu_kernel_notice
 from lmref.training.checkpoints import CheckpointError
 from lmref.training.config import ConfigChangeError, TrainingConfig
 from lmref.training.distributed import (
@@ -227,6 +228,9 @@ def check_vocabulary(dataset: Dataset, model: torch.nn.Module) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # This process's own logging, set where it starts (not on import): bitsandbytes, imported
+    # with the scheduler, would print a notice about an optional hub kernel in every rank.
+    quiet_cpu_kernel_notice()
     config = parse_config(argv)
     training = config.training
     if training.disable_tqdm:  # the libraries' own bars (loading weights, saving) too

@@ -66,8 +66,20 @@ def prepare_bitsandbytes(mode: str = "nf4") -> bool:
     if mode == "int8":
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         return _bitsandbytes_installed()
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    quiet_cpu_kernel_notice()
     return fix_bitsandbytes_cpu_unpacking()
+
+
+def quiet_cpu_kernel_notice() -> None:
+    """Silence bitsandbytes' notice that the optional hub kernel for 4-bit CPU matmuls is missing.
+
+    bitsandbytes >= 0.50, on CPUs with AVX512-BF16, tries at its import to fetch a faster kernel
+    through the optional ``kernels`` package and logs "Failed to load CPU gemm_4bit_forward"
+    when it cannot; offline its built-in kernel is the intended path. The notice comes at import,
+    and transformers imports bitsandbytes through peft, so a process that wants it quiet calls
+    this first (``python -m lmref.train`` does, in ``main``).
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _bitsandbytes_installed() -> bool:
