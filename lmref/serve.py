@@ -58,18 +58,20 @@ DEFAULT_MODEL = "smollm2=smollm2-135m-instruct"
 @dataclasses.dataclass
 class SharedServices:
     """What replicas share, all off by default; the flags default to env LMREF_CACHE_URL,
-    LMREF_BROKER_URL, LMREF_STORE_URL (a container's config)."""
+    LMREF_BROKER_URL, LMREF_STORE_URL, LMREF_SWEEP_INTERVAL_S (a container's config)."""
 
     cache_url: str | None = None  # redis://HOST:PORT/DB: response cache shared by replicas
     cache_ttl_s: float = 3600.0
     broker_url: str | None = None  # amqp://...: the Batch API's queue (needs store_url)
     store_url: str | None = None  # redis://...: the Batch API's files, batches and results
+    sweep_interval_s: float = 30.0  # how often the Batch API reconciles live batches (0: never)
 
 
 SHARED_ENV = {
     "cache_url": "LMREF_CACHE_URL",
     "broker_url": "LMREF_BROKER_URL",
     "store_url": "LMREF_STORE_URL",
+    "sweep_interval_s": "LMREF_SWEEP_INTERVAL_S",
 }
 
 
@@ -94,7 +96,12 @@ def build_app(config: ServingConfig, shared: SharedServices | None = None) -> Fl
         from lmref.production.celery_app import BatchConfig
 
         register_batch_api(
-            app, BatchConfig(broker_url=shared.broker_url, store_url=shared.store_url)
+            app,
+            BatchConfig(
+                broker_url=shared.broker_url,
+                store_url=shared.store_url,
+                sweep_interval_s=shared.sweep_interval_s,
+            ),
         )
     return app
 

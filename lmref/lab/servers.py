@@ -26,29 +26,22 @@ import tempfile
 from lmref.lab.services import Service, free_port, http_ok, port_open
 
 
-def start_redis(timeout: float = 30.0) -> Service:
-    """``redis-server`` with no persistence: a cache and result store that starts empty."""
-    port, workdir = free_port(), tempfile.mkdtemp(prefix="lmref-redis-")
+def start_redis(
+    timeout: float = 30.0, args: list[str] | None = None, port: int = 0, workdir: str | None = None
+) -> Service:
+    """``redis-server`` with no persistence by default: a cache that starts empty. ``args``:
+    more settings, later ones winning (``["--appendonly", "yes"]``: a store that keeps its
+    data in ``workdir`` across a restart on the same ``port``; the caller then owns
+    ``workdir``)."""
+    port = port or free_port()
+    owned = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="lmref-redis-")
+    command = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", workdir]
+    command += ["--save", "", "--appendonly", "no", *(args or [])]
     service = Service(
-        "redis",
-        [
-            "redis-server",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            workdir,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        workdir=workdir,
-        url=f"redis://127.0.0.1:{port}/0",
-        port=port,
+        "redis", command, workdir=workdir, url=f"redis://127.0.0.1:{port}/0", port=port
     )
-    service._owns_workdir = True
+    service._owns_workdir = owned
     return service.wait_until(lambda: service.seen("Ready to accept connections"), timeout)
 
 
@@ -166,6 +159,17 @@ http {{
             # POST is not idempotent: nginx retries it on the next replica only when the
             # connection failed before the request was sent (the default), never mid-request.
             proxy_next_upstream error timeout http_503;
+            add_header X-Upstream $upstream_addr always;
+        }}
+        # The Batch API answers 503 when its store or queue is down: the same for every
+        # replica, so not a reason to mark this one failed (max_fails) and route the online
+        # API around it; the client gets the 503 and its Retry-After.
+        location ~ ^/v1/(batches|files) {{
+            proxy_pass http://replicas;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_read_timeout 300s;
+            proxy_next_upstream error timeout;
             add_header X-Upstream $upstream_addr always;
         }}
     }}

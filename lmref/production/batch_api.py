@@ -23,18 +23,21 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 
 from celery import Celery
 from flask import Blueprint, Flask, current_app, request
+from kombu.exceptions import OperationalError
 from prometheus_client.core import GaugeMetricFamily
 
-from lmref.production.celery_app import TASK_NAME, BatchConfig, make_celery
-from lmref.production.store import Store
+from lmref.production.batch_input import bad_request, check_metadata, parse_requests
+from lmref.production.celery_app import BatchConfig, make_celery, send_requests
+from lmref.production.connections import STORE_ERRORS
+from lmref.production.store import Store, batch_id_ok, file_id_ok, new_batch_id
+from lmref.production.sweeper import Sweeper
+from lmref.serving.guards import error_response
 from lmref.serving.schema import APIError
 from lmref.serving.state import EXTENSION
 
@@ -51,57 +54,12 @@ class BatchAPI:
     config: BatchConfig
     store: Store
     celery: Celery
+    sweeper: Sweeper
 
 
 def batch_api() -> BatchAPI:
     """The Batch API of the app handling the current request."""
     return current_app.extensions[BATCH_EXTENSION]
-
-
-def _bad(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code="invalid_request")
-
-
-def _parse_requests(content: bytes, endpoint: str, file_id: str, limit: int) -> list[dict]:
-    """The input file's requests; a bad line is a 400 naming the line and the field."""
-    try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _bad(f"{file_id} is not UTF-8 text", "input_file_id") from None
-    requests, seen = [], set()
-    for number, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        where = f"{file_id} line {number}"
-        try:
-            item = json.loads(raw)
-        except ValueError:
-            raise _bad(f"{where} is not valid JSON", "input_file_id") from None
-        if not isinstance(item, dict):
-            raise _bad(f"{where} must be a JSON object", "input_file_id")
-        custom_id = item.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            raise _bad(f"{where}: 'custom_id' must be a non-empty string", "input_file_id")
-        if custom_id in seen:
-            raise _bad(f"{where}: 'custom_id' {custom_id!r} is used twice", "input_file_id")
-        seen.add(custom_id)
-        if item.get("method", "POST") != "POST":
-            raise _bad(f"{where}: 'method' must be POST", "input_file_id")
-        if item.get("url") != endpoint:
-            raise _bad(
-                f"{where}: 'url' is {item.get('url')!r}, but the batch's endpoint is {endpoint!r}",
-                "input_file_id",
-            )
-        if not isinstance(item.get("body"), dict):
-            raise _bad(f"{where}: 'body' must be a JSON object", "input_file_id")
-        if item["body"].get("stream"):
-            raise _bad(f"{where}: 'stream' is not allowed in a batch", "input_file_id")
-        requests.append(item)
-    if not requests:
-        raise _bad(f"{file_id} holds no requests", "input_file_id")
-    if len(requests) > limit:
-        raise _bad(f"{file_id} holds {len(requests)} requests; at most {limit}", "input_file_id")
-    return requests
 
 
 class QueueDepthCollector:
@@ -120,18 +78,29 @@ class QueueDepthCollector:
         consumers = GaugeMetricFamily(
             "lmref:batch_queue_consumers", "Workers consuming the queue", labels=["queue"]
         )
+        found = self.read()
+        if found is not None:
+            depth.add_metric([self.queue], found[0])
+            consumers.add_metric([self.queue], found[1])
+        yield depth
+        yield consumers
+
+    def read(self) -> tuple[int, int] | None:
+        """(messages waiting, consumers), or None when the broker cannot say (down, no queue)."""
         try:
             with self.celery.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=2)
                 _, messages, listeners = conn.default_channel.queue_declare(
                     self.queue, passive=True
                 )
-            depth.add_metric([self.queue], messages)
-            consumers.add_metric([self.queue], listeners)
+            return messages, listeners
         except Exception as exc:  # no queue yet, broker down: the scrape still succeeds
             log.debug("queue depth unavailable: %s", exc)
-        yield depth
-        yield consumers
+            return None
+
+    def waiting(self) -> int | None:
+        found = self.read()
+        return None if found is None else found[0]
 
 
 def _not_found(kind: str, ident: str) -> APIError:
@@ -146,14 +115,16 @@ def _not_found(kind: str, ident: str) -> APIError:
 
 
 def batch_or_404(batch_id: str) -> dict:
-    batch = batch_api().store.finalize(batch_id)
+    """The batch, its counts as they are now; a 404 for an unknown id or one not in the form
+    this server gives out (checked before it reaches a Redis key)."""
+    batch = batch_api().store.finalize(batch_id) if batch_id_ok(batch_id) else None
     if batch is None:
         raise _not_found("batch", batch_id)
     return batch
 
 
 def file_or_404(file_id: str) -> dict:
-    meta = batch_api().store.file(file_id)
+    meta = batch_api().store.file(file_id) if file_id_ok(file_id) else None
     if meta is None:
         raise _not_found("file", file_id)
     return meta
@@ -163,10 +134,10 @@ def file_or_404(file_id: str) -> dict:
 def upload():
     upload = request.files.get("file")
     if upload is None:
-        raise _bad("a multipart form field 'file' is required", "file")
+        raise bad_request("a multipart form field 'file' is required", "file")
     purpose = request.form.get("purpose")
     if purpose != "batch":
-        raise _bad(f"'purpose' must be 'batch' (got {purpose!r})", "purpose")
+        raise bad_request(f"'purpose' must be 'batch' (got {purpose!r})", "purpose")
     return batch_api().store.put_file(upload.read(), upload.filename or "upload.jsonl", purpose)
 
 
@@ -182,34 +153,21 @@ def file_content(file_id: str):
     return content, 200, {"Content-Type": "application/jsonl"}
 
 
-def _time_limit(metadata: dict | None, default: float) -> float:
-    """metadata ``job_time_limit_s`` (OpenAI's metadata values are strings): each request's
-    time limit; a 400 unless it is seconds in (0, 24 h]."""
-    limit = (metadata or {}).get("job_time_limit_s", default)
-    try:
-        limit = float(limit)
-    except (TypeError, ValueError):
-        limit = -1.0
-    if not 0 < limit <= 24 * 3600:
-        raise _bad("metadata 'job_time_limit_s' must be seconds, > 0", "metadata")
-    return limit
-
-
 def new_batch(endpoint: str, file_id: str, total: int, metadata: dict | None) -> dict:
-    """A batch object as OpenAI writes one, in progress from now."""
+    """A batch object as OpenAI writes one, ``validating`` until its requests are queued."""
     now = int(time.time())
     return {
-        "id": "batch_" + uuid.uuid4().hex,
+        "id": new_batch_id(),
         "object": "batch",
         "endpoint": endpoint,
         "errors": None,
         "input_file_id": file_id,
         "completion_window": "24h",
-        "status": "in_progress",
+        "status": "validating",
         "output_file_id": None,
         "error_file_id": None,
         "created_at": now,
-        "in_progress_at": now,
+        "in_progress_at": None,
         "expires_at": now + 24 * 3600,
         "finalizing_at": None,
         "completed_at": None,
@@ -224,39 +182,49 @@ def new_batch(endpoint: str, file_id: str, total: int, metadata: dict | None) ->
 
 @batches.post("/v1/batches")
 def create_batch():
+    """Validate, store the batch as ``validating``, queue one message per request, then mark it
+    ``in_progress``. A broker that fails mid-way: the batch is marked ``failed`` (so no worker
+    keeps a result for it) and the client gets a 503 to retry; a replica that dies mid-way
+    leaves it ``validating``, which the sweeper fails. Never a batch that waits for messages
+    that do not exist."""
     api = batch_api()
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
     endpoint = body.get("endpoint")
     if endpoint not in ENDPOINTS:
-        raise _bad(f"'endpoint' must be one of {', '.join(ENDPOINTS)}", "endpoint")
+        raise bad_request(f"'endpoint' must be one of {', '.join(ENDPOINTS)}", "endpoint")
     if body.get("completion_window") != "24h":
-        raise _bad("'completion_window' must be '24h'", "completion_window")
-    metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise _bad("'metadata' must be an object", "metadata")
-    limit = _time_limit(metadata, api.config.job_time_limit_s)
+        raise bad_request("'completion_window' must be '24h'", "completion_window")
+    metadata = check_metadata(body.get("metadata"), api.config.job_time_limit_s)
     file_id = body.get("input_file_id")
     if not isinstance(file_id, str):
-        raise _bad("'input_file_id' must be a file id", "input_file_id")
+        raise bad_request("'input_file_id' must be a file id", "input_file_id")
     file_or_404(file_id)
-    requests = _parse_requests(
+    requests = parse_requests(
         api.store.file_content(file_id) or b"", endpoint, file_id, api.config.max_requests
     )
     batch = new_batch(endpoint, file_id, len(requests), metadata)
     api.store.put_batch(batch, [r["custom_id"] for r in requests])
-    with api.celery.producer_or_acquire() as producer:  # one connection for every message
-        for r in requests:
-            api.celery.send_task(
-                TASK_NAME,
-                args=[batch["id"], r["custom_id"], endpoint, r["body"]],
-                queue=api.config.queue,
-                producer=producer,
-                soft_time_limit=limit,
-                time_limit=limit + 15,
-            )
-    return batch
+    try:
+        send_requests(
+            api.celery,
+            api.config,
+            batch["id"],
+            endpoint,
+            requests,
+            api.config.time_limit(metadata),
+        )
+    except OperationalError as exc:
+        now = int(time.time())
+        error = {"code": "queue_unavailable", "message": str(exc), "param": None, "line": None}
+        api.store.update_batch(
+            batch["id"], status="failed", failed_at=now, errors={"object": "list", "data": [error]}
+        )
+        raise unavailable("queue", exc, api.config) from None
+    return api.store.update_batch(
+        batch["id"], status="in_progress", in_progress_at=int(time.time())
+    )
 
 
 @batches.get("/v1/batches/<batch_id>")
@@ -268,27 +236,76 @@ def retrieve_batch(batch_id: str):
 def list_batches():
     limit = request.args.get("limit", "20")
     if not limit.isdigit() or not 1 <= int(limit) <= 100:
-        raise _bad("'limit' must be an integer from 1 to 100", "limit")
+        raise bad_request("'limit' must be an integer from 1 to 100", "limit")
+    after = request.args.get("after")
+    if after is not None and not batch_id_ok(after):
+        raise bad_request("'after' must be a batch id", "after")
     store = batch_api().store
-    found = [b for b in (store.batch(i) for i in store.batch_ids()) if b]
-    found.sort(key=lambda b: b["created_at"], reverse=True)
-    page = found[: int(limit)]
+    ids = store.batch_ids(after, int(limit) + 1)
+    # finalize: each running batch's counts as they are now, not as they were stored
+    page = [b for b in (store.finalize(i) for i in ids[: int(limit)]) if b]
     return {
         "object": "list",
         "data": page,
-        "has_more": len(found) > len(page),
+        "has_more": len(ids) > int(limit),
         "first_id": page[0]["id"] if page else None,
         "last_id": page[-1]["id"] if page else None,
     }
 
 
+def unavailable(what: str, exc: Exception, config: BatchConfig) -> APIError:
+    """A 503 in OpenAI's shape with ``Retry-After``: the store or the queue is down, frozen or
+    full. Nothing was lost; the client retries."""
+    return APIError(
+        503,
+        f"the batch {what} is unavailable ({type(exc).__name__}); retry in "
+        f"{config.store_retry_after_s} s",
+        "service_unavailable_error",
+        code=f"{what}_unavailable",
+        headers={"Retry-After": str(config.store_retry_after_s)},
+    )
+
+
+def store_unavailable(exc: Exception):
+    log.warning("batch store unavailable: %s", exc)
+    return error_response(unavailable("store", exc, batch_api().config))
+
+
+def queue_unavailable(exc: Exception):
+    log.warning("batch queue unavailable: %s", exc)
+    return error_response(unavailable("queue", exc, batch_api().config))
+
+
+for _error in STORE_ERRORS:
+    batches.register_error_handler(_error, store_unavailable)
+batches.register_error_handler(OperationalError, queue_unavailable)
+
+
 def register_batch_api(app: Flask, config: BatchConfig) -> Store:
     """Add the Files and Batches routes to a server app (``lmref.serving.app.create_app``), behind
     its API keys, and the queue depth gauge to its ``/metrics``. Builds this replica's producer
-    Celery app (the one it has)."""
+    Celery app (the one it has) and starts its sweeper (``lmref.production.sweeper``), which
+    stops when the server drains."""
     store = Store(config.store_url, config.ttl_s)
-    celery = make_celery(config)
-    app.extensions[EXTENSION].metrics.registry.register(QueueDepthCollector(celery, config.queue))
-    app.extensions[BATCH_EXTENSION] = BatchAPI(config, store, celery)
+    celery = make_celery(config, producer=True)
+    depth = QueueDepthCollector(celery, config.queue)
+    state = app.extensions[EXTENSION]
+    state.metrics.registry.register(depth)
+    sweeper = Sweeper(
+        store,
+        config,
+        queue_depth=depth.waiting,
+        requeue=lambda batch, requests: send_requests(
+            celery,
+            config,
+            batch["id"],
+            batch["endpoint"],
+            requests,
+            config.time_limit(batch["metadata"]),
+        ),
+    )
+    if config.sweep_interval_s > 0:
+        sweeper.start(config.sweep_interval_s, state.draining)
+    app.extensions[BATCH_EXTENSION] = BatchAPI(config, store, celery, sweeper)
     app.register_blueprint(batches)
     return store

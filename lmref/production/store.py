@@ -2,6 +2,15 @@
 written once per ``custom_id`` (a redelivered request still appears once in the output), with
 the output and error files assembled in input order when the last result arrives.
 
+Ids are checked against their format before they reach a key name (``batch_id_ok``,
+``file_id_ok``): an id such as ``{id}:order`` must not name another key. Every call is bounded
+(``lmref.production.connections``): an unavailable store raises one of ``STORE_ERRORS``, which
+the API answers with a 503 and a worker waits out without acknowledging its message.
+
+The store belongs in a Redis of its own with ``maxmemory-policy noeviction`` and an append-only
+file on a persistent volume (``deploy/k8s/backends.yaml``): its keys are live state, not a cache.
+Keys expire ``ttl_s`` after their last write, as OpenAI's files do; they are never evicted.
+
 Usage::
 
     from lmref.production.store import Store, result_line
@@ -15,25 +24,44 @@ Usage::
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any
 
-import redis
+from lmref.production.connections import redis_client
 
 TTL_S = 7 * 24 * 3600  # files, batches and results expire after this (BatchConfig.ttl_s)
+TERMINAL = ("completed", "failed", "cancelled", "expired")
+_BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
+_FILE_ID = re.compile(r"file-(?:[0-9a-f]{32}|batch_[0-9a-f]{32}-(?:output|errors))")
+
+
+def new_batch_id() -> str:
+    return "batch_" + uuid.uuid4().hex
+
+
+def batch_id_ok(batch_id: str) -> bool:
+    """Whether ``batch_id`` has the form this store gives out (``batch_`` and 32 hex digits)."""
+    return isinstance(batch_id, str) and _BATCH_ID.fullmatch(batch_id) is not None
+
+
+def file_id_ok(file_id: str) -> bool:
+    """Whether ``file_id`` has a form this store gives out (an upload, or a batch's output)."""
+    return isinstance(file_id, str) and _FILE_ID.fullmatch(file_id) is not None
 
 
 class Store:
     """Files, batches and per-request results in Redis (keys ``lmref:batch:*``)."""
 
-    def __init__(self, url: str, ttl_s: int = TTL_S):
-        self.r = redis.Redis.from_url(url)
+    def __init__(self, url: str, ttl_s: int = TTL_S, timeout_s: float = 2.0):
+        self.r = redis_client(url, timeout_s)
         self.ttl_s = ttl_s
 
     def _key(self, *parts: str) -> str:
         return "lmref:batch:" + ":".join(parts)
 
+    # ------------------------------------------------------------------------------------ files
     def put_file(self, content: bytes, filename: str, purpose: str, file_id: str = "") -> dict:
         file_id = file_id or "file-" + uuid.uuid4().hex
         meta = {
@@ -53,64 +81,124 @@ class Store:
         return meta
 
     def file(self, file_id: str) -> dict | None:
+        if not file_id_ok(file_id):
+            return None
         raw = self.r.get(self._key("file", file_id))
         return json.loads(raw) if raw else None
 
     def file_content(self, file_id: str) -> bytes | None:
-        return self.r.get(self._key("file", file_id, "content"))
+        return self.r.get(self._key("file", file_id, "content")) if file_id_ok(file_id) else None
 
+    # ---------------------------------------------------------------------------------- batches
     def put_batch(self, batch: dict, custom_ids: list[str]) -> None:
-        pipe = self.r.pipeline()
-        pipe.set(self._key(batch["id"]), json.dumps(batch), ex=self.ttl_s)
-        pipe.rpush(self._key(batch["id"], "order"), *custom_ids)
-        pipe.expire(self._key(batch["id"], "order"), self.ttl_s)
+        """Store a new batch and its request order, and list it (newest first, and among the
+        live ones the sweeper watches)."""
+        batch_id = batch["id"]
+        pipe = self.r.pipeline()  # MULTI/EXEC: all of it or nothing
+        pipe.set(self._key(batch_id), json.dumps(batch), ex=self.ttl_s)
+        pipe.rpush(self._key(batch_id, "order"), *custom_ids)
+        pipe.expire(self._key(batch_id, "order"), self.ttl_s)
+        pipe.zadd(self._key("index"), {batch_id: time.time()})  # finer than created_at
+        pipe.sadd(self._key("live"), batch_id)
         pipe.execute()
 
     def batch(self, batch_id: str) -> dict | None:
+        if not batch_id_ok(batch_id):
+            return None
         raw = self.r.get(self._key(batch_id))
         return json.loads(raw) if raw else None
 
-    def update_batch(self, batch_id: str, **fields: Any) -> None:
-        batch = self.batch(batch_id) or {}
-        self.r.set(self._key(batch_id), json.dumps({**batch, **fields}), ex=self.ttl_s)
+    def update_batch(self, batch_id: str, **fields: Any) -> dict:
+        batch = {**(self.batch(batch_id) or {}), **fields}
+        pipe = self.r.pipeline()
+        pipe.set(self._key(batch_id), json.dumps(batch), ex=self.ttl_s)
+        if batch.get("status") in TERMINAL:
+            pipe.srem(self._key("live"), batch_id)
+        pipe.execute()
+        return batch
 
-    def batch_ids(self) -> list[str]:
-        return sorted(
-            (
-                k.decode().rsplit(":", 1)[1]
-                for k in self.r.scan_iter(self._key("batch_*"))
-                if k.count(b":") == 2
-            ),
-            reverse=True,
-        )
+    def batch_ids(self, after: str | None = None, limit: int = 20) -> list[str]:
+        """Batch ids, newest first; ``after``: those older than that one (OpenAI's cursor)."""
+        index = self._key("index")
+        start = 0
+        if after is not None:
+            rank = self.r.zrevrank(index, after) if batch_id_ok(after) else None
+            if rank is None:
+                return []
+            start = rank + 1
+        return [i.decode() for i in self.r.zrevrange(index, start, start + limit - 1)]
 
-    # The result and its count in one step (a Lua script runs atomically in Redis): a worker that
-    # dies in between cannot leave a result uncounted, and a batch that never completes.
+    def live_batch_ids(self) -> list[str]:
+        """Batches not yet completed, failed or cancelled: the ones the sweeper watches."""
+        return sorted(i.decode() for i in self.r.smembers(self._key("live")))
+
+    def forget(self, batch_id: str) -> None:
+        """Drop an expired batch from the index and the live set."""
+        self.r.zrem(self._key("index"), batch_id)
+        self.r.srem(self._key("live"), batch_id)
+
+    def order(self, batch_id: str) -> list[str]:
+        return [c.decode() for c in self.r.lrange(self._key(batch_id, "order"), 0, -1)]
+
+    # ---------------------------------------------------------------------------------- results
+    # The result, its count and the batch's last activity in one step (a Lua script runs
+    # atomically in Redis): a worker that dies in between cannot leave a result uncounted.
     _RECORD = """
     if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
     redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+    redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[4])
     redis.call('EXPIRE', KEYS[1], ARGV[4]); redis.call('EXPIRE', KEYS[2], ARGV[4])
     return 1"""
 
     def record(self, batch_id: str, custom_id: str, line: dict) -> bool:
         """Store one request's result line; False when it was stored already (a redelivery)."""
         outcome = "completed" if line["error"] is None else "failed"
-        keys = [self._key(batch_id, "results"), self._key(batch_id, "counts")]
-        return bool(
-            self.r.eval(self._RECORD, 2, *keys, custom_id, json.dumps(line), outcome, self.ttl_s)
-        )
+        keys = [self._key(batch_id, k) for k in ("results", "counts", "active")]
+        args = [custom_id, json.dumps(line), outcome, self.ttl_s, time.time()]
+        return bool(self.r.eval(self._RECORD, 3, *keys, *args))
 
     def has_result(self, batch_id: str, custom_id: str) -> bool:
         return bool(self.r.hexists(self._key(batch_id, "results"), custom_id))
+
+    def done_ids(self, batch_id: str) -> set[str]:
+        return {k.decode() for k in self.r.hkeys(self._key(batch_id, "results"))}
 
     def attempt(self, batch_id: str, custom_id: str, worker: str) -> int:
         """Count one delivery of a request to a worker; returns how many there were."""
         pipe = self.r.pipeline()
         pipe.hincrby(self._key(batch_id, "attempts"), custom_id, 1)
         pipe.hset(self._key(batch_id, "workers"), custom_id, worker)
+        pipe.set(self._key(batch_id, "active"), time.time(), ex=self.ttl_s)
         pipe.expire(self._key(batch_id, "attempts"), self.ttl_s)
         pipe.expire(self._key(batch_id, "workers"), self.ttl_s)
         return int(pipe.execute()[0])
+
+    def last_activity(self, batch_id: str) -> float | None:
+        """When a worker last took or finished one of the batch's requests (epoch seconds)."""
+        raw = self.r.get(self._key(batch_id, "active"))
+        return float(raw) if raw else None
+
+    def touch(self, batch_id: str) -> None:
+        """Mark the batch active now (the sweeper waits ``stall_s`` from here)."""
+        self.r.set(self._key(batch_id, "active"), time.time(), ex=self.ttl_s)
+
+    def requeued(self, batch_id: str) -> int:
+        """Count one more requeue of the batch's lost requests; returns how many there were."""
+        pipe = self.r.pipeline()
+        pipe.incr(self._key(batch_id, "requeues"))
+        pipe.expire(self._key(batch_id, "requeues"), self.ttl_s)
+        return int(pipe.execute()[0])
+
+    def requeues(self, batch_id: str) -> int:
+        return int(self.r.get(self._key(batch_id, "requeues")) or 0)
+
+    def lock(self, name: str, ttl_s: int) -> bool:
+        """Take the lock ``name`` for ``ttl_s`` seconds (it expires: a holder that died is
+        replaced); False when someone holds it."""
+        return bool(self.r.set(self._key("lock", name), "1", nx=True, ex=ttl_s))
+
+    def unlock(self, name: str) -> None:
+        self.r.delete(self._key("lock", name))
 
     def attempts(self, batch_id: str) -> dict[str, int]:
         return {
@@ -119,7 +207,7 @@ class Store:
 
     def running(self, batch_id: str) -> dict[str, str]:
         """Requests a worker has taken and not finished: custom_id -> worker."""
-        done = set(k.decode() for k in self.r.hkeys(self._key(batch_id, "results")))
+        done = self.done_ids(batch_id)
         return {c: w for c, w in self.workers(batch_id).items() if c not in done}
 
     def workers(self, batch_id: str) -> dict[str, str]:
@@ -129,30 +217,32 @@ class Store:
             for k, v in self.r.hgetall(self._key(batch_id, "workers")).items()
         }
 
-    def finalize(self, batch_id: str) -> dict | None:
-        """When every request has a result: write the output and error files (input order) and
-        mark the batch completed. Idempotent; any replica or worker may call it."""
-        batch = self.batch(batch_id)
-        if batch is None or batch["status"] in ("completed", "failed", "cancelled"):
-            return batch
+    def counts(self, batch_id: str, total: int) -> dict[str, int]:
         done = {
             k.decode(): int(v) for k, v in self.r.hgetall(self._key(batch_id, "counts")).items()
         }
-        total = batch["request_counts"]["total"]
-        counts = {
+        return {
             "total": total,
             "completed": done.get("completed", 0),
             "failed": done.get("failed", 0),
         }
+
+    def finalize(self, batch_id: str) -> dict | None:
+        """The batch with its counts as they are now; when every request has a result, write
+        the output and error files (input order) and mark it completed. Idempotent; any replica
+        or worker may call it."""
+        batch = self.batch(batch_id)
+        if batch is None or batch["status"] in TERMINAL:
+            return batch
+        counts = self.counts(batch_id, batch["request_counts"]["total"])
         batch["request_counts"] = counts
-        if counts["completed"] + counts["failed"] < total:
+        if counts["completed"] + counts["failed"] < counts["total"]:
             return batch
         # One finalizer at a time; the lock expires, so a finalizer that died is replaced.
         if not self.r.set(self._key(batch_id, "finalizing"), "1", nx=True, ex=30):
             return batch
         results = self.r.hgetall(self._key(batch_id, "results"))
-        order = [c.decode() for c in self.r.lrange(self._key(batch_id, "order"), 0, -1)]
-        lines = [json.loads(results[c.encode()]) for c in order]
+        lines = [json.loads(results[c.encode()]) for c in self.order(batch_id)]
         ok = [line for line in lines if line["error"] is None]
         bad = [line for line in lines if line["error"] is not None]
 
@@ -174,7 +264,7 @@ class Store:
             else None
         )
         now = int(time.time())
-        self.update_batch(
+        return self.update_batch(
             batch_id,
             status="completed",
             request_counts=counts,
@@ -183,7 +273,6 @@ class Store:
             finalizing_at=now,
             completed_at=now,
         )
-        return self.batch(batch_id)
 
 
 def result_line(custom_id: str, status: int, body: Any, request_id: str) -> dict:
@@ -205,7 +294,7 @@ def result_line(custom_id: str, status: int, body: Any, request_id: str) -> dict
 
 def failure_line(custom_id: str, code: str, message: str) -> dict:
     """A line of the error file for a request that got no response (its worker lost, its
-    time limit hard-killed it, its attempts used up)."""
+    time limit hard-killed it, its attempts used up, its message lost)."""
     return {
         "id": "batch_req_" + uuid.uuid4().hex,
         "custom_id": custom_id,

@@ -10,7 +10,9 @@ Each worker process owns its models (a ``lmref.serving.state.ServingState``, loa
 pool process starts) and answers a request with ``lmref.serving.service.answer``: the very
 request shaping, engine and response shaping the HTTP server runs, without HTTP. A request is
 acknowledged only when its line is stored (``acks_late``, ``task_reject_on_worker_lost``,
-prefetch 1), so a worker killed mid-request loses nothing: RabbitMQ delivers it again. A request
+prefetch 1), so a worker killed mid-request loses nothing: RabbitMQ delivers it again. A store
+that is down, frozen or full is waited out with the message unacknowledged (``patiently``), the
+answer kept in memory; past the time limit the message goes back to the queue. A request
 that fails on its own input (a 4xx, its time limit, a worker lost ``max_attempts`` times on it)
 fails alone. With env ``LMREF_CACHE_URL`` workers share the replicas' response cache.
 
@@ -30,12 +32,14 @@ import os
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery import Celery, Task, signals
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from lmref.production.celery_app import TASK_NAME, BatchConfig, make_celery
+from lmref.production.connections import STORE_ERRORS
 from lmref.production.store import Store, failure_line, result_line
 from lmref.serving.config import ServingConfig
 from lmref.serving.engine import ModelSpec
@@ -45,6 +49,11 @@ from lmref.serving.state import ServingState
 
 log = logging.getLogger("lmref.production.worker")
 READY_LINE = "lmref worker: models loaded"
+T = TypeVar("T")
+
+
+class StoreUnavailable(RuntimeError):
+    """The store stayed unavailable for longer than a caller would wait."""
 
 
 def worker_models(text: str) -> list[ModelSpec]:
@@ -147,14 +156,45 @@ class BatchWorker:
             err = APIError(500, "internal server error", "server_error", code="internal_error")
         return err.status, err.body()
 
+    def patiently(self, call: Callable[..., T], *args: Any, give_up_after_s: float = 0) -> T:
+        """``call(*args)`` against the store, waited out while the store is unavailable (down,
+        frozen, out of memory): this worker can do nothing useful without it, and its message
+        stays unacknowledged meanwhile. The wait ends when the call succeeds, when the task's
+        soft time limit strikes (``SoftTimeLimitExceeded``), or after ``give_up_after_s`` (0:
+        no bound of its own), with ``StoreUnavailable``. Every store call is idempotent, so
+        one that timed out after Redis ran it is safe to repeat."""
+        started, pause = time.monotonic(), 0.25
+        while True:
+            try:
+                return call(*args)
+            except STORE_ERRORS as exc:
+                waited = time.monotonic() - started
+                if give_up_after_s and waited > give_up_after_s:
+                    raise StoreUnavailable(f"store unavailable for {waited:.0f} s: {exc}") from exc
+                if pause == 0.25:  # once per outage, not once per try
+                    log.warning("store unavailable (%s); waiting for it", exc)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
     def run(self, task: Task, batch_id: str, custom_id: str, url: str, body: dict) -> int:
-        """One delivery of one request: skip it when already answered, fail it when delivered
-        too often, else answer it and store its line; returns the status."""
+        """One delivery of one request: skip it when already answered or its batch is gone or
+        failed, fail it when delivered too often, else answer it and store its line; returns
+        the status. A store that stays unavailable past the soft time limit: the message goes
+        back to the queue unacknowledged (``Reject(requeue=True)``), never lost."""
+        try:
+            return self._run(task, batch_id, custom_id, url, body)
+        except SoftTimeLimitExceeded:  # it struck while waiting for the store: nothing recorded
+            raise Reject("the store stayed unavailable past the time limit", requeue=True) from None
+
+    def _run(self, task: Task, batch_id: str, custom_id: str, url: str, body: dict) -> int:
         store, config = self.store, self.config
-        if store.has_result(batch_id, custom_id):  # done before, the ack was lost: nothing to do
-            store.finalize(batch_id)
+        if self.patiently(store.has_result, batch_id, custom_id):  # done before, ack was lost
+            self.patiently(store.finalize, batch_id)
             return 0
-        attempts = store.attempt(batch_id, custom_id, f"{task.request.hostname}")
+        batch = self.patiently(store.batch, batch_id)
+        if batch is None or batch["status"] in ("failed", "cancelled", "expired"):
+            return 0  # its batch failed to queue (or expired): nobody will read this result
+        attempts = self.patiently(store.attempt, batch_id, custom_id, f"{task.request.hostname}")
         limit = (task.request.timelimit or (None, None))[1] or config.job_time_limit_s
         if attempts > config.max_attempts:
             # Every delivery so far ended without a result (its worker died on it, or its
@@ -164,24 +204,33 @@ class BatchWorker:
                 f"running it, or its upstream unreachable); at most {config.max_attempts} allowed"
             )
             line = failure_line(custom_id, "max_attempts_exceeded", message)
-            store.record(batch_id, custom_id, line)
-            store.finalize(batch_id)
+            self.patiently(store.record, batch_id, custom_id, line)
+            self.patiently(store.finalize, batch_id)
             return 500
         try:
             status, response = self.respond(url, body, limit)
         except urllib.error.URLError as exc:  # the upstream is down: not the request's fault
             raise task.retry(exc=exc, countdown=2, max_retries=5) from None
         line = result_line(custom_id, status, response, f"req_{task.request.id}")
-        store.record(batch_id, custom_id, line)
-        store.finalize(batch_id)
+        # The answer is kept in memory while the store is waited out: the request is not run
+        # again when Redis comes back within the time limit.
+        self.patiently(store.record, batch_id, custom_id, line)
+        self.patiently(store.finalize, batch_id)
         return status
 
     def fail(self, batch_id: str, custom_id: str, exc: BaseException) -> None:
-        """A task that raised, or hit its hard time limit: the request fails alone, on record."""
+        """A task that raised, or hit its hard time limit: the request fails alone, on record.
+        Runs in the worker's main process for a hard time limit, so the store is waited for a
+        bounded time only; a line that could not be written is the sweeper's to find."""
         code = "time_limit_exceeded" if "TimeLimit" in type(exc).__name__ else "worker_error"
         line = failure_line(custom_id, code, f"{type(exc).__name__}: {exc}")
-        self.store.record(batch_id, custom_id, line)
-        self.store.finalize(batch_id)
+        try:
+            self.patiently(self.store.record, batch_id, custom_id, line, give_up_after_s=30)
+            self.patiently(self.store.finalize, batch_id, give_up_after_s=30)
+        except StoreUnavailable:
+            log.error(
+                "could not record the failure of %s/%s; the sweeper will", batch_id, custom_id
+            )
 
 
 class RequestTask(Task):
