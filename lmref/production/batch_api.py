@@ -216,11 +216,7 @@ def create_batch():
             api.config.time_limit(metadata),
         )
     except OperationalError as exc:
-        now = int(time.time())
-        error = {"code": "queue_unavailable", "message": str(exc), "param": None, "line": None}
-        api.store.update_batch(
-            batch["id"], status="failed", failed_at=now, errors={"object": "list", "data": [error]}
-        )
+        api.store.fail_batch(batch["id"], "queue_unavailable", str(exc))
         raise unavailable("queue", exc, api.config) from None
     return api.store.update_batch(
         batch["id"], status="in_progress", in_progress_at=int(time.time())

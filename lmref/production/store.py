@@ -117,6 +117,16 @@ class Store:
         pipe.execute()
         return batch
 
+    def fail_batch(self, batch_id: str, code: str, message: str, now: float | None = None) -> dict:
+        """Mark a batch ``failed`` with one error, in OpenAI's ``errors`` shape."""
+        error = {"code": code, "message": message, "param": None, "line": None}
+        return self.update_batch(
+            batch_id,
+            status="failed",
+            failed_at=int(time.time() if now is None else now),
+            errors={"object": "list", "data": [error]},
+        )
+
     def batch_ids(self, after: str | None = None, limit: int = 20) -> list[str]:
         """Batch ids, newest first; ``after``: those older than that one (OpenAI's cursor)."""
         index = self._key("index")

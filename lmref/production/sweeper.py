@@ -90,18 +90,12 @@ class Sweeper:
         return report
 
     def _fail_unqueued(self, batch: dict, now: float) -> None:
-        error = {
-            "code": "enqueue_incomplete",
-            "message": "the batch's requests were not all queued (its server stopped, or the "
-            "queue was unavailable); create it again",
-            "param": None,
-            "line": None,
-        }
-        self.store.update_batch(
+        self.store.fail_batch(
             batch["id"],
-            status="failed",
-            failed_at=int(now),
-            errors={"object": "list", "data": [error]},
+            "enqueue_incomplete",
+            "the batch's requests were not all queued (its server stopped, or the queue was "
+            "unavailable); create it again",
+            now,
         )
         log.warning("batch %s failed: its create did not finish queueing", batch["id"])
 
