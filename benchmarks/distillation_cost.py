@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmref.lab import course
+from lmref.lab import course, distill_recipe
 from lmref.lab.env import cpu_model
 from lmref.models.loading import load_model
 from lmref.models.presets import count_parameters
@@ -44,7 +44,7 @@ def seconds_per_step(teacher, teacher_dir, steps: int, batch: int, distill) -> f
             logging_steps=steps,
             disable_tqdm=True,
         )
-        _, result = course.train_student(teacher, teacher_dir, config, distill)
+        _, result = distill_recipe.train_student(teacher, teacher_dir, config, distill)
     return result.train_seconds / steps
 
 
@@ -90,14 +90,14 @@ def main() -> None:
     args = parser.parse_args()
     teacher_dir = course.ensure_full_ft()
     teacher = load_model(str(teacher_dir))
-    student = course.build_student(teacher_dir)
+    student = distill_recipe.build_student(teacher_dir)
     distill = DistillationConfig(temperature=2.0, alpha=0.5)
     plain, kd = [], []
     for _ in range(args.repeats):  # interleaved, so a busy neighbour hurts both alike
         plain.append(seconds_per_step(teacher, teacher_dir, args.steps, args.batch, None))
         kd.append(seconds_per_step(teacher, teacher_dir, args.steps, args.batch, distill))
         print({"plain_s_per_step": plain[-1], "kd_s_per_step": kd[-1]}, flush=True)
-    tokenized, collator = course._tokenized_instructions(str(teacher_dir))
+    tokenized, collator = course.tokenized_instructions(str(teacher_dir))
     batches = [
         collator([tokenized["train"][i] for i in range(s, s + args.batch)])
         for s in range(0, 10 * args.batch, args.batch)

@@ -5,7 +5,7 @@
    worker bookkeeping (file lock, dead-trial recovery, counting). Each sampler runs with the
    journal file on disk (what the notebook uses) and, for reference, Optuna's in-memory storage
    through plain ``study.optimize``.
-2. Workers: the course's real LoRA trial (``lmref.lab.course:lora_objective``, a short fine-tune of
+2. Workers: the course's real LoRA trial (``lmref.lab.search_recipe:lora_objective``, a short fine-tune of
    the base on the instruction set) run by 1 worker process and by 2, same trial count, random
    sampler's settings queued in advance so both runs train the same trials, ``OMP_NUM_THREADS=1``
    per process; wall time including process start-up, and trials per second between the first
@@ -27,7 +27,7 @@ import optuna
 import torch
 
 from lmref import tuning
-from lmref.lab import course
+from lmref.lab import course, search_recipe
 from lmref.lab.env import cpu_model
 from lmref.tuning import StudyConfig
 
@@ -35,7 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def free_objective(trial: optuna.Trial) -> float:
-    p = tuning.suggest(trial, course.LORA_SPACE)
+    p = tuning.suggest(trial, search_recipe.LORA_SPACE)
     return (
         abs(p["learning_rate"] - 3e-3) * 100
         + p["warmup_steps"] / 10
@@ -54,9 +54,11 @@ def overhead(sampler: str, n_trials: int, folder: Path) -> dict:
         n_startup_trials=4,
     )
     start = time.perf_counter()
-    study = tuning.run_study(free_objective, config, course.LORA_SPACE)
+    study = tuning.run_study(free_objective, config, search_recipe.LORA_SPACE)
     journal = (time.perf_counter() - start) / len(study.trials)
-    memory = optuna.create_study(sampler=tuning.make_sampler(sampler, course.LORA_SPACE, n_trials))
+    memory = optuna.create_study(
+        sampler=tuning.make_sampler(sampler, search_recipe.LORA_SPACE, n_trials)
+    )
     start = time.perf_counter()
     memory.optimize(free_objective, n_trials=n_trials)
     in_memory = (time.perf_counter() - start) / len(memory.trials)
@@ -71,7 +73,7 @@ def overhead(sampler: str, n_trials: int, folder: Path) -> dict:
 def queued_params(n_trials: int) -> list[dict]:
     """The same settings for every worker count (trials of other batch sizes cost differently)."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    return [tuning.suggest(study.ask(), course.LORA_SPACE) for _ in range(n_trials)]
+    return [tuning.suggest(study.ask(), search_recipe.LORA_SPACE) for _ in range(n_trials)]
 
 
 def workers(n_workers: int, n_trials: int, steps: int, folder: Path) -> dict:
@@ -81,14 +83,14 @@ def workers(n_workers: int, n_trials: int, steps: int, folder: Path) -> dict:
         sampler="random",
         n_trials=n_trials,
     )
-    study = tuning.open_study(config, course.LORA_SPACE)
+    study = tuning.open_study(config, search_recipe.LORA_SPACE)
     for params in queued_params(n_trials):
         study.enqueue_trial(params)
     run = tuning.run_workers(
         n_workers,
         config,
-        "lmref.lab.course:LORA_SPACE",
-        "lmref.lab.course:lora_objective",
+        "lmref.lab.search_recipe:LORA_SPACE",
+        "lmref.lab.search_recipe:lora_objective",
         {"steps": steps},
         threads_per_worker=1,
     )
@@ -129,7 +131,7 @@ def main() -> None:
         "device": f"{cpu_model()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "optuna": optuna.__version__,
-        "search_space": [p.name for p in course.LORA_SPACE],
+        "search_space": [p.name for p in search_recipe.LORA_SPACE],
         "overhead": per_sampler,
         "workers": scaling,
         "speedup_2_workers_wall": one["wall_seconds"] / two["wall_seconds"],

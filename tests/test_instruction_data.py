@@ -32,10 +32,27 @@ def instructions():
 def test_instruction_dataset_splits_share_no_input(instructions):
     ds, stats = instructions
     tasks = InstructionConfig().tasks
-    assert set(ds["train"]["task"]) == set(ds["test"]["task"]) == set(tasks)
+    assert set(ds["train"]["task"]) == set(ds["validation"]["task"]) == set(tasks)
+    assert set(ds["test"]["task"]) == set(tasks)
     assert len(ds["train"]) == 200 * len(tasks) and len(ds["test"]) == 20 * len(tasks)
-    assert not set(ds["train"]["instruction"]) & set(ds["test"]["instruction"])
-    assert stats["shared_inputs"] == 0
+    assert len(ds["validation"]) == 50 * len(tasks)
+    splits = [set(ds[s]["instruction"]) for s in ("train", "validation", "test")]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    assert stats["shared_inputs"] == 0 and stats["validation"] == 50 * len(tasks)
+
+
+def test_every_split_is_stratified_and_shuffled(instructions):
+    # The first k * len(tasks) rows hold k of each task, so "evaluate on the first N" measures
+    # every task (it once measured only `date`); the order within each round is random.
+    ds, _ = instructions
+    tasks = InstructionConfig().tasks
+    for split in ("validation", "test"):
+        column = ds[split]["task"]
+        for k in (1, 3, 10):
+            prefix = column[: k * len(tasks)]
+            assert {t: prefix.count(t) for t in tasks} == dict.fromkeys(tasks, k), (split, k)
+        rounds = [tuple(column[i : i + len(tasks)]) for i in range(0, 10 * len(tasks), len(tasks))]
+        assert len(set(rounds)) > 1, f"{split}: every round in the same task order"
     assert ds["train"].column_names == ["task", "instruction", "answer"]
 
 
@@ -67,11 +84,8 @@ def test_instruction_dataset_is_deterministic_and_checks_tasks(tmp_path):
     a, stats = make_instruction_dataset(config)
     b, _ = make_instruction_dataset(config)
     assert list(a["train"]["instruction"]) == list(b["train"]["instruction"])
-    row = a["test"][0]
-    assert (
-        row["task"] == "reverse"
-        and row["answer"].split() == row["instruction"].split(": ")[1].split()[::-1]
-    )
+    row = next(r for r in a["test"] if r["task"] == "reverse")
+    assert row["answer"].split() == row["instruction"].split(": ")[1].split()[::-1]
     with pytest.raises(ValueError, match="unknown task"):
         make_instruction_dataset(InstructionConfig(tasks=("poetry",)))
     with pytest.raises(ValueError, match="distinct inputs"):
@@ -79,10 +93,13 @@ def test_instruction_dataset_is_deterministic_and_checks_tasks(tmp_path):
     specs = tmp_path / "tasks.json"
     specs.write_text(json.dumps({"add": {"template": "{a}+{b}=", "a": [1, 3], "b": [5, 5]}}))
     ds, stats = make_instruction_dataset(
-        InstructionConfig(tasks=("add",), test_per_task=1, task_specs_path=str(specs))
+        InstructionConfig(
+            tasks=("add",), validation_per_task=1, test_per_task=1, task_specs_path=str(specs)
+        )
     )
-    assert sorted(list(ds["train"]["answer"]) + list(ds["test"]["answer"])) == ["6", "7", "8"]
-    assert stats["tasks"]["add"]["train"] == 2
+    answers = [a for split in ("train", "validation", "test") for a in ds[split]["answer"]]
+    assert sorted(answers) == ["6", "7", "8"]
+    assert stats["tasks"]["add"]["train"] == 1
 
 
 def test_shipped_task_definitions_match_the_code():
@@ -166,7 +183,11 @@ def test_task_spec_missing_a_field_names_the_task_example_and_field(tmp_path):
     path = tmp_path / "tasks.json"
     path.write_text(json.dumps(specs))
     config = InstructionConfig(
-        tasks=("date",), train_per_task=5, test_per_task=1, task_specs_path=str(path)
+        tasks=("date",),
+        train_per_task=5,
+        validation_per_task=1,
+        test_per_task=1,
+        task_specs_path=str(path),
     )
     with pytest.raises(
         ValueError,

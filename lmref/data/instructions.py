@@ -1,8 +1,12 @@
 """An instruction data set of templated tasks with exactly checkable answers, and its loss masking.
 
 Tasks (dates in words, 12-hour time, digits spelled out, reversing / sorting / upper-casing
-words, addition) turn an input into a short answer that is not a copy of it, so exact match
-measures a learned transformation. Each instruction is unique across train and test. The
+words, addition; ``lmref.data.instruction_tasks``) turn an input into a short answer that is not a copy of it, so exact match
+measures a learned transformation. Each instruction is unique across train, validation and test;
+each split is stratified (every task equally often) and shuffled so that any prefix of
+``k * len(tasks)`` rows holds ``k`` of each task: an evaluation on the first N rows measures all
+tasks, not the first one. Validation is for every choice (eval loss, searches, sweeps), test for
+the final numbers only (``lmref.core.stats`` gives them their interval). The
 prompt template, the tokenization that masks the prompt out of the loss (labels -100), and the
 collator that pads a batch (transformers' ``DataCollatorForSeq2Seq``) live here too.
 The corpus side of data preparation (sources, cleaning, dedup, tokenizer, packing) is
@@ -16,7 +20,7 @@ Usage::
     raw, stats = make_instruction_dataset(InstructionConfig(train_per_task=2000))
     tokenized = tokenize_instructions(raw["train"], tokenizer)   # input_ids, labels
     batch = InstructionCollator(tokenizer)(list(tokenized.select(range(8))))
-    print(format_prompt(raw["test"][0]["instruction"]) + raw["test"][0]["answer"])
+    print(format_prompt(raw["validation"][0]["instruction"]) + raw["validation"][0]["answer"])
 """
 
 from __future__ import annotations
@@ -33,186 +37,12 @@ from datasets import Dataset, DatasetDict
 from transformers import DataCollatorForSeq2Seq
 
 from lmref.core.losses import IGNORE_INDEX  # the label the loss skips: one constant, in core
+from lmref.data.instruction_tasks import TASK_SPECS, checked_example
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n### Answer:\n"
-
-# Templated tasks whose answers are short, exactly checkable and need a transformation of the input
-# (not a copy of a span of it). data/instruction_tasks.json is a copy of this table (a test keeps
-# them equal); InstructionConfig.task_specs_path loads an edited one.
-TASK_SPECS: dict[str, dict] = {
-    "date": {
-        "template": "Write the date {iso} in words.",
-        "months": [
-            "January",
-            "February",
-            "March",
-            "April",
-            "May",
-            "June",
-            "July",
-            "August",
-            "September",
-            "October",
-            "November",
-            "December",
-        ],
-        "years": [1950, 2049],
-        "days": [1, 28],
-    },
-    "time": {
-        "template": "Write {hhmm} in 12-hour time.",
-    },
-    "digits": {
-        "template": "Spell out the digits of {number}.",
-        "names": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
-        "lengths": [3, 4],
-    },
-    "reverse": {
-        "template": "Reverse the order of the words: {words}",
-        "words": [
-            "file",
-            "list",
-            "string",
-            "value",
-            "name",
-            "type",
-            "object",
-            "error",
-            "data",
-            "line",
-            "path",
-            "time",
-            "key",
-            "module",
-            "class",
-            "text",
-            "word",
-            "code",
-            "node",
-            "user",
-            "host",
-            "port",
-            "mode",
-            "size",
-        ],
-        "lengths": [3, 4],
-    },
-    "sort": {
-        "template": "Sort the words alphabetically: {words}",
-        "words": [
-            "apple",
-            "bread",
-            "cheese",
-            "dates",
-            "eggs",
-            "flour",
-            "grapes",
-            "honey",
-            "jam",
-            "lemon",
-            "milk",
-            "nuts",
-            "olives",
-            "pears",
-            "rice",
-            "salt",
-        ],
-        "lengths": [3],
-    },
-    "add": {
-        "template": "What is {a} plus {b}?",
-        "a": [10, 99],
-        "b": [1, 9],
-    },
-    "uppercase": {
-        "template": "Write in capital letters: {words}",
-        "words": [
-            "red",
-            "name",
-            "default",
-            "time",
-            "text",
-            "test",
-            "node",
-            "user",
-            "port",
-            "lock",
-            "state",
-            "read",
-            "send",
-            "run",
-            "load",
-        ],
-        "lengths": [2, 3],
-    },
-}
-
-
-# The fields each task reads from its spec; an edited spec missing one is named in the error.
-TASK_FIELDS: dict[str, tuple[str, ...]] = {
-    "date": ("template", "months", "years", "days"),
-    "time": ("template",),
-    "digits": ("template", "names", "lengths"),
-    "reverse": ("template", "words", "lengths"),
-    "sort": ("template", "words", "lengths"),
-    "add": ("template", "a", "b"),
-    "uppercase": ("template", "words", "lengths"),
-}
-
-
-def _task_example(task: str, spec: dict, rng: random.Random) -> tuple[str, str]:
-    t = spec["template"]
-    if task == "date":
-        y, m, d = rng.randint(*spec["years"]), rng.randint(1, 12), rng.randint(*spec["days"])
-        return t.format(iso=f"{y:04d}-{m:02d}-{d:02d}"), f"{d} {spec['months'][m - 1]} {y}"
-    if task == "time":
-        h, m = rng.randint(0, 23), rng.randint(0, 59)
-        return t.format(
-            hhmm=f"{h:02d}:{m:02d}"
-        ), f"{(h - 1) % 12 + 1}:{m:02d} {'am' if h < 12 else 'pm'}"
-    if task == "digits":
-        digits = [rng.randint(1, 9)] + [
-            rng.randint(0, 9) for _ in range(rng.choice(spec["lengths"]) - 1)
-        ]
-        number = "".join(map(str, digits))
-        return t.format(number=number), " ".join(spec["names"][d] for d in digits)
-    if task in ("reverse", "sort", "uppercase"):
-        words = rng.sample(spec["words"], rng.choice(spec["lengths"]))
-        answer = {
-            "reverse": lambda w: w[::-1],
-            "sort": sorted,
-            "uppercase": lambda w: [x.upper() for x in w],
-        }[task](words)
-        return t.format(words=" ".join(words)), " ".join(answer)
-    if task == "add":
-        a, b = rng.randint(*spec["a"]), rng.randint(*spec["b"])
-        return t.format(a=a, b=b), str(a + b)
-    raise ValueError(f"unknown task {task!r}; known: {sorted(TASK_SPECS)}")
-
-
-def _checked_example(
-    task: str, spec: dict, rng: random.Random, n: int, where: str
-) -> tuple[str, str]:
-    """``_task_example`` with an error that names the task, the example and the field."""
-    missing = [f for f in TASK_FIELDS.get(task, ()) if spec.get(f) is None]
-    if missing:
-        raise ValueError(
-            f"task {task!r} in {where}: example {n} needs the field {missing[0]!r}, "
-            f"which the spec lacks (or is null); the task reads {list(TASK_FIELDS[task])}"
-        )
-    try:
-        return _task_example(task, spec, rng)
-    except (KeyError, IndexError, TypeError, ValueError) as e:
-        if isinstance(e, ValueError) and str(e).startswith("unknown task"):
-            raise
-        field = f"field {e.args[0]!r}" if isinstance(e, KeyError) else "a field"
-        raise ValueError(
-            f"task {task!r} in {where}: example {n} failed on {field} of the spec "
-            f"({type(e).__name__}: {e}); check its values against TASK_SPECS"
-        ) from e
 
 
 @dataclass
@@ -221,16 +51,31 @@ class InstructionConfig:
 
     tasks: tuple[str, ...] = ("date", "time", "digits", "sort", "uppercase")
     train_per_task: int = 2000
+    validation_per_task: int = 50
     test_per_task: int = 100
     seed: int = 0
     task_specs_path: str | None = None  # a JSON shaped like TASK_SPECS; None = the built-in table
 
 
-def make_instruction_dataset(config: InstructionConfig | None = None) -> tuple[DatasetDict, dict]:
-    """A train/test DatasetDict (columns ``task``, ``instruction``, ``answer``).
+def _stratified(per_task: list[list[dict]], rng: random.Random) -> list[dict]:
+    """Rows of every task interleaved in rounds of one per task, each round in a random order
+    (and each task's rows shuffled first): stratified and shuffled at once."""
+    for rows in per_task:
+        rng.shuffle(rows)
+    out: list[dict] = []
+    for round_ in range(max(map(len, per_task), default=0)):
+        picks = [rows[round_] for rows in per_task if round_ < len(rows)]
+        rng.shuffle(picks)
+        out += picks
+    return out
 
-    Each instruction is unique across both splits, so no test input is ever seen in training:
-    test accuracy measures the learned transformation, not memorisation.
+
+def make_instruction_dataset(config: InstructionConfig | None = None) -> tuple[DatasetDict, dict]:
+    """A train/validation/test DatasetDict (columns ``task``, ``instruction``, ``answer``).
+
+    Each instruction is unique across the splits, so no evaluation input is ever seen in
+    training: accuracy measures the learned transformation, not memorisation. Each split is
+    stratified by task and shuffled (see the module docstring).
     """
     config = config or InstructionConfig()
     where = config.task_specs_path or "TASK_SPECS"
@@ -240,12 +85,13 @@ def make_instruction_dataset(config: InstructionConfig | None = None) -> tuple[D
         else TASK_SPECS
     )
     rng = random.Random(config.seed)
-    rows: dict[str, list[dict]] = {"train": [], "test": []}
+    per_task: dict[str, list[list[dict]]] = {"train": [], "validation": [], "test": []}
     stats: dict[str, Any] = {"tasks": {}}
     for task in config.tasks:
         if task not in specs:
             raise ValueError(f"unknown task {task!r}; known: {sorted(specs)}")
-        wanted = config.train_per_task + config.test_per_task
+        held_out = config.validation_per_task + config.test_per_task
+        wanted = config.train_per_task + held_out
         examples: dict[str, str] = {}
         copies = 0
         # Rejection sampling of distinct inputs; a task with fewer distinct inputs than wanted
@@ -253,34 +99,38 @@ def make_instruction_dataset(config: InstructionConfig | None = None) -> tuple[D
         for n in range(30 * wanted):
             if len(examples) == wanted:
                 break
-            instruction, answer = _checked_example(task, specs[task], rng, n, where)
+            instruction, answer = checked_example(task, specs[task], rng, n, where)
             if answer in instruction:  # e.g. words already in order: a copy, not a transformation
                 copies += 1
                 continue
             examples.setdefault(instruction, answer)
-        if len(examples) <= config.test_per_task:
+        if len(examples) <= held_out:
             raise ValueError(
-                f"task {task!r} has only {len(examples)} distinct inputs, not more "
-                f"than test_per_task={config.test_per_task}"
+                f"task {task!r} has only {len(examples)} distinct inputs, not more than "
+                f"validation_per_task + test_per_task = {held_out}"
             )
         items = list(examples.items())  # insertion order is deterministic for a given seed
         for split, part in (
             ("test", items[: config.test_per_task]),
-            ("train", items[config.test_per_task :]),
+            ("validation", items[config.test_per_task : held_out]),
+            ("train", items[held_out:]),
         ):
-            rows[split] += [{"task": task, "instruction": i, "answer": a} for i, a in part]
+            per_task[split].append([{"task": task, "instruction": i, "answer": a} for i, a in part])
         stats["tasks"][task] = {
-            "train": len(items) - config.test_per_task,
+            "train": len(items) - held_out,
+            "validation": config.validation_per_task,
             "test": config.test_per_task,
             "rejected_copies": copies,
             "example": items[0],
         }
+    rows = {split: _stratified(parts, rng) for split, parts in per_task.items()}
     train_inputs = {r["instruction"] for r in rows["train"]}
-    shared = sum(r["instruction"] in train_inputs for r in rows["test"])
-    assert shared == 0, "an instruction is in both splits"
+    shared = sum(r["instruction"] in train_inputs for r in rows["validation"] + rows["test"])
+    assert shared == 0, "an instruction is in train and in a held-out split"
     ds = DatasetDict({k: Dataset.from_list(v) for k, v in rows.items()})
     stats.update(
         train=len(ds["train"]),
+        validation=len(ds["validation"]),
         test=len(ds["test"]),
         shared_inputs=shared,
         answer_chars_max=max(len(r["answer"]) for v in rows.values() for r in v),

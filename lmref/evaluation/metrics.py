@@ -12,7 +12,7 @@ Usage::
     from lmref.evaluation.metrics import perplexity, exact_match, generate_text
 
     perplexity(model, corpus["validation"])             # {"loss": 5.1, "perplexity": 164.0, "tokens": ...}
-    exact_match(model, tokenizer, prompts, answers)     # greedy decoding, {"accuracy": 0.62, ...}
+    exact_match(model, tokenizer, prompts, answers)     # greedy, {"accuracy": 0.62, "score": ...}
     generate_text(model, tokenizer, ["def main("], max_new_tokens=40, temperature=0.8)
 """
 
@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lmref.core import losses
+from lmref.core.stats import Score
 
 
 def _collate_input_ids(rows: list[dict]) -> dict:
@@ -107,7 +108,10 @@ def exact_match(
     max_new_tokens: int = 32,
     batch_size: int = 64,
 ) -> dict:
-    """Share of prompts whose greedy continuation equals the answer (surrounding spaces ignored)."""
+    """Share of prompts whose greedy continuation equals the answer (surrounding spaces ignored).
+
+    ``score`` is the same count as a :class:`lmref.core.stats.Score`, which prints the accuracy
+    with its 95% interval: quote that, not the bare ``accuracy``."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     predictions = generate_text(
@@ -118,6 +122,7 @@ def exact_match(
         "accuracy": sum(hits) / len(hits) if hits else 0.0,
         "correct": sum(hits),
         "total": len(hits),
+        "score": Score(sum(hits), len(hits)) if hits else None,
         "predictions": predictions,
         "hits": hits,
     }

@@ -15,16 +15,13 @@ Usage::
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
-import optuna
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmref.data.instructions import (
     PROMPT_TEMPLATE,
@@ -38,10 +35,7 @@ from lmref.models.artifacts import ARTIFACTS, checkout_root
 from lmref.models.loading import load_model
 from lmref.models.presets import build_model
 from lmref.training.config import TrainingConfig, TrainResult
-from lmref.training.distillation import DistillationConfig, distillation_loss
 from lmref.training.loop import train
-from lmref.training.lora import LoraSettings, add_lora
-from lmref.tuning import Param, pruning_callback, suggest
 
 # The course runs from a source checkout: its notebooks, data/ and benchmarks/ live there.
 REPO_ROOT = checkout_root()
@@ -107,6 +101,15 @@ def load_instructions(
 def load_instruction_eval(raw_split) -> tuple[list[str], list[str]]:
     """Prompts (in the course's template) and answers for exact-match evaluation."""
     return [format_prompt(x) for x in raw_split["instruction"]], list(raw_split["answer"])
+
+
+def eval_rows(raw: DatasetDict, split: str, n: int | None = None) -> Dataset:
+    """A notebook's one fixed evaluation subset: the first ``n`` rows of ``split`` ("validation"
+    for choices, "test" for final numbers). The splits are stratified and shuffled, so the
+    first ``n`` rows cover every task equally; every run and every model sees the same rows."""
+    if split not in raw:
+        raise ValueError(f"no {split!r} split; the instruction set has {sorted(raw)}")
+    return raw[split].select(range(min(n or len(raw[split]), len(raw[split]))))
 
 
 # The course's instruction format as a Jinja chat template, saved with the fine-tuned model so that
@@ -201,13 +204,14 @@ def pretrain_base(
     return result
 
 
-def _train_on_instructions(model, tokenized, collator, config: TrainingConfig, callbacks=()):
-    """Train on the instruction set's train split, evaluated on its held-out split."""
+def train_on_instructions(model, tokenized, collator, config: TrainingConfig, callbacks=()):
+    """Train on the instruction set's train split, evaluated on its validation split (every
+    choice is made on validation; test is for the final numbers only)."""
     return train(
         model,
         tokenized["train"],
         config,
-        eval_dataset=tokenized["test"],
+        eval_dataset=tokenized["validation"],
         collate_fn=collator,
         callbacks=callbacks,
     )
@@ -225,7 +229,7 @@ def finetune(
     model = load_model(str(base_dir))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     _, tokenized, collator = load_instructions(tokenizer, data_dir)
-    result = _train_on_instructions(model, tokenized, collator, config, callbacks)
+    result = train_on_instructions(model, tokenized, collator, config, callbacks)
     model.save_pretrained(out_dir)
     tokenizer.chat_template = COURSE_CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
@@ -248,148 +252,9 @@ def ensure_full_ft(out_dir: Path | str | None = None) -> Path:
     return out_dir
 
 
-# ---------------------------------------------------------------- notebook 07: search
-
-# What notebook 07 searches: LoRA on the base (notebook 03's method), most important first (a
-# grid gives its levels in this order). alpha is searched as alpha / r, the effective scale.
-LORA_SPACE = [
-    Param("learning_rate", 3e-4, 3e-2, log=True),
-    Param("lora_r", choices=(4, 8, 16, 32)),
-    Param("warmup_steps", 0, 10, integer=True),
-    Param("batch_size", choices=(4, 8, 16)),
-    Param("alpha_over_r", choices=(0.5, 1.0, 2.0, 4.0)),
-]
-# Notebook 03's choice, the point a search has to beat.
-LORA_DEFAULTS = {
-    "learning_rate": 5e-3,
-    "lora_r": 16,
-    "warmup_steps": 10,
-    "batch_size": 16,
-    "alpha_over_r": 2.0,
-}
-
-
 @lru_cache(maxsize=2)
-def _tokenized_instructions(base_dir: str):
+def tokenized_instructions(base_dir: str):
+    """The instruction set in ``base_dir``'s tokenizer and its collator, cached per model dir."""
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     _, tokenized, collator = load_instructions(tokenizer)
     return tokenized, collator
-
-
-def lora_trial(
-    params: dict,
-    steps: int = 20,
-    eval_examples: int = 128,
-    report_every: int = 5,
-    base_dir: Path | str | None = None,
-    callbacks=(),
-    seed: int = 0,
-) -> tuple[torch.nn.Module, TrainResult]:
-    """A short LoRA fine-tune of the base with ``params`` (the names of ``LORA_SPACE``).
-
-    Returns the model and the run; ``result.eval_loss`` is the validation loss on the first
-    ``eval_examples`` test examples (answer tokens only). Embeddings train too, as in notebook 03.
-    """
-    base_dir = str(base_dir or ensure_base())
-    tokenized, collator = _tokenized_instructions(base_dir)
-    r = int(params["lora_r"])
-    torch.manual_seed(seed)  # LoRA's A matrices start random: the same params, the same trial
-    model = add_lora(
-        load_model(base_dir),
-        LoraSettings(
-            r=r, alpha=params["alpha_over_r"] * r, dropout=0.0, modules_to_save=["embed_tokens"]
-        ),
-    )
-    with tempfile.TemporaryDirectory(prefix="lmref-trial-") as out_dir:
-        config = TrainingConfig(
-            output_dir=out_dir,
-            max_steps=steps,
-            per_device_train_batch_size=int(params["batch_size"]),
-            learning_rate=params["learning_rate"],
-            warmup_steps=int(params["warmup_steps"]),
-            weight_decay=0.0,
-            logging_steps=report_every,
-            per_device_eval_batch_size=32,
-            eval_max_batches=max(1, eval_examples // 32),
-            seed=seed,
-            disable_tqdm=True,
-        )
-        result = _train_on_instructions(model, tokenized, collator, config, callbacks)
-    return model, result
-
-
-def lora_objective(
-    steps: int = 20, eval_examples: int = 128, report_every: int = 5, base_dir: str | None = None
-) -> Callable[[optuna.Trial], float]:
-    """``objective(trial)`` for ``lmref.tuning``: a short LoRA run, its validation loss, pruned
-    on the training loss reported every ``report_every`` steps. Importable by workers as
-    ``"lmref.lab.course:lora_objective"`` (with ``LORA_SPACE`` as ``"lmref.lab.course:LORA_SPACE"``)."""
-
-    def objective(trial: optuna.Trial) -> float:
-        params = suggest(trial, LORA_SPACE)
-        _, result = lora_trial(
-            params,
-            steps,
-            eval_examples,
-            report_every,
-            base_dir,
-            callbacks=[pruning_callback(trial, "loss")],
-        )
-        trial.set_user_attr("train_seconds", result.train_seconds)
-        return result.eval_loss
-
-    return objective
-
-
-# ---------------------------------------------------------------- notebook 08: distillation
-
-
-def build_student(
-    teacher_dir: Path | str, width: float = 0.5, depth: float = 0.5, seed: int = 0
-) -> torch.nn.Module:
-    """A randomly initialised Llama of ``width`` x the teacher's hidden size (and heads, MLP) and
-    ``depth`` x its layers, with the teacher's vocabulary and special tokens (same tokenizer)."""
-    t = AutoConfig.from_pretrained(teacher_dir)
-    heads = max(1, round(t.num_attention_heads * width))
-    kv_heads = max(1, round(t.num_key_value_heads * width))
-    head_dim = t.hidden_size // t.num_attention_heads
-    return build_model(
-        "tiny",
-        vocab_size=t.vocab_size,
-        seed=seed,
-        hidden_size=heads * head_dim,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        num_hidden_layers=max(1, round(t.num_hidden_layers * depth)),
-        intermediate_size=int(t.intermediate_size * width),
-        max_position_embeddings=t.max_position_embeddings,
-        tie_word_embeddings=t.tie_word_embeddings,
-        bos_token_id=t.bos_token_id,
-        eos_token_id=t.eos_token_id,
-        pad_token_id=t.pad_token_id,
-    )
-
-
-def train_student(
-    teacher: torch.nn.Module | None,
-    teacher_dir: Path | str,
-    config: TrainingConfig,
-    distill: DistillationConfig | None = None,
-    seed: int = 0,
-) -> tuple[torch.nn.Module, TrainResult]:
-    """A fresh student trained on the instruction set: distilled from ``teacher`` with
-    ``distill``, or on the labels alone (plain cross-entropy) when ``distill`` is None."""
-    student = build_student(teacher_dir, seed=seed).to(
-        next(teacher.parameters()).device if teacher is not None else "cpu"
-    )
-    tokenized, collator = _tokenized_instructions(str(teacher_dir))
-    loss = {} if distill is None else {"loss_fn": distillation_loss(teacher, distill)}
-    result = train(
-        student,
-        tokenized["train"],
-        config,
-        eval_dataset=tokenized["test"],
-        collate_fn=collator,
-        **loss,
-    )
-    return student, result
