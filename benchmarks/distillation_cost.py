@@ -1,10 +1,12 @@
 """What distillation costs per training step against plain cross-entropy training.
 
 The student (half the width and depth of the course's fine-tuned model, notebook 08) trains on
-the instruction set through ``lmref.training.loop.train`` twice for the same steps: with the default
-loss, and with ``lmref.training.distillation.distillation_loss`` (the teacher's forward pass on every
-micro-batch, plus the KL at temperature T). The difference per step is split into the teacher's
-forward pass and the loss itself (timed alone on the same batches).
+instruction rows through ``lmref.training.loop.train`` three times for the same steps: with the
+default loss; with ``lmref.training.distillation.distillation_loss`` (the teacher's forward pass
+on every micro-batch, plus the KL at temperature T); and with ``cached_distillation_loss`` (the
+teacher's top-k logits computed once, as notebook 08 does; the one-off cost is reported apart).
+The on-the-fly difference per step is split into the teacher's forward pass and the loss itself
+(timed alone on the same batches).
 
     python benchmarks/distillation_cost.py   # writes benchmarks/results/distillation_cost-<device>.json
 
@@ -28,13 +30,19 @@ from lmref.lab import course, distill_recipe
 from lmref.lab.env import cpu_model
 from lmref.models.loading import load_model
 from lmref.models.presets import count_parameters
-from lmref.training.distillation import DistillationConfig, distillation_loss_sum
+from lmref.training.distillation import (
+    DistillationConfig,
+    distillation_loss_sum,
+    with_teacher_topk,
+)
 from lmref.training.loop import TrainingConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def seconds_per_step(teacher, teacher_dir, steps: int, batch: int, distill) -> float:
+def seconds_per_step(
+    rows, collator, teacher_dir, steps: int, batch: int, distill, teacher
+) -> float:
     with tempfile.TemporaryDirectory() as out:
         config = TrainingConfig(
             output_dir=out,
@@ -44,8 +52,17 @@ def seconds_per_step(teacher, teacher_dir, steps: int, batch: int, distill) -> f
             logging_steps=steps,
             disable_tqdm=True,
         )
-        _, result = distill_recipe.train_student(teacher, teacher_dir, config, distill)
-    return result.train_seconds / steps
+        run = distill_recipe.train_student(
+            rows,
+            collator,
+            config,
+            teacher_dir,
+            rows.select(range(batch)),
+            distill,
+            teacher=teacher,
+            curve_every=steps,
+        )
+    return run.curve[-1]["seconds"] / steps
 
 
 @torch.no_grad()
@@ -86,18 +103,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=1024, help="training rows (cached once)")
+    parser.add_argument("--top-k", type=int, default=16, help="teacher logits cached per token")
     args = parser.parse_args()
     teacher_dir = course.ensure_full_ft()
     teacher = load_model(str(teacher_dir))
     student = distill_recipe.build_student(teacher_dir)
     distill = DistillationConfig(temperature=2.0, alpha=0.5)
-    plain, kd = [], []
-    for _ in range(args.repeats):  # interleaved, so a busy neighbour hurts both alike
-        plain.append(seconds_per_step(teacher, teacher_dir, args.steps, args.batch, None))
-        kd.append(seconds_per_step(teacher, teacher_dir, args.steps, args.batch, distill))
-        print({"plain_s_per_step": plain[-1], "kd_s_per_step": kd[-1]}, flush=True)
     tokenized, collator = course.tokenized_instructions(str(teacher_dir))
+    rows = tokenized["train"].select(range(args.rows))
+    start = time.perf_counter()
+    cached_rows = with_teacher_topk(teacher, rows, collator, k=args.top_k)
+    cache_seconds = time.perf_counter() - start
+    plain, kd, cached = [], [], []
+    for _ in range(args.repeats):  # interleaved, so a busy neighbour hurts all alike
+        args_ = (collator, teacher_dir, args.steps, args.batch)
+        plain.append(seconds_per_step(rows, *args_, None, None))
+        kd.append(seconds_per_step(rows, *args_, distill, teacher))
+        cached.append(seconds_per_step(cached_rows, *args_, distill, None))
+        print({"plain": plain[-1], "kd": kd[-1], "cached_kd": cached[-1]}, flush=True)
     batches = [
         collator([tokenized["train"][i] for i in range(s, s + args.batch)])
         for s in range(0, 10 * args.batch, args.batch)
@@ -114,9 +139,14 @@ def main() -> None:
         "distillation": vars(distill),
         "plain_s_per_step": plain,
         "kd_s_per_step": kd,
+        "cached_kd_s_per_step": cached,
         "kd_cost_ratio": min(kd) / min(plain),
+        "cached_kd_cost_ratio": min(cached) / min(plain),
+        "top_k": args.top_k,
+        "cache_rows": args.rows,
+        "cache_seconds": cache_seconds,
         **components,
-        "note": "min over interleaved repeats; other jobs may share the cores",
+        "note": "ratios: min over interleaved repeats; other jobs may share the cores",
     }
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"distillation_cost-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"

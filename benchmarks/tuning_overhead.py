@@ -5,11 +5,12 @@
    worker bookkeeping (file lock, dead-trial recovery, counting). Each sampler runs with the
    journal file on disk (what the notebook uses) and, for reference, Optuna's in-memory storage
    through plain ``study.optimize``.
-2. Workers: the course's real LoRA trial (``lmref.lab.search_recipe:lora_objective``, a short fine-tune of
-   the base on the instruction set) run by 1 worker process and by 2, same trial count, random
-   sampler's settings queued in advance so both runs train the same trials, ``OMP_NUM_THREADS=1``
-   per process; wall time including process start-up, and trials per second between the first
-   trial's start and the last one's end.
+2. Workers: the course's real LoRA trial (``lmref.lab.search_recipe:lora_objective``, a short
+   fine-tune of the base on the instruction set) run by 1 worker process and by 2, same trial
+   count, random sampler's settings queued in advance so both runs train the same trials,
+   ``OMP_NUM_THREADS=1`` per process; wall time including process start-up, and trials per second
+   between the first trial's start and the last one's end. Each is repeated (``--repeats``): the
+   speed-ups are reported as the median and range of the repeats (``lmref.core.stats.Spread``).
 
     python benchmarks/tuning_overhead.py     # writes benchmarks/results/tuning_overhead-<device>.json
 """
@@ -21,12 +22,14 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import optuna
 import torch
 
 from lmref import tuning
+from lmref.core.stats import Spread
 from lmref.lab import course, search_recipe
 from lmref.lab.env import cpu_model
 from lmref.tuning import StudyConfig
@@ -38,9 +41,8 @@ def free_objective(trial: optuna.Trial) -> float:
     p = tuning.suggest(trial, search_recipe.LORA_SPACE)
     return (
         abs(p["learning_rate"] - 3e-3) * 100
-        + p["warmup_steps"] / 10
+        + p["warmup_share"]
         + 8 / p["lora_r"]
-        + p["batch_size"] / 64
         + abs(p["alpha_over_r"] - 2)
     )
 
@@ -71,15 +73,15 @@ def overhead(sampler: str, n_trials: int, folder: Path) -> dict:
 
 
 def queued_params(n_trials: int) -> list[dict]:
-    """The same settings for every worker count (trials of other batch sizes cost differently)."""
+    """The same settings for every worker count (trials of other ranks cost differently)."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     return [tuning.suggest(study.ask(), search_recipe.LORA_SPACE) for _ in range(n_trials)]
 
 
-def workers(n_workers: int, n_trials: int, steps: int, folder: Path) -> dict:
+def workers(n_workers: int, n_trials: int, steps: int, folder: Path, repeat: int = 0) -> dict:
     config = StudyConfig(
-        f"workers-{n_workers}",
-        str(folder / f"workers-{n_workers}.journal"),
+        f"workers-{n_workers}-{repeat}",
+        str(folder / f"workers-{n_workers}-{repeat}.journal"),
         sampler="random",
         n_trials=n_trials,
     )
@@ -101,6 +103,7 @@ def workers(n_workers: int, n_trials: int, steps: int, folder: Path) -> dict:
     busy = (last - first).total_seconds()
     return {
         "workers": n_workers,
+        "repeat": repeat,
         "trials": len(trials),
         "wall_seconds": run["seconds"],
         "trials_seconds": busy,
@@ -114,6 +117,7 @@ def main() -> None:
     parser.add_argument("--overhead-trials", type=int, default=40)
     parser.add_argument("--worker-trials", type=int, default=12)
     parser.add_argument("--steps", type=int, default=20, help="training steps of one LoRA trial")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each worker count")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     course.ensure_base()
@@ -122,10 +126,13 @@ def main() -> None:
         per_sampler = [overhead(s, args.overhead_trials, folder) for s in tuning.SAMPLERS]
         for row in per_sampler:
             print(row, flush=True)
-        scaling = [workers(n, args.worker_trials, args.steps, folder) for n in (1, 2)]
-        for row in scaling:
-            print(row, flush=True)
-    one, two = scaling
+        scaling = []
+        for repeat in range(args.repeats):  # 1 and 2 workers alternate: drifting load hits both
+            for n in (1, 2):
+                scaling.append(workers(n, args.worker_trials, args.steps, folder, repeat))
+                print(scaling[-1], flush=True)
+    one = [row for row in scaling if row["workers"] == 1]
+    two = [row for row in scaling if row["workers"] == 2]
     report = {
         "benchmark": "tuning_overhead",
         "device": f"{cpu_model()}, {os.cpu_count()} cores",
@@ -134,8 +141,13 @@ def main() -> None:
         "search_space": [p.name for p in search_recipe.LORA_SPACE],
         "overhead": per_sampler,
         "workers": scaling,
-        "speedup_2_workers_wall": one["wall_seconds"] / two["wall_seconds"],
-        "speedup_2_workers_trials": two["trials_per_second"] / one["trials_per_second"],
+        # Repeat i of 1 worker against repeat i of 2: runs that were close in time.
+        "speedup_2_workers_wall": asdict(
+            Spread.of([a["wall_seconds"] / b["wall_seconds"] for a, b in zip(one, two)])
+        ),
+        "speedup_2_workers_trials": asdict(
+            Spread.of([b["trials_per_second"] / a["trials_per_second"] for a, b in zip(one, two)])
+        ),
         "note": "OMP_NUM_THREADS=1 per worker; other jobs may share the cores, see the README",
     }
     RESULTS.mkdir(exist_ok=True)

@@ -4,6 +4,7 @@ clean save/load, quantized quality within a stated bound, sizes that match the s
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -378,3 +379,57 @@ def test_measure_synchronizes_a_cuda_model(fitted_dir, token_rows, monkeypatch):
     m = measure(gpu, token_rows[1], batch_size=2, new_tokens=2, repeats=2)
     batches = -(-len(token_rows[1]) // 2)
     assert len(calls) == 2 * (batches + 2) and m.device.startswith("cuda")
+
+
+@pytest.mark.parametrize(
+    "label, config",
+    [
+        ("magnitude", PruneConfig("magnitude")),
+        ("wanda", PruneConfig("wanda")),
+        ("magnitude 2:4", PruneConfig("magnitude", n_m=(2, 4))),
+        ("wanda 2:4", PruneConfig("wanda", n_m=(2, 4))),
+    ],
+)
+def test_sparsity_curve_prunes_like_prune_model_and_restores(model, token_rows, label, config):
+    """Each point of the curve zeroes exactly the weights prune_model zeroes with the same config
+    (the fitted weights have no ties), and the model is dense again afterwards."""
+    from lmref.compression.curve import sparsity_curve
+
+    calib = [token_rows[0][:4]]
+    dense = {n: m.weight.detach().clone() for n, m in prunable_linears(model).items()}
+    seen = []
+
+    def evaluate(m):
+        seen.append({n: (layer.weight == 0).clone() for n, layer in prunable_linears(m).items()})
+        return float(len(seen))
+
+    rows = sparsity_curve(model, {label: config}, [0.0, 0.3, 0.6], evaluate, [*calib])
+    points = [0.5] if config.n_m else [0.0, 0.3, 0.6]
+    assert [r["sparsity"] for r in rows] == points and [r["method"] for r in rows] == [label] * len(
+        points
+    )
+    for name, layer in prunable_linears(model).items():
+        assert torch.equal(layer.weight, dense[name]), f"{name} not restored"
+    for row, zeros in zip(rows, seen):
+        reference = copy.deepcopy(model)
+        report = prune_model(reference, replace(config, sparsity=row["sparsity"]), calib)
+        assert row["achieved"] == pytest.approx(report["global"], abs=1e-9)
+        for name, layer in prunable_linears(reference).items():
+            assert torch.equal(zeros[name], layer.weight == 0), (label, row["sparsity"], name)
+
+
+def test_sparsity_curve_evaluates_the_dense_model_once(model):
+    from lmref.compression.curve import sparsity_curve
+
+    calls = []
+    rows = sparsity_curve(
+        model,
+        {"a": PruneConfig("magnitude"), "b": PruneConfig("magnitude", scope="row")},
+        [0.0, 0.5],
+        lambda m: calls.append(1) or float(len(calls)),
+    )
+    assert len(calls) == 3 and rows[0]["value"] == rows[2]["value"] == 1.0
+    with pytest.raises(ValueError, match="sparsities"):
+        sparsity_curve(model, {"a": PruneConfig()}, [1.0], lambda m: 0.0)
+    with pytest.raises(ValueError, match="'row' or 'layer'"):
+        sparsity_curve(model, {"g": PruneConfig(scope="global")}, [0.5], lambda m: 0.0)

@@ -336,7 +336,9 @@ def test_numbers_quoted_in_markdown_come_from_the_outputs(path):
 
 
 def test_the_number_check_catches_what_it_should():
-    shown = _shown_values("exact match 0.5642 [0.52-0.61]\nlargest difference 1.27e-07\n6,420 tok/s")
+    shown = _shown_values(
+        "exact match 0.5642 [0.52-0.61]\nlargest difference 1.27e-07\n6,420 tok/s"
+    )
     quoted = _markdown_numbers(
         "reaches 56.4% (79% before), within 1.3e-07 or 6e-7, 6,420 tokens/s and 14x faster, "
         "`1.5` in code, [link](https://x/2021), int8 in notebook 02 on SmolLM2-135M with 2 cores"
@@ -347,7 +349,9 @@ def test_the_number_check_catches_what_it_should():
 
 def test_readme_course_table_quotes_the_committed_outputs():
     """Every number in the README's "what it measured" column is in that notebook's outputs."""
-    rows = re.findall(r"^\| (\d\d) [^|]+\| [^|]+\| (.+) \|$", (ROOT / "README.md").read_text(), re.M)
+    rows = re.findall(
+        r"^\| (\d\d) [^|]+\| [^|]+\| (.+) \|$", (ROOT / "README.md").read_text(), re.M
+    )
     assert len(rows) == len(NOTEBOOKS), f"the README's course table has {len(rows)} rows"
     for number, measured in rows:
         (path,) = [p for p in NOTEBOOKS if p.name.startswith(number)]

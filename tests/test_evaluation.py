@@ -73,5 +73,6 @@ def test_generation_and_exact_match(tiny_model_dir, tiny_tokenizer):
     assert tiny_tokenizer.padding_side == "right"  # restored after generating with left padding
     result = exact_match(model, tiny_tokenizer, prompts, [greedy[0], "not this"], max_new_tokens=6)
     assert result["hits"] == [True, False] and result["accuracy"] == 0.5
+    assert str(result["score"]).startswith("50.0% [9.5-90.5%] (n=2)")  # two examples: wide
     with pytest.raises(ValueError, match="answers"):
         exact_match(model, tiny_tokenizer, prompts, ["one"])

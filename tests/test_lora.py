@@ -120,6 +120,31 @@ def test_only_lora_parameters_train(tiny_model_dir):
 
 
 @pytest.mark.unit
+def test_a_trained_tied_embedding_is_counted_once(tiny_model_dir):
+    base = llama(tiny_model_dir)
+    assert base.config.tie_word_embeddings
+    base_count = sum(p.numel() for p in base.parameters())
+    vocab = base.get_input_embeddings().weight.numel()
+    model = add_lora(base, LoraSettings(r=4, alpha=8, modules_to_save=["embed_tokens"]))
+    report = trainable_report(model)
+    # One trainable copy of the tied matrix (the head uses the same tensor), next to the frozen one.
+    assert report["copied_parameters"] == vocab
+    assert report["trainable_parameters"] == report["lora_parameters"] + vocab
+    assert report["base_parameters"] == base_count  # what full fine-tuning would train
+    # peft divides by everything held, the vocabulary twice (original and copy): a smaller share.
+    assert model.get_nb_trainable_parameters() == (
+        report["trainable_parameters"],
+        report["parameters"],
+    )
+    assert report["parameters"] == base_count + report["lora_parameters"] + vocab
+    assert report["trainable_share"] == report["trainable_parameters"] / base_count
+    # Two Parameter objects on one storage (a tie made by hand) are still one tensor.
+    tied = llama(tiny_model_dir)
+    tied.lm_head.weight = torch.nn.Parameter(tied.get_input_embeddings().weight.data)
+    assert trainable_report(tied)["parameters"] == base_count
+
+
+@pytest.mark.unit
 def test_adapter_save_then_load_gives_identical_logits(tiny_model_dir, tmp_path, ids):
     model = add_lora(llama(tiny_model_dir), LoraSettings(init_lora_weights=False))  # B != 0
     expected = logits(model, ids)

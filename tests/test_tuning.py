@@ -9,12 +9,14 @@ bookkeeping), which logs every call so the test can count what really ran.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -22,6 +24,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lmref import tuning
+from lmref.core.stats import Spread
 from lmref.tuning import Param, StudyConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,3 +291,105 @@ def test_cli_worker_reports_json(toy):
     ).stdout
     assert json.loads(out.strip().splitlines()[-1])["finished"] == 5
     assert sys.executable == cmd[0]
+
+
+@pytest.mark.unit
+def test_memoize_runs_each_setting_once_and_returns_the_same_value(tmp_path):
+    space = [Param("k", choices=(1, 2, 3))]
+    runs = []
+
+    def objective(trial):
+        k = tuning.suggest(trial, space)["k"]
+        runs.append(k)
+        return float(k * k)
+
+    memoized = tuning.memoize(objective, space)
+    studies = tuning.run_samplers(
+        memoized, space, ("grid", "random"), (0, 1, 2), 3, str(tmp_path / "m.journal")
+    )
+    # 6 studies of 3 trials over 3 points: every point trained once, the rest looked up.
+    assert sorted(runs) == [1, 2, 3]
+    assert sorted(memoized.values.values()) == [1.0, 4.0, 9.0]
+    for study in studies.values():
+        for t in study.trials:
+            assert t.value == t.params["k"] ** 2
+    looked_up = [t for s in studies.values() for t in s.trials if t.user_attrs.get("memoized")]
+    assert len(looked_up) == 6 * 3 - 3
+
+
+@pytest.mark.unit
+def test_curves_over_seeds_and_the_verdict(tmp_path):
+    space = [Param("x", 0.0, 1.0)]
+    studies = tuning.run_samplers(
+        lambda t: tuning.suggest(t, space)["x"],
+        space,
+        ("random",),
+        (0, 1, 2),
+        5,
+        str(tmp_path / "c.journal"),
+    )
+    seeds = [studies["random", s] for s in (0, 1, 2)]
+    curve = tuning.curve_spreads(seeds, 7)  # 2 more than the budget: the last value carries on
+    assert len(curve) == 7 and curve[-1] == curve[4]
+    assert all(a.median >= b.median and a.low >= b.low for a, b in zip(curve, curve[1:]))
+    final = tuning.final_spread(seeds)
+    assert (final.low, final.high) == (
+        min(s.best_value for s in seeds),
+        max(s.best_value for s in seeds),
+    )
+    low, high = Spread.of([1.0, 1.1, 1.2]), Spread.of([2.0, 2.1, 2.2])
+    assert tuning.compare_best(low, high, ("tpe", "random")) == "tpe better than random"
+    assert tuning.compare_best(high, low, ("tpe", "random")) == "random better than tpe"
+    assert tuning.compare_best(low, high, ("a", "b"), "maximize") == "b better than a"
+    assert tuning.compare_best(low, Spread.of([1.1, 1.5, 2.0]), ("a", "b")) == "within noise"
+
+
+@pytest.mark.unit
+def test_report_prunes_on_the_reported_value(tmp_path):
+    space = [Param("x", 0.0, 1.0)]
+    config = StudyConfig(
+        "r",
+        str(tmp_path / "r.journal"),
+        sampler="random",
+        n_trials=6,
+        pruner="median",
+        min_resource=1,
+        max_resource=4,
+    )
+    study = tuning.open_study(config, space)
+    for _ in range(3):  # three finished trials at 1.0 set the median
+        trial = study.ask()
+        tuning.report(trial, 1, 1.0)
+        study.tell(trial, 1.0)
+    better = study.ask()
+    tuning.report(better, 1, 0.5)  # below the median: goes on
+    worse = study.ask()
+    with pytest.raises(optuna.TrialPruned, match=r"pruned at step 1 \(value 5.0000\)"):
+        tuning.report(worse, 1, 5.0)
+
+
+@pytest.mark.unit
+def test_samplers_and_studies_log_nothing(tmp_path):
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    optuna_logger = logging.getLogger("optuna")
+    optuna_logger.addHandler(handler)
+    level = optuna.logging.get_verbosity()
+    space = [Param("x", 0.0, 1.0), Param("k", choices=(1, 2))]
+    try:
+        for sampler in tuning.SAMPLERS:
+            config = StudyConfig(
+                sampler,
+                str(tmp_path / "q.journal"),
+                sampler=sampler,
+                n_trials=4,
+                n_startup_trials=2,
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # any warning, an ExperimentalWarning too, fails
+                tuning.run_study(lambda t: tuning.suggest(t, space)["x"], config, space)
+    finally:
+        optuna_logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == [], "no study or trial lines, no greenlet notice"
+    assert optuna.logging.get_verbosity() == level, "the level is restored"

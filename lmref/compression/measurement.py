@@ -2,16 +2,21 @@
 
 ``measure`` gives size in memory and on disk, validation loss and perplexity through the one
 loss of ``lmref.core.losses`` (labels shifted, ``IGNORE_INDEX`` and padding not counted,
-token-weighted), prefill and generation tokens/s on the model's device. Every clock read on a
-GPU waits for the queued kernels first (``timed``): CUDA runs asynchronously, so an
-unsynchronized clock measures how fast work was queued, not how fast it ran.
+token-weighted), prefill and generation tokens/s on the model's device; generation speed is the
+median and range of repeats (``Measurement.decode``, a ``lmref.core.stats.Spread``), so two
+variants are compared with ``compare``, not by their digits. Every clock read on a GPU waits for
+the queued kernels first (``timed``): CUDA runs asynchronously, so an unsynchronized clock
+measures how fast work was queued, not how fast it ran. ``cpu_features`` names the matrix
+instructions the CPU has (AVX-512 VNNI, AMX, ...): CPU speed results hold for that CPU only.
 
 Usage::
 
     from lmref.compression.measurement import measure, memory_bytes
 
-    print(measure(model, corpus["validation"], name="nf4").as_row())
+    m = measure(model, corpus["validation"], name="nf4", repeats=5)
+    print(m.as_row(), m.decode)                # decode: "14.1 (12.9-15.0, 5 repeats)"
     memory_bytes(model)                        # bytes of weights, packs and scales
+    cpu_features()                             # e.g. ["avx2", "avx512f", "avx512_vnni", "amx_int8"]
 """
 
 from __future__ import annotations
@@ -27,8 +32,36 @@ import torch
 from torch import nn
 
 from lmref.core.losses import loss_sum_from_logits
+from lmref.core.stats import Spread
 
 T = TypeVar("T")
+
+# CPU flags that decide how fast int8 / bf16 matrix products can run (Linux /proc/cpuinfo names):
+# AVX-512 VNNI (and AVX-VNNI) add int8 dot-product instructions, AVX512-BF16 bf16 ones, AMX
+# (Intel Sapphire Rapids and later) tile units for int8 and bf16 matrix products.
+MATRIX_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+
+
+def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
+    """The ``MATRIX_FLAGS`` this CPU reports, in that order ([] where /proc/cpuinfo is missing)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return []
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    return [flag for flag in MATRIX_FLAGS if flag in flags]
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -90,7 +123,12 @@ def disk_bytes(path: str | Path, pattern: str = "*") -> int:
 
 @dataclass
 class Measurement:
-    """One variant's numbers; ``as_row()`` gives a flat dict for a table."""
+    """One variant's numbers; ``as_row()`` gives a flat dict for a table.
+
+    ``decode_tokens_per_s`` is the median of ``decode_repeats`` timed generations, between
+    ``decode_low`` and ``decode_high``; ``decode`` gives the three as a ``Spread``. Prefill is one
+    timed pass over the evaluation batches (no warm-up, no repeats): indicative only.
+    """
 
     name: str
     device: str
@@ -101,6 +139,18 @@ class Measurement:
     eval_tokens: int
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+    decode_low: float = math.nan
+    decode_high: float = math.nan
+    decode_repeats: int = 0
+
+    @property
+    def decode(self) -> Spread | None:
+        """Decode tokens/s as median and range of the repeats (None when not measured)."""
+        if not self.decode_repeats:
+            return None
+        return Spread(
+            self.decode_tokens_per_s, self.decode_low, self.decode_high, self.decode_repeats
+        )
 
     def as_row(self) -> dict:
         return asdict(self)
@@ -154,8 +204,10 @@ def measure(
       of ``input_ids``, optionally ``labels`` and ``attention_mask``: see ``eval_batches``),
       summed in float64; the same pass gives prefill tokens/s (positions run per second);
     - decode tokens/s: greedy ``generate`` of exactly ``new_tokens`` from ``prompt_tokens``-token
-      prompts, best of ``repeats`` after a warm-up (best-of, because on a shared machine the other
-      runs measure the neighbours' load, not the model); ``new_tokens=0`` skips it (NaN).
+      prompts, ``repeats`` times after a warm-up: the median, and the range as
+      ``decode_low``/``decode_high`` (on a shared machine repeats move tens of percent, so compare
+      variants with ``lmref.core.stats.compare(a.decode, b.decode)``); ``new_tokens=0`` skips it
+      (NaN).
     """
     batches = eval_batches(eval_dataset, batch_size, max_batches)
     device = next(model.parameters()).device
@@ -182,7 +234,7 @@ def measure(
     gen = dict(do_sample=False, pad_token_id=pad, attention_mask=mask.to(device))
     if new_tokens > 0:
         model.generate(prompts, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
-    best = math.inf
+    rates = []
     for _ in range(repeats if new_tokens > 0 else 0):
         _, seconds = timed(
             device,
@@ -192,7 +244,8 @@ def measure(
             min_new_tokens=new_tokens,
             **gen,
         )
-        best = min(best, seconds)
+        rates.append(gen_batch_size * new_tokens / seconds)
+    decode = Spread.of(rates) if rates else None
     model.train(was_training)
     loss = nll / tokens
     return Measurement(
@@ -204,5 +257,8 @@ def measure(
         perplexity=math.exp(loss),
         eval_tokens=tokens,
         prefill_tokens_per_s=prefill,
-        decode_tokens_per_s=gen_batch_size * new_tokens / best if new_tokens > 0 else math.nan,
+        decode_tokens_per_s=decode.median if decode else math.nan,
+        decode_low=decode.low if decode else math.nan,
+        decode_high=decode.high if decode else math.nan,
+        decode_repeats=decode.repeats if decode else 0,
     )

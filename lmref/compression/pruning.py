@@ -215,6 +215,24 @@ def pruning_leftovers(model: nn.Module) -> list[str]:
     return left
 
 
+def prune_scores(
+    model: nn.Module,
+    config: PruneConfig,
+    modules: dict[str, nn.Module],
+    calibration_batches: Iterable | None = None,
+) -> dict[str, torch.Tensor]:
+    """The score of every weight of ``modules``, (out, in) oriented: ``|W|`` for magnitude,
+    ``|W| * ||X_j||`` for Wanda (one calibration pass over ``calibration_batches``)."""
+    with torch.no_grad():
+        scores = {name: out_in_weight(mod).detach().abs().float() for name, mod in modules.items()}
+    if config.method == "wanda":
+        if calibration_batches is None:
+            raise ValueError("Wanda needs calibration_batches (input_ids from the corpus)")
+        norms = collect_input_norms(model, calibration_batches, modules)
+        scores = {name: s * norms[name].to(s.device)[None, :] for name, s in scores.items()}
+    return scores
+
+
 def prune_model(
     model: nn.Module, config: PruneConfig | None = None, calibration_batches: Iterable | None = None
 ) -> dict:
@@ -225,13 +243,7 @@ def prune_model(
     """
     config = config or PruneConfig()
     modules = prunable_linears(model, config.skip)
-    with torch.no_grad():
-        scores = {name: out_in_weight(mod).detach().abs().float() for name, mod in modules.items()}
-    if config.method == "wanda":
-        if calibration_batches is None:
-            raise ValueError("Wanda needs calibration_batches (input_ids from the corpus)")
-        norms = collect_input_norms(model, calibration_batches, modules)
-        scores = {name: s * norms[name].to(s.device)[None, :] for name, s in scores.items()}
+    scores = prune_scores(model, config, modules, calibration_batches)
 
     if config.n_m is not None:
         n, m = config.n_m

@@ -1,8 +1,8 @@
 """An instruction data set of templated tasks with exactly checkable answers, and its loss masking.
 
-Tasks (dates in words, 12-hour time, digits spelled out, reversing / sorting / upper-casing
-words, addition; ``lmref.data.instruction_tasks``) turn an input into a short answer that is not a copy of it, so exact match
-measures a learned transformation. Each instruction is unique across train, validation and test;
+Tasks (``lmref.data.instruction_tasks``: dates in words, 12-hour time, digits spelled out,
+reversing / sorting / upper-casing words, addition) turn an input into a short answer that is
+not a copy of it, so exact match measures a learned transformation. Each instruction is unique across train, validation and test;
 each split is stratified (every task equally often) and shuffled so that any prefix of
 ``k * len(tasks)`` rows holds ``k`` of each task: an evaluation on the first N rows measures all
 tasks, not the first one. Validation is for every choice (eval loss, searches, sweeps), test for

@@ -37,8 +37,8 @@ def train_tokenizer(
     """Train a byte-level BPE and wrap it as a ``PreTrainedTokenizerFast``.
 
     Byte level: any string encodes (no unknown token) and decodes back exactly. Digits are split
-    one by one (as in Llama) so numbers share a small, consistent set of tokens, which is what
-    makes arithmetic learnable. bos = eos = ``<|endoftext|>`` (GPT-2 style), pad = ``<|pad|>``.
+    one by one (as in Llama 1 and 2; Llama 3 groups up to three digits) so numbers share a small,
+    consistent set of tokens, which is what makes arithmetic learnable. bos = eos = ``<|endoftext|>`` (GPT-2 style), pad = ``<|pad|>``.
     Returns ``(tokenizer, stats)``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -6,10 +6,14 @@ line and has ``GET /ready`` (``python -m lmref.serve`` does both).
 
 - ``spawn_server(args)``: ``python -m lmref.serve <args>`` on a free port, waits for /ready;
   ``.stop()`` sends SIGTERM and waits for the drain.
-- ``stream_completion(url, body)``: one streaming ``/v1/completions`` call, timed.
+- ``stream_completion(url, body)``: one streaming ``/v1/completions`` (or chat) call, timed.
 - ``drain(jobs, clients, send)``: the closed loop itself, for any request function.
-- ``run_load(url, prompts, concurrency)``: ``drain`` over streaming completions; requests/s, output tokens/s,
-  TTFT, TPOT and end-to-end p50/p99 (the numbers vLLM's serving benchmark reports).
+- ``run_load(url, prompts, concurrency)``: ``drain`` over streaming completions (``chat=True``:
+  each prompt a user message to ``/v1/chat/completions``); requests/s, output tokens/s, TTFT,
+  TPOT and end-to-end p50/p99 (the numbers vLLM's serving benchmark reports).
+- ``load_curve(targets, prompts, clients, repeats)``: ``run_load`` at each number of clients
+  against each server (e.g. continuous vs static batching), alternating within a repeat; one
+  row per run.
 - ``closed_loop(url, body, clients, seconds)``: the same request back to back for a while, each
   one's outcome kept (status or error, which upstream answered): what fails when a replica dies.
 - ``MetricsRecorder(url, names)``: scrapes ``/metrics`` in a thread, a time series of the named
@@ -21,6 +25,7 @@ Usage::
 
     with spawn_server(["--model", "base=artifacts/base"], env={"LMREF_API_KEYS": ""}) as server:
         print(run_load(server.url, ["def add(", "class Stack"] * 8, concurrency=4, max_tokens=16))
+        rows = load_curve({"continuous": server.url}, ["def add("] * 8, clients=[1, 4], repeats=3)
 """
 
 from __future__ import annotations
@@ -119,10 +124,15 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def stream_completion(
-    url: str, body: dict, api_key: str | None = None, timeout: float = 300.0
+    url: str,
+    body: dict,
+    api_key: str | None = None,
+    timeout: float = 300.0,
+    path: str = "/v1/completions",
 ) -> dict:
-    """One streaming /v1/completions call over http.client, timed like vLLM's benchmark:
-    time to first token, time per output token after the first, end-to-end."""
+    """One streaming completions call over http.client, timed like vLLM's benchmark: time to
+    first token, time per output token after the first, end-to-end. ``path``
+    ``/v1/chat/completions`` for a ``messages`` body (its text comes as ``delta.content``)."""
     host = url.split("//", 1)[1]
     conn = http.client.HTTPConnection(host, timeout=timeout)
     headers = {"Content-Type": "application/json"}
@@ -133,7 +143,7 @@ def stream_completion(
     first = None
     text, tokens = [], 0
     try:
-        conn.request("POST", "/v1/completions", json.dumps(payload), headers)
+        conn.request("POST", path, json.dumps(payload), headers)
         response = conn.getresponse()
         if response.status != 200:
             response.read()
@@ -151,9 +161,10 @@ def stream_completion(
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
             for choice in event.get("choices", []):
-                if choice.get("text"):
+                piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+                if piece:
                     first = first or time.perf_counter()
-                    text.append(choice["text"])
+                    text.append(piece)
     finally:
         conn.close()
     end = time.perf_counter()
@@ -214,22 +225,21 @@ def run_load(
     api_key: str | None = None,
     temperature: float = 0.0,
     ignore_eos: bool = True,
+    chat: bool = False,
 ) -> dict:
     """A closed-loop load: ``concurrency`` clients send the prompts (each once) as fast as they
     are answered. Returns vLLM-benchmark-style numbers (requests/s, output tokens/s, TTFT, TPOT,
-    end-to-end p50/p99 in ms)."""
+    end-to-end p50/p99 in ms) and the output lengths (``ignore_eos=False``: each answer's own,
+    at most ``max_tokens``). ``chat``: each prompt is a user message, sent to the chat route."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
 
     def send(prompt: str) -> dict:
-        body = {
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "ignore_eos": ignore_eos,
-        }
+        body = {"max_tokens": max_tokens, "temperature": temperature, "ignore_eos": ignore_eos}
+        body |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
         if model:
             body["model"] = model
         try:
-            return stream_completion(url, body, api_key)
+            return stream_completion(url, body, api_key, path=path)
         except OSError as exc:
             return {"ok": False, "error": str(exc)}
 
@@ -242,8 +252,35 @@ def run_load(
         "duration_s": duration,
         "requests_per_s": len(ok) / duration,
         "output_tokens_per_s": sum(r["tokens"] for r in ok) / duration,
+        "output_tokens_min": min((r["tokens"] for r in ok), default=0),
+        "output_tokens_max": max((r["tokens"] for r in ok), default=0),
         **latency_percentiles(ok),
     }
+
+
+def load_curve(
+    targets: dict[str, str],
+    prompts: list[str],
+    clients: list[int],
+    repeats: int = 3,
+    requests_per_client: int = 2,
+    min_requests: int = 8,
+    **load: Any,
+) -> list[dict]:
+    """``run_load`` for each number of ``clients`` against each of ``targets`` (a label -> a
+    server URL), ``repeats`` times, the targets alternating inside each repeat (so a burst of
+    load from other jobs hits both). Each run sends ``max(min_requests, requests_per_client *
+    clients)`` prompts, taken in turn from ``prompts``. One row per run: ``target``, ``repeat``
+    and ``run_load``'s numbers; ``load`` goes to ``run_load`` (``model``, ``max_tokens``,
+    ``chat``, ``ignore_eos`` ...)."""
+    rows = []
+    for n in clients:
+        count = max(min_requests, requests_per_client * n)
+        jobs = [prompts[i % len(prompts)] for i in range(count)]
+        for repeat in range(repeats):
+            for label, url in targets.items():
+                rows.append({"target": label, "repeat": repeat} | run_load(url, jobs, n, **load))
+    return rows
 
 
 def closed_loop(

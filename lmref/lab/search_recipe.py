@@ -1,18 +1,24 @@
 """Notebook 07's search problem: notebook 03's LoRA recipe as a search space, a short trial, and the
 objective that the tuning workers import.
 
+Every trial trains at the same batch size (``TRIAL_BATCH``) for the same number of steps, so all
+trials see the same number of examples and their losses at a given step are comparable: that is
+what a pruner compares. The objective and the pruning signal are both the validation loss on the
+same first ``eval_examples`` validation rows (test is for the final numbers only).
+
 Usage::
 
     from lmref.lab import search_recipe
     from lmref import tuning
 
-    study = tuning.run_study(search_recipe.lora_objective(steps=20), config, search_recipe.LORA_SPACE)
-    model, run = search_recipe.lora_trial(search_recipe.LORA_DEFAULTS, steps=60)
+    study = tuning.run_study(search_recipe.lora_objective(steps=8), config, search_recipe.LORA_SPACE)
+    model, run = search_recipe.lora_trial(search_recipe.LORA_DEFAULTS, steps=120)
 """
 
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,63 +28,81 @@ import torch
 from lmref.lab.course import ensure_base, tokenized_instructions, train_on_instructions
 from lmref.models.loading import load_model
 from lmref.training.config import TrainingConfig, TrainResult
+from lmref.training.loop import evaluate_loss
 from lmref.training.lora import LoraSettings, add_lora
-from lmref.tuning import Param, pruning_callback, suggest
+from lmref.tuning import Param, report, suggest
 
 # What notebook 07 searches: LoRA on the base (notebook 03's method), most important first (a
-# grid gives its levels in this order). alpha is searched as alpha / r, the effective scale.
+# grid gives its levels in this order). alpha is searched as alpha / r, the scale of the update;
+# warmup as a share of the run, so that a setting means the same in a short trial and a long run.
 LORA_SPACE = [
     Param("learning_rate", 3e-4, 3e-2, log=True),
-    Param("lora_r", choices=(4, 8, 16, 32)),
-    Param("warmup_steps", 0, 10, integer=True),
-    Param("batch_size", choices=(4, 8, 16)),
     Param("alpha_over_r", choices=(0.5, 1.0, 2.0, 4.0)),
+    Param("lora_r", choices=(4, 8, 16, 32)),
+    Param("warmup_share", 0.0, 0.3),
 ]
-# Notebook 03's choice, the point a search has to beat.
+# Notebook 03's choice, the point a search has to beat: its learning rate, rank and alpha (32 =
+# 2 x 16), and the warmup of its recipe (course.FINETUNE: 20 steps of its 240).
 LORA_DEFAULTS = {
     "learning_rate": 5e-3,
-    "lora_r": 16,
-    "warmup_steps": 10,
-    "batch_size": 16,
     "alpha_over_r": 2.0,
+    "lora_r": 16,
+    "warmup_share": 20 / 240,
 }
+# Every trial and the confirmation runs use this batch size (notebook 03 uses 32; half the cost).
+TRIAL_BATCH = 16
 
 
 def lora_trial(
     params: dict,
-    steps: int = 20,
-    eval_examples: int = 128,
-    report_every: int = 5,
+    steps: int = 8,
+    eval_examples: int = 50,
+    report_every: int = 0,
+    on_validation: Callable[[int, float], None] | None = None,
     base_dir: Path | str | None = None,
-    callbacks=(),
     seed: int = 0,
 ) -> tuple[torch.nn.Module, TrainResult]:
-    """A short LoRA fine-tune of the base with ``params`` (the names of ``LORA_SPACE``).
+    """A LoRA fine-tune of the base with ``params`` (the names of ``LORA_SPACE``) for ``steps``
+    steps of ``TRIAL_BATCH`` examples. Embeddings train too, as in notebook 03.
 
-    Returns the model and the run; ``result.eval_loss`` is the validation loss on the first
-    ``eval_examples`` validation examples (answer tokens only, every task equally). Embeddings train too, as in notebook 03.
+    Returns the model and the run; ``result.eval_loss`` is the loss on the answer tokens of the
+    first ``eval_examples`` validation rows (stratified: every task equally). With
+    ``report_every``, the same loss is also measured every ``report_every`` steps before the last
+    and passed to ``on_validation(step, loss)`` (which may raise ``optuna.TrialPruned``).
     """
     base_dir = str(base_dir or ensure_base())
     tokenized, collator = tokenized_instructions(base_dir)
     r = int(params["lora_r"])
     torch.manual_seed(seed)  # LoRA's A matrices start random: the same params, the same trial
-    model = add_lora(
-        load_model(base_dir),
-        LoraSettings(
-            r=r, alpha=params["alpha_over_r"] * r, dropout=0.0, modules_to_save=["embed_tokens"]
-        ),
+    settings = LoraSettings(
+        r=r, alpha=params["alpha_over_r"] * r, dropout=0.0, modules_to_save=["embed_tokens"]
     )
+    with warnings.catch_warnings():
+        # peft reads transformers' is_gradient_checkpointing, deprecated in transformers 5.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")
+        model = add_lora(load_model(base_dir), settings)
+    callbacks = []
+    if report_every and on_validation is not None:
+
+        def validate(step: int, metrics: dict) -> None:
+            if step % report_every == 0 and step < steps:  # the last step: the run's own eval
+                on_validation(
+                    step,
+                    evaluate_loss(model, tokenized["validation"], eval_examples, collator, 1),
+                )
+
+        callbacks.append(validate)
     with tempfile.TemporaryDirectory(prefix="lmref-trial-") as out_dir:
         config = TrainingConfig(
             output_dir=out_dir,
             max_steps=steps,
-            per_device_train_batch_size=int(params["batch_size"]),
+            per_device_train_batch_size=TRIAL_BATCH,
             learning_rate=params["learning_rate"],
-            warmup_steps=int(params["warmup_steps"]),
+            warmup_steps=round(params["warmup_share"] * steps),
             weight_decay=0.0,
-            logging_steps=report_every,
-            per_device_eval_batch_size=32,
-            eval_max_batches=max(1, eval_examples // 32),
+            logging_steps=steps,
+            per_device_eval_batch_size=eval_examples,  # one batch: exactly these rows
+            eval_max_batches=1,
             seed=seed,
             disable_tqdm=True,
         )
@@ -87,21 +111,24 @@ def lora_trial(
 
 
 def lora_objective(
-    steps: int = 20, eval_examples: int = 128, report_every: int = 5, base_dir: str | None = None
+    steps: int = 8, eval_examples: int = 50, report_every: int = 2, base_dir: str | None = None
 ) -> Callable[[optuna.Trial], float]:
-    """``objective(trial)`` for ``lmref.tuning``: a short LoRA run, its validation loss, pruned
-    on the training loss reported every ``report_every`` steps. Importable by workers as
-    ``"lmref.lab.search_recipe:lora_objective"`` (with ``LORA_SPACE`` as ``"lmref.lab.search_recipe:LORA_SPACE"``)."""
+    """``objective(trial)`` for ``lmref.tuning``: a short LoRA run, its validation loss. In a study
+    with a pruner, the validation loss is also reported every ``report_every`` steps, so the
+    pruner can stop the trial (a study without one skips those evaluations). Importable by
+    workers as ``"lmref.lab.search_recipe:lora_objective"`` (with ``LORA_SPACE`` as
+    ``"lmref.lab.search_recipe:LORA_SPACE"``)."""
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, LORA_SPACE)
+        prunes = not isinstance(trial.study.pruner, optuna.pruners.NopPruner)
         _, result = lora_trial(
             params,
             steps,
             eval_examples,
-            report_every,
+            report_every if prunes else 0,
+            lambda step, loss: report(trial, step, loss, "validation loss"),
             base_dir,
-            callbacks=[pruning_callback(trial, "loss")],
         )
         trial.set_user_attr("train_seconds", result.train_seconds)
         return result.eval_loss

@@ -8,7 +8,8 @@ batching over the engine's parts, each usable and tested alone:
   ``SamplingParams`` and the events a job gets back (``Admitted``, ``Delta``, ``Finished``,
   ``Failed``);
 - ``lmref.serving.scheduler``: the waiting queue and a replaceable ``AdmissionPolicy`` (default
-  ``FifoRowBudget``: first come first served within ``max_batch_size`` rows);
+  ``FifoRowBudget``: first come first served within ``max_batch_size`` rows; ``admission="static"``
+  in the ``ModelSpec``: ``StaticBatch``, the static-batching baseline);
 - ``lmref.serving.batching``: the shared, left-padded KV cache rows join and leave;
 - ``lmref.serving.sampler``: every row's next token at once (per-row temperature, top-p, seed as
   tensors) and the logprobs a request asks for;
@@ -39,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -69,7 +71,7 @@ from lmref.serving.sampler import (
     score_prompt,
     step_logprobs,
 )
-from lmref.serving.scheduler import AdmissionPolicy, FifoRowBudget, Scheduler
+from lmref.serving.scheduler import POLICIES, AdmissionPolicy, Scheduler
 
 # The names the app, the production stage and the tests import from here.
 __all__ = [
@@ -107,6 +109,7 @@ class ModelSpec:
     chat_template: str | None = None  # Jinja; None: the tokenizer's, else DEFAULT_CHAT_TEMPLATE
     dtype: str = "auto"  # bf16 on GPUs that have it, fp32 on CPU; or fp32/bf16/fp16
     pack_linears: bool = True  # CPU: weights packed once for oneDNN (lmref.serving.packed_linear)
+    admission: Literal["continuous", "static"] = "continuous"  # static: the baseline (scheduler)
 
 
 class Engine:
@@ -121,7 +124,7 @@ class Engine:
         spec: ModelSpec,
         metrics: EngineMetrics,
         cache: ResponseCache,
-        policy: AdmissionPolicy | None = None,  # None: FifoRowBudget(spec.max_batch_size)
+        policy: AdmissionPolicy | None = None,  # None: POLICIES[spec.admission](max_batch_size)
     ):
         self.spec, self.metrics, self.cache = spec, metrics, cache
         self.served: ServedModel | None = None
@@ -133,7 +136,7 @@ class Engine:
         self._labels = labels = {"model_name": spec.name}
         waiting = metrics.waiting.labels(**labels)
         self.scheduler = Scheduler(
-            policy or FifoRowBudget(spec.max_batch_size),
+            policy or POLICIES[spec.admission](spec.max_batch_size),
             spec.max_queue_size,
             spec.batch_wait_ms / 1000,
             on_waiting=waiting.set,

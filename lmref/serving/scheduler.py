@@ -5,13 +5,17 @@ which waiting jobs start is an ``AdmissionPolicy``, a plain object with no locks
 different policy (priorities, a token budget, shortest-prompt-first) is a class of a few lines and
 is testable alone. The default, ``FifoRowBudget``, is the engine's policy: first come first
 served, whole jobs, as many rows as fit beside the running ones in ``max_rows``; a job larger
-than the whole budget still starts when the batch is empty (else it would never run).
+than the whole budget still starts when the batch is empty (else it would never run): that is
+continuous batching. ``StaticBatch`` is the baseline it is measured against: the same budget,
+but jobs start only when the batch is empty, so a batch is admitted together and nothing joins
+until its longest row has finished. ``POLICIES`` names both (``ModelSpec.admission``).
 
 Usage::
 
     from lmref.serving.scheduler import FifoRowBudget, Scheduler
 
     scheduler = Scheduler(FifoRowBudget(max_rows=16), max_queue_rows=256, gather_s=0.005)
+    # or POLICIES["static"](max_rows=16): static batching
     scheduler.submit(job)                           # QueueFull when too many rows wait
     jobs = scheduler.next_jobs(busy_rows=0, prefilling=False)   # worker side; None: closed
 """
@@ -58,6 +62,20 @@ class FifoRowBudget:
             jobs.append(job)
             rows += len(job.rows)
         return jobs
+
+
+@dataclass
+class StaticBatch(FifoRowBudget):
+    """Static batching: ``FifoRowBudget``'s batch, admitted only when no row runs. Finished rows
+    still leave the batch at once (their compute stops), but their places stay empty until the
+    whole batch is done: newcomers wait for the longest row of the batch before them."""
+
+    def admit(self, waiting: Sequence[Job], running_rows: int) -> list[Job]:
+        return [] if running_rows else super().admit(waiting, 0)
+
+
+# ``ModelSpec.admission`` -> the policy class, built with ``max_rows=spec.max_batch_size``.
+POLICIES: dict[str, type[FifoRowBudget]] = {"continuous": FifoRowBudget, "static": StaticBatch}
 
 
 class Scheduler:

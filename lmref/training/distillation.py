@@ -27,6 +27,14 @@ the token count**, the contract of ``lmref.core.losses.causal_lm_loss_sum``, so 
 accumulation stays exactly token-weighted when this loss replaces it in the training loop
 (``train(..., loss_fn=...)``).
 
+**Cached teacher targets.** The teacher's forward pass on every batch can cost as much as the
+student's step. When the training rows are fixed (e.g. instructions labelled once by the
+teacher, as in sequence-level KD, Kim & Rush 2016), ``teacher_topk`` computes the teacher's k
+largest logits at each label position once; ``TopKCollator`` carries them with each row and
+``cached_distillation_loss`` uses them instead of a teacher. The KL then runs over those k
+tokens: the teacher's distribution renormalised over its top k, against the student's
+log-probabilities of the same tokens (full softmax). With k = the vocabulary it is the full KL.
+
 Memory: the float32 log-softmax of both models, their probabilities and the KL terms are each
 (tokens x vocabulary). Only label positions are gathered, and they are processed
 ``chunk_tokens`` rows at a time under activation checkpointing, so those temporaries exist for
@@ -40,6 +48,11 @@ Usage::
 
     loss_fn = distillation_loss(teacher, DistillationConfig(temperature=2.0, alpha=0.5))
     train(student, data["train"], config, collate_fn=collator, loss_fn=loss_fn)
+
+    # or the teacher's top-k logits computed once and stored with the rows:
+    rows = with_teacher_topk(teacher, data["train"], collator, k=16)
+    train(student, rows, config, collate_fn=TopKCollator(collator),
+          loss_fn=cached_distillation_loss(DistillationConfig(temperature=1.0, alpha=0.5)))
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from torch.utils.checkpoint import checkpoint
 
 from lmref.core.losses import IGNORE_INDEX, nll_sum, shift_labels
@@ -71,18 +85,31 @@ class DistillationConfig:
             raise ValueError(f"chunk_tokens must be >= 1, not {self.chunk_tokens!r}")
 
 
+@dataclass(frozen=True)
+class TopKTargets:
+    """A teacher's k largest logits at each label position of a batch, one row per position in
+    ``distillation_loss_sum``'s order (batch row by batch row, left to right)."""
+
+    values: torch.Tensor  # (positions, k) logits, float
+    indices: torch.Tensor  # (positions, k) token ids, long
+
+
 def _chunk_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
     targets: torch.Tensor,
     temperature: float,
     alpha: float,
+    teacher_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Summed blended loss of one chunk of label positions (rows of vocabulary logits)."""
+    """Summed blended loss of one chunk of label positions (rows of vocabulary logits; the
+    teacher's rows are its top-k logits when ``teacher_indices`` names their tokens)."""
     student = student.float()
     total = student.new_zeros(())
     if alpha > 0:
         log_p_student = F.log_softmax(student / temperature, dim=-1)
+        if teacher_indices is not None:  # the student's log-probabilities of the teacher's top k
+            log_p_student = log_p_student.gather(-1, teacher_indices)
         log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
         # KL(t || s) = sum_v p_t (log p_t - log p_s); log_target avoids exp(log(.)) round trips.
         kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
@@ -94,7 +121,7 @@ def _chunk_loss(
 
 def distillation_loss_sum(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TopKTargets,
     labels: torch.Tensor,
     config: DistillationConfig | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -105,10 +132,12 @@ def distillation_loss_sum(
     inputs; ``labels`` (batch, sequence) are the input ids with ``IGNORE_INDEX`` where no loss
     counts, and ``attention_mask`` (0: padding) removes padded positions too. As in
     transformers, the logits at position i predict the label at i + 1 (labels are shifted here,
-    by ``lmref.core.losses.shift_labels``).
+    by ``lmref.core.losses.shift_labels``). ``teacher_logits`` may instead be the teacher's
+    ``TopKTargets`` at the label positions (``teacher_topk``).
     """
     config = config or DistillationConfig()
-    if student_logits.shape != teacher_logits.shape:
+    sparse = isinstance(teacher_logits, TopKTargets)
+    if not sparse and student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ: the models need one tokenizer "
@@ -123,8 +152,17 @@ def distillation_loss_sum(
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     count = keep.numel()
     student_rows = student_logits.flatten(0, 1).index_select(0, keep)
-    teacher_rows = teacher_logits.flatten(0, 1).index_select(0, keep).detach()
     target_rows = targets.index_select(0, keep)
+    if sparse:
+        if teacher_logits.values.shape[0] != count:
+            raise ValueError(
+                f"{teacher_logits.values.shape[0]} cached teacher positions for {count} label "
+                "positions: the targets were computed on other rows or another tokenization"
+            )
+        teacher_rows, teacher_ids = teacher_logits.values.detach(), teacher_logits.indices
+    else:
+        teacher_rows = teacher_logits.flatten(0, 1).index_select(0, keep).detach()
+        teacher_ids = None
     total = student_logits.new_zeros((), dtype=torch.float32)
     for start in range(0, count, config.chunk_tokens):
         part = slice(start, start + config.chunk_tokens)
@@ -134,6 +172,7 @@ def distillation_loss_sum(
             target_rows[part],
             config.temperature,
             config.alpha,
+            None if teacher_ids is None else teacher_ids[part],
         )
         if torch.is_grad_enabled() and student_rows.requires_grad:
             # Recompute the chunk's softmaxes in backward instead of keeping them for all chunks.
@@ -167,6 +206,71 @@ def distillation_loss(
         return distillation_loss_sum(
             student_logits, teacher_logits, labels, config, batch.get("attention_mask")
         )
+
+    return loss_fn
+
+
+@torch.no_grad()
+def teacher_topk(teacher: torch.nn.Module, batch: dict, k: int) -> TopKTargets:
+    """The teacher's ``k`` largest next-token logits at ``batch``'s label positions (the positions
+    ``distillation_loss_sum`` scores, in its order): what ``cached_distillation_loss`` needs."""
+    device = next(teacher.parameters()).device
+    inputs = {n: batch[n].to(device) for n in ("input_ids", "attention_mask") if n in batch}
+    logits = teacher.eval()(**inputs).logits
+    labels = batch.get("labels", batch["input_ids"]).to(device)
+    targets = shift_labels(labels, inputs.get("attention_mask")).flatten()
+    rows = logits.flatten(0, 1)[targets != IGNORE_INDEX].float()
+    top = rows.topk(min(k, rows.shape[-1]), dim=-1)
+    return TopKTargets(top.values.cpu(), top.indices.cpu())
+
+
+def with_teacher_topk(
+    teacher: torch.nn.Module, dataset, collate_fn: Callable, k: int = 16, batch_size: int = 64
+):
+    """``dataset`` (rows with ``input_ids`` and ``labels``) plus the teacher's top-k logits of each
+    row as columns ``teacher_values`` and ``teacher_indices`` (label positions x k), computed
+    once, for ``TopKCollator`` and ``cached_distillation_loss``."""
+    values, indices = [], []
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = collate_fn(rows)
+        top = teacher_topk(teacher, batch, k)
+        counts = (shift_labels(batch["labels"], batch.get("attention_mask")) != IGNORE_INDEX).sum(1)
+        values += [v.tolist() for v in top.values.split(counts.tolist())]
+        indices += [i.tolist() for i in top.indices.split(counts.tolist())]
+    # from_dict, not add_column: add_column hashes the new column for its fingerprint (seconds).
+    columns = {**dataset.to_dict(), "teacher_values": values, "teacher_indices": indices}
+    return Dataset.from_dict(columns)
+
+
+class TopKCollator:
+    """Wraps a collator: the batch it makes, plus the rows' cached ``teacher_values`` and
+    ``teacher_indices`` stacked in ``distillation_loss_sum``'s order of label positions."""
+
+    def __init__(self, collate_fn: Callable) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = self.collate_fn(
+            [{k: v for k, v in r.items() if not k.startswith("teacher_")} for r in rows]
+        )
+        for name, dtype in (("teacher_values", torch.float32), ("teacher_indices", torch.long)):
+            batch[name] = torch.cat([torch.tensor(r[name], dtype=dtype) for r in rows])
+        return batch
+
+
+def cached_distillation_loss(
+    config: DistillationConfig | None = None,
+) -> Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]:
+    """``distillation_loss`` without a teacher: its top-k logits come with the batch
+    (``TopKCollator`` over rows of ``with_teacher_topk``)."""
+    config = config or DistillationConfig()
+
+    def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch.get("attention_mask")
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+        teacher = TopKTargets(batch["teacher_values"], batch["teacher_indices"])
+        return distillation_loss_sum(logits, teacher, batch["labels"], config, mask)
 
     return loss_fn
 

@@ -8,10 +8,13 @@ the base model exactly. The knobs (fields of ``LoraSettings``):
 
 - ``r`` (rank): capacity of the update. 8-64 covers most fine-tuning; a narrow task (the
   course's instruction set) is learnt with r=8, new knowledge or a new language wants more.
-- ``alpha``: the update is scaled by ``alpha / r``. Keeping ``alpha / r`` fixed while changing
-  ``r`` keeps the effective learning rate roughly fixed, so a rank sweep needs no new lr
-  (``use_rslora`` scales by ``alpha / sqrt(r)`` instead, which stays stable at high ranks).
-  A common default is ``alpha = 2 * r``.
+- ``alpha``: the update is scaled by ``alpha / r``. Hu et al. keep ``alpha`` fixed when ``r``
+  changes (set once, to the first ``r`` tried, never tuned): with Adam, tuning ``alpha`` is
+  roughly tuning the learning rate, and the ``1 / r`` is meant to spare re-tuning the learning
+  rate across ranks. rsLoRA (Kalajdzievski, 2023) shows that ``1 / r`` shrinks the update too
+  much at high ranks (learning slows, a larger rank stops helping) and scales by
+  ``alpha / sqrt(r)`` instead, which keeps updates stable across ranks (``use_rslora=True``).
+  ``alpha = 2 * r`` is a common starting point.
 - ``dropout``: dropout on the LoRA input only; regularises small data sets. 0 is faster (and
   what ``torch.compile`` likes); 0.05-0.1 is usual.
 - ``target_modules``: which layers get an update. ``"all-linear"`` (every linear layer but the
@@ -49,7 +52,7 @@ Usage::
 
     model = add_lora(load_model("artifacts/base"), LoraSettings(r=8, alpha=16))
     # or QLoRA: model = load_qlora("artifacts/base", LoraSettings(r=8, alpha=16))
-    print(trainable_report(model))          # {"trainable_parameters": 108544, "trainable_share": 0.044, ...}
+    print(trainable_report(model))          # {"trainable_parameters": 108544, "trainable_share": 0.046, ...}
     train(model, data["train"], TrainingConfig(learning_rate=3e-3, max_steps=100), collate_fn=collator)
     save_adapter(model, "artifacts/lora-adapter", tokenizer)          # adapter_model.safetensors
     model = load_adapter("artifacts/base", "artifacts/lora-adapter")  # base path or model
@@ -60,6 +63,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,7 +164,10 @@ def lora_config(model: torch.nn.Module, settings: LoraSettings | None = None) ->
         init_lora_weights=settings.init_lora_weights,
         modules_to_save=list(settings.modules_to_save) or None,
         task_type="CAUSAL_LM",
+        # Only where a tied module is trained (the targets are linear layers, never embeddings):
+        # asked for without one, peft warns that there is nothing to tie.
         ensure_weight_tying=settings.ensure_weight_tying
+        and bool(settings.modules_to_save)
         and bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False)),
         # Conv1D stores W as (in, out); peft transposes when told.
         fan_in_fan_out=any(isinstance(m, Conv1D) for m in targeted),
@@ -169,7 +176,13 @@ def lora_config(model: torch.nn.Module, settings: LoraSettings | None = None) ->
 
 def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None) -> PeftModel:
     """Freeze ``model`` and wrap it with trainable LoRA matrices (peft ``get_peft_model``)."""
-    return get_peft_model(model, lora_config(model, settings))
+    config = lora_config(model, settings)
+    with warnings.catch_warnings():
+        # peft reads transformers' is_gradient_checkpointing, deprecated in transformers 5.
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+        )
+        return get_peft_model(model, config)
 
 
 # ---------------------------------------------------------------- QLoRA
@@ -215,20 +228,42 @@ def is_4bit(model: torch.nn.Module) -> bool:
 # ---------------------------------------------------------------- reports and files
 
 
+def _unique_parameters(model: torch.nn.Module):
+    """``(name, parameter)`` once per stored tensor: parameters that share storage (a tied
+    input/output embedding, peft's copy of it for the head) are one tensor, counted once."""
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = id(p) if p.is_meta else p.data_ptr()  # meta tensors have no storage to compare
+        if key not in seen:
+            seen.add(key)
+            yield name, p
+
+
 def trainable_report(model: torch.nn.Module) -> dict:
-    """Trainable vs all parameters (4-bit weights counted unpacked: 2 per stored byte), and the
-    fp32 bytes an adapter of the trainable parameters takes."""
-    trainable = total = 0
-    for p in model.parameters():
+    """Trainable parameters and what they are a share of; every stored tensor counted once (by
+    ``data_ptr``), 4-bit weights counted unpacked (2 per stored byte).
+
+    ``parameters`` is everything the adapted model holds, which is what peft's
+    ``print_trainable_parameters`` divides by: with ``modules_to_save`` that includes a module
+    twice (the frozen original and its trainable copy), so its share is diluted. The share here,
+    ``trainable_share``, is of ``base_parameters``: the model's own parameters, without LoRA
+    matrices or copies, i.e. what full fine-tuning would train.
+    """
+    trainable = total = lora = copies = 0
+    for name, p in _unique_parameters(model):
         n = p.numel() * (2 * p.element_size() if type(p).__name__ == "Params4bit" else 1)
         total += n
         trainable += n if p.requires_grad else 0
-    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        lora += n if "lora_" in name else 0
+        copies += n if ".modules_to_save." in name else 0
+    base = total - lora - copies
     return {
         "trainable_parameters": trainable,
-        "parameters": total,
-        "trainable_share": trainable / total if total else 0.0,
         "lora_parameters": lora,
+        "copied_parameters": copies,  # modules_to_save: trained in full next to the adapters
+        "base_parameters": base,
+        "parameters": total,
+        "trainable_share": trainable / base if base else 0.0,
         "adapter_mb_fp32": 4 * trainable / 2**20,
         "base_in_4bit": is_4bit(model),
     }
@@ -242,7 +277,7 @@ def training_state_mb(model: torch.nn.Module) -> float:
     Unlike a measured peak, this does not depend on what the process allocated before.
     """
     total = 0
-    for p in model.parameters():
+    for _, p in _unique_parameters(model):
         total += 16 * p.numel() if p.requires_grad else p.numel() * p.element_size()
     return total / 2**20
 
@@ -276,7 +311,12 @@ def load_adapter(
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json (not a PEFT adapter)")
     if not isinstance(base, torch.nn.Module):
         base = load_model(base, device=device)
-    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
+    with warnings.catch_warnings():
+        # peft reads transformers' is_gradient_checkpointing, deprecated in transformers 5.
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+        )
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
 
 
 def merge(model: PeftModel) -> PreTrainedModel:

@@ -6,15 +6,19 @@ nothing itself); the space is a list of ``lmref.tuning.space.Param``. Around Opt
 - four samplers on the same space: ``grid`` (``grid_points``: cell centres, as many as the trial
   budget allows), ``random``, ``tpe`` (Bayesian optimisation with Parzen estimators) and ``gp``
   (Bayesian optimisation with a Gaussian process, Optuna's ``GPSampler``, on torch + scipy);
-- pruning (``median`` or ``hyperband``) fed by ``pruning_callback``, a callback for a training
-  loop that reports a metric each step and raises ``optuna.TrialPruned`` when the pruner says so;
+- pruning (``median`` or ``hyperband``) fed by ``report`` (one intermediate value; raises
+  ``optuna.TrialPruned`` when the pruner says so) or ``pruning_callback``, a callback for a
+  training loop that reports a metric of its logging steps;
 - studies in storage on disk (Optuna's journal file by default, or any SQLAlchemy URL such as
   ``sqlite:///study.db`` or a PostgreSQL server shared by many machines), so a killed study
   resumes: ``run_study`` counts the finished trials and runs only the rest; trials left RUNNING
   by a dead worker on this host are marked FAILED and their parameters re-queued;
 - a file lock around "count the trials, ask for one", so that several workers on one study
   (``lmref.tuning.workers``) stop at exactly ``n_trials`` on one machine;
-- ``best_so_far`` and ``summarize`` for a study's curve and table.
+- ``best_so_far`` and ``summarize`` for a study's curve and table;
+- quiet output: Optuna's one INFO line per trial is off while ``run_study`` runs, and the
+  samplers' known notices (experimental arguments, GP's missing optional ``greenlet``) are
+  silenced where they are raised.
 
 Usage::
 
@@ -35,12 +39,15 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import math
 import os
 import socket
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,15 +75,22 @@ def make_sampler(
         return optuna.samplers.GridSampler(grid_points(space, budget), seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    if name == "tpe":
-        # constant_liar: a running trial counts as a bad result, so parallel workers spread out.
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=n_startup_trials, multivariate=True, constant_liar=True
-        )
-    if name == "gp":
-        return optuna.samplers.GPSampler(
-            seed=seed, n_startup_trials=n_startup_trials, deterministic_objective=True
-        )
+    # multivariate, constant_liar and deterministic_objective are "experimental" arguments: each
+    # construction warns so (ExperimentalWarning), which says nothing about this run.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            # constant_liar: a running trial counts as a bad result, so parallel workers spread out.
+            return optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=n_startup_trials, multivariate=True, constant_liar=True
+            )
+        if name == "gp":
+            # Optuna's GP optimiser logs a WARNING on import when the optional 'greenlet' package
+            # is missing (it then runs L-BFGS-B sequentially: slower suggestions, same results).
+            logging.getLogger("optuna._gp.batched_lbfgsb").setLevel(logging.ERROR)
+            return optuna.samplers.GPSampler(
+                seed=seed, n_startup_trials=n_startup_trials, deterministic_objective=True
+            )
     raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
 
 
@@ -98,17 +112,24 @@ def make_pruner(
     raise ValueError(f"unknown pruner {name!r}; choose one of {PRUNERS}")
 
 
+def report(trial: optuna.Trial, step: int, value: float, name: str = "value") -> None:
+    """Report ``value`` at ``step`` (an intermediate result: a validation loss after ``step``
+    training steps) and raise ``optuna.TrialPruned`` when the study's pruner says this trial is
+    not worth finishing. The pruner compares trials at the same step: report a signal that is
+    comparable across trials (the same validation rows; steps of the same batch size)."""
+    trial.report(float(value), step)
+    if trial.should_prune():
+        raise optuna.TrialPruned(f"pruned at step {step} ({name} {value:.4f})")
+
+
 def pruning_callback(trial: optuna.Trial, key: str = "loss") -> Callable[[int, dict], None]:
-    """A training-loop callback ``(step, metrics)``: reports ``metrics[key]`` when present and
-    raises ``optuna.TrialPruned`` when the study's pruner says this trial is not worth finishing."""
+    """A training-loop callback ``(step, metrics)``: ``report``s ``metrics[key]`` when present
+    (the loop's logging steps), so the pruner may stop the run."""
 
     def callback(step: int, metrics: dict) -> None:
         value = metrics.get(key)
-        if value is None:
-            return
-        trial.report(float(value), step)
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step} ({key} {value:.4f})")
+        if value is not None:
+            report(trial, step, value, key)
 
     return callback
 
@@ -163,6 +184,11 @@ def open_study(config: StudyConfig, space: Sequence[Param], worker_id: int = 0) 
 
     Workers get seeds ``seed + 1000 * worker_id`` so that two of them never draw the same points.
     """
+    with _optuna_info_off():  # "A new study created ..." / "Using an existing study ..."
+        return _open_study(config, space, worker_id)
+
+
+def _open_study(config: StudyConfig, space: Sequence[Param], worker_id: int) -> optuna.Study:
     space_record = [asdict(p) for p in space]
     record = {
         "sampler": config.sampler,
@@ -267,6 +293,29 @@ def run_study(
     trials, and asks for a new one only if the budget is not reached. The objective raises
     ``optuna.TrialPruned`` to prune; any other exception fails the trial and propagates.
     """
+    with _optuna_info_off():
+        return _run_trials(objective, config, space, worker_id, on_trial)
+
+
+@contextlib.contextmanager
+def _optuna_info_off() -> Iterator[None]:
+    """Optuna logs every study created and every trial finished at INFO: hundreds of lines in a
+    notebook that runs many short studies. Warnings stay on; the level is restored after."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(level, optuna.logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def _run_trials(
+    objective: Callable[[optuna.Trial], float],
+    config: StudyConfig,
+    space: Sequence[Param],
+    worker_id: int,
+    on_trial: Callable[[FrozenTrial], None] | None,
+) -> optuna.Study:
     study = open_study(config, space, worker_id)
     lock = _FileLock(_lock_path(config.storage))
     me = {"host": socket.gethostname(), "pid": os.getpid(), "worker_id": worker_id}
