@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,10 +76,7 @@ def lora_trial(
     settings = LoraSettings(
         r=r, alpha=params["alpha_over_r"] * r, dropout=0.0, modules_to_save=["embed_tokens"]
     )
-    with warnings.catch_warnings():
-        # peft reads transformers' is_gradient_checkpointing, deprecated in transformers 5.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")
-        model = add_lora(load_model(base_dir), settings)
+    model = add_lora(load_model(base_dir), settings)  # add_lora quiets peft's FutureWarning
     callbacks = []
     if report_every and on_validation is not None:
 

@@ -61,9 +61,11 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,14 +176,21 @@ def lora_config(model: torch.nn.Module, settings: LoraSettings | None = None) ->
     )
 
 
-def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None) -> PeftModel:
-    """Freeze ``model`` and wrap it with trainable LoRA matrices (peft ``get_peft_model``)."""
-    config = lora_config(model, settings)
+@contextlib.contextmanager
+def _peft_wrapping() -> Iterator[None]:
+    """Around peft wrapping a model: peft reads transformers' ``is_gradient_checkpointing``,
+    deprecated in transformers 5, and each wrap would warn so (a FutureWarning about peft)."""
     with warnings.catch_warnings():
-        # peft reads transformers' is_gradient_checkpointing, deprecated in transformers 5.
         warnings.filterwarnings(
             "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
         )
+        yield
+
+
+def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None) -> PeftModel:
+    """Freeze ``model`` and wrap it with trainable LoRA matrices (peft ``get_peft_model``)."""
+    config = lora_config(model, settings)
+    with _peft_wrapping():
         return get_peft_model(model, config)
 
 
@@ -311,11 +320,7 @@ def load_adapter(
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json (not a PEFT adapter)")
     if not isinstance(base, torch.nn.Module):
         base = load_model(base, device=device)
-    with warnings.catch_warnings():
-        # peft reads transformers' is_gradient_checkpointing, deprecated in transformers 5.
-        warnings.filterwarnings(
-            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
-        )
+    with _peft_wrapping():
         return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
 
 
