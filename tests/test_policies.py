@@ -100,6 +100,35 @@ def test_a_padded_batch_counts_no_padded_token():
     assert float(loss_sum) == pytest.approx(nll_alone, rel=1e-5)
 
 
+@pytest.mark.parametrize("wrap", ["plain", "lora"])
+def test_answer_loss_is_the_causal_lm_loss_and_its_gradient(wrap):
+    """answer_loss_sum computes the head only at counted positions: the same sum, count and
+    gradients as causal_lm_loss_sum, also through a peft model (which passes logits_to_keep on)."""
+    from lmref.training.lora import LoraSettings, add_lora
+
+    model = small_model().train()
+    if wrap == "lora":
+        torch.manual_seed(0)
+        model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+        for name, p in model.named_parameters():  # B starts at 0: make the update non-zero
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    batch = collate(ROWS)
+    results = []
+    for loss_fn in (losses.causal_lm_loss_sum, losses.answer_loss_sum):
+        model.zero_grad()
+        loss, tokens = loss_fn(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), int(tokens), grads))
+    (plain, plain_n, plain_g), (answer, answer_n, answer_g) = results
+    assert answer_n == plain_n == real_targets()
+    torch.testing.assert_close(answer, plain, rtol=1e-5, atol=1e-5)
+    assert plain_g.keys() == answer_g.keys() and plain_g
+    for name in plain_g:
+        torch.testing.assert_close(answer_g[name], plain_g[name], rtol=1e-4, atol=1e-6)
+
+
 def test_evaluation_perplexity_equals_the_training_loss_on_the_same_batches():
     model = small_model()
     for batch_size in (1, 2, 3):

@@ -23,6 +23,7 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from lmref.core.losses import causal_lm_loss_sum
 from lmref.data.instructions import (
     PROMPT_TEMPLATE,
     InstructionCollator,
@@ -204,9 +205,13 @@ def pretrain_base(
     return result
 
 
-def train_on_instructions(model, tokenized, collator, config: TrainingConfig, callbacks=()):
+def train_on_instructions(
+    model, tokenized, collator, config: TrainingConfig, callbacks=(), loss_fn=causal_lm_loss_sum
+):
     """Train on the instruction set's train split, evaluated on its validation split (every
-    choice is made on validation; test is for the final numbers only)."""
+    choice is made on validation; test is for the final numbers only). Notebooks 03 and 07 pass
+    ``loss_fn=answer_loss_sum`` (logits at the answer positions only, the same loss, faster);
+    notebook 02's recipe keeps the plain loss, so its models stay the ones the course built."""
     return train(
         model,
         tokenized["train"],
@@ -214,6 +219,7 @@ def train_on_instructions(model, tokenized, collator, config: TrainingConfig, ca
         eval_dataset=tokenized["validation"],
         collate_fn=collator,
         callbacks=callbacks,
+        loss_fn=loss_fn,
     )
 
 
