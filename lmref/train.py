@@ -5,7 +5,9 @@ Every field of ``RunArguments`` (model, data, ...) and of ``TrainingConfig`` is 
 ``--lr``, ``--resume``, ``--allow-config-change`` ...): ``lmref.core.cli`` (``transformers.HfArgumentParser``) derives
 them from the dataclasses (help and aliases from the fields' metadata). A JSON or YAML file given
 with ``--config`` may set any of them; flags on the command line win over the file. The final
-model is saved in Hugging Face format (rank 0).
+model is saved in Hugging Face format (rank 0), with a manifest like a checkpoint's: resuming a
+finished run leaves a final folder that verifies as it is and rebuilds a damaged one from the
+last checkpoint.
 
 Usage::
 
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +43,7 @@ from lmref.data.pipeline import empty_splits_on_disk
 from lmref.models.loading import load_model
 from lmref.models.presets import PRESETS, build_model
 from lmref.models.quantized import quiet_cpu_kernel_notice
-from lmref.training.checkpoints import CheckpointError
+from lmref.training.checkpoints import CheckpointError, verify_checkpoint, write_manifest
 from lmref.training.config import ConfigChangeError, TrainingConfig
 from lmref.training.distributed import (
     barrier,
@@ -227,6 +231,27 @@ def check_vocabulary(dataset: Dataset, model: torch.nn.Module) -> None:
         )
 
 
+def save_final(model, tokenizer, final_dir: Path, summary: dict) -> None:
+    """The final folder, as a checkpoint is written: a temp folder, its manifest last, one rename.
+    A resume verifies it against that manifest and rebuilds a damaged one."""
+    tmp = final_dir.with_name(f".tmp-{final_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / "train_result.json").write_text(json.dumps(summary, indent=1))
+    write_manifest(tmp)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    os.replace(tmp, final_dir)
+
+
+def _readable_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     # This process's own logging, set where it starts (not on import): bitsandbytes, imported
     # with the scheduler, would print a notice about an optional hub kernel in every rank.
@@ -254,21 +279,26 @@ def main(argv: list[str] | None = None) -> int:
         except (CheckpointError, ConfigChangeError) as e:  # the message says what to do
             raise SystemExit(f"error: {e}") from None
         final_dir = Path(config.final_dir or Path(training.output_dir) / "final")
-        if result.step == result.resumed_from_step and (final_dir / "train_result.json").exists():
+        finished_before = result.step == result.resumed_from_step and final_dir.exists()
+        # Rank 0 alone checks (and rewrites) the folder: no rank hashes files another deletes.
+        damage = verify_checkpoint(final_dir) if finished_before and env.is_main else None
+        if finished_before and damage is None:
             # A finished run resumed again trains nothing: its final model and numbers stand.
             print0(
                 f"lmref.train: the run had already finished at step {result.step}; "
                 f"{final_dir} left as it was"
             )
         elif env.is_main:
-            unwrap_model(model).save_pretrained(final_dir)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(final_dir)
             summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "history"}
             summary.update(
                 world_size=env.world_size, final_dir=str(final_dir), restart_count=env.restart_count
             )
-            (final_dir / "train_result.json").write_text(json.dumps(summary, indent=1))
+            if damage is not None:
+                # The model was just loaded from the last checkpoint that verified: that is the
+                # final model. The run's own numbers are kept where they survived.
+                print0(f"lmref.train: {damage}; rebuilding {final_dir} from the last checkpoint")
+                summary = _readable_json(final_dir / "train_result.json") or summary
+            save_final(unwrap_model(model), tokenizer, final_dir, summary)
             print0(json.dumps(summary))
     return 0
 

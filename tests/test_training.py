@@ -567,6 +567,35 @@ def test_cli_resume_of_a_finished_run_keeps_its_result(tmp_path, tiny_model_dir)
 
 
 @pytest.mark.unit
+def test_cli_resume_of_a_finished_run_rebuilds_a_torn_final_model(tmp_path, tiny_model_dir, capsys):
+    """Found by a user: a finished run whose final/model.safetensors was torn (truncated to 10
+    bytes) resumed with exit 0 and kept the torn file. The final folder now carries a manifest,
+    and a resume rebuilds it from the last checkpoint: the same weights, the same numbers."""
+    from safetensors.torch import load_file
+
+    from lmref.train import main
+    from lmref.training.checkpoints import verify_checkpoint
+
+    assert main(cli_run(tmp_path, tiny_model_dir)) == 0
+    final = tmp_path / "run" / "final"
+    assert verify_checkpoint(final) is None
+    # Copies: load_file maps the file, and the truncation below would pull the pages away.
+    weights = {k: v.clone() for k, v in load_file(final / "model.safetensors").items()}
+    numbers = (final / "train_result.json").read_text()
+    with open(final / "model.safetensors", "r+b") as f:
+        f.truncate(10)
+    assert "model.safetensors has 10 bytes" in str(verify_checkpoint(final))
+    capsys.readouterr()
+    assert main(cli_run(tmp_path, tiny_model_dir, "--resume")) == 0
+    assert "rebuilding" in capsys.readouterr().out
+    assert verify_checkpoint(final) is None
+    rebuilt = load_file(final / "model.safetensors")
+    assert rebuilt.keys() == weights.keys()
+    assert all(torch.equal(rebuilt[k], weights[k]) for k in weights)
+    assert (final / "train_result.json").read_text() == numbers
+
+
+@pytest.mark.unit
 def test_cli_refuses_changed_settings_unless_allowed(tmp_path, tiny_model_dir, capsys):
     from lmref.train import main
 

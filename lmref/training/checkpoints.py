@@ -100,11 +100,7 @@ def save_checkpoint(
         )
         if run_config is not None:
             (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
-        files = {
-            f.name: {"bytes": f.stat().st_size, "sha256": sha256_of(f)}
-            for f in sorted(tmp.iterdir())
-        }
-        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -113,6 +109,18 @@ def save_checkpoint(
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank races ahead and reads a half-written checkpoint
     return final
+
+
+def write_manifest(folder: Path | str) -> None:
+    """Write ``folder/manifest.json``: the size and sha256 of every file in it. Call it last, on a
+    folder that is complete: ``verify_checkpoint`` then catches any later damage to a file."""
+    folder = Path(folder)
+    files = {
+        f.name: {"bytes": f.stat().st_size, "sha256": sha256_of(f)}
+        for f in sorted(folder.iterdir())
+        if f.is_file() and f.name != MANIFEST
+    }
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
 def verify_checkpoint(path: Path | str) -> str | None:
