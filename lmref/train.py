@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +41,7 @@ from lmref.data.pipeline import empty_splits_on_disk
 from lmref.models.loading import load_model
 from lmref.models.presets import PRESETS, build_model
 from lmref.models.quantized import quiet_cpu_kernel_notice
-from lmref.training.checkpoints import CheckpointError, verify_checkpoint, write_manifest
+from lmref.training.checkpoints import CheckpointError, atomic_folder, verify_checkpoint
 from lmref.training.config import ConfigChangeError, TrainingConfig
 from lmref.training.distributed import (
     barrier,
@@ -232,17 +230,13 @@ def check_vocabulary(dataset: Dataset, model: torch.nn.Module) -> None:
 
 
 def save_final(model, tokenizer, final_dir: Path, summary: dict) -> None:
-    """The final folder, as a checkpoint is written: a temp folder, its manifest last, one rename.
-    A resume verifies it against that manifest and rebuilds a damaged one."""
-    tmp = final_dir.with_name(f".tmp-{final_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    (tmp / "train_result.json").write_text(json.dumps(summary, indent=1))
-    write_manifest(tmp)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    os.replace(tmp, final_dir)
+    """The final folder, written as a checkpoint is (``atomic_folder``: its manifest last, one
+    rename). A resume verifies it against that manifest and rebuilds a damaged one."""
+    with atomic_folder(final_dir, manifest=True) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "train_result.json").write_text(json.dumps(summary, indent=1))
 
 
 def _readable_json(path: Path) -> dict | None:

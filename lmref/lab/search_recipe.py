@@ -42,7 +42,7 @@ LORA_SPACE = [
     Param("warmup_share", 0.0, 0.3),
 ]
 # Notebook 03's choice, the point a search has to beat: its learning rate, rank and alpha (32 =
-# 2 x 16), and the warmup share it was chosen with (course.FINETUNE's 20 warmup steps over 240).
+# 2 x 16), and the warmup share it was chosen with (course.FINETUNE's 20 warmup steps over notebook 03's 240).
 LORA_DEFAULTS = {
     "learning_rate": 5e-3,
     "alpha_over_r": 2.0,

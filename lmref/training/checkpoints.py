@@ -22,12 +22,13 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -70,45 +71,58 @@ def save_checkpoint(
     if world > 1:  # rank 0 writes every rank's generator state (only rank 0 writes files)
         dist.all_gather_object(torch_rng, torch.get_rng_state())
     if is_main:
-        tmp = Path(out_dir) / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        # Trainable tensors only: frozen ones (a LoRA base) never change, so reload them as before.
-        weights = {
-            n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
-        }
-        save_file(weights, tmp / "model.safetensors")
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "torch_rng": torch.stack(torch_rng),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-            tmp / "training_state.pt",
-        )
-        np_state = np.random.get_state()
-        (tmp / "trainer_state.json").write_text(
-            json.dumps(
+        with atomic_folder(final, manifest=True) as tmp:
+            # Trainable tensors only: frozen ones (a LoRA base) never change, so reload them as before.
+            weights = {
+                n: p.detach().cpu().contiguous()
+                for n, p in model.named_parameters()
+                if p.requires_grad
+            }
+            save_file(weights, tmp / "model.safetensors")
+            torch.save(
                 {
-                    **state,
-                    "python_rng": _jsonable(random.getstate()),
-                    "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-                }
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "torch_rng": torch.stack(torch_rng),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+                tmp / "training_state.pt",
             )
-        )
-        if run_config is not None:
-            (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
-        write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            np_state = np.random.get_state()
+            (tmp / "trainer_state.json").write_text(
+                json.dumps(
+                    {
+                        **state,
+                        "python_rng": _jsonable(random.getstate()),
+                        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                    }
+                )
+            )
+            if run_config is not None:
+                (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
         for old in sorted(Path(out_dir).glob("checkpoint-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank races ahead and reads a half-written checkpoint
     return final
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path | str, manifest: bool = False) -> Iterator[Path]:
+    """A folder that appears whole or not at all. Yields an empty temp sibling (``.tmp-<name>``,
+    which resume ignores) to write into; when the block ends without an error, writes its
+    manifest last where asked (``write_manifest``) and renames it over ``path``. After an error
+    the temp folder stays, as a crash would leave it, and ``path`` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if manifest:
+        write_manifest(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def write_manifest(folder: Path | str) -> None:

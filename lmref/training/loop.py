@@ -40,8 +40,6 @@ Usage::
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -59,7 +57,7 @@ from lmref.core.losses import causal_lm_loss_sum, loss_sums, target_count
 from lmref.core.memory import PeakMemory
 from lmref.core.ranks import rank_and_world
 from lmref.training.batches import check_eval_dataset, collate_input_ids, micro_batches, to_device
-from lmref.training.checkpoints import save_checkpoint
+from lmref.training.checkpoints import atomic_folder, save_checkpoint
 from lmref.training.config import TrainingConfig, TrainResult
 from lmref.training.metrics_log import device_peak_flops, flops_per_token, log_record
 from lmref.training.resume import make_scheduler, start_or_resume
@@ -243,7 +241,8 @@ def train(
                 if best is None or eval_loss < best:
                     state["best_eval_loss"] = eval_loss
                     if config.save_best_model and is_main:
-                        _atomic_save_pretrained(raw_model, out_dir / "best")
+                        with atomic_folder(out_dir / "best") as tmp:
+                            raw_model.save_pretrained(tmp)
                 log_record(
                     out_dir,
                     {"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(eval_loss)},
@@ -346,11 +345,3 @@ def _all_reduce_sum(value, device: torch.device) -> torch.Tensor:
         tensor = tensor.clone()
         dist.all_reduce(tensor)
     return tensor
-
-
-def _atomic_save_pretrained(model, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
