@@ -30,6 +30,10 @@ def test_packed_llama_computes_the_same_logits(tiny_model_dir, dtype, tolerance)
     with torch.inference_mode():
         expected = model(ids).logits.float()
         linears = _linears(model)
+        if not packing_available(dtype):  # bf16 on a CPU without AVX-512: left as it was
+            assert pack_linears(model) == 0 and _linears(model) == linears
+            assert torch.equal(model(ids).logits.float(), expected)
+            return
         assert pack_linears(model) == linears == 2 * 7 + 1  # q k v o gate up down per layer, head
         assert _linears(model) == 0 and isinstance(model.lm_head, PackedLinear)
         got = model(ids).logits.float()
@@ -108,7 +112,11 @@ def test_engine_serves_bf16_packed_by_either_name(tiny_model_dir, dtype):
     )
     engine.start()
     assert engine.loaded.wait(120) and engine.ready, engine.load_error
-    assert engine.model.lm_head.packed.dtype == torch.bfloat16
+    if packing_available(torch.bfloat16):
+        assert engine.model.lm_head.packed.dtype == torch.bfloat16
+    else:  # this CPU has no oneDNN bf16 kernels: served unpacked, in bf16
+        assert type(engine.model.lm_head) is torch.nn.Linear
+        assert engine.model.lm_head.weight.dtype == torch.bfloat16
     job = Job("t", stream=False)
     job.add_row("def add(a, b):", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     engine.submit(job)

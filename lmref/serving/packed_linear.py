@@ -24,7 +24,8 @@ Why private ops: the public road to these kernels is ``torch.compile`` with indu
 Measured here with a static cache and ``generate``, it made decode 1.22x faster but took 54 s
 to compile and compiles again for each new batch shape, which a continuous batch has at every
 join and leave. Calling the two ops directly gives the packing without the compile;
-``packing_available()`` checks they exist, and ``pack_linears`` changes nothing when not.
+``packing_available(dtype)`` checks they exist and that this CPU has their kernels for the
+dtype, and ``pack_linears`` changes nothing when not.
 
 Inference only: the packed weight is not a parameter (no gradient, not in ``state_dict``),
 and a weight tied to the embedding (``lm_head``) gets a packed copy of its own.
@@ -43,14 +44,22 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 
-def packing_available() -> bool:
-    """Whether this torch build has oneDNN and the two ops ``PackedLinear`` uses."""
+def packing_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build has oneDNN and the two ops ``PackedLinear`` uses, and this CPU
+    has oneDNN's kernels for ``dtype``: bf16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which
+    an AMD EPYC without AVX-512 lacks (the reorder then raises instead of falling back)."""
     ops = torch.ops.mkldnn
-    return (
+    if not (
         torch.backends.mkldnn.is_available()
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
-    )
+    ):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(ops._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(ops._is_mkldnn_fp16_supported())
+    return dtype == torch.float32
 
 
 class PackedLinear(torch.nn.Module):
@@ -75,7 +84,8 @@ class PackedLinear(torch.nn.Module):
 def pack_linears(model: torch.nn.Module) -> int:
     """Replace each ``nn.Linear``/``Conv1D`` of a CPU model in eval mode by a ``PackedLinear``.
 
-    Returns how many were replaced: 0 when the model is not on CPU or oneDNN is missing.
+    Returns how many were replaced: 0 when the model is not on CPU, or oneDNN or its kernels
+    for the model's dtype are missing (``packing_available``): the model then runs as it was.
     Subclasses (bitsandbytes' 4-bit layers) are left alone; a model with adapters must be merged
     first (``merge_and_unload()``), as their layers wrap a plain ``nn.Linear``.
     """
@@ -86,7 +96,7 @@ def pack_linears(model: torch.nn.Module) -> int:
             "pack_linears needs a plain model: merge the adapters first (model.merge_and_unload())"
         )
     first = next(model.parameters(), None)
-    if first is None or first.device.type != "cpu" or not packing_available():
+    if first is None or first.device.type != "cpu" or not packing_available(first.dtype):
         return 0
     count = 0
     for parent in list(model.modules()):
