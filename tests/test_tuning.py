@@ -215,18 +215,23 @@ def test_grid_sampler_covers_the_grid_then_stops(tmp_path):
     assert tuning.best_so_far(study)[-1] == 0.5
 
 
+def _median_pruned(storage, n_trials: int, min_resource: int, max_resource: int) -> StudyConfig:
+    """A random-sampler study with the median pruner: the shape both pruning tests use."""
+    return StudyConfig(
+        "pruned",
+        str(storage),
+        sampler="random",
+        n_trials=n_trials,
+        pruner="median",
+        min_resource=min_resource,
+        max_resource=max_resource,
+    )
+
+
 @pytest.mark.unit
 def test_pruning_callback_prunes_a_bad_trial(tmp_path):
     space = [Param("slope", 0.0, 1.0)]
-    config = StudyConfig(
-        "prune",
-        str(tmp_path / "p.journal"),
-        sampler="random",
-        n_trials=12,
-        pruner="median",
-        min_resource=2,
-        max_resource=10,
-    )
+    config = _median_pruned(tmp_path / "p.journal", n_trials=12, min_resource=2, max_resource=10)
     steps_run = []
 
     def objective(trial):
@@ -347,15 +352,7 @@ def test_curves_over_seeds_and_the_verdict(tmp_path):
 @pytest.mark.unit
 def test_report_prunes_on_the_reported_value(tmp_path):
     space = [Param("x", 0.0, 1.0)]
-    config = StudyConfig(
-        "r",
-        str(tmp_path / "r.journal"),
-        sampler="random",
-        n_trials=6,
-        pruner="median",
-        min_resource=1,
-        max_resource=4,
-    )
+    config = _median_pruned(tmp_path / "r.journal", n_trials=6, min_resource=1, max_resource=4)
     study = tuning.open_study(config, space)
     for _ in range(3):  # three finished trials at 1.0 set the median
         trial = study.ask()
