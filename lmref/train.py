@@ -17,6 +17,14 @@ Usage::
         --save-steps 20 --output-dir artifacts/runs/ft       # survives a worker failure
     python -m lmref.train --config run.yaml --lr 1e-3
 
+Parallelism (``lmref.training.parallel``): ``--parallel ddp`` (default), ``fsdp``
+(``--reshard-after-forward``, ``--cpu-offload``), ``tp`` (``--sequence-parallel``), ``pp``
+(``--pp-schedule gpipe|1f1b``, ``--pp-microbatches``) or ``fsdp+tp`` (``--tensor-parallel-size``);
+sharded runs checkpoint through ``torch.distributed.checkpoint`` and resume at another world size
+or mode (with ``--allow-config-change`` when the world size or batch size changes)::
+
+    torchrun --standalone --nproc-per-node 2 -m lmref.train --parallel fsdp --max-steps 50
+
 Fault injection (to practise recovery): ``LMREF_FAIL_AT_STEP=k LMREF_FAIL_RANK=r`` makes rank r
 exit hard after step k on the first attempt (see ``lmref.training.distributed.fault_injection_from_env``).
 """
@@ -48,10 +56,10 @@ from lmref.training.distributed import (
     distributed,
     fault_injection_from_env,
     print0,
-    unwrap_model,
     wrap_model,
 )
 from lmref.training.loop import train
+from lmref.training.parallel import ParallelConfig, make_plan
 
 
 @dataclass
@@ -102,13 +110,14 @@ class RunConfig(RunArguments):
     """A whole run: ``RunArguments`` plus the loop's ``TrainingConfig``."""
 
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallelism: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def build_parser() -> DataclassArgumentParser:
     """The command line: ``--config FILE``, then every ``RunArguments`` and ``TrainingConfig``
     field as a flag."""
     parser = DataclassArgumentParser(
-        (RunArguments, TrainingConfig),
+        (RunArguments, TrainingConfig, ParallelConfig),
         prog="python -m lmref.train",
         description="Train a causal LM with lmref.training.loop (DDP under torchrun).",
     )
@@ -131,7 +140,11 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         if not isinstance(loaded, dict):
             raise SystemExit(f"error: {path} must hold a mapping of keys to values")
         values = {k.replace("-", "_"): v for k, v in loaded.items()}
-    known = {f.name for cls in (RunArguments, TrainingConfig) for f in dataclasses.fields(cls)}
+    known = {
+        f.name
+        for cls in (RunArguments, TrainingConfig, ParallelConfig)
+        for f in dataclasses.fields(cls)
+    }
     unknown = sorted(set(values) - known)
     if unknown:
         raise SystemExit(f"error: unknown config keys {unknown}; known: {sorted(known)}")
@@ -142,10 +155,12 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     # (argparse runs a string default through the flag's type: "none" in a file means None.)
     parser.set_defaults(**values)
     try:
-        run, training, *_ = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+        run, training, parallelism, *_ = parser.parse_args_into_dataclasses(
+            argv, look_for_args_file=False
+        )
     except ValueError as e:  # a setting that cannot make a run: say which, no traceback
         raise SystemExit(f"error: {e}") from None
-    return RunConfig(**dataclasses.asdict(run), training=training)
+    return RunConfig(**dataclasses.asdict(run), training=training, parallelism=parallelism)
 
 
 def load_data(config: RunConfig) -> tuple[Dataset, Dataset | None, Path | None]:
@@ -230,6 +245,7 @@ def check_vocabulary(dataset: Dataset, model: torch.nn.Module) -> None:
 
 
 def save_final(model, tokenizer, final_dir: Path, summary: dict) -> None:
+    # ``model``: a plain one (``ParallelPlan.full_model`` gathers a sharded one on rank 0).
     """The final folder, written as a checkpoint is (``atomic_folder``: its manifest last, one
     rename). A resume verifies it against that manifest and rebuilds a damaged one."""
     with atomic_folder(final_dir, manifest=True) as tmp:
@@ -260,20 +276,28 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
         model = make_model(config, tokenizer)
         check_vocabulary(train_set, model)
-        model = wrap_model(model, env)
+        try:
+            plan = make_plan(config.parallelism, model.config)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        # DDP through this module's wrap_model (a test swaps it to count the all-reduces).
+        model = wrap_model(model, env) if plan.mode == "ddp" else plan.apply(model)
         print0(
-            f"lmref.train: {config.model} on {env.world_size} process(es), device "
+            f"lmref.train: {config.model} on {env.world_size} process(es) ({plan.mode}), device "
             f"{env.device.type}, {len(train_set)} training blocks, global batch "
-            f"{training.per_device_train_batch_size * training.gradient_accumulation_steps * env.world_size}"
+            f"{training.per_device_train_batch_size * training.gradient_accumulation_steps * plan.data_world}"
             f", attempt {env.restart_count}"
         )
         callbacks = [cb for cb in [fault_injection_from_env(env=env)] if cb is not None]
         try:
-            result = train(model, train_set, training, eval_dataset=eval_set, callbacks=callbacks)
+            result = train(
+                model, train_set, training, eval_dataset=eval_set, callbacks=callbacks, plan=plan
+            )
         except (CheckpointError, ConfigChangeError) as e:  # the message says what to do
             raise SystemExit(f"error: {e}") from None
         final_dir = Path(config.final_dir or Path(training.output_dir) / "final")
         finished_before = result.step == result.resumed_from_step and final_dir.exists()
+        full_model = plan.full_model(model)  # every rank: a sharded model is gathered to rank 0
         # Rank 0 alone checks (and rewrites) the folder: no rank hashes files another deletes.
         damage = verify_checkpoint(final_dir) if finished_before and env.is_main else None
         if finished_before and damage is None:
@@ -285,14 +309,17 @@ def main(argv: list[str] | None = None) -> int:
         elif env.is_main:
             summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "history"}
             summary.update(
-                world_size=env.world_size, final_dir=str(final_dir), restart_count=env.restart_count
+                world_size=env.world_size,
+                parallel=plan.mode,
+                final_dir=str(final_dir),
+                restart_count=env.restart_count,
             )
             if damage is not None:
                 # The model was just loaded from the last checkpoint that verified: that is the
                 # final model. The run's own numbers are kept where they survived.
                 print0(f"lmref.train: {damage}; rebuilding {final_dir} from the last checkpoint")
                 summary = _readable_json(final_dir / "train_result.json") or summary
-            save_final(unwrap_model(model), tokenizer, final_dir, summary)
+            save_final(full_model, tokenizer, final_dir, summary)
             print0(json.dumps(summary))
     return 0
 

@@ -17,11 +17,11 @@ import textwrap
 import time
 from pathlib import Path
 
-import datasets
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from torchrun_helpers import launch, metric_steps, weights, write_blocks
 
 from lmref.core import ranks
 from lmref.core.processes import RunLog, run_logged
@@ -36,14 +36,6 @@ STEPS = 6
 ACCUMULATION = 2
 SEQ = 16
 SAMPLES = 24
-# One thread per process: 2 processes on 2 cores; no hub access.
-LAUNCH_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONUNBUFFERED": "1",
-}
-ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN_ENV_KEYS = (
     "RANK",
     "WORLD_SIZE",
@@ -55,39 +47,10 @@ TORCHRUN_ENV_KEYS = (
 )
 
 
-def launch(
-    args: list[str],
-    nproc: int = 2,
-    max_restarts: int = 0,
-    extra_env: dict | None = None,
-    timeout_s: float = 300,
-    echo=False,
-) -> RunLog:
-    command = L.torchrun_command(args, nproc, max_restarts=max_restarts)
-    return run_logged(
-        command, timeout_s, env={**LAUNCH_ENV, **(extra_env or {})}, cwd=ROOT, echo=echo
-    )
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "final" / "model.safetensors")
-
-
-def metric_steps(run_dir: Path) -> list[int]:
-    return [
-        json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """Blocks whose first token is the block's index, so a batch tells which samples it holds."""
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randint(0, VOCAB, (SAMPLES, SEQ), generator=g)
-    rows[:, 0] = torch.arange(SAMPLES)
-    path = tmp_path_factory.mktemp("ddp-data") / "blocks"
-    datasets.Dataset.from_dict({"input_ids": rows.tolist()}).save_to_disk(str(path))
-    return path
+    return write_blocks(tmp_path_factory.mktemp("ddp-data") / "blocks", SAMPLES, SEQ, VOCAB)
 
 
 def cli_args(

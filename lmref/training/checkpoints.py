@@ -4,7 +4,10 @@ A checkpoint is a folder ``checkpoint-<step>/`` holding the trainable weights (s
 optimizer, scheduler, gradient-scaler and RNG states (``training_state.pt``, loaded with
 ``weights_only=True``), the trainer's counters (``trainer_state.json``), optionally the run's
 settings (``run_config.json``) and, written last, ``manifest.json``: the size and sha256 of every
-other file. It is written into a temp folder and renamed in one step, so a crash mid-write never
+other file. A sharded run (FSDP, TP, PP: ``sharded=True``) writes the weights and optimizer as a
+``torch.distributed.checkpoint`` folder ``sharded/`` instead, every rank its shards
+(``lmref.training.sharded_state``), and the manifest covers those files too; either kind resumes
+at any world size and parallelism. It is written into a temp folder and renamed in one step, so a crash mid-write never
 leaves a half checkpoint under the real name; a folder damaged afterwards (a torn copy, a full
 disk, a truncated file) fails ``verify_checkpoint``, and ``latest_checkpoint`` then falls back to
 the newest one that verifies, warning which it skipped and why. ``lmref.training.loop.train`` saves
@@ -58,30 +61,39 @@ def save_checkpoint(
     keep: int = 2,
     is_main: bool = True,
     run_config: dict | None = None,
+    sharded: bool = False,
 ) -> Path:
     """Write ``out_dir/checkpoint-<step>/`` atomically: a temp folder, then one rename.
 
     A crash mid-write leaves a ``.tmp-*`` folder that resume ignores, so the previous checkpoint
     stays the latest loadable one. ``manifest.json`` (sizes and sha256 of the other files) is
     written last, so a folder damaged later (a torn copy, a full disk) is caught on resume.
+    ``sharded``: every rank calls this and writes its shards into the same temp folder.
     """
     final = Path(out_dir) / f"checkpoint-{state['step']:07d}"
     world = rank_and_world()[1]
     torch_rng = [torch.get_rng_state()] * world
     if world > 1:  # rank 0 writes every rank's generator state (only rank 0 writes files)
         dist.all_gather_object(torch_rng, torch.get_rng_state())
+    if sharded:
+        from lmref.training.sharded_state import save_sharded
+
+        tmp = _fresh_tmp(final) if is_main else _tmp_of(final)
+        _barrier()  # the temp folder exists, empty, before any rank writes into it
+        save_sharded(tmp, model, optimizer)  # collective; rank 0 writes the metadata last
     if is_main:
-        with atomic_folder(final, manifest=True) as tmp:
-            # Trainable tensors only: frozen ones (a LoRA base) never change, so reload them as before.
-            weights = {
-                n: p.detach().cpu().contiguous()
-                for n, p in model.named_parameters()
-                if p.requires_grad
-            }
-            save_file(weights, tmp / "model.safetensors")
+        with atomic_folder(final, manifest=True, tmp=tmp if sharded else None) as tmp:
+            if not sharded:
+                # Trainable tensors only: frozen ones (a LoRA base) never change, so reload them as before.
+                weights = {
+                    n: p.detach().cpu().contiguous()
+                    for n, p in model.named_parameters()
+                    if p.requires_grad
+                }
+                save_file(weights, tmp / "model.safetensors")
             torch.save(
                 {
-                    "optimizer": optimizer.state_dict(),
+                    **({} if sharded else {"optimizer": optimizer.state_dict()}),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
                     "torch_rng": torch.stack(torch_rng),
@@ -103,21 +115,37 @@ def save_checkpoint(
                 (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
         for old in sorted(Path(out_dir).glob("checkpoint-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # no rank races ahead and reads a half-written checkpoint
+    _barrier()  # no rank races ahead and reads a half-written checkpoint
     return final
 
 
-@contextlib.contextmanager
-def atomic_folder(path: Path | str, manifest: bool = False) -> Iterator[Path]:
-    """A folder that appears whole or not at all. Yields an empty temp sibling (``.tmp-<name>``,
-    which resume ignores) to write into; when the block ends without an error, writes its
-    manifest last where asked (``write_manifest``) and renames it over ``path``. After an error
-    the temp folder stays, as a crash would leave it, and ``path`` is untouched."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _tmp_of(path: Path) -> Path:
+    return path.with_name(f".tmp-{path.name}")
+
+
+def _fresh_tmp(path: Path) -> Path:
+    tmp = _tmp_of(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_folder(
+    path: Path | str, manifest: bool = False, tmp: Path | None = None
+) -> Iterator[Path]:
+    """A folder that appears whole or not at all. Yields an empty temp sibling (``.tmp-<name>``,
+    which resume ignores) to write into (or ``tmp``, made by ``_fresh_tmp`` and filled by other
+    ranks too); when the block ends without an error, writes its manifest last where asked
+    (``write_manifest``) and renames it over ``path``. After an error the temp folder stays, as
+    a crash would leave it, and ``path`` is untouched."""
+    path = Path(path)
+    tmp = tmp or _fresh_tmp(path)
     yield tmp
     if manifest:
         write_manifest(tmp)
@@ -126,12 +154,13 @@ def atomic_folder(path: Path | str, manifest: bool = False) -> Iterator[Path]:
 
 
 def write_manifest(folder: Path | str) -> None:
-    """Write ``folder/manifest.json``: the size and sha256 of every file in it. Call it last, on a
-    folder that is complete: ``verify_checkpoint`` then catches any later damage to a file."""
+    """Write ``folder/manifest.json``: the size and sha256 of every file in it and its subfolders
+    (a sharded checkpoint's shards). Call it last, on a folder that is complete:
+    ``verify_checkpoint`` then catches any later damage to a file."""
     folder = Path(folder)
     files = {
-        f.name: {"bytes": f.stat().st_size, "sha256": sha256_of(f)}
-        for f in sorted(folder.iterdir())
+        f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "sha256": sha256_of(f)}
+        for f in sorted(folder.rglob("*"))
         if f.is_file() and f.name != MANIFEST
     }
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
@@ -193,21 +222,38 @@ def read_run_config(path: Path | str) -> dict | None:
 
 
 def load_checkpoint(
-    path: Path | str, model: torch.nn.Module, optimizer=None, scheduler=None, scaler=None
+    path: Path | str,
+    model: torch.nn.Module,
+    optimizer=None,
+    scheduler=None,
+    scaler=None,
+    sharded: bool = False,
 ) -> dict:
     """Restore what ``save_checkpoint`` wrote; returns the trainer state (step, data position).
 
-    A file that cannot be read raises ``CheckpointError`` naming it (not a bare library error).
+    ``sharded``: ``model`` is sharded (FSDP, TP, PP) and every rank calls this. A sharded
+    checkpoint loads into any model (DCP reshards it); a full one into a sharded model through
+    ``set_state_dict``. A file that cannot be read raises ``CheckpointError`` naming it.
     """
+    from lmref.training import sharded_state
+
     path = Path(path)
-    weights = _read(path / "model.safetensors", load_file)
-    check_weights_match(path, weights, model)
-    model.load_state_dict(_match_names(weights, model.state_dict()), strict=False)
     training = _read(
         path / "training_state.pt", lambda f: torch.load(f, weights_only=True, map_location="cpu")
     )
-    if optimizer is not None:
-        optimizer.load_state_dict(training["optimizer"])
+    if (path / sharded_state.SHARDED).is_dir():
+        _read(
+            path / sharded_state.SHARDED, lambda f: sharded_state.load_sharded(f, model, optimizer)
+        )
+    else:
+        weights = _read(path / "model.safetensors", load_file)
+        if sharded:
+            sharded_state.load_full(model, optimizer, weights, training["optimizer"])
+        else:
+            check_weights_match(path, weights, model)
+            model.load_state_dict(_match_names(weights, model.state_dict()), strict=False)
+            if optimizer is not None:
+                optimizer.load_state_dict(training["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(training["scheduler"])
     if scaler is not None:

@@ -18,7 +18,11 @@ No Trainer class owns the run: ``train()`` is a plain function whose loop reads 
   lists them, unless ``allow_config_change`` (see ``check_config_change``);
 - settings checked before anything runs (``TrainingConfig.validate``), errors naming the field;
 - DistributedDataParallel when the model comes wrapped in it: per-rank data shards, no
-  all-reduce on accumulation micro-steps, rank 0 alone writes files.
+  all-reduce on accumulation micro-steps, rank 0 alone writes files;
+- FSDP2, tensor, pipeline and FSDP x TP parallelism through a ``ParallelPlan``
+  (``lmref.training.parallel``): the plan says how data is sharded, how a micro-batch's loss
+  becomes gradients, how sums and the gradient norm are reduced and how state is saved
+  (sharded checkpoints through ``torch.distributed.checkpoint``); the loop itself does not fork.
 
 Only parameters with ``requires_grad`` are trained and checkpointed, so a peft LoRA model goes
 through the same loop. The loss, its token count and the evaluation loss are
@@ -48,7 +52,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -60,6 +63,7 @@ from lmref.training.batches import check_eval_dataset, collate_input_ids, micro_
 from lmref.training.checkpoints import atomic_folder, save_checkpoint
 from lmref.training.config import TrainingConfig, TrainResult
 from lmref.training.metrics_log import device_peak_flops, flops_per_token, log_record
+from lmref.training.parallel import ParallelPlan
 from lmref.training.resume import make_scheduler, start_or_resume
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
@@ -89,6 +93,7 @@ def train(
     collate_fn: Callable | None = None,
     callbacks: Sequence[Callable[[int, dict], None]] = (),
     loss_fn: LossFn = causal_lm_loss_sum,
+    plan: ParallelPlan | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``config.max_steps`` optimizer steps; returns the run's numbers.
 
@@ -100,11 +105,16 @@ def train(
     ``callbacks`` are called as ``callback(step, metrics)`` after every optimizer step on every
     rank; ``metrics`` holds loss, lr, grad norm, throughput and peak memory on logging steps, else
     the step alone. Raise in one to stop a run: that is how the notebooks and tests simulate a crash.
+
+    ``plan`` is the parallelism (``lmref.training.parallel.make_plan``), applied to ``model``
+    already; default: data parallelism over every rank (DDP when ``model`` is wrapped in it).
     """
     config.validate()  # the fields may have been set after construction
     rank, world = _rank_and_world()
+    plan = plan or ParallelPlan(data_rank=rank, data_world=world)
+    plan.check_run(config, loss_fn, eval_dataset)
     is_main = rank == 0
-    raw_model = model.module if isinstance(model, DistributedDataParallel) else model
+    raw_model = plan.unwrap(model)
     device = next(raw_model.parameters()).device
     precision = select_precision(device, config.precision)
     autocast = (
@@ -139,6 +149,7 @@ def train(
         len(train_dataset),
         rank,
         world,
+        plan,
     )
     resumed_from = state["step"]
 
@@ -148,8 +159,8 @@ def train(
         train_dataset,
         config.per_device_train_batch_size,
         config.seed,
-        rank,
-        world,
+        plan.data_rank,  # tensor-parallel ranks read the same batches: one data rank
+        plan.data_world,
         state["micro_step"],
         collate_fn,
     )
@@ -176,21 +187,21 @@ def train(
                 to_device(next(batches), device) for _ in range(config.gradient_accumulation_steps)
             ]
             state["micro_step"] += len(step_batches)
-            step_tokens = _all_reduce_sum(sum(target_count(b) for b in step_batches), device)
+            step_tokens = plan.sum_over_data(sum(target_count(b) for b in step_batches), device)
             step_loss = torch.zeros((), device=device)
             for i, batch in enumerate(step_batches):
-                last = i == len(step_batches) - 1
-                # DDP all-reduces gradients in backward(); on all but the last micro-step that is waste.
-                sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-                with sync:
-                    with autocast:
-                        loss_sum, _ = loss_fn(forward_model, batch)
-                    # DDP averages gradients over ranks; "* world" turns that average into a sum.
-                    scaler.scale(loss_sum * world / step_tokens).backward()
-                step_loss += loss_sum.detach()
-                window["inputs"] += batch["input_ids"].numel() * world
+                # No gradient all-reduce (DDP) or reduce-scatter (FSDP) on accumulation micro-steps.
+                with plan.sync(model, last=i == len(step_batches) - 1):
+                    # backward of loss_sum * data_world / step_tokens: DDP and FSDP average
+                    # gradients over data ranks, "* data_world" turns that average into a sum.
+                    loss = plan.forward_backward(
+                        forward_model, batch, loss_fn, step_tokens, autocast, scaler
+                    )
+                step_loss += loss
+                window["inputs"] += batch["input_ids"].numel() * plan.data_world
+            plan.finish_gradients(raw_model)
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
+            grad_norm = plan.clip_grad_norm(trainable, config.max_grad_norm or math.inf)
             scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -205,7 +216,7 @@ def train(
             bar.update(1)
             if step % config.logging_steps == 0 or step == config.max_steps:
                 seconds = time.perf_counter() - window["t0"]
-                window_loss = _all_reduce_sum(window["loss"], device)  # step_tokens is global
+                window_loss = plan.sum_over_data(window["loss"], device)  # step_tokens is global
                 metrics.update(
                     loss=(window_loss / window["tokens"]).item(),
                     lr=scheduler.get_last_lr()[0],
@@ -236,6 +247,7 @@ def train(
                         config.per_device_eval_batch_size,
                         collate_fn,
                         config.eval_max_batches,
+                        plan,
                     )
                 best = state["best_eval_loss"]
                 if best is None or eval_loss < best:
@@ -259,7 +271,13 @@ def train(
                     state,
                     config.save_total_limit,
                     is_main,
-                    run_config={"training": asdict(config), "world_size": world},
+                    run_config={
+                        "training": asdict(config),
+                        "world_size": world,
+                        "parallel": plan.mode,
+                        "data_world": plan.data_world,
+                    },
+                    sharded=plan.sharded_state,
                 )
             for callback in callbacks:
                 callback(step, metrics)
@@ -301,10 +319,14 @@ def evaluate_loss(
     batch_size: int = 16,
     collate_fn: Callable | None = None,
     max_batches: int | None = None,
+    plan: ParallelPlan | None = None,
 ) -> float:
-    """Token-weighted mean NLL over ``dataset`` (sharded over ranks under DDP): the loss of
-    ``lmref.core.losses.perplexity``, summed over ranks before the one division."""
+    """Token-weighted mean NLL over ``dataset`` (sharded over data ranks under DDP or FSDP, the
+    same batches on tensor-parallel ranks): the loss of ``lmref.core.losses.perplexity``, summed
+    over ranks before the one division."""
     rank, world = _rank_and_world()
+    plan = plan or ParallelPlan(data_rank=rank, data_world=world)
+    rank, world = plan.data_rank, plan.data_world
     device = next(model.parameters()).device
     # Cap the samples before sharding, so 1 and N processes evaluate the same ones.
     limit = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size)
@@ -317,7 +339,8 @@ def evaluate_loss(
         generator=torch.Generator(),
     )
     nll, tokens = loss_sums(model, (to_device(batch, device) for batch in loader))
-    nll, tokens = _all_reduce_sum(torch.tensor([nll, tokens], dtype=torch.float64), device).tolist()
+    nll, tokens = plan.sum_over_data(torch.tensor([nll, tokens], dtype=torch.float64), device)
+    nll, tokens = nll.item(), tokens.item()
     if tokens == 0:
         raise ValueError("the evaluation set has no label tokens")
     return nll / tokens
@@ -337,11 +360,3 @@ def _rank_and_world() -> tuple[int, int]:
             "and the model in wrap_model(), or unset RANK/WORLD_SIZE for one process"
         )
     return rank, world
-
-
-def _all_reduce_sum(value, device: torch.device) -> torch.Tensor:
-    tensor = torch.as_tensor(value, device=device)
-    if dist.is_available() and dist.is_initialized():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-    return tensor

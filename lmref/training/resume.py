@@ -62,10 +62,13 @@ def start_or_resume(
     num_samples: int,
     rank: int = 0,
     world: int = 1,
+    plan=None,
 ) -> tuple[dict, object]:
     """The trainer state to continue from (step, data position, best eval loss) and the
     scheduler to use (a new one when settings changed). Restores weights, optimizer, scheduler,
-    scaler and RNG from the checkpoint, or seeds a fresh run and clears ``out_dir``."""
+    scaler and RNG from the checkpoint, or seeds a fresh run and clears ``out_dir``. ``plan``
+    (``lmref.training.parallel``): a sharded one loads on every rank, and its data ranks (not
+    all ranks) set the data position when the world size changed."""
     is_main = rank == 0
     checkpoint = find_checkpoint(out_dir, config.resume_from_checkpoint, is_main)
     if checkpoint is None:
@@ -79,11 +82,15 @@ def start_or_resume(
         return {"step": 0, "micro_step": 0, "best_eval_loss": None}, scheduler
     saved = read_run_config(checkpoint)
     changed = check_config_change(saved, config, world, is_main)
-    state = load_checkpoint(checkpoint, model, optimizer, None if changed else scheduler, scaler)
+    sharded = plan is not None and plan.sharded_state
+    state = load_checkpoint(
+        checkpoint, model, optimizer, None if changed else scheduler, scaler, sharded=sharded
+    )
     if changed:
         scheduler = apply_new_settings(optimizer, config, state["step"])
+        data_world = world if plan is None else plan.data_world
         state["micro_step"] = rescale_data_position(
-            state["micro_step"], num_samples, saved, config, world
+            state["micro_step"], num_samples, saved, config, data_world
         )
     truncate_metrics(out_dir / METRICS, state["step"], is_main)
     return state, scheduler
@@ -130,7 +137,8 @@ def rescale_data_position(
     """
     if saved is None:
         return micro_step
-    old_batch, old_world = saved["training"]["per_device_train_batch_size"], saved["world_size"]
+    old_batch = saved["training"]["per_device_train_batch_size"]
+    old_world = saved.get("data_world", saved["world_size"])  # TP ranks shared their batches
     old_per_epoch = samples // old_world // old_batch
     new_per_epoch = samples // world // config.per_device_train_batch_size
     if old_per_epoch == 0 or new_per_epoch == 0:
