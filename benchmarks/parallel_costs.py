@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,93 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lmref.lab.env import cpu_model  # noqa: E402
-from lmref.lab.parallel_probe import BATCH, HIDDEN, LAYERS, SEQ, run_probe  # noqa: E402
+from lmref.lab.parallel_probe import (  # noqa: E402
+    BATCH,
+    HIDDEN,
+    LAYERS,
+    SEQ,
+    bubble_rows,
+    comm_rows,
+    memory_rows,
+    run_probe,
+)
 from lmref.training import parallel_costs as C  # noqa: E402
-
-
-def _comm(record: dict, phase: str, kind: str) -> int:
-    return sum(r["payload_bytes"] for r in record["comm"][phase] if r["kind"] == kind)
-
-
-def memory_rows(rank: dict, world: int) -> list[dict]:
-    p, steps = rank["ddp"]["params"], 4 * rank["ddp"]["tensors"]
-    theory = {
-        "ddp": C.memory_per_rank("ddp", p, world),
-        "zero1": C.memory_per_rank("zero1", p, world),
-        "fsdp": C.memory_per_rank("zero3", p, world),
-        "tp": C.memory_per_rank("tp", p, world, replicated=rank["tp"]["tp_replicated"]),
-    }
-    rows = []
-    for scheme, expected in theory.items():
-        held = rank[scheme]["held"]
-        for part in ("params", "grads", "optimizer"):
-            want = getattr(expected, part)
-            rows.append(
-                {
-                    "scheme": scheme,
-                    "part": part,
-                    "measured_bytes": held[part],
-                    "theory_bytes": want,
-                    "ratio": held[part] / want,
-                    "note": f"optimizer includes AdamW's 4-byte step a tensor ({steps} bytes)"
-                    if part == "optimizer"
-                    else "",
-                }
-            )
-    return rows
-
-
-def comm_rows(rank: dict, world: int) -> list[dict]:
-    p = rank["ddp"]["params"]
-    fwd, bwd, rs = C.fsdp_traffic(p, world, units=LAYERS + 1)
-    tp_f, tp_b = C.tp_traffic(BATCH, SEQ, HIDDEN, LAYERS, world, backward_per_block=5)
-    gloo_rs = C.ring_send_bytes(C.ALL_REDUCE, rs.payload_bytes, world)  # gloo: an all-reduce
-    checks = [
-        ("ddp", "backward", [C.ddp_traffic(p, world)[0]], 0),
-        ("fsdp", "forward", [fwd], 0),
-        ("fsdp", "backward", [bwd, rs], gloo_rs - rs.wire_bytes),
-        ("fsdp-noreshard", "backward", [rs], gloo_rs - rs.wire_bytes),
-        ("tp", "forward", [tp_f], 0),
-        ("tp", "backward", [tp_b], 0),
-        ("zero1", "step", C.zero1_traffic(p, world)[1:], 0),
-    ]
-    rows = []
-    for scheme, phase, expected, gloo_extra in checks:
-        payload = sum(_comm(rank[scheme], phase, c.kind) for c in expected)
-        ring = sum(c.wire_bytes for c in expected)
-        written = rank[scheme]["written_bytes"][phase]
-        rows.append(
-            {
-                "scheme": scheme,
-                "phase": phase,
-                "collectives": [f"{c.kind} x{c.calls}" for c in expected],
-                "payload_measured": payload,
-                "payload_theory": sum(c.payload_bytes for c in expected),
-                "sent_measured": written,
-                "sent_ring_theory": ring,
-                "sent_gloo_theory": ring + gloo_extra,
-                "sent_ratio_to_gloo_theory": written / (ring + gloo_extra),
-            }
-        )
-    return rows
-
-
-def bubble_rows(ranks: list[dict], kind: str, stages: int) -> list[dict]:
-    rows = []
-    for m in ranks[0][kind]:
-        bubbles = [s["bubble"] for r in ranks for s in r[kind][m]]
-        busy = [s["busy_s"] for r in ranks for s in r[kind][m]]
-        rows.append(
-            {
-                "microbatches": int(m),
-                "bubble_median": statistics.median(bubbles),
-                "bubble_range": [min(bubbles), max(bubbles)],
-                "theory": C.bubble_fraction(stages, int(m)),
-                "busy_s_median": statistics.median(busy),
-                "wall_s_median": statistics.median(s["wall_s"] for r in ranks for s in r[kind][m]),
-            }
-        )
-    return rows
 
 
 def main() -> None:

@@ -55,6 +55,7 @@ from lmref.training.distributed import (
     barrier,
     distributed,
     fault_injection_from_env,
+    pacing_from_env,
     print0,
     wrap_model,
 )
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{training.per_device_train_batch_size * training.gradient_accumulation_steps * plan.data_world}"
             f", attempt {env.restart_count}"
         )
-        callbacks = [cb for cb in [fault_injection_from_env(env=env)] if cb is not None]
+        callbacks = [fault_injection_from_env(env=env), pacing_from_env()]
+        callbacks = [cb for cb in callbacks if cb is not None]
         try:
             result = train(
                 model, train_set, training, eval_dataset=eval_set, callbacks=callbacks, plan=plan

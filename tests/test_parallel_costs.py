@@ -77,6 +77,25 @@ def test_collective_bytes_follow_the_ring_formulas():
 
 
 @pytest.mark.unit
+def test_plan_3d_divides_states_and_counts_each_dimension_traffic():
+    """Hand arithmetic: 8e9 parameters over tensor 2 x pipeline 2 = 2e9 a GPU, 2 + 2 bytes of bf16
+    weight and gradient plus 12 of optimizer state sharded over 4 data ranks: 2e9 x 7 bytes."""
+    plan = C.plan_3d(8e9, layers=8, hidden=1024, seq=512, data=4, tensor=2, pipeline=2,
+                     microbatches=4)  # fmt: skip
+    assert plan["gpus"] == 16 and plan["states_gb"] == pytest.approx(14.0)
+    activation = 512 * 1024 * 2  # bytes: one micro-batch's layer input, bf16
+    # 4 layers a stage, 2 micro-batches in flight (1F1B on 2 stages)
+    assert plan["activations_gb"] * 1e9 == pytest.approx(4 * activation * 2)
+    # TP: 4 all-reduces a layer, each 2 (W-1)/W = 1 x the activation at W = 2, per micro-batch.
+    assert plan["tp_gb"] * 1e9 == pytest.approx(4 * 4 * 4 * activation)
+    assert plan["pp_gb"] * 1e9 == pytest.approx(2 * 4 * activation)
+    assert plan["dp_gb"] * 1e9 == pytest.approx(1.5 * 2e9 * 2)  # bf16 gradients, 2 (4-1)/4
+    assert plan["bubble"] == pytest.approx(1 / 5) and plan["tokens"] == 4 * 4 * 512
+    alone = C.plan_3d(8e9, 8, 1024, 512, data=1, tensor=1, pipeline=1, microbatches=1)
+    assert alone["states_gb"] == pytest.approx(8e9 * 16 / 1e9) and alone["tp_gb"] == 0
+
+
+@pytest.mark.unit
 def test_bubble_fraction_and_its_measurement():
     assert C.bubble_fraction(2, 1) == 0.5
     assert C.bubble_fraction(4, 16) == 3 / 19

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from lmref.core.processes import run_logged
+from lmref.training import parallel_costs as C
 from lmref.training.distributed import distributed, wrap_model
 from lmref.training.launch import torchrun_command
 from lmref.training.parallel_measure import CommCounter, StageTimer, bubble_from_times, held_bytes
@@ -37,15 +39,6 @@ from lmref.training.parallel_measure import CommCounter, StageTimer, bubble_from
 SCHEMES = ("ddp", "zero1", "fsdp", "fsdp-noreshard", "tp", "pp")
 # The tiny model of the distributed tests: 2 layers, hidden 64, 16-token blocks.
 BATCH, SEQ, VOCAB, HIDDEN, LAYERS = 2, 16, 512, 64, 2
-TP_PLAN = {  # Megatron's split, as lmref.training's TP plan makes it
-    "self_attn.q_proj": "col",
-    "self_attn.k_proj": "col",
-    "self_attn.v_proj": "col",
-    "self_attn.o_proj": "row",
-    "mlp.gate_proj": "col",
-    "mlp.up_proj": "col",
-    "mlp.down_proj": "row",
-}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -67,21 +60,22 @@ def tiny_llama() -> torch.nn.Module:
 
 def model_counts(model: torch.nn.Module) -> dict:
     """Parameter counts the formulas need: total; the root FSDP unit's (everything outside the
-    decoder layers); what the TP plan leaves replicated (everything but its projections)."""
+    decoder layers)."""
     total = sum(p.numel() for p in model.parameters())
     layers = sum(p.numel() for p in model.model.layers.parameters())
-    tp_sharded = sum(
-        p.numel()
-        for layer in model.model.layers
-        for name in TP_PLAN
-        for p in layer.get_submodule(name).parameters()
-    )
     return {
         "params": total,
         "tensors": len(list(model.parameters())),  # AdamW keeps a 4-byte step for each
         "root_params": total - layers,
-        "tp_replicated": total - tp_sharded,
     }
+
+
+def replicated_params(model: torch.nn.Module) -> int:
+    """Parameters a tensor-parallel plan left whole on every rank (plain tensors, not DTensors):
+    norms and embeddings."""
+    from torch.distributed.tensor import DTensor
+
+    return sum(p.numel() for p in model.parameters() if not isinstance(p, DTensor))
 
 
 def _place(scheme: str, model: torch.nn.Module, env):
@@ -103,17 +97,10 @@ def _place(scheme: str, model: torch.nn.Module, env):
             fully_shard(layer, reshard_after_forward=reshard)
         fully_shard(model, reshard_after_forward=reshard)
     elif scheme == "tp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor.parallel import (
-            ColwiseParallel,
-            RowwiseParallel,
-            parallelize_module,
-        )
+        # The training loop's own plan (lmref.training.parallel): Megatron's column/row split.
+        from lmref.training.parallel import ParallelConfig, make_plan
 
-        mesh = init_device_mesh("cpu", (env.world_size,))
-        styles = {"col": ColwiseParallel, "row": RowwiseParallel}
-        for layer in model.model.layers:
-            parallelize_module(layer, mesh, {k: styles[v]() for k, v in TP_PLAN.items()})
+        model = make_plan(ParallelConfig(parallel="tp"), model.config).apply(model)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
@@ -122,6 +109,8 @@ def measure_scheme(scheme: str, env) -> dict:
     model = tiny_llama()
     counts = model_counts(model)
     model, optimizer = _place(scheme, model, env)
+    if scheme == "tp":
+        counts["tp_replicated"] = replicated_params(model)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     for _ in range(2):  # the second step is the one measured
         optimizer.zero_grad(set_to_none=False)  # DDP's bucket views stay in place
@@ -249,6 +238,94 @@ def measure_bubble(
                 )
         out[str(m)] = steps
     return out
+
+
+# ---------------------------------------------------------------- measured against theory
+
+
+def _comm(record: dict, phase: str, kind: str) -> int:
+    return sum(r["payload_bytes"] for r in record["comm"][phase] if r["kind"] == kind)
+
+
+def memory_rows(rank: dict, world: int) -> list[dict]:
+    p, steps = rank["ddp"]["params"], 4 * rank["ddp"]["tensors"]
+    theory = {
+        "ddp": C.memory_per_rank("ddp", p, world),
+        "zero1": C.memory_per_rank("zero1", p, world),
+        "fsdp": C.memory_per_rank("zero3", p, world),
+        "tp": C.memory_per_rank("tp", p, world, replicated=rank["tp"]["tp_replicated"]),
+    }
+    rows = []
+    for scheme, expected in theory.items():
+        held = rank[scheme]["held"]
+        for part in ("params", "grads", "optimizer"):
+            want = getattr(expected, part)
+            rows.append(
+                {
+                    "scheme": scheme,
+                    "part": part,
+                    "measured_bytes": held[part],
+                    "theory_bytes": want,
+                    "ratio": held[part] / want,
+                    "note": f"optimizer includes AdamW's 4-byte step a tensor ({steps} bytes)"
+                    if part == "optimizer"
+                    else "",
+                }
+            )
+    return rows
+
+
+def comm_rows(rank: dict, world: int) -> list[dict]:
+    p = rank["ddp"]["params"]
+    fwd, bwd, rs = C.fsdp_traffic(p, world, units=LAYERS + 1)
+    tp_f, tp_b = C.tp_traffic(BATCH, SEQ, HIDDEN, LAYERS, world, backward_per_block=5)
+    gloo_rs = C.ring_send_bytes(C.ALL_REDUCE, rs.payload_bytes, world)  # gloo: an all-reduce
+    checks = [
+        ("ddp", "backward", [C.ddp_traffic(p, world)[0]], 0),
+        ("fsdp", "forward", [fwd], 0),
+        ("fsdp", "backward", [bwd, rs], gloo_rs - rs.wire_bytes),
+        ("fsdp-noreshard", "backward", [rs], gloo_rs - rs.wire_bytes),
+        ("tp", "forward", [tp_f], 0),
+        ("tp", "backward", [tp_b], 0),
+        ("zero1", "step", C.zero1_traffic(p, world)[1:], 0),
+    ]
+    rows = []
+    for scheme, phase, expected, gloo_extra in checks:
+        payload = sum(_comm(rank[scheme], phase, c.kind) for c in expected)
+        ring = sum(c.wire_bytes for c in expected)
+        written = rank[scheme]["written_bytes"][phase]
+        rows.append(
+            {
+                "scheme": scheme,
+                "phase": phase,
+                "collectives": [f"{c.kind} x{c.calls}" for c in expected],
+                "payload_measured": payload,
+                "payload_theory": sum(c.payload_bytes for c in expected),
+                "sent_measured": written,
+                "sent_ring_theory": ring,
+                "sent_gloo_theory": ring + gloo_extra,
+                "sent_ratio_to_gloo_theory": written / (ring + gloo_extra),
+            }
+        )
+    return rows
+
+
+def bubble_rows(ranks: list[dict], kind: str, stages: int) -> list[dict]:
+    rows = []
+    for m in ranks[0][kind]:
+        bubbles = [s["bubble"] for r in ranks for s in r[kind][m]]
+        busy = [s["busy_s"] for r in ranks for s in r[kind][m]]
+        rows.append(
+            {
+                "microbatches": int(m),
+                "bubble_median": statistics.median(bubbles),
+                "bubble_range": [min(bubbles), max(bubbles)],
+                "theory": C.bubble_fraction(stages, int(m)),
+                "busy_s_median": statistics.median(busy),
+                "wall_s_median": statistics.median(s["wall_s"] for r in ranks for s in r[kind][m]),
+            }
+        )
+    return rows
 
 
 # ---------------------------------------------------------------- worker and launcher

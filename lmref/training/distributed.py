@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -51,6 +52,7 @@ FAIL_AT_STEP = "LMREF_FAIL_AT_STEP"  # the optimizer step after which a rank exi
 FAIL_RANK = "LMREF_FAIL_RANK"  # which rank exits (default 0)
 FAIL_ATTEMPT = "LMREF_FAIL_ATTEMPT"  # on which torchrun attempt (default 0: the first only)
 FAIL_EXIT_CODE = "LMREF_FAIL_EXIT_CODE"  # the exit status (default 13)
+STEP_SLEEP_S = "LMREF_STEP_SLEEP_S"  # seconds every rank sleeps after each optimizer step
 
 _groups_joined = 0  # process groups this process has joined on torchrun's store (init_distributed)
 # The DDP wrappers ``wrap_model`` made, so that ``cleanup`` can free their Reducers first.
@@ -296,3 +298,18 @@ def fault_injection_from_env(
             os._exit(exit_code)
 
     return fail
+
+
+def pacing_from_env(environ: Mapping[str, str] | None = None) -> Callable[[int, dict], None] | None:
+    """A ``train(callbacks=...)`` callback that sleeps ``LMREF_STEP_SLEEP_S`` seconds after every
+    optimizer step, or None when not asked: a tiny model's steps take milliseconds, too fast to
+    kill or add a node mid-run on purpose (``lmref.lab.elastic``)."""
+    environ = os.environ if environ is None else environ
+    if not environ.get(STEP_SLEEP_S):
+        return None
+    seconds = float(environ[STEP_SLEEP_S])
+
+    def pace(step: int, metrics: dict) -> None:
+        time.sleep(seconds)
+
+    return pace

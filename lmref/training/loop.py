@@ -222,6 +222,7 @@ def train(
                     lr=scheduler.get_last_lr()[0],
                     grad_norm=grad_norm.item(),
                     tokens_per_s=window["inputs"] / seconds,
+                    world_size=world,  # an elastic job's changes show here
                 )
                 metrics["mfu"] = (
                     metrics["tokens_per_s"] * token_flops / (peak_flops * world)

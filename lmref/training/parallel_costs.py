@@ -23,8 +23,12 @@ is the all-reduce): an all-reduce of S bytes sends 2 (W-1)/W S, an all-gather wh
 S bytes sends (W-1)/W S, a reduce-scatter whose input is S bytes sends (W-1)/W S. DDP all-reduces
 every gradient once; FSDP2 all-gathers the parameters in forward and, when it reshards after
 forward, again in backward (not the root module's, which it keeps for the backward that follows
-at once, unless told to), and reduce-scatters the gradients; Megatron TP all-reduces the b x s x h activations
-twice a block forward (after attention and after the MLP) and twice backward.
+at once, unless told to), and reduce-scatters the gradients. Megatron TP all-reduces the
+b x s x h activations twice a block forward (after the row-parallel o_proj and down_proj). Backward,
+Megatron's paper counts two more (one input gradient an attention, one an MLP, summed before the
+all-reduce); ``parallelize_module``'s per-module plan (``lmref.training.parallel``) makes five,
+measured (``lmref.lab.parallel_probe``): each column-parallel projection (q, k, v, gate, up)
+all-reduces its own input gradient, ``tp_traffic(..., backward_per_block=5)``.
 
 Usage::
 
@@ -259,3 +263,46 @@ def training_memory_table(
                 }
             )
     return rows
+
+
+# ---------------------------------------------------------------- a 3D plan on paper
+
+
+def plan_3d(
+    num_params: float,
+    layers: int,
+    hidden: int,
+    seq: int,
+    data: int,
+    tensor: int,
+    pipeline: int,
+    microbatches: int,
+    micro_batch: int = 1,
+    precision: Precision = MIXED,
+) -> dict:
+    """A data x tensor x pipeline plan on paper: GB a GPU holds and bytes it sends a step.
+
+    Weights, gradients and AdamW state are split over ``tensor`` x ``pipeline`` GPUs, the
+    optimizer state also over ``data`` (ZeRO-1, Megatron's distributed optimizer). Activations:
+    the layer inputs kept under full recomputation, bf16, for the ``pipeline`` micro-batches 1F1B
+    keeps in flight on the first stage. Traffic a step, per GPU, ring formulas: TP all-reduces of
+    micro_batch x seq x hidden bf16 activations, four a layer (Megatron's two forward and two
+    backward) for each micro-batch on this stage's layers; PP sends one activation forward and
+    one gradient back a micro-batch; DP all-reduces the GPU's bf16 gradients once a step."""
+    shard = num_params / (tensor * pipeline)
+    activation = micro_batch * seq * hidden * 2
+    stage_layers = layers / pipeline
+    tp_bytes = 4 * stage_layers * microbatches * ring_send_bytes(ALL_REDUCE, activation, tensor)
+    return {
+        "gpus": data * tensor * pipeline,
+        "data": data,
+        "tensor": tensor,
+        "pipeline": pipeline,
+        "states_gb": shard * (precision.param + precision.grad + precision.optimizer / data) / 1e9,
+        "activations_gb": stage_layers * activation * min(pipeline, microbatches) / 1e9,
+        "tp_gb": tp_bytes / 1e9,
+        "pp_gb": (2 * microbatches * activation if pipeline > 1 else 0) / 1e9,
+        "dp_gb": ring_send_bytes(ALL_REDUCE, shard * 2, data) / 1e9,
+        "bubble": bubble_fraction(pipeline, microbatches),
+        "tokens": data * microbatches * micro_batch * seq,
+    }
