@@ -47,3 +47,17 @@ def test_elastic_job_shrinks_to_one_node_and_grows_back(tiny_model_dir, tmp_path
     result = json.loads((tmp_path / "run" / "final" / "train_result.json").read_text())
     assert result["world_size"] == 2 and result["step"] == STEPS
     assert result["resumed_from_step"] == phases[2][1][0] - 1
+
+
+@pytest.mark.unit
+def test_phases_group_steps_by_world_size_and_pacing_is_asked_for():
+    from pathlib import Path
+
+    from lmref.lab.elastic import ElasticRun
+    from lmref.training.distributed import STEP_SLEEP_S, pacing_from_env
+
+    records = [{"step": s, "world_size": w} for s, w in [(1, 2), (2, 2), (3, 1), (4, 2)]]
+    run = ElasticRun(Path("."), records, logs={}, exit_codes={})
+    assert run.phases() == [(2, [1, 2]), (1, [3]), (2, [4])]
+    assert pacing_from_env({}) is None
+    pacing_from_env({STEP_SLEEP_S: "0"})(1, {})  # a callback(step, metrics) that sleeps 0 s
