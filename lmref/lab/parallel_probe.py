@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from lmref.core.processes import run_logged
+from lmref.core.ranks import rank_and_world
 from lmref.training import parallel_costs as C
 from lmref.training.distributed import distributed, wrap_model
 from lmref.training.launch import torchrun_command
@@ -137,7 +138,7 @@ def measure_scheme(scheme: str, env) -> dict:
 def gloo_wire_bytes(numel: int = 1 << 18) -> dict:
     """Bytes this process writes for each collective over ``numel`` fp32 values: what gloo's
     algorithms put on the wire, beside the ring's numbers."""
-    world, out = dist.get_world_size(), {}
+    world, out = rank_and_world()[1], {}
     full, shard = torch.ones(numel), torch.ones(numel // world)
     calls = {
         "all-reduce": lambda: dist.all_reduce(full),

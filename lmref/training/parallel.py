@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lmref.core.device import select_precision
 from lmref.core.ranks import rank_and_world
 
 MODES = ("ddp", "fsdp", "tp", "pp", "fsdp+tp")
@@ -270,9 +271,9 @@ def _apply_fsdp(model: torch.nn.Module, mesh, config: ParallelConfig) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs: dict = {"mesh": mesh, "reshard_after_forward": config.reshard_after_forward}
-    if mesh.device_type == "cuda" and torch.cuda.is_bf16_supported():
-        # bf16 compute and communication, fp32 gradient reduction and master weights. On the CPU
-        # the loop runs fp32 (lmref.core.device's policy), so there is no policy to set.
+    if select_precision(mesh.device_type) == "bf16":
+        # bf16 compute and communication, fp32 gradient reduction and master weights, where the
+        # one precision policy (lmref.core.device) says bf16: on the CPU it says fp32, no policy.
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
         )
