@@ -19,9 +19,11 @@ Usage::
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -53,7 +55,12 @@ def load_sharded(path: Path | str, model: torch.nn.Module, optimizer=None) -> No
         state = {"model": get_model_state_dict(model, options=OPTIONS)}
     else:
         state = _states(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        # Without a process group (a sharded run resumed by one process) torch 2.13 warns that it
+        # "assumes the intent is to load in a single process", even when told so (no_dist=True):
+        # that is the intent here.
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
