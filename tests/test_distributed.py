@@ -293,11 +293,15 @@ TEARDOWN = textwrap.dedent("""
 
 
 def test_repeated_launches_end_cleanly(tmp_path):
-    """Without a barrier before destroy_process_group, about 3 launches in 10 died at teardown:
-    12 launches catch that with probability 1 - 0.7**12 = 0.986 (LMREF_TEST_LAUNCHES for more)."""
+    """Without a barrier before destroy_process_group, about 3 launches in 10 died at teardown.
+    4 launches here catch that with probability 1 - 0.7**4 = 0.76 alone; every other torchrun
+    launch of the suite leaves through the same ``cleanup()`` and must exit 0 too (about 15 more
+    in tests/test_distributed.py, test_parallel.py, test_parallel_costs.py and test_elastic.py),
+    so a run of ``make test`` catches it with probability above 0.998 (1 - 0.7**19). This test keeps the
+    signature check (no SIGABRT, both ranks print "clean"); LMREF_TEST_LAUNCHES for more."""
     script = tmp_path / "allreduce.py"
     script.write_text(TEARDOWN)
-    launches = int(os.environ.get("LMREF_TEST_LAUNCHES", 12))
+    launches = int(os.environ.get("LMREF_TEST_LAUNCHES", 4))
     for i in range(launches):
         log = launch([str(script)], timeout_s=120)
         assert log.ok, f"launch {i}: {log.returncode}\n{log.output[-3000:]}"
