@@ -90,18 +90,17 @@ def _place(scheme: str, model: torch.nn.Module, env):
             return model, ZeroRedundancyOptimizer(
                 model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3
             )
-    elif scheme.startswith("fsdp"):
-        from torch.distributed.fsdp import fully_shard
-
-        reshard = scheme == "fsdp"  # fsdp-noreshard: keep gathered weights until backward
-        for layer in model.model.layers:
-            fully_shard(layer, reshard_after_forward=reshard)
-        fully_shard(model, reshard_after_forward=reshard)
-    elif scheme == "tp":
-        # The training loop's own plan (lmref.training.parallel): Megatron's column/row split.
+    elif scheme.startswith("fsdp") or scheme == "tp":
+        # The training loop's own plans (lmref.training.parallel): fully_shard per decoder layer
+        # and the root; Megatron's column/row split. fsdp-noreshard keeps gathered weights
+        # until backward.
         from lmref.training.parallel import ParallelConfig, make_plan
 
-        model = make_plan(ParallelConfig(parallel="tp"), model.config).apply(model)
+        config = ParallelConfig(
+            parallel="tp" if scheme == "tp" else "fsdp",
+            reshard_after_forward=scheme != "fsdp-noreshard",
+        )
+        model = make_plan(config, model.config).apply(model)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
