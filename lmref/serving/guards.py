@@ -17,7 +17,8 @@ import logging
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from lmref.serving.current import serving_state
+from lmref.serving.auth import scope_for
+from lmref.serving.current import PRINCIPAL, serving_state
 from lmref.serving.schema import HTTP_ERRORS, APIError
 
 log = logging.getLogger("lmref.serving.app")
@@ -45,15 +46,16 @@ def unexpected_error(err: Exception) -> Response:  # logged here; the client nev
 
 
 def guard() -> None:
-    """Before every route: the declared body size, then the API key (not for public paths),
-    then the drain flag; a request let through is counted in flight until its response closes."""
+    """Before every route: the declared body size, then the API key and its scope for the path
+    (not for public paths; the caller goes to ``current_principal()``), then the drain flag; a request let through is counted in flight until its response closes."""
     state = serving_state()
     # The declared size before auth or reading (waitress caps what it reads: lmref.serving.server).
     if (request.content_length or 0) > state.config.max_content_length:
         raise APIError(413, "request body too large", code="request_too_large")
     if request.path in PUBLIC_PATHS:
         return None
-    if not state.authorized(request.headers.get("Authorization")):
+    principal = state.authenticate(request.headers.get("Authorization"))
+    if principal is None:
         raise APIError(
             401,
             "Incorrect or missing API key (Authorization: Bearer <key>)",
@@ -61,6 +63,15 @@ def guard() -> None:
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    scope = scope_for(request.path)
+    if not principal.may(scope):
+        raise APIError(
+            403,
+            f"this key lacks the '{scope}' scope that {request.path} needs",
+            "permission_error",
+            code="insufficient_scope",
+        )
+    request.environ[PRINCIPAL] = principal
     if state.draining.is_set():
         raise APIError(
             503,

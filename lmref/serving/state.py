@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import random
-import secrets
 import threading
 import time
 from typing import Any
 
 from prometheus_client import Counter
 
+from lmref.serving.auth import ANONYMOUS, Authenticator, Principal, StaticKeys, bearer_token
 from lmref.serving.config import ServingConfig
 from lmref.serving.engine import Engine, EngineMetrics, ResponseCache
 from lmref.serving.schema import APIError, bad
@@ -57,8 +57,9 @@ class ServingState:
         self.cache = ResponseCache(config.cache_size) if cache is None else cache
         self.engines = {m.name: Engine(m, self.metrics, self.cache) for m in config.models}
         self.default_model = config.default_model or config.models[0].name
-        # Digests, so compare_digest compares equal-length values and no key sits in memory twice.
-        self.key_digests = [hashlib.sha256(k.encode()).digest() for k in config.resolved_api_keys()]
+        # Who may ask: the keys of the config by default; a key store replaces it
+        # (lmref.production.keys, with scopes, owners and limits).
+        self.authenticator: Authenticator = StaticKeys(config.resolved_api_keys())
         self.draining = threading.Event()
         self._inflight = 0
         self._inflight_lock = threading.Condition()
@@ -118,17 +119,13 @@ class ServingState:
             )
         return engine
 
-    def authorized(self, header: str | None) -> bool:
-        """Whether an ``Authorization`` header carries one of the keys (always, with no keys)."""
-        if not self.key_digests:
-            return True
-        if not header or not header.startswith("Bearer "):
-            return False
-        presented = hashlib.sha256(header[7:].strip().encode("utf-8", "replace")).digest()
-        ok = False
-        for digest in self.key_digests:  # no early exit: time does not depend on which key matched
-            ok |= secrets.compare_digest(digest, presented)
-        return ok
+    def authenticate(self, header: str | None) -> Principal | None:
+        """The caller an ``Authorization`` header names (None: no valid key). With no keys
+        configured at all (a loopback demo), everyone is ``ANONYMOUS``."""
+        if isinstance(self.authenticator, StaticKeys) and not self.authenticator:
+            return ANONYMOUS
+        token = bearer_token(header)
+        return None if token is None else self.authenticator.authenticate(token)
 
     def enter(self) -> None:
         with self._inflight_lock:
