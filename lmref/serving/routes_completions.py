@@ -24,6 +24,9 @@ from lmref.serving.service import collect, first_admission, predict, submit
 from lmref.serving.shaping import ResponseShape, completion_body, sse_stream
 
 completions = Blueprint("completions", __name__)
+# request.environ key of what a request cost, {"prompt_tokens", "completion_tokens"}: final when
+# its response closes (a stream's too), where per-key usage and the access log read it.
+USAGE = "lmref.usage"
 
 
 def parse_json() -> dict:
@@ -55,13 +58,17 @@ def completion(chat: bool):
     state = serving_state()
     engine, job, shaped = submit(state, body, chat)
     shape = ResponseShape.new(chat, engine.spec.name, shaped.params.logprobs, shaped.include_usage)
+    cost = request.environ.setdefault(USAGE, {"prompt_tokens": 0, "completion_tokens": 0})
     if not shaped.stream:
         choices, usage = collect(engine, job, disconnected())
+        cost.update(
+            prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"]
+        )
         return completion_body(shape, choices, usage)
     source = engine.events(job, disconnected())
     buffered = first_admission(source)  # a too-long prompt is a 400, not a stream
     return Response(
-        sse_stream(job, buffered, source, shape),
+        sse_stream(job, buffered, source, shape, cost),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -248,11 +248,14 @@ def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n"
 
 
-def sse_stream(job: Job, buffered: list, source: Iterator, shape: ResponseShape) -> Iterator[str]:
+def sse_stream(
+    job: Job, buffered: list, source: Iterator, shape: ResponseShape, usage: dict | None = None
+) -> Iterator[str]:
     """The text of a streamed response from a job's events (``buffered`` ones first, then
     ``source``, the engine's ``events(job)``, closed at the end: a client that went away
-    cancels its rows). An error after the headers went out can only be an event."""
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    cancels its rows). An error after the headers went out can only be an event. ``usage``: a
+    dict the tokens are counted into as rows finish (what the request cost, for its key)."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0} if usage is None else usage
     failed = False
     try:
         if shape.chat:
