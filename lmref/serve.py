@@ -12,8 +12,11 @@ default: that real chat model as ``smollm2``), ``--alias NAME=V1:W1,V2:W2`` (wei
 ``--unbatched NAME`` and ``--api-key KEY`` (repeatable; or env ``LMREF_API_KEYS``, a comma list),
 and the ``SharedServices`` of a replica: ``--cache-url redis://...`` (a response cache shared by
 replicas, ``lmref.production.shared_cache``) and ``--broker-url amqp://... --store-url
-redis://...`` (the OpenAI Batch API on Celery workers, ``lmref.production.batch_api``; env
-``LMREF_CACHE_URL``, ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``). Without keys anyone who reaches
+redis://...`` (the OpenAI Batch API on Celery workers, ``lmref.production.batch_api``), and
+``--key-store-url redis://...`` (API keys as records with owners, scopes, rate limits, token
+quotas and usage, ``lmref.production.key_api``; made with ``python -m lmref.keys``; it replaces
+``--api-key``); env ``LMREF_CACHE_URL``, ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``,
+``LMREF_KEY_STORE_URL``. Without keys anyone who reaches
 the port may use the models: the server says so loudly at start. SIGTERM: new requests get 503,
 in-flight ones get ``--drain-timeout-s`` to finish.
 
@@ -58,13 +61,17 @@ DEFAULT_MODEL = "smollm2=smollm2-135m-instruct"
 @dataclasses.dataclass
 class SharedServices:
     """What replicas share, all off by default; the flags default to env LMREF_CACHE_URL,
-    LMREF_BROKER_URL, LMREF_STORE_URL, LMREF_SWEEP_INTERVAL_S (a container's config)."""
+    LMREF_BROKER_URL, LMREF_STORE_URL, LMREF_SWEEP_INTERVAL_S, LMREF_KEY_STORE_URL (a
+    container's config)."""
 
     cache_url: str | None = None  # redis://HOST:PORT/DB: response cache shared by replicas
     cache_ttl_s: float = 3600.0
     broker_url: str | None = None  # amqp://...: the Batch API's queue (needs store_url)
     store_url: str | None = None  # redis://...: the Batch API's files, batches and results
     sweep_interval_s: float = 30.0  # how often the Batch API reconciles live batches (0: never)
+    # redis://...: API keys as records (owner, scopes, limits, usage; lmref.production.keys),
+    # made with `python -m lmref.keys`; replaces --api-key / LMREF_API_KEYS
+    key_store_url: str | None = None
 
 
 SHARED_ENV = {
@@ -72,7 +79,12 @@ SHARED_ENV = {
     "broker_url": "LMREF_BROKER_URL",
     "store_url": "LMREF_STORE_URL",
     "sweep_interval_s": "LMREF_SWEEP_INTERVAL_S",
+    "key_store_url": "LMREF_KEY_STORE_URL",
 }
+BOTH_KEY_SOURCES = (
+    "--key-store-url (LMREF_KEY_STORE_URL) replaces --api-key and LMREF_API_KEYS: give one or "
+    "the other (keys for the store: python -m lmref.keys create)"
+)
 
 
 def build_app(config: ServingConfig, shared: SharedServices | None = None) -> Flask:
@@ -81,6 +93,8 @@ def build_app(config: ServingConfig, shared: SharedServices | None = None) -> Fl
     shared = shared or SharedServices()
     if bool(shared.broker_url) != bool(shared.store_url):
         raise ValueError("the Batch API needs both --broker-url and --store-url")
+    if shared.key_store_url and config.resolved_api_keys():
+        raise ValueError(BOTH_KEY_SOURCES)
     cache = None
     if shared.cache_url:
         from lmref.production.shared_cache import RedisResponseCache
@@ -91,6 +105,10 @@ def build_app(config: ServingConfig, shared: SharedServices | None = None) -> Fl
     app = create_app(config, cache=cache)
     if cache is not None:
         cache.register(app.extensions["lmref"].metrics.registry)
+    if shared.key_store_url:
+        from lmref.production.key_api import register_key_store
+
+        register_key_store(app, shared.key_store_url)
     if shared.broker_url:
         from lmref.production.batch_api import register_batch_api
         from lmref.production.celery_app import BatchConfig
@@ -127,7 +145,7 @@ MODEL_FLAGS = flags_dataclass(
 )
 SHARED_FLAGS = flags_dataclass(
     SharedServices,
-    group="SharedServices (lmref.production.shared_cache, lmref.production.batch_api)",
+    group="SharedServices (lmref.production.shared_cache, .batch_api, .key_api)",
 )
 
 
@@ -267,7 +285,7 @@ def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
     workers inside. On the signal, new requests get 503 and in-flight ones get
     ``drain_timeout_s`` to finish. Prints one JSON line with the URL once listening. Exits 1
     when a model fails to load (a server short of a configured model is misconfigured)."""
-    if not config.resolved_api_keys():
+    if not config.resolved_api_keys() and not (shared and shared.key_store_url):
         log.warning(
             "NO API KEYS: auth is off, anyone who can reach %s:%s may use the models. "
             "Set --api-key KEY or LMREF_API_KEYS=k1,k2.",
@@ -281,7 +299,10 @@ def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return serve(config_from_args(argv), shared_from_args(argv))
+    config, shared = config_from_args(argv), shared_from_args(argv)
+    if shared.key_store_url and config.resolved_api_keys():
+        build_parser().error(BOTH_KEY_SOURCES)
+    return serve(config, shared)
 
 
 if __name__ == "__main__":
