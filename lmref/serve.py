@@ -18,7 +18,9 @@ quotas and usage, ``lmref.production.key_api``; made with ``python -m lmref.keys
 ``--api-key``); env ``LMREF_CACHE_URL``, ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``,
 ``LMREF_KEY_STORE_URL``. Without keys anyone who reaches
 the port may use the models: the server says so loudly at start. SIGTERM: new requests get 503,
-in-flight ones get ``--drain-timeout-s`` to finish.
+in-flight ones get ``--drain-timeout-s`` to finish. Each request gets an ``X-Request-ID`` and one
+JSON access-log line (``lmref.serving.audit``) on stdout, or in ``--access-log PATH``; prompts
+only with ``--log-prompts``.
 
 Usage::
 
@@ -50,6 +52,7 @@ from flask import Flask
 
 from lmref.core.cli import DataclassArgumentParser, flags_dataclass
 from lmref.serving.app import ServingConfig, create_app
+from lmref.serving.audit import configure_access_log
 from lmref.serving.engine import ModelSpec
 from lmref.serving.server import ServerHandle, run_until_signal, start_in_thread
 
@@ -294,6 +297,7 @@ def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
         )
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    configure_access_log(config.access_log)  # this process's: a thread server leaves logging be
     return run_until_signal(build_app(config, shared), config)
 
 

@@ -37,6 +37,7 @@ from lmref.production.celery_app import BatchConfig, make_celery, send_requests
 from lmref.production.connections import STORE_ERRORS
 from lmref.production.store import Store, batch_id_ok, file_id_ok, new_batch_id
 from lmref.production.sweeper import Sweeper
+from lmref.serving.audit import current_request_id
 from lmref.serving.guards import error_response
 from lmref.serving.schema import APIError
 from lmref.serving.state import EXTENSION
@@ -153,8 +154,11 @@ def file_content(file_id: str):
     return content, 200, {"Content-Type": "application/jsonl"}
 
 
-def new_batch(endpoint: str, file_id: str, total: int, metadata: dict | None) -> dict:
-    """A batch object as OpenAI writes one, ``validating`` until its requests are queued."""
+def new_batch(
+    endpoint: str, file_id: str, total: int, metadata: dict | None, request_id: str = ""
+) -> dict:
+    """A batch object as OpenAI writes one, ``validating`` until its requests are queued;
+    ``request_id``: the X-Request-ID that created it (the worker logs it with each request)."""
     now = int(time.time())
     return {
         "id": new_batch_id(),
@@ -177,6 +181,7 @@ def new_batch(endpoint: str, file_id: str, total: int, metadata: dict | None) ->
         "cancelled_at": None,
         "request_counts": {"total": total, "completed": 0, "failed": 0},
         "metadata": metadata,
+        "request_id": request_id or None,
     }
 
 
@@ -204,7 +209,7 @@ def create_batch():
     requests = parse_requests(
         api.store.file_content(file_id) or b"", endpoint, file_id, api.config.max_requests
     )
-    batch = new_batch(endpoint, file_id, len(requests), metadata)
+    batch = new_batch(endpoint, file_id, len(requests), metadata, current_request_id())
     api.store.put_batch(batch, [r["custom_id"] for r in requests])
     try:
         send_requests(

@@ -302,12 +302,14 @@ def result_line(custom_id: str, status: int, body: Any, request_id: str) -> dict
     }
 
 
-def failure_line(custom_id: str, code: str, message: str) -> dict:
+def failure_line(custom_id: str, code: str, message: str, request_id: str | None = None) -> dict:
     """A line of the error file for a request that got no response (its worker lost, its
-    time limit hard-killed it, its attempts used up, its message lost)."""
+    time limit hard-killed it, its attempts used up, its message lost); ``request_id``, when a
+    worker had one, in ``error``: the worker's log line names the same."""
+    error = {"code": code, "message": message, **({"request_id": request_id} if request_id else {})}
     return {
         "id": "batch_req_" + uuid.uuid4().hex,
         "custom_id": custom_id,
         "response": None,
-        "error": {"code": code, "message": message},
+        "error": error,
     }

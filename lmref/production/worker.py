@@ -70,11 +70,19 @@ def worker_models(text: str) -> list[ModelSpec]:
 
 
 def forward(
-    upstream: str, path: str, body: dict, api_key: str | None = None, timeout: float = 600.0
+    upstream: str,
+    path: str,
+    body: dict,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+    request_id: str = "",
 ) -> tuple[int, Any]:
     """POST one request to another OpenAI-compatible server; its status and JSON body (an HTTP
-    error is an answer too: it goes to the error file). Connection errors raise ``URLError``."""
+    error is an answer too: it goes to the error file). Connection errors raise ``URLError``.
+    ``request_id``: sent as ``X-Request-ID``, so the upstream's logs name it too."""
     headers = {"Content-Type": "application/json"}
+    if request_id:
+        headers["X-Request-ID"] = request_id
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(
@@ -136,14 +144,13 @@ class BatchWorker:
         # stdout, which Celery logs) is the moment the worker can really serve.
         print(f"{READY_LINE} in {time.perf_counter() - started:.1f} s", flush=True)
 
-    def respond(self, url: str, body: dict, limit: float) -> tuple[int, Any]:
+    def respond(self, url: str, body: dict, limit: float, request_id: str = "") -> tuple[int, Any]:
         """This worker's answer to one request: the server's status and body."""
         if self.upstream:
-            return forward(
-                self.upstream, url, body, self.env.get("LMREF_WORKER_UPSTREAM_KEY"), limit + 15
-            )
+            key = self.env.get("LMREF_WORKER_UPSTREAM_KEY")
+            return forward(self.upstream, url, body, key, limit + 15, request_id)
         try:
-            return answer(self.serving, url, body)
+            return answer(self.serving, url, body, request_id)
         except SoftTimeLimitExceeded:  # the request ends here; its rows are cancelled
             err = APIError(
                 504,
@@ -152,7 +159,7 @@ class BatchWorker:
                 code="time_limit_exceeded",
             )
         except Exception:  # as the HTTP server answers an unexpected error
-            log.exception("request failed")
+            log.exception("request %s failed", request_id)
             err = APIError(500, "internal server error", "server_error", code="internal_error")
         return err.status, err.body()
 
@@ -195,6 +202,9 @@ class BatchWorker:
         if batch is None or batch["status"] in ("failed", "cancelled", "expired"):
             return 0  # its batch failed to queue (or expired): nobody will read this result
         attempts = self.patiently(store.attempt, batch_id, custom_id, f"{task.request.hostname}")
+        # This request's id (its line's response.request_id), and the batch's creator's: an
+        # operator follows a client's X-Request-ID to each line, and each line to this log.
+        rid, origin = f"req_{task.request.id}", batch.get("request_id")
         limit = (task.request.timelimit or (None, None))[1] or config.job_time_limit_s
         if attempts > config.max_attempts:
             # Every delivery so far ended without a result (its worker died on it, or its
@@ -203,27 +213,36 @@ class BatchWorker:
                 f"delivered {attempts} times, {attempts - 1} without a result (workers lost while "
                 f"running it, or its upstream unreachable); at most {config.max_attempts} allowed"
             )
-            line = failure_line(custom_id, "max_attempts_exceeded", message)
+            line = failure_line(custom_id, "max_attempts_exceeded", message, rid)
+            log.warning(
+                "%s %s %s (batch created by %s): %s", batch_id, custom_id, rid, origin, message
+            )
             self.patiently(store.record, batch_id, custom_id, line)
             self.patiently(store.finalize, batch_id)
             return 500
         try:
-            status, response = self.respond(url, body, limit)
+            status, response = self.respond(url, body, limit, rid)
         except urllib.error.URLError as exc:  # the upstream is down: not the request's fault
             raise task.retry(exc=exc, countdown=2, max_retries=5) from None
-        line = result_line(custom_id, status, response, f"req_{task.request.id}")
+        line = result_line(custom_id, status, response, rid)
+        log.info(
+            "%s %s %s (batch created by %s): status %d", batch_id, custom_id, rid, origin, status
+        )
         # The answer is kept in memory while the store is waited out: the request is not run
         # again when Redis comes back within the time limit.
         self.patiently(store.record, batch_id, custom_id, line)
         self.patiently(store.finalize, batch_id)
         return status
 
-    def fail(self, batch_id: str, custom_id: str, exc: BaseException) -> None:
+    def fail(
+        self, batch_id: str, custom_id: str, exc: BaseException, request_id: str | None = None
+    ) -> None:
         """A task that raised, or hit its hard time limit: the request fails alone, on record.
         Runs in the worker's main process for a hard time limit, so the store is waited for a
         bounded time only; a line that could not be written is the sweeper's to find."""
         code = "time_limit_exceeded" if "TimeLimit" in type(exc).__name__ else "worker_error"
-        line = failure_line(custom_id, code, f"{type(exc).__name__}: {exc}")
+        line = failure_line(custom_id, code, f"{type(exc).__name__}: {exc}", request_id)
+        log.error("%s %s %s failed: %s", batch_id, custom_id, request_id, code)
         try:
             self.patiently(self.store.record, batch_id, custom_id, line, give_up_after_s=30)
             self.patiently(self.store.finalize, batch_id, give_up_after_s=30)
@@ -241,7 +260,7 @@ class RequestTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         # Runs for exceptions and for the hard time limit (in the parent process, the pool
         # process having been killed).
-        self.worker.fail(args[0], args[1], exc)
+        self.worker.fail(args[0], args[1], exc, f"req_{task_id}")
 
 
 def run_request(task: Task, batch_id: str, custom_id: str, url: str, body: dict) -> int:

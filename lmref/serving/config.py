@@ -52,6 +52,10 @@ class ServingConfig:
     host: str = _flag("127.0.0.1", "address to listen on (loopback unless told otherwise)")
     port: int = _flag(8000, "port to listen on (0: a free one)")
     server_threads: int = _flag(64, "waitress threads: one per concurrent request", ("--threads",))
+    access_log: str = _flag(
+        "-", "where the JSON access log goes (python -m lmref.serve): - stdout, a file path, off"
+    )
+    log_prompts: bool = _flag(False, "put each request's prompt in its access-log line (privacy)")
 
     def validate(self) -> None:
         """ValueError naming what is wrong: no models, a name used twice, a bad alias, a port."""

@@ -64,13 +64,7 @@ from lmref.serving.request import (
     SamplingParams,
 )
 from lmref.serving.response_cache import ResponseCache, cache_key
-from lmref.serving.sampler import (
-    GREEDY_BELOW,
-    SamplingRows,
-    sample,
-    score_prompt,
-    step_logprobs,
-)
+from lmref.serving.sampler import GREEDY_BELOW, SamplingRows, sample, score_prompt, step_logprobs
 from lmref.serving.scheduler import POLICIES, AdmissionPolicy, Scheduler
 
 # The names the app, the production stage and the tests import from here.
@@ -198,6 +192,7 @@ class Engine:
     def cancel(self, job: Job) -> None:
         """A client went away: drop its queued rows now, running rows at the next decode step."""
         job.cancelled.set()
+        log.info("request %s cancelled: its reader left before the end", job.request_id or "-")
         if dropped := self.scheduler.remove(job):
             for row in job.rows:
                 row.move(Status.ABORTED)
@@ -259,8 +254,11 @@ class Engine:
                 self._start(jobs)
                 self._advance()
             except Exception:
-                log.exception("generation failed")
-                for job in {r.job for r in self._rows + self._prefill_rows} | set(jobs):
+                failed = {r.job for r in self._rows + self._prefill_rows} | set(jobs)
+                # Named by request id: the access log and the client's X-Request-ID find it.
+                ids = ", ".join(sorted(job.request_id or "-" for job in failed))
+                log.exception("generation failed (requests %s)", ids)
+                for job in failed:
                     for row in job.rows:
                         if not row.status.done:
                             row.move(Status.FAILED)

@@ -1,5 +1,6 @@
-"""What every request of the model server passes: the body-size check, API keys, the drain
-flag and the in-flight count (before the route), the request counter (after it), and errors in
+"""What every request of the model server passes: its request id, the body-size check, API
+keys, the drain flag and the in-flight count (before the route), the request counter, the
+``X-Request-ID`` header and the access line (after it: ``lmref.serving.audit``), and errors in
 the OpenAI shape ``{"error": {...}}`` whatever raised them (no traceback reaches a client).
 
 Usage::
@@ -17,6 +18,7 @@ import logging
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from lmref.serving.audit import begin, current_request_id, finish
 from lmref.serving.auth import scope_for
 from lmref.serving.current import PRINCIPAL, serving_state
 from lmref.serving.schema import HTTP_ERRORS, APIError
@@ -39,7 +41,7 @@ def http_error(err: HTTPException) -> Response:
 
 
 def unexpected_error(err: Exception) -> Response:  # logged here; the client never sees a traceback
-    log.exception("unhandled error on %s", request.path)
+    log.exception("unhandled error on %s (request %s)", request.path, current_request_id())
     return error_response(
         APIError(500, "internal server error", "server_error", code="internal_error")
     )
@@ -47,7 +49,10 @@ def unexpected_error(err: Exception) -> Response:  # logged here; the client nev
 
 def guard() -> None:
     """Before every route: the declared body size, then the API key and its scope for the path
-    (not for public paths; the caller goes to ``current_principal()``), then the drain flag; a request let through is counted in flight until its response closes."""
+    (not for public paths; the caller goes to ``current_principal()``), then the drain flag; a
+    request let through is counted in flight until its response closes. Its id comes first, so
+    that every answer, a 413 or a 401 too, carries one."""
+    begin()
     state = serving_state()
     # The declared size before auth or reading (waitress caps what it reads: lmref.serving.server).
     if (request.content_length or 0) > state.config.max_content_length:
@@ -87,8 +92,10 @@ def guard() -> None:
 
 def count(response: Response) -> Response:
     """After every route: ``lmref:http_requests`` by route and status; a counted request leaves
-    the in-flight count when its response (a stream too) is closed."""
+    the in-flight count when its response (a stream too) is closed; the ``X-Request-ID`` header
+    and, at close, the access line."""
     state = serving_state()
+    finish(response, state.config.log_prompts)
     endpoint = request.url_rule.rule if request.url_rule else "unmatched"
     state.http_requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
     if request.environ.pop("lmref.counted", False):

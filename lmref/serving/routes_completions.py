@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from flask import Blueprint, Response, request
 
+from lmref.serving.audit import MODEL, PROMPT, current_request_id
 from lmref.serving.current import serving_state
 from lmref.serving.schema import APIError
 from lmref.serving.service import collect, first_admission, predict, submit
@@ -53,10 +54,19 @@ def disconnected() -> Callable[[], bool]:
     return request.environ.get("waitress.client_disconnected", lambda: False)
 
 
+def audited(body: dict, chat: bool) -> None:
+    """What the access line may hold of the request itself: its prompt, only when
+    ``ServingConfig.log_prompts`` says so (privacy by default)."""
+    if serving_state().config.log_prompts:
+        request.environ[PROMPT] = body.get("messages" if chat else "prompt")
+
+
 def completion(chat: bool):
     body = parse_json()
     state = serving_state()
-    engine, job, shaped = submit(state, body, chat)
+    audited(body, chat)
+    engine, job, shaped = submit(state, body, chat, current_request_id())
+    request.environ[MODEL] = engine.spec.name
     shape = ResponseShape.new(chat, engine.spec.name, shaped.params.logprobs, shaped.include_usage)
     cost = request.environ.setdefault(USAGE, {"prompt_tokens": 0, "completion_tokens": 0})
     if not shaped.stream:
@@ -87,4 +97,9 @@ def chat_completions():
 @completions.post("/predict")
 def predict_route():
     """The simplest case: {"prompt": "..."} -> {"completion": "...", ...}; greedy by default."""
-    return predict(serving_state(), parse_json(), disconnected())
+    body = parse_json()
+    audited(body, chat=False)
+    answer = predict(serving_state(), body, disconnected(), current_request_id())
+    request.environ[MODEL] = answer["model"]
+    request.environ[USAGE] = {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
+    return answer

@@ -28,6 +28,7 @@ from flask import Flask
 from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask
 
+from lmref.serving.audit import HEADER, request_id_from
 from lmref.serving.config import ServingConfig
 from lmref.serving.schema import HTTP_ERRORS, APIError
 from lmref.serving.state import EXTENSION, ServingState
@@ -46,6 +47,9 @@ class _JSONErrorTask(ErrorTask):
         body = json.dumps(api_error.body()).encode()
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
+        # Flask never sees this request: its id is given here (waitress's header names).
+        rid = request_id_from(getattr(self.request, "headers", {}).get("X_REQUEST_ID"))
+        self.response_headers.append((HEADER, rid))
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)

@@ -74,10 +74,11 @@ def shape_request(body: dict, config: Any, chat: bool) -> ShapedRequest:
     return ShapedRequest(prompts, params, n, chat, stream, include_usage)
 
 
-def build_job(request: ShapedRequest, model_name: str) -> Job:
+def build_job(request: ShapedRequest, model_name: str, request_id: str = "") -> Job:
     """The engine job: ``n`` rows per prompt, in order; with a seed, choice k gets seed + k (the
-    same request gives the same choices, and they differ from each other)."""
-    job = Job(model_name, request.stream)
+    same request gives the same choices, and they differ from each other). ``request_id``: the
+    caller's, a plain value that the engine's log lines about this job name."""
+    job = Job(model_name, request.stream, request_id)
     params = request.params
     for prompt in request.prompts:
         for k in range(request.n):
@@ -294,7 +295,7 @@ def sse_stream(
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             yield sse(shape.usage_chunk(usage))
     except Exception:
-        log.exception("stream failed")
+        log.exception("stream failed (request %s)", job.request_id or "-")
         error = APIError(500, "internal server error", "server_error", code="internal_error")
         yield sse(error.body())
     finally:
