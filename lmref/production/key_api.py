@@ -34,9 +34,9 @@ from flask import Blueprint, Flask, Response, current_app, request
 
 from lmref.production.keys import KeyStore, store_unavailable
 from lmref.production.limits import Limiter, too_many
+from lmref.serving.audit import USAGE
 from lmref.serving.current import PRINCIPAL
 from lmref.serving.guards import PUBLIC_PATHS
-from lmref.serving.routes_completions import USAGE
 from lmref.serving.state import EXTENSION
 
 log = logging.getLogger("lmref.production.key_api")

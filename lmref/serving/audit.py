@@ -48,7 +48,10 @@ REQUEST_ID = "lmref.request_id"  # request.environ keys: the id, and what the ac
 STARTED = "lmref.started"
 MODEL = "lmref.model"  # the served version a route resolved
 PROMPT = "lmref.prompt"  # the prompt, put there only when ServingConfig.log_prompts is on
-USAGE = "lmref.usage"  # routes_completions.USAGE: {"prompt_tokens", "completion_tokens"}
+# request.environ key of what a request cost, {"prompt_tokens", "completion_tokens"}, set by the
+# completion routes: final when the response closes (a stream's too), where the access log and
+# per-key usage (lmref.production.key_api) read it.
+USAGE = "lmref.usage"
 NOT_LOGGED = frozenset({"/health", "/ready", "/metrics"})
 ACCESS = logging.getLogger("lmref.access")
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")

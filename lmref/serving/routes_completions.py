@@ -18,16 +18,13 @@ from collections.abc import Callable
 
 from flask import Blueprint, Response, request
 
-from lmref.serving.audit import MODEL, PROMPT, current_request_id
+from lmref.serving.audit import MODEL, PROMPT, USAGE, current_request_id
 from lmref.serving.current import serving_state
 from lmref.serving.schema import APIError
 from lmref.serving.service import collect, first_admission, predict, submit
 from lmref.serving.shaping import ResponseShape, completion_body, sse_stream
 
 completions = Blueprint("completions", __name__)
-# request.environ key of what a request cost, {"prompt_tokens", "completion_tokens"}: final when
-# its response closes (a stream's too), where per-key usage and the access log read it.
-USAGE = "lmref.usage"
 
 
 def parse_json() -> dict:
