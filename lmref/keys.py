@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from lmref.core.credentials import service_url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--store-url",
-        default=os.environ.get("LMREF_KEY_STORE_URL"),
-        help="redis://HOST:PORT/DB of the key store (default: env LMREF_KEY_STORE_URL)",
+        default=service_url("LMREF_KEY_STORE"),
+        help="redis://HOST:PORT/DB of the key store (default: env LMREF_KEY_STORE_URL, or a file "
+        "LMREF_KEY_STORE_URL_FILE, with LMREF_KEY_STORE_PASSWORD[_FILE]: lmref.core.credentials)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create", help="a new key; prints its secret once")

@@ -16,7 +16,9 @@ redis://...`` (the OpenAI Batch API on Celery workers, ``lmref.production.batch_
 ``--key-store-url redis://...`` (API keys as records with owners, scopes, rate limits, token
 quotas and usage, ``lmref.production.key_api``; made with ``python -m lmref.keys``; it replaces
 ``--api-key``); env ``LMREF_CACHE_URL``, ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``,
-``LMREF_KEY_STORE_URL``. Without keys anyone who reaches
+``LMREF_KEY_STORE_URL``, each also from a file, ``..._URL_FILE``, and with
+``..._USERNAME`` / ``..._PASSWORD`` or their ``_FILE``: a mounted Secret,
+``lmref.core.credentials``; logged only through ``redact``. Without keys anyone who reaches
 the port may use the models: the server says so loudly at start. SIGTERM: new requests get 503,
 in-flight ones get ``--drain-timeout-s`` to finish. Each request gets an ``X-Request-ID`` and one
 JSON access-log line (``lmref.serving.audit``) on stdout, or in ``--access-log PATH``; prompts
@@ -51,6 +53,7 @@ import torch
 from flask import Flask
 
 from lmref.core.cli import DataclassArgumentParser, flags_dataclass
+from lmref.core.credentials import redact, service_url
 from lmref.serving.app import ServingConfig, create_app
 from lmref.serving.audit import configure_access_log
 from lmref.serving.engine import ModelSpec
@@ -191,8 +194,22 @@ def build_parser() -> DataclassArgumentParser:
         help="also serve NAME-unbatched: the same weights with max_batch_size=1",
     )
     # A container's config: the environment gives the defaults, a flag still wins.
-    parser.set_defaults(**{f: os.environ[e] for f, e in SHARED_ENV.items() if os.environ.get(e)})
+    parser.set_defaults(**shared_env_defaults())
     return parser
+
+
+def shared_env_defaults(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The ``SharedServices`` the environment sets: each URL from ``LMREF_X_URL`` or a file
+    (``LMREF_X_URL_FILE``), with ``LMREF_X_USERNAME`` / ``LMREF_X_PASSWORD`` (or their
+    ``_FILE``, a mounted Secret) put in (``lmref.core.credentials.service_url``). A URL with a
+    password on the command line shows in ``ps``: a file or the environment keeps it out."""
+    env = os.environ if env is None else env
+    found = {}
+    for field, name in SHARED_ENV.items():
+        value = service_url(name[: -len("_URL")], env) if name.endswith("_URL") else env.get(name)
+        if value:
+            found[field] = value
+    return found
 
 
 def _parse(argv: list[str] | None):
@@ -295,6 +312,15 @@ def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
             config.host,
             config.port,
         )
+    shared = shared or SharedServices()
+    for what in (
+        "cache_url",
+        "broker_url",
+        "store_url",
+        "key_store_url",
+    ):  # where, never the password
+        if getattr(shared, what):
+            log.info("%s %s", what, redact(getattr(shared, what)))
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     configure_access_log(config.access_log)  # this process's: a thread server leaves logging be

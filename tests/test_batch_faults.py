@@ -70,14 +70,17 @@ def store_problems(resources: dict[tuple[str, str], dict]) -> list[str]:
 
 
 def store_args() -> list[str]:
-    """The deployed store's redis-server settings (its --dir is the test's own)."""
+    """The deployed store's redis-server settings (its --dir is the test's own, and its password
+    start_redis's: the manifest's is a Secret the kubelet fills in)."""
     resources = manifests()
     host = resources[("ConfigMap", "lmref-config")]["data"]["LMREF_STORE_URL"].split("//")[1]
     args = resources[("StatefulSet", host.split(":")[0])]["spec"]["template"]["spec"]["containers"][
         0
     ]["args"]
-    i = args.index("--dir")
-    return args[:i] + args[i + 2 :]
+    for flag in ("--dir", "--requirepass"):
+        i = args.index(flag)
+        args = args[:i] + args[i + 2 :]
+    return args
 
 
 @pytest.mark.unit

@@ -18,42 +18,83 @@ Usage::
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import sys
 import tempfile
 
 from lmref.lab.services import Service, free_port, http_ok, port_open
+from lmref.lab.tls import Certificates
 
 
 def start_redis(
-    timeout: float = 30.0, args: list[str] | None = None, port: int = 0, workdir: str | None = None
+    timeout: float = 30.0,
+    args: list[str] | None = None,
+    port: int = 0,
+    workdir: str | None = None,
+    password: str | None = None,
 ) -> Service:
     """``redis-server`` with no persistence by default: a cache that starts empty. ``args``:
     more settings, later ones winning (``["--appendonly", "yes"]``: a store that keeps its
     data in ``workdir`` across a restart on the same ``port``; the caller then owns
-    ``workdir``)."""
+    ``workdir``). A password (``requirepass``) by default: one generated per server, or
+    ``password``; ``""`` for none. A server started again in the same ``workdir`` keeps the
+    password it had there, as it keeps its data, so the clients' URL still works. The url
+    carries it: ``redis://:PASSWORD@127.0.0.1:PORT/0``."""
     port = port or free_port()
     owned = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="lmref-redis-")
-    command = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", workdir]
+    # In a config file (0600), not on the command line that ps shows every user.
+    conf = os.path.join(workdir, "lmref-redis.conf")
+    if password is None:
+        password = _saved_password(conf) if os.path.exists(conf) else secrets.token_hex(16)
+    _write_private(conf, f"requirepass {password}\n" if password else "")
+    command = ["redis-server", conf, "--bind", "127.0.0.1", "--port", str(port), "--dir", workdir]
     command += ["--save", "", "--appendonly", "no", *(args or [])]
+    auth = f":{password}@" if password else ""
     service = Service(
-        "redis", command, workdir=workdir, url=f"redis://127.0.0.1:{port}/0", port=port
+        "redis", command, workdir=workdir, url=f"redis://{auth}127.0.0.1:{port}/0", port=port
     )
     service._owns_workdir = owned
+    service.password = password
     return service.wait_until(lambda: service.seen("Ready to accept connections"), timeout)
 
 
-def start_rabbitmq(timeout: float = 90.0) -> Service:
+def _saved_password(conf: str) -> str:
+    with open(conf) as f:
+        words = f.read().split()
+    return words[words.index("requirepass") + 1] if "requirepass" in words else ""
+
+
+def _write_private(path: str, text: str) -> None:
+    """A file only its owner reads: it holds a password."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def start_rabbitmq(
+    timeout: float = 90.0, username: str = "lmref", password: str | None = None
+) -> Service:
     """``rabbitmq-server`` (Erlang) with its node name, ports, database and logs private to this
-    run, no plugins. Boot takes several seconds (about 6-7 s on a 2-core machine)."""
+    run, no plugins. Boot takes several seconds (about 6-7 s on a 2-core machine). Its one user
+    is ``username`` with ``password`` (default: generated per run); ``guest`` does not exist
+    (RabbitMQ creates it only as the default user). The url carries them."""
     workdir = tempfile.mkdtemp(prefix="lmref-rabbitmq-")
     port, dist_port, epmd_port = free_port(), free_port(), free_port()
     node = f"lmref{port}@localhost"
     config = os.path.join(workdir, "rabbitmq")
-    with open(config + ".conf", "w") as f:
-        f.write(f"listeners.tcp.default = 127.0.0.1:{port}\n")
+    password = password or secrets.token_hex(16)
+    # The default user is created with the database, on first boot: this run's, in its own
+    # folder. The file is 0600: it holds the password.
+    _write_private(
+        config + ".conf",
+        f"listeners.tcp.default = 127.0.0.1:{port}\n"
+        f"default_user = {username}\ndefault_pass = {password}\n"
+        "default_permissions.configure = .*\ndefault_permissions.read = .*\n"
+        "default_permissions.write = .*\n",
+    )
     env = {
         "HOME": workdir,
         "ERL_EPMD_PORT": str(epmd_port),
@@ -85,9 +126,10 @@ def start_rabbitmq(timeout: float = 90.0) -> Service:
         env=env,
         workdir=workdir,
         port=port,
-        url=f"amqp://guest:guest@127.0.0.1:{port}//",
+        url=f"amqp://{username}:{password}@127.0.0.1:{port}//",
         after_stop=after,
     )
+    service.password = password
     try:
         return service.wait_until(lambda: service.seen("Server startup complete"), timeout)
     except Exception:
@@ -116,12 +158,32 @@ def _rabbitmq_server() -> str:
     raise FileNotFoundError("rabbitmq-server not found: install it (make system)")
 
 
+# One JSON object a line (escape=json: a client's header cannot break the line). The request id
+# is the client's X-Request-ID when it is a plain token, else nginx's own; the same id goes to
+# the replica (which logs it) and back to the client. No header holding a credential is logged
+# (Authorization, cookies), nor the query string, which some clients put tokens in.
+ACCESS_LOG_FORMAT = (
+    '{"time":"$time_iso8601","request_id":"$lmref_request_id","client":"$remote_addr",'
+    '"method":"$request_method","uri":"$uri","status":$status,"bytes":$body_bytes_sent,'
+    '"upstream":"$upstream_addr","upstream_status":"$upstream_status",'
+    '"request_time":$request_time,"upstream_time":"$upstream_response_time",'
+    '"tls":"$ssl_protocol","user_agent":"$http_user_agent"}'
+)
+
+
 def start_nginx(
-    upstreams: list[str], timeout: float = 30.0, max_fails: int = 1, fail_timeout_s: int = 10
+    upstreams: list[str],
+    timeout: float = 30.0,
+    max_fails: int = 1,
+    fail_timeout_s: int = 10,
+    tls: Certificates | None = None,
 ) -> Service:
     """nginx as a load balancer (round robin) over ``upstreams`` ("127.0.0.1:PORT" each), with
     passive health checks: a replica that refuses connections is skipped for
-    ``fail_timeout_s``. Streaming responses pass through unbuffered."""
+    ``fail_timeout_s``. Streaming responses pass through unbuffered. ``tls``
+    (``lmref.lab.tls.make_certificates()``): it listens with TLS 1.2 or 1.3 only, url
+    ``https://127.0.0.1:PORT``; plain HTTP to that port gets a 400. Each request is a JSON line
+    in ``service.access_log`` (a file in its workdir: read it before ``stop()``)."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="lmref-nginx-")
     os.chmod(workdir, 0o755)  # nginx's workers may run as another user (nobody, under root)
@@ -129,6 +191,13 @@ def start_nginx(
         f"        server {u} max_fails={max_fails} fail_timeout={fail_timeout_s}s;"
         for u in upstreams
     )
+    listen = f"listen 127.0.0.1:{port};"
+    if tls is not None:
+        listen = f"""listen 127.0.0.1:{port} ssl;
+        ssl_certificate {tls.server_cert};
+        ssl_certificate_key {tls.server_key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:lmref_tls:1m;"""
     conf = os.path.join(workdir, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""worker_processes 1;
@@ -136,7 +205,12 @@ pid {workdir}/nginx.pid;
 error_log {workdir}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-    access_log off;
+    map $http_x_request_id $lmref_request_id {{
+        "~^[A-Za-z0-9._:-]{{1,128}}$" $http_x_request_id;
+        default $request_id;
+    }}
+    log_format lmref_json escape=json '{ACCESS_LOG_FORMAT}';
+    access_log {workdir}/access.log lmref_json;
     client_body_temp_path {workdir}/body;
     proxy_temp_path {workdir}/proxy;
     fastcgi_temp_path {workdir}/fastcgi;
@@ -149,41 +223,50 @@ http {{
         keepalive 32;
     }}
     server {{
-        listen 127.0.0.1:{port};
+        {listen}
+        # Set here, for both locations (a location with a proxy_set_header of its own would
+        # drop these). The replica's echo of the id is hidden and nginx's added: the same value,
+        # and a 502 or 504 from nginx itself carries it too.
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header X-Request-ID $lmref_request_id;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_hide_header X-Request-ID;
         location / {{
             proxy_pass http://replicas;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
             proxy_buffering off;
             proxy_read_timeout 300s;
             # POST is not idempotent: nginx retries it on the next replica only when the
             # connection failed before the request was sent (the default), never mid-request.
             proxy_next_upstream error timeout http_503;
             add_header X-Upstream $upstream_addr always;
+            add_header X-Request-ID $lmref_request_id always;
         }}
         # The Batch API answers 503 when its store or queue is down: the same for every
         # replica, so not a reason to mark this one failed (max_fails) and route the online
         # API around it; the client gets the 503 and its Retry-After.
         location ~ ^/v1/(batches|files) {{
             proxy_pass http://replicas;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
             proxy_read_timeout 300s;
             proxy_next_upstream error timeout;
             add_header X-Upstream $upstream_addr always;
+            add_header X-Request-ID $lmref_request_id always;
         }}
     }}
 }}
 """)
+    scheme = "https" if tls is not None else "http"
     service = Service(
         "nginx",
         ["nginx", "-p", workdir, "-c", conf, "-g", "daemon off;"],
         workdir=workdir,
         port=port,
-        url=f"http://127.0.0.1:{port}",
+        url=f"{scheme}://127.0.0.1:{port}",
         stop_signal=signal.SIGQUIT,
     )
     service._owns_workdir = True
+    service.access_log = os.path.join(workdir, "access.log")
+    service.error_log = os.path.join(workdir, "error.log")
     return service.wait_until(lambda: port_open(port), timeout)
 
 

@@ -14,8 +14,8 @@ Usage::
     from lmref.lab.services import Services
 
     with Services() as services:
-        redis = services.add(start_redis())              # redis.url: redis://127.0.0.1:PORT/0
-        rabbit = services.add(start_rabbitmq())          # rabbit.url: amqp://guest:guest@...
+        redis = services.add(start_redis())              # redis.url: redis://:PASSWORD@127.0.0.1:PORT/0
+        rabbit = services.add(start_rabbitmq())          # rabbit.url: amqp://lmref:PASSWORD@...
         replica = services.add(start_replica("base=artifacts/base"))   # python -m lmref.serve
         lb = services.add(start_nginx([f"127.0.0.1:{replica.port}"]))  # lb.url
         worker = services.add(start_celery_worker("lmref.production.celery_worker", "w1", env={...}))
@@ -37,6 +37,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 
+from lmref.core.credentials import redact
 from lmref.core.processes import stop_tree
 
 
@@ -75,6 +76,7 @@ class Service:
         after_stop: Callable[[], None] | None = None,
     ):
         self.name, self.url, self.port, self.stop_signal = name, url, port, stop_signal
+        self.password = ""  # a server's own (Redis, RabbitMQ): in its url, never in a log line
         self.workdir = workdir or tempfile.mkdtemp(prefix=f"lmref-{name}-")
         self._owns_workdir = workdir is None
         self._after_stop = after_stop
@@ -94,6 +96,9 @@ class Service:
         )
         self.pid = self.proc.pid
         threading.Thread(target=self._drain, daemon=True).start()
+
+    def __repr__(self) -> str:  # a notebook shows this: no password in it
+        return f"<Service {self.name} pid={self.pid} {redact(self.url) or ''}>"
 
     def _drain(self) -> None:  # keeps the pipe empty so the child never blocks on a full pipe
         for line in self.proc.stdout:

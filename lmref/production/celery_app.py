@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from celery import Celery
 
+from lmref.core.credentials import service_url
 from lmref.production.connections import amqp_publish_options
 from lmref.production.store import TTL_S
 
@@ -35,7 +36,8 @@ class BatchConfig:
     """Where the queue and the store are, and the server-side limits of one request (a client
     may lower the time limit through a batch's metadata, never raise it)."""
 
-    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    # No credentials here: they come from the environment or a mounted file (``from_env``).
+    broker_url: str = "amqp://127.0.0.1:5672//"
     store_url: str = "redis://127.0.0.1:6379/0"  # files, batches, results (a Redis of its own)
     queue: str = "lmref-batch"
     job_time_limit_s: float = 300.0  # soft: the request ends with a 504 line; hard: +15 s, killed
@@ -56,11 +58,13 @@ class BatchConfig:
     def from_env(cls) -> BatchConfig:
         """``LMREF_BROKER_URL``, ``LMREF_STORE_URL``, ``LMREF_BATCH_QUEUE``,
         ``LMREF_JOB_TIME_LIMIT_S``, ``LMREF_MAX_ATTEMPTS``, ``LMREF_SWEEP_INTERVAL_S`` over the
-        defaults."""
+        defaults. Each URL may come from a file (``LMREF_BROKER_URL_FILE``) and take its user
+        and password from others (``LMREF_BROKER_PASSWORD_FILE``...): a mounted Secret
+        (``lmref.core.credentials.service_url``)."""
         env, default = os.environ, cls()
         return cls(
-            broker_url=env.get("LMREF_BROKER_URL", default.broker_url),
-            store_url=env.get("LMREF_STORE_URL", default.store_url),
+            broker_url=service_url("LMREF_BROKER", env) or default.broker_url,
+            store_url=service_url("LMREF_STORE", env) or default.store_url,
             queue=env.get("LMREF_BATCH_QUEUE", default.queue),
             job_time_limit_s=float(env.get("LMREF_JOB_TIME_LIMIT_S", default.job_time_limit_s)),
             max_attempts=int(env.get("LMREF_MAX_ATTEMPTS", default.max_attempts)),

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 from celery import Celery, Task, signals
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
+from lmref.core.credentials import service_url
 from lmref.production.celery_app import TASK_NAME, BatchConfig, make_celery
 from lmref.production.connections import STORE_ERRORS
 from lmref.production.store import Store, failure_line, result_line
@@ -122,12 +123,11 @@ class BatchWorker:
         if self._serving is None:
             models = worker_models(self.env.get("LMREF_WORKER_MODELS", ""))
             cache = None
-            if self.env.get("LMREF_CACHE_URL"):
+            cache_url = service_url("LMREF_CACHE", self.env)  # or from files: a Secret's
+            if cache_url:
                 from lmref.production.shared_cache import RedisResponseCache
 
-                cache = RedisResponseCache(
-                    self.env["LMREF_CACHE_URL"], versions={m.name: m.path for m in models}
-                )
+                cache = RedisResponseCache(cache_url, versions={m.name: m.path for m in models})
             state = ServingState(ServingConfig(models=models, api_keys=[]), cache)
             state.start(wait=True)
             if state.load_errors():
