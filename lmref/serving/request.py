@@ -144,8 +144,9 @@ class Request:
 class Job:
     """One API call: its requests are batched together; events flow back on ``events``."""
 
-    def __init__(self, model_name: str, stream: bool):
+    def __init__(self, model_name: str, stream: bool, tenant: str | None = None):
         self.model_name, self.stream = model_name, stream
+        self.tenant = tenant  # whose cached answers it may reuse (None: the shared entries)
         self.rows: list[Request] = []  # those still to generate (cache hits are removed)
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.cancelled = threading.Event()

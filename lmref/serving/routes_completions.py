@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from flask import Blueprint, Response, request
 
-from lmref.serving.current import serving_state
+from lmref.serving.current import current_principal, serving_state
 from lmref.serving.schema import APIError
 from lmref.serving.service import collect, first_admission, predict, submit
 from lmref.serving.shaping import ResponseShape, completion_body, sse_stream
@@ -56,7 +56,7 @@ def disconnected() -> Callable[[], bool]:
 def completion(chat: bool):
     body = parse_json()
     state = serving_state()
-    engine, job, shaped = submit(state, body, chat)
+    engine, job, shaped = submit(state, body, chat, current_principal().owner)
     shape = ResponseShape.new(chat, engine.spec.name, shaped.params.logprobs, shaped.include_usage)
     cost = request.environ.setdefault(USAGE, {"prompt_tokens": 0, "completion_tokens": 0})
     if not shaped.stream:
@@ -87,4 +87,4 @@ def chat_completions():
 @completions.post("/predict")
 def predict_route():
     """The simplest case: {"prompt": "..."} -> {"completion": "...", ...}; greedy by default."""
-    return predict(serving_state(), parse_json(), disconnected())
+    return predict(serving_state(), parse_json(), disconnected(), current_principal().owner)

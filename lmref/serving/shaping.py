@@ -74,10 +74,11 @@ def shape_request(body: dict, config: Any, chat: bool) -> ShapedRequest:
     return ShapedRequest(prompts, params, n, chat, stream, include_usage)
 
 
-def build_job(request: ShapedRequest, model_name: str) -> Job:
+def build_job(request: ShapedRequest, model_name: str, tenant: str | None = None) -> Job:
     """The engine job: ``n`` rows per prompt, in order; with a seed, choice k gets seed + k (the
-    same request gives the same choices, and they differ from each other)."""
-    job = Job(model_name, request.stream)
+    same request gives the same choices, and they differ from each other). ``tenant``: whose
+    cached answers it may reuse."""
+    job = Job(model_name, request.stream, tenant)
     params = request.params
     for prompt in request.prompts:
         for k in range(request.n):
