@@ -211,7 +211,8 @@ def test_store_under_memory_pressure_keeps_every_live_batch(tmp_path):
             return before, len(store.r.keys("lmref:batch:*")), refused
 
     before, after, refused = fill(store_args())
-    assert refused and after == before == 30 * 2 + 2  # each batch and its order; index, live
+    # each batch and its order; the index, the owner's index, the live set
+    assert refused and after == before == 30 * 2 + 3
     before, after, refused = fill(["--maxmemory-policy", "volatile-lru"])
     assert not refused and after < before
 
@@ -356,6 +357,7 @@ def test_lost_messages_are_found_by_the_sweeper(pipeline, tmp_path):
     handle, client, state, _ = pipeline
     from lmref.production.batch_api import new_batch
     from lmref.production.sweeper import Sweeper
+    from lmref.serving.auth import key_id_of
 
     api = handle.app.extensions["lmref_batch"]
     store = api.store
@@ -378,7 +380,8 @@ def test_lost_messages_are_found_by_the_sweeper(pipeline, tmp_path):
     )
 
     def orphan() -> str:
-        batch = new_batch("/v1/chat/completions", uploaded.id, 3, None)
+        # The key's own batch: another owner's would be a 404 to the client.
+        batch = new_batch("/v1/chat/completions", uploaded.id, 3, None, key_id_of(KEY))
         batch.update(status="in_progress", in_progress_at=int(time.time()))
         store.put_batch(batch, ["a", "b", "c"])
         return batch["id"]

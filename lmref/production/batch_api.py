@@ -2,13 +2,19 @@
 message per request for the workers (``lmref.production.worker``).
 
 ``register_batch_api(app, BatchConfig(...))`` adds ``POST /v1/files`` (upload a JSONL of
-requests), ``GET /v1/files/{id}[/content]``, ``POST /v1/batches``, ``GET /v1/batches/{id}`` and
+requests), ``GET /v1/files``, ``GET /v1/files/{id}[/content]``, ``DELETE /v1/files/{id}``,
+``POST /v1/batches``, ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel`` and
 ``GET /v1/batches`` to a server app (behind its API keys), so the official ``openai`` client's
-``files.create`` / ``batches.create`` / ``batches.retrieve`` / ``files.content`` work unchanged,
-and exports the queue depth (``lmref:batch_queue_depth``, messages waiting in RabbitMQ) on
+``files.create`` / ``.list`` / ``.content`` / ``.delete`` and ``batches.create`` / ``.retrieve``
+/ ``.list`` / ``.cancel`` work unchanged, and exports the queue depth (``lmref:batch_queue_depth``, messages waiting in RabbitMQ) on
 ``/metrics`` for an autoscaler. The replica's producer Celery app is built there, once. An
 upload is bounded by the server's ``--max-content-length`` (1 MiB by default: raise it for large
 batch files). ``python -m lmref.serve --broker-url ... --store-url ...`` does this.
+
+Tenants: every file and batch belongs to the caller's ``Principal.owner`` (a batch's output and
+error files too). Another tenant's id, on read, list, content, use as ``input_file_id``, cancel
+or delete, is the same 404 as an unknown id; the owner is never in a returned object. Each
+batch's messages carry priorities from its owner's backlog (``lmref.production.fair_queue``).
 
 Usage::
 
@@ -35,9 +41,12 @@ from prometheus_client.core import GaugeMetricFamily
 from lmref.production.batch_input import bad_request, check_metadata, parse_requests
 from lmref.production.celery_app import BatchConfig, make_celery, send_requests
 from lmref.production.connections import STORE_ERRORS
+from lmref.production.fair_queue import check_queue
+from lmref.production.files import public
 from lmref.production.store import Store, batch_id_ok, file_id_ok, new_batch_id
 from lmref.production.sweeper import Sweeper
 from lmref.serving.audit import current_request_id
+from lmref.serving.current import current_principal
 from lmref.serving.guards import error_response
 from lmref.serving.schema import APIError
 from lmref.serving.state import EXTENSION
@@ -104,8 +113,14 @@ class QueueDepthCollector:
         return None if found is None else found[0]
 
 
+def owner() -> str:
+    """The tenant of the current request: what it creates is its own, and it sees only that."""
+    return current_principal().owner
+
+
 def _not_found(kind: str, ident: str) -> APIError:
-    """OpenAI's 404 for a batch or a file id that is not in the store."""
+    """OpenAI's 404 for a batch or a file id that is not in the store, or not the caller's:
+    the same answer, so nobody learns that another tenant's id exists."""
     return APIError(
         404,
         f"No {kind} with id '{ident}'",
@@ -116,19 +131,40 @@ def _not_found(kind: str, ident: str) -> APIError:
 
 
 def batch_or_404(batch_id: str) -> dict:
-    """The batch, its counts as they are now; a 404 for an unknown id or one not in the form
-    this server gives out (checked before it reaches a Redis key)."""
-    batch = batch_api().store.finalize(batch_id) if batch_id_ok(batch_id) else None
-    if batch is None:
+    """The caller's batch, its counts as they are now; a 404 for an unknown id, another
+    tenant's, or one not in the form this server gives out (checked before it reaches a Redis
+    key)."""
+    store = batch_api().store
+    if not batch_id_ok(batch_id) or store.batch(batch_id, owner()) is None:
         raise _not_found("batch", batch_id)
-    return batch
+    return store.finalize(batch_id) or {}
 
 
 def file_or_404(file_id: str) -> dict:
-    meta = batch_api().store.file(file_id) if file_id_ok(file_id) else None
+    """The caller's file (stored metadata); a 404 as for a batch."""
+    meta = batch_api().store.file(file_id, owner()) if file_id_ok(file_id) else None
     if meta is None:
         raise _not_found("file", file_id)
     return meta
+
+
+def page_of(items: list[dict], more: bool) -> dict:
+    """OpenAI's list object (the cursor is the last id)."""
+    data = [public(x) for x in items]
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
+
+
+def limit_arg(most: int, default: int) -> int:
+    limit = request.args.get("limit", str(default))
+    if not limit.isdigit() or not 1 <= int(limit) <= most:
+        raise bad_request(f"'limit' must be an integer from 1 to {most}", "limit")
+    return int(limit)
 
 
 @batches.post("/v1/files")
@@ -139,12 +175,34 @@ def upload():
     purpose = request.form.get("purpose")
     if purpose != "batch":
         raise bad_request(f"'purpose' must be 'batch' (got {purpose!r})", "purpose")
-    return batch_api().store.put_file(upload.read(), upload.filename or "upload.jsonl", purpose)
+    store = batch_api().store
+    return public(
+        store.put_file(upload.read(), upload.filename or "upload.jsonl", purpose, "", owner())
+    )
+
+
+@batches.get("/v1/files")
+def list_files():
+    """The caller's files, newest first (``purpose``, ``limit``, ``after`` as OpenAI's)."""
+    limit, after = limit_arg(10_000, 10_000), request.args.get("after")
+    if after is not None and not file_id_ok(after):
+        raise bad_request("'after' must be a file id", "after")
+    purpose, store = request.args.get("purpose"), batch_api().store
+    ids = store.file_ids(owner(), after, limit + 1)
+    metas = [m for m in (store.file(i, owner()) for i in ids[:limit]) if m]
+    return page_of([m for m in metas if purpose in (None, m["purpose"])], len(ids) > limit)
 
 
 @batches.get("/v1/files/<file_id>")
 def file_meta(file_id: str):
-    return file_or_404(file_id)
+    return public(file_or_404(file_id))
+
+
+@batches.delete("/v1/files/<file_id>")
+def delete_file(file_id: str):
+    if not file_id_ok(file_id) or not batch_api().store.delete_file(file_id, owner()):
+        raise _not_found("file", file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
 
 
 @batches.get("/v1/files/<file_id>/content")
@@ -155,12 +213,19 @@ def file_content(file_id: str):
 
 
 def new_batch(
-    endpoint: str, file_id: str, total: int, metadata: dict | None, request_id: str = ""
+    endpoint: str,
+    file_id: str,
+    total: int,
+    metadata: dict | None,
+    owner: str = "anonymous",
+    request_id: str = "",
 ) -> dict:
-    """A batch object as OpenAI writes one, ``validating`` until its requests are queued;
-    ``request_id``: the X-Request-ID that created it (the worker logs it with each request)."""
+    """A batch object as OpenAI writes one, ``validating`` until its requests are queued, with
+    its ``owner`` (kept in the store, never returned: ``public``) and ``request_id``, the
+    X-Request-ID that created it (the worker logs it with each request)."""
     now = int(time.time())
     return {
+        "owner": owner,
         "id": new_batch_id(),
         "object": "batch",
         "endpoint": endpoint,
@@ -209,7 +274,8 @@ def create_batch():
     requests = parse_requests(
         api.store.file_content(file_id) or b"", endpoint, file_id, api.config.max_requests
     )
-    batch = new_batch(endpoint, file_id, len(requests), metadata, current_request_id())
+    batch = new_batch(endpoint, file_id, len(requests), metadata, owner(), current_request_id())
+    backlog = api.store.backlog(owner())  # before this batch: its priorities start from here
     api.store.put_batch(batch, [r["custom_id"] for r in requests])
     try:
         send_requests(
@@ -219,39 +285,53 @@ def create_batch():
             endpoint,
             requests,
             api.config.time_limit(metadata),
+            backlog,
         )
     except OperationalError as exc:
         api.store.fail_batch(batch["id"], "queue_unavailable", str(exc))
         raise unavailable("queue", exc, api.config) from None
-    return api.store.update_batch(
-        batch["id"], status="in_progress", in_progress_at=int(time.time())
+    # A cancel that came meanwhile stands: only a batch still validating starts running.
+    current = api.store.batch(batch["id"]) or batch
+    if current["status"] != "validating":
+        return public(current)
+    return public(
+        api.store.update_batch(batch["id"], status="in_progress", in_progress_at=int(time.time()))
     )
 
 
 @batches.get("/v1/batches/<batch_id>")
 def retrieve_batch(batch_id: str):
-    return batch_or_404(batch_id)
+    return public(batch_or_404(batch_id))
+
+
+@batches.post("/v1/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str):
+    """OpenAI's cancel: ``cancelling`` at once, ``cancelled`` when no request of it runs any
+    more, with the output of what finished; a batch that already ended is a 409."""
+    batch = batch_api().store.cancel(batch_id, owner()) if batch_id_ok(batch_id) else None
+    if batch is None:
+        raise _not_found("batch", batch_id)
+    if batch["status"] in ("completed", "failed", "expired"):
+        raise APIError(
+            409,
+            f"Cannot cancel a batch with status '{batch['status']}'",
+            param="batch_id",
+            code="batch_not_cancellable",
+        )
+    return public(batch)
 
 
 @batches.get("/v1/batches")
 def list_batches():
-    limit = request.args.get("limit", "20")
-    if not limit.isdigit() or not 1 <= int(limit) <= 100:
-        raise bad_request("'limit' must be an integer from 1 to 100", "limit")
-    after = request.args.get("after")
+    """The caller's batches, newest first."""
+    limit, after = limit_arg(100, 20), request.args.get("after")
     if after is not None and not batch_id_ok(after):
         raise bad_request("'after' must be a batch id", "after")
     store = batch_api().store
-    ids = store.batch_ids(after, int(limit) + 1)
+    ids = store.batch_ids(after, limit + 1, owner())
     # finalize: each running batch's counts as they are now, not as they were stored
-    page = [b for b in (store.finalize(i) for i in ids[: int(limit)]) if b]
-    return {
-        "object": "list",
-        "data": page,
-        "has_more": len(ids) > int(limit),
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-    }
+    page = [b for b in (store.finalize(i) for i in ids[:limit]) if b]
+    return page_of(page, len(ids) > limit)
 
 
 def unavailable(what: str, exc: Exception, config: BatchConfig) -> APIError:
@@ -289,6 +369,7 @@ def register_batch_api(app: Flask, config: BatchConfig) -> Store:
     stops when the server drains."""
     store = Store(config.store_url, config.ttl_s)
     celery = make_celery(config, producer=True)
+    check_queue(celery, config.queue)  # a queue without priorities: a clear error, now
     depth = QueueDepthCollector(celery, config.queue)
     state = app.extensions[EXTENSION]
     state.metrics.registry.register(depth)
@@ -303,6 +384,7 @@ def register_batch_api(app: Flask, config: BatchConfig) -> Store:
             batch["endpoint"],
             requests,
             config.time_limit(batch["metadata"]),
+            store.backlog(batch.get("owner") or "anonymous"),
         ),
     )
     if config.sweep_interval_s > 0:

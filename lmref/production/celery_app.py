@@ -26,6 +26,7 @@ from celery import Celery
 
 from lmref.core.credentials import service_url
 from lmref.production.connections import amqp_publish_options
+from lmref.production.fair_queue import batch_queue, priorities
 from lmref.production.store import TTL_S
 
 TASK_NAME = "lmref.batch.run_request"  # the one task: kept as it was, queued messages name it
@@ -92,6 +93,7 @@ def make_celery(config: BatchConfig, main: str = "lmref.production", producer: b
         task_acks_on_failure_or_timeout=True,  # a request that failed on its input is done
         worker_prefetch_multiplier=1,  # hold one unacked message per process, no more
         task_default_queue=config.queue,
+        task_queues=[batch_queue(config.queue)],  # with priorities: lmref.production.fair_queue
         task_soft_time_limit=config.job_time_limit_s,
         task_time_limit=config.job_time_limit_s + 15,
         task_ignore_result=True,
@@ -113,12 +115,15 @@ def send_requests(
     endpoint: str,
     requests: list[dict],
     time_limit: float,
+    backlog: int = 0,
 ) -> None:
-    """Queue one message per request (``custom_id`` and ``body`` each) over one connection.
-    Raises ``kombu.exceptions.OperationalError`` when the broker is unavailable; some messages
-    may have gone out by then (a worker runs them; their batch says whether to keep the result)."""
+    """Queue one message per request (``custom_id`` and ``body`` each) over one connection,
+    each with its priority from its tenant's ``backlog`` (requests it has waiting already:
+    ``lmref.production.fair_queue``). Raises ``kombu.exceptions.OperationalError`` when the
+    broker is unavailable; some messages may have gone out by then (a worker runs them; their
+    batch says whether to keep the result)."""
     with celery.producer_or_acquire() as producer:
-        for r in requests:
+        for r, priority in zip(requests, priorities(backlog, len(requests))):
             celery.send_task(
                 TASK_NAME,
                 args=[batch_id, r["custom_id"], endpoint, r["body"]],
@@ -126,4 +131,5 @@ def send_requests(
                 producer=producer,
                 soft_time_limit=time_limit,
                 time_limit=time_limit + 15,
+                priority=priority,
             )

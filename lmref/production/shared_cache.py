@@ -5,7 +5,8 @@ Drop-in for ``lmref.serving.engine.ResponseCache`` (same ``get`` / ``put`` / ``s
 two dependencies; never pickles, since a shared Redis is not a trusted source of code): replica A
 answers a greedy request,
 replica B serves the same request from Redis. Keys are a SHA-256 of the engine's key (model
-version name, prompt, limits, stops) plus a fingerprint of the served folder's weights, so a new
+version name, prompt, limits, stops, and the tenant unless the deployment shares the cache
+across tenants: ``ServingConfig.shared_response_cache``) plus a fingerprint of the served folder's weights, so a new
 version under the same name never gets the old version's answers, even one that differs in a
 single late tensor. Entries expire after
 ``ttl_s``. Redis being down costs cache misses, not requests: errors are counted

@@ -11,12 +11,17 @@ The store belongs in a Redis of its own with ``maxmemory-policy noeviction`` and
 file on a persistent volume (``deploy/k8s/backends.yaml``): its keys are live state, not a cache.
 Keys expire ``ttl_s`` after their last write, as OpenAI's files do; they are never evicted.
 
+Every file and batch has an ``owner`` (the tenant that created it; a batch's output and error
+files are its owner's): ``batch(id, owner)`` and ``file(id, owner)`` find nothing of another
+owner, and each owner's batches and files are listed from an index of its own. A cancelled
+batch (``cancel``) ends ``cancelled`` with the output of what finished. Files: ``lmref.production.files``.
+
 Usage::
 
     from lmref.production.store import Store, result_line
 
     store = Store("redis://127.0.0.1:6379/0")
-    meta = store.put_file(b'{"custom_id": "a", ...}\n', "requests.jsonl", "batch")
+    meta = store.put_file(b'{"custom_id": "a", ...}\n', "requests.jsonl", "batch", owner="key_a")
     store.record(batch_id, "a", result_line("a", 200, body, "req_1"))   # False: stored before
     batch = store.finalize(batch_id)        # completed once every request has its line
 """
@@ -30,11 +35,13 @@ import uuid
 from typing import Any
 
 from lmref.production.connections import redis_client
+from lmref.production.files import FileStore, file_id_ok, owner_of, owner_tag
+
+__all__ = ["Store", "batch_id_ok", "file_id_ok", "failure_line", "result_line", "TERMINAL"]
 
 TTL_S = 7 * 24 * 3600  # files, batches and results expire after this (BatchConfig.ttl_s)
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 _BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
-_FILE_ID = re.compile(r"file-(?:[0-9a-f]{32}|batch_[0-9a-f]{32}-(?:output|errors))")
 
 
 def new_batch_id() -> str:
@@ -46,13 +53,9 @@ def batch_id_ok(batch_id: str) -> bool:
     return isinstance(batch_id, str) and _BATCH_ID.fullmatch(batch_id) is not None
 
 
-def file_id_ok(file_id: str) -> bool:
-    """Whether ``file_id`` has a form this store gives out (an upload, or a batch's output)."""
-    return isinstance(file_id, str) and _FILE_ID.fullmatch(file_id) is not None
-
-
-class Store:
-    """Files, batches and per-request results in Redis (keys ``lmref:batch:*``)."""
+class Store(FileStore):
+    """Files, batches and per-request results in Redis (keys ``lmref:batch:*``), each file and
+    batch owned by one tenant (``owner``: ``lmref.serving.auth.Principal.owner``)."""
 
     def __init__(self, url: str, ttl_s: int = TTL_S, timeout_s: float = 2.0):
         self.r = redis_client(url, timeout_s)
@@ -61,52 +64,31 @@ class Store:
     def _key(self, *parts: str) -> str:
         return "lmref:batch:" + ":".join(parts)
 
-    # ------------------------------------------------------------------------------------ files
-    def put_file(self, content: bytes, filename: str, purpose: str, file_id: str = "") -> dict:
-        file_id = file_id or "file-" + uuid.uuid4().hex
-        meta = {
-            "id": file_id,
-            "object": "file",
-            "bytes": len(content),
-            "created_at": int(time.time()),
-            "filename": filename,
-            "purpose": purpose,
-            "status": "processed",
-            "expires_at": int(time.time()) + self.ttl_s,
-        }
-        pipe = self.r.pipeline()
-        pipe.set(self._key("file", file_id), json.dumps(meta), ex=self.ttl_s)
-        pipe.set(self._key("file", file_id, "content"), content, ex=self.ttl_s)
-        pipe.execute()
-        return meta
-
-    def file(self, file_id: str) -> dict | None:
-        if not file_id_ok(file_id):
-            return None
-        raw = self.r.get(self._key("file", file_id))
-        return json.loads(raw) if raw else None
-
-    def file_content(self, file_id: str) -> bytes | None:
-        return self.r.get(self._key("file", file_id, "content")) if file_id_ok(file_id) else None
-
     # ---------------------------------------------------------------------------------- batches
     def put_batch(self, batch: dict, custom_ids: list[str]) -> None:
         """Store a new batch and its request order, and list it (newest first, and among the
         live ones the sweeper watches)."""
-        batch_id = batch["id"]
+        batch_id, owned = batch["id"], self._key("index", owner_tag(owner_of(batch)))
         pipe = self.r.pipeline()  # MULTI/EXEC: all of it or nothing
         pipe.set(self._key(batch_id), json.dumps(batch), ex=self.ttl_s)
         pipe.rpush(self._key(batch_id, "order"), *custom_ids)
         pipe.expire(self._key(batch_id, "order"), self.ttl_s)
         pipe.zadd(self._key("index"), {batch_id: time.time()})  # finer than created_at
+        pipe.zadd(owned, {batch_id: time.time()})  # the owner's list reads only its own
+        pipe.expire(owned, self.ttl_s)
         pipe.sadd(self._key("live"), batch_id)
         pipe.execute()
 
-    def batch(self, batch_id: str) -> dict | None:
+    def batch(self, batch_id: str, owner: str | None = None) -> dict | None:
+        """The stored batch (with its owner); None when unknown, or when ``owner`` is given and
+        is not the batch's."""
         if not batch_id_ok(batch_id):
             return None
         raw = self.r.get(self._key(batch_id))
-        return json.loads(raw) if raw else None
+        batch = json.loads(raw) if raw else None
+        if batch is None or (owner is not None and owner_of(batch) != owner):
+            return None
+        return batch
 
     def update_batch(self, batch_id: str, **fields: Any) -> dict:
         batch = {**(self.batch(batch_id) or {}), **fields}
@@ -127,9 +109,12 @@ class Store:
             errors={"object": "list", "data": [error]},
         )
 
-    def batch_ids(self, after: str | None = None, limit: int = 20) -> list[str]:
-        """Batch ids, newest first; ``after``: those older than that one (OpenAI's cursor)."""
-        index = self._key("index")
+    def batch_ids(
+        self, after: str | None = None, limit: int = 20, owner: str | None = None
+    ) -> list[str]:
+        """Batch ids, newest first (``owner``: that owner's only); ``after``: those older than
+        that one (OpenAI's cursor)."""
+        index = self._key("index") if owner is None else self._key("index", owner_tag(owner))
         start = 0
         if after is not None:
             rank = self.r.zrevrank(index, after) if batch_id_ok(after) else None
@@ -141,6 +126,19 @@ class Store:
     def live_batch_ids(self) -> list[str]:
         """Batches not yet completed, failed or cancelled: the ones the sweeper watches."""
         return sorted(i.decode() for i in self.r.smembers(self._key("live")))
+
+    def backlog(self, owner: str) -> int:
+        """Requests of the owner's live batches that have no result yet: what it has waiting
+        (``lmref.production.fair_queue`` turns it into message priorities)."""
+        live = self.live_batch_ids()
+        mine = set(self.r.zrange(self._key("index", owner_tag(owner)), 0, -1)) if live else set()
+        waiting = 0
+        for batch_id in (b for b in live if b.encode() in mine):
+            batch = self.batch(batch_id)
+            if batch is not None and batch["status"] in ("validating", "in_progress"):
+                counts = self.counts(batch_id, batch["request_counts"]["total"])
+                waiting += max(0, counts["total"] - counts["completed"] - counts["failed"])
+        return waiting
 
     def forget(self, batch_id: str) -> None:
         """Drop an expired batch from the index and the live set."""
@@ -237,51 +235,68 @@ class Store:
             "failed": done.get("failed", 0),
         }
 
-    def finalize(self, batch_id: str) -> dict | None:
-        """The batch with its counts as they are now; when every request has a result, write
-        the output and error files (input order) and mark it completed. Idempotent; any replica
-        or worker may call it."""
+    def cancel(self, batch_id: str, owner: str) -> dict | None:
+        """Start cancelling the owner's batch: ``cancelling`` (workers skip its queued requests),
+        then ``cancelled`` once none of it is running (``finalize``). A batch already ending or
+        ended is returned as it is; None: no batch of that owner under that id."""
+        batch = self.batch(batch_id, owner)
+        if batch is None or batch["status"] not in ("validating", "in_progress"):
+            return batch
+        self.update_batch(batch_id, status="cancelling", cancelling_at=int(time.time()))
+        return self.finalize(batch_id)
+
+    def finalize(self, batch_id: str, force: bool = False) -> dict | None:
+        """The batch with its counts as they are now; when every request has a result (or it
+        is ``cancelling`` and no request of it runs any more, or ``force``: the sweeper gave up
+        on a lost one), write the output and error files of what finished (input order) and
+        mark it completed (cancelled). Idempotent; any replica or worker may call it."""
         batch = self.batch(batch_id)
         if batch is None or batch["status"] in TERMINAL:
             return batch
         counts = self.counts(batch_id, batch["request_counts"]["total"])
         batch["request_counts"] = counts
-        if counts["completed"] + counts["failed"] < counts["total"]:
+        cancelling = batch["status"] == "cancelling"
+        if cancelling:
+            if self.running(batch_id) and not force:
+                return batch
+        elif counts["completed"] + counts["failed"] < counts["total"]:
             return batch
         # One finalizer at a time; the lock expires, so a finalizer that died is replaced.
         if not self.r.set(self._key(batch_id, "finalizing"), "1", nx=True, ex=30):
             return batch
         results = self.r.hgetall(self._key(batch_id, "results"))
-        lines = [json.loads(results[c.encode()]) for c in self.order(batch_id)]
-        ok = [line for line in lines if line["error"] is None]
-        bad = [line for line in lines if line["error"] is not None]
-
-        def jsonl(items: list[dict]) -> bytes:
-            return "".join(json.dumps(x) + "\n" for x in items).encode()
-
-        output = (
-            self.put_file(
-                jsonl(ok), f"{batch_id}_output.jsonl", "batch_output", f"file-{batch_id}-output"
-            )
-            if ok
-            else None
-        )
-        errors = (
-            self.put_file(
-                jsonl(bad), f"{batch_id}_error.jsonl", "batch_output", f"file-{batch_id}-errors"
-            )
-            if bad
-            else None
-        )
+        order = [c.encode() for c in self.order(batch_id)]
+        lines = [json.loads(results[c]) for c in order if c in results]
+        output, errors = self._write_outputs(batch_id, owner_of(batch), lines)
         now = int(time.time())
+        ended = {"cancelled_at": now} if cancelling else {"completed_at": now}
         return self.update_batch(
             batch_id,
-            status="completed",
+            status="cancelled" if cancelling else "completed",
             request_counts=counts,
             output_file_id=output and output["id"],
             error_file_id=errors and errors["id"],
             finalizing_at=now,
-            completed_at=now,
+            **ended,
+        )
+
+    def _write_outputs(
+        self, batch_id: str, owner: str, lines: list[dict]
+    ) -> tuple[dict | None, dict | None]:
+        """The output (2xx lines) and error files, owned by the batch's owner; None for none."""
+
+        def put(items: list[dict], suffix: str, name: str) -> dict | None:
+            if not items:
+                return None
+            content = "".join(json.dumps(x) + "\n" for x in items).encode()
+            file_id = f"file-{batch_id}-{suffix}"
+            return self.put_file(
+                content, f"{batch_id}_{name}.jsonl", "batch_output", file_id, owner
+            )
+
+        return (
+            put([x for x in lines if x["error"] is None], "output", "output"),
+            put([x for x in lines if x["error"] is not None], "errors", "error"),
         )
 
 

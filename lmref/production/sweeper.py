@@ -6,6 +6,8 @@ nowhere, a message lost by a broker without persistence, a worker that could not
 failure). It reconciles each live batch from the store and the queue:
 
 - its counts are refreshed, and a batch with every result is completed (``Store.finalize``);
+- a batch ``cancelling`` whose running request lost its worker ends ``cancelled`` after
+  ``stall_s``;
 - a batch still ``validating`` long after its creation never had all its messages queued (its
   replica died mid-create, or its broker and store failed together): it is failed, saying so;
 - an ``in_progress`` batch with no worker activity for ``BatchConfig.stall_s`` while the queue
@@ -78,6 +80,11 @@ class Sweeper:
             elif batch["status"] == "validating" and now - batch["created_at"] > VALIDATING_GRACE_S:
                 self._fail_unqueued(batch, now)
                 report.failed.append(batch_id)
+            elif batch["status"] == "cancelling":
+                # A request still marked running after stall_s lost its worker: end the cancel.
+                active = self.store.last_activity(batch_id) or batch["cancelling_at"]
+                if now - active >= stall_s and self.store.finalize(batch_id, force=True):
+                    report.completed.append(batch_id)
             elif batch["status"] == "in_progress":
                 active = self.store.last_activity(batch_id) or batch["in_progress_at"]
                 if now - active < stall_s:

@@ -14,7 +14,10 @@ prefetch 1), so a worker killed mid-request loses nothing: RabbitMQ delivers it 
 that is down, frozen or full is waited out with the message unacknowledged (``patiently``), the
 answer kept in memory; past the time limit the message goes back to the queue. A request
 that fails on its own input (a 4xx, its time limit, a worker lost ``max_attempts`` times on it)
-fails alone. With env ``LMREF_CACHE_URL`` workers share the replicas' response cache.
+fails alone. With env ``LMREF_CACHE_URL`` workers share the replicas' response cache, each
+request keyed by its batch's owner (env ``LMREF_SHARED_RESPONSE_CACHE=1``: across tenants, as
+``--shared-response-cache`` on the replicas). A batch ``cancelling`` or ``cancelled``: its
+queued requests are skipped.
 
 Usage::
 
@@ -128,7 +131,10 @@ class BatchWorker:
                 from lmref.production.shared_cache import RedisResponseCache
 
                 cache = RedisResponseCache(cache_url, versions={m.name: m.path for m in models})
-            state = ServingState(ServingConfig(models=models, api_keys=[]), cache)
+            # The replicas' setting: a cache shared across tenants only when they say so too.
+            shared = self.env.get("LMREF_SHARED_RESPONSE_CACHE", "") in ("1", "true", "yes")
+            config = ServingConfig(models=models, api_keys=[], shared_response_cache=shared)
+            state = ServingState(config, cache)
             state.start(wait=True)
             if state.load_errors():
                 raise RuntimeError(f"worker could not load its models: {state.load_errors()}")
@@ -144,13 +150,16 @@ class BatchWorker:
         # stdout, which Celery logs) is the moment the worker can really serve.
         print(f"{READY_LINE} in {time.perf_counter() - started:.1f} s", flush=True)
 
-    def respond(self, url: str, body: dict, limit: float, request_id: str = "") -> tuple[int, Any]:
-        """This worker's answer to one request: the server's status and body."""
+    def respond(
+        self, url: str, body: dict, limit: float, tenant: str | None = None, request_id: str = ""
+    ) -> tuple[int, Any]:
+        """This worker's answer to one request: the server's status and body; ``tenant``: the
+        batch's owner, whose cached answers alone it may reuse."""
         if self.upstream:
             key = self.env.get("LMREF_WORKER_UPSTREAM_KEY")
             return forward(self.upstream, url, body, key, limit + 15, request_id)
         try:
-            return answer(self.serving, url, body, request_id)
+            return answer(self.serving, url, body, tenant, request_id)
         except SoftTimeLimitExceeded:  # the request ends here; its rows are cancelled
             err = APIError(
                 504,
@@ -199,8 +208,8 @@ class BatchWorker:
             self.patiently(store.finalize, batch_id)
             return 0
         batch = self.patiently(store.batch, batch_id)
-        if batch is None or batch["status"] in ("failed", "cancelled", "expired"):
-            return 0  # its batch failed to queue (or expired): nobody will read this result
+        if batch is None or batch["status"] in ("failed", "cancelling", "cancelled", "expired"):
+            return 0  # its batch failed to queue, was cancelled or expired: skipped
         attempts = self.patiently(store.attempt, batch_id, custom_id, f"{task.request.hostname}")
         # This request's id (its line's response.request_id), and the batch's creator's: an
         # operator follows a client's X-Request-ID to each line, and each line to this log.
@@ -221,7 +230,7 @@ class BatchWorker:
             self.patiently(store.finalize, batch_id)
             return 500
         try:
-            status, response = self.respond(url, body, limit, rid)
+            status, response = self.respond(url, body, limit, batch.get("owner"), rid)
         except urllib.error.URLError as exc:  # the upstream is down: not the request's fault
             raise task.retry(exc=exc, countdown=2, max_retries=5) from None
         line = result_line(custom_id, status, response, rid)

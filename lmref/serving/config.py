@@ -44,6 +44,13 @@ class ServingConfig:
     default_max_tokens: int = _flag(16, "completions' max_tokens when a request gives none")
     max_tokens_limit: int | None = _flag(None, "an operator cap below the context length")
     cache_size: int = _flag(1024, "greedy responses kept (LRU); 0 turns the cache off")
+    shared_response_cache: bool = _flag(
+        False,
+        "answer a key from another key's cached greedy response (off: each tenant its own "
+        "entries). Sharing gains hits on prompts others asked; it leaks them: a hit answers in "
+        "ms instead of a generation, so a key can test whether another asked a prompt. Only "
+        "for a deployment whose keys all belong to one party",
+    )
     load_in_background: bool = True  # /ready says 503 until loaded
     torch_threads: int | None = _flag(None, "torch.set_num_threads; small models: 1 is fastest")
     drain_timeout_s: float = _flag(

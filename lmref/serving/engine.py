@@ -173,7 +173,7 @@ class Engine:
     def submit(self, job: Job) -> None:
         """Queue the job's rows; greedy rows already in the response cache finish at once."""
         for row in list(job.rows) if self.cache.size > 0 else []:
-            row.cache_key = cache_key(self.spec.name, row)
+            row.cache_key = cache_key(self.spec.name, row, job.tenant)
             if row.cache_key is None:
                 continue
             hit = self.cache.get(row.cache_key)

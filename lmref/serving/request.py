@@ -144,8 +144,11 @@ class Request:
 class Job:
     """One API call: its requests are batched together; events flow back on ``events``."""
 
-    def __init__(self, model_name: str, stream: bool, request_id: str = ""):
+    def __init__(
+        self, model_name: str, stream: bool, tenant: str | None = None, request_id: str = ""
+    ):
         self.model_name, self.stream = model_name, stream
+        self.tenant = tenant  # whose cached answers it may reuse (None: the shared entries)
         self.request_id = request_id  # the caller's X-Request-ID: the engine's log lines name it
         self.rows: list[Request] = []  # those still to generate (cache hits are removed)
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()

@@ -10,7 +10,7 @@ Usage::
     from lmref.serving.response_cache import ResponseCache, cache_key
 
     cache = ResponseCache(1024)                  # 0: off
-    key = cache_key("base", request)             # None: not cacheable (sampled)
+    key = cache_key("base", request, "key_a")    # None: not cacheable (sampled)
     if key is not None and (hit := cache.get(key)) is None:
         cache.put(key, finished)
 """
@@ -23,9 +23,12 @@ import threading
 from lmref.serving.request import Finished, Request
 
 
-def cache_key(model_name: str, request: Request) -> tuple | None:
+def cache_key(model_name: str, request: Request, tenant: str | None = None) -> tuple | None:
     """What makes two requests' answers equal: the model version, the prompt and every setting
-    that changes the text or what is reported; None for a sampled request (never cached)."""
+    that changes the text or what is reported, and the tenant it was asked by (None: entries
+    shared by every tenant, ``ServingConfig.shared_response_cache``); None for a sampled
+    request (never cached). A tenant never gets another's answer: a hit's speed would tell it
+    what the other asked."""
     p = request.params
     if p.temperature != 0:
         return None
@@ -38,6 +41,7 @@ def cache_key(model_name: str, request: Request) -> tuple | None:
         p.ignore_eos,
         p.logprobs,
         p.echo,
+        tenant,
     )
 
 

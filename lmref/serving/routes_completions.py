@@ -19,7 +19,7 @@ from collections.abc import Callable
 from flask import Blueprint, Response, request
 
 from lmref.serving.audit import MODEL, PROMPT, USAGE, current_request_id
-from lmref.serving.current import serving_state
+from lmref.serving.current import current_principal, serving_state
 from lmref.serving.schema import APIError
 from lmref.serving.service import collect, first_admission, predict, submit
 from lmref.serving.shaping import ResponseShape, completion_body, sse_stream
@@ -62,7 +62,7 @@ def completion(chat: bool):
     body = parse_json()
     state = serving_state()
     audited(body, chat)
-    engine, job, shaped = submit(state, body, chat, current_request_id())
+    engine, job, shaped = submit(state, body, chat, current_principal().owner, current_request_id())
     request.environ[MODEL] = engine.spec.name
     shape = ResponseShape.new(chat, engine.spec.name, shaped.params.logprobs, shaped.include_usage)
     cost = request.environ.setdefault(USAGE, {"prompt_tokens": 0, "completion_tokens": 0})
@@ -96,7 +96,9 @@ def predict_route():
     """The simplest case: {"prompt": "..."} -> {"completion": "...", ...}; greedy by default."""
     body = parse_json()
     audited(body, chat=False)
-    answer = predict(serving_state(), body, disconnected(), current_request_id())
+    answer = predict(
+        serving_state(), body, disconnected(), current_principal().owner, current_request_id()
+    )
     request.environ[MODEL] = answer["model"]
     request.environ[USAGE] = {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
     return answer

@@ -41,17 +41,23 @@ def _never() -> bool:
 
 
 def submit(
-    state: ServingState, body: dict, chat: bool, request_id: str = ""
+    state: ServingState,
+    body: dict,
+    chat: bool,
+    tenant: str | None = None,
+    request_id: str = "",
 ) -> tuple[Engine, Job, ShapedRequest]:
     """Resolve the model (a 404 or 503 comes before any field check), shape the request and
-    queue its job (``request_id``: the caller's, for the engine's log lines); a full queue is
-    a 429."""
+    queue its job; a full queue is a 429. ``tenant``: the caller's owner, whose cached answers
+    alone it may reuse (unless the deployment shares the cache: ``shared_response_cache``);
+    ``request_id``: the caller's, for the engine's log lines."""
     engine = state.resolve(body.get("model"), body.get("user"))
     shaped = shape_request(body, state.config, chat)
     rows = len(shaped.prompts) * shaped.n
     if rows > engine.spec.max_queue_size:  # could never be queued: not a 429
         raise bad(f"{len(shaped.prompts)} prompts x n={shaped.n} exceed the queue size", "n")
-    job = build_job(shaped, engine.spec.name, request_id)
+    tenant = None if state.config.shared_response_cache else tenant
+    job = build_job(shaped, engine.spec.name, tenant, request_id)
     try:
         engine.submit(job)
     except QueueFull:
@@ -98,10 +104,11 @@ def complete(
     body: dict,
     chat: bool,
     disconnected: Callable[[], bool] = _never,
+    tenant: str | None = None,
     request_id: str = "",
 ) -> dict:
     """A whole chat or completions response (``stream`` is not honoured here: see the route)."""
-    engine, job, shaped = submit(state, body, chat, request_id)
+    engine, job, shaped = submit(state, body, chat, tenant, request_id)
     shape = ResponseShape.new(chat, engine.spec.name, shaped.params.logprobs)
     choices, usage = collect(engine, job, disconnected)
     return completion_body(shape, choices, usage)
@@ -111,24 +118,28 @@ def predict(
     state: ServingState,
     body: dict,
     disconnected: Callable[[], bool] = _never,
+    tenant: str | None = None,
     request_id: str = "",
 ) -> dict:
     """The simplest case: {"prompt": "..."} -> {"completion": "...", ...}; greedy by default."""
     body = {"temperature": 0.0, **body, "stream": False}
     if not isinstance(body.get("prompt"), str):
         raise bad("'prompt' must be a string", "prompt")
-    engine, job, _ = submit(state, body, False, request_id)
+    engine, job, _ = submit(state, body, False, tenant, request_id)
     choices, usage = collect(engine, job, disconnected)
     return predict_body(engine.spec.name, choices, usage)
 
 
-def answer(state: ServingState, path: str, body: dict, request_id: str = "") -> tuple[int, Any]:
+def answer(
+    state: ServingState, path: str, body: dict, tenant: str | None = None, request_id: str = ""
+) -> tuple[int, Any]:
     """The status and JSON body the server would answer ``POST path`` with (an ``APIError`` is
-    an answer too). Other exceptions propagate: the caller decides what they mean.
-    ``request_id``: the caller's (a Batch line's), named by the engine's log lines."""
+    an answer too), for ``tenant`` (the Batch worker: the batch's owner). Other exceptions
+    propagate: the caller decides what they mean. ``request_id``: the caller's (a Batch
+    line's), named by the engine's log lines."""
     if path not in ENDPOINTS:
         return 404, APIError(404, "not found: " + path, "not_found_error", code="not_found").body()
     try:
-        return 200, complete(state, body, ENDPOINTS[path], request_id=request_id)
+        return 200, complete(state, body, ENDPOINTS[path], tenant=tenant, request_id=request_id)
     except APIError as err:
         return err.status, err.body()

@@ -74,11 +74,14 @@ def shape_request(body: dict, config: Any, chat: bool) -> ShapedRequest:
     return ShapedRequest(prompts, params, n, chat, stream, include_usage)
 
 
-def build_job(request: ShapedRequest, model_name: str, request_id: str = "") -> Job:
+def build_job(
+    request: ShapedRequest, model_name: str, tenant: str | None = None, request_id: str = ""
+) -> Job:
     """The engine job: ``n`` rows per prompt, in order; with a seed, choice k gets seed + k (the
-    same request gives the same choices, and they differ from each other). ``request_id``: the
-    caller's, a plain value that the engine's log lines about this job name."""
-    job = Job(model_name, request.stream, request_id)
+    same request gives the same choices, and they differ from each other). ``tenant``: whose
+    cached answers it may reuse; ``request_id``: the caller's, a plain value that the engine's
+    log lines about this job name."""
+    job = Job(model_name, request.stream, tenant, request_id)
     params = request.params
     for prompt in request.prompts:
         for k in range(request.n):
