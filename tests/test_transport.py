@@ -304,8 +304,10 @@ def credential_problems(docs: list[dict], comments: str) -> list[str]:
             for key, value in doc.get("data", {}).items():
                 if URL_WITH_PASSWORD.search(value):
                     problems.append(f"{name}.{key}: a URL with credentials")
+                # A URL's name may say KEY (the key store's): its value is checked above.
                 if SECRET_NAME.search(key) and not (
-                    key.endswith("_FILE") and value.startswith("/var/run/secrets/")
+                    key.endswith("_URL")
+                    or (key.endswith("_FILE") and value.startswith("/var/run/secrets/"))
                 ):
                     problems.append(f"{name}.{key}: a secret in a ConfigMap")
         if kind == "Secret" and (doc.get("data") or doc.get("stringData")):
