@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from lmref.core.manifest import write_manifest  # noqa: E402
 from lmref.lab.loadtest import run_load, spawn_server  # noqa: E402
 from lmref.models.presets import build_model  # noqa: E402
 
@@ -128,6 +129,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        write_manifest(folder)  # the server serves only a folder that matches its manifest
         server = spawn_server(
             [
                 "--model",

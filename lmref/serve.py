@@ -19,7 +19,9 @@ quotas and usage, ``lmref.production.key_api``; made with ``python -m lmref.keys
 ``LMREF_KEY_STORE_URL``, each also from a file, ``..._URL_FILE``, and with
 ``..._USERNAME`` / ``..._PASSWORD`` or their ``_FILE``: a mounted Secret,
 ``lmref.core.credentials``; logged only through ``redact``. Without keys anyone who reaches
-the port may use the models: the server says so loudly at start. SIGTERM: new requests get 503,
+the port may use the models: the server says so loudly at start. A model folder is served
+only when it matches its sha256 manifest (``lmref.serving.integrity``); ``--allow-unmanifested``
+serves one without (or a hub id) with a warning. SIGTERM: new requests get 503,
 in-flight ones get ``--drain-timeout-s`` to finish. Each request gets an ``X-Request-ID`` and one
 JSON access-log line (``lmref.serving.audit``) on stdout, or in ``--access-log PATH``; prompts
 only with ``--log-prompts``.
@@ -304,7 +306,9 @@ def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
     """Run until SIGTERM/SIGINT in this process: one process, waitress threads, the batching
     workers inside. On the signal, new requests get 503 and in-flight ones get
     ``drain_timeout_s`` to finish. Prints one JSON line with the URL once listening. Exits 1
-    when a model fails to load (a server short of a configured model is misconfigured)."""
+    when a model fails to load (a server short of a configured model is misconfigured), before
+    listening when its folder is refused at a glance (no manifest, a file missing, added or of
+    another size)."""
     if not config.resolved_api_keys() and not (shared and shared.key_store_url):
         log.warning(
             "NO API KEYS: auth is off, anyone who can reach %s:%s may use the models. "
@@ -313,18 +317,32 @@ def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
             config.port,
         )
     shared = shared or SharedServices()
-    for what in (
-        "cache_url",
-        "broker_url",
-        "store_url",
-        "key_store_url",
-    ):  # where, never the password
-        if getattr(shared, what):
+    for what in ("cache_url", "broker_url", "store_url", "key_store_url"):
+        if getattr(shared, what):  # where it is, never the password
             log.info("%s %s", what, redact(getattr(shared, what)))
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    refused = refused_models(config)
+    if refused:  # before listening: a replica that would serve 503s never joins a pool
+        log.error("model failed to load, not starting: %s", refused)
+        return 1
     configure_access_log(config.access_log)  # this process's: a thread server leaves logging be
     return run_until_signal(build_app(config, shared), config)
+
+
+def refused_models(config: ServingConfig) -> dict[str, str]:
+    """Model name -> why the server would refuse it (``lmref.serving.integrity``), from a quick
+    look: names and sizes against each manifest, no file hashed (the engine hashes once, as it
+    loads, and a changed byte then ends the process all the same)."""
+    from lmref.serving.integrity import IntegrityError, check_model
+
+    refused = {}
+    for spec in config.models:
+        try:
+            check_model(spec.path, spec.allow_unmanifested, hashes=False)
+        except IntegrityError as exc:
+            refused[spec.name] = str(exc)
+    return refused
 
 
 def main(argv: list[str] | None = None) -> int:

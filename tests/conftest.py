@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from lmref.core.manifest import write_manifest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -105,4 +107,5 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
+    write_manifest(path)  # as every folder lmref saves: the server serves only verified ones
     return path

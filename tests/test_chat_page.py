@@ -17,6 +17,7 @@ import openai
 import pytest
 import requests
 
+from lmref.core.manifest import write_manifest
 from lmref.serve import start_server
 from lmref.serving.app import ModelSpec, ServingConfig
 
@@ -77,6 +78,7 @@ def second_model_dir(tiny_tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-b")
     LlamaForCausalLM(config).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
+    write_manifest(path)
     return path
 
 

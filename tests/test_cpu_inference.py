@@ -129,6 +129,7 @@ def test_engine_serves_an_adapter_folder_unpacked(tiny_model_dir, tmp_path):
     the engine leaves that model unpacked instead of failing to load it."""
     from peft import LoraConfig, get_peft_model
 
+    from lmref.core.manifest import write_manifest
     from lmref.serving.engine import (
         Engine,
         EngineMetrics,
@@ -143,6 +144,7 @@ def test_engine_serves_an_adapter_folder_unpacked(tiny_model_dir, tmp_path):
     get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    write_manifest(tmp_path)  # the server serves an adapter (and its base) only verified
     engine = Engine(
         ModelSpec("a", str(tmp_path), batch_wait_ms=0), EngineMetrics(), ResponseCache(0)
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lmref.core.manifest import write_manifest
 from lmref.serve import build_parser, config_from_args, flags_dataclass
 
 pytestmark = pytest.mark.integration  # each mistake runs its own process
@@ -111,8 +112,9 @@ def test_api_keys_from_the_flag_and_documented(tiny_model_dir, monkeypatch):
 
 
 def test_a_model_that_fails_to_load_ends_the_process(tmp_path):
-    """An existing folder that holds no model: the process says why and exits 1, instead of
-    answering 503 'loading' for ever."""
+    """An existing folder that holds no model (its manifest verifies: an empty folder's): the
+    process says why and exits 1, instead of answering 503 'loading' for ever."""
+    write_manifest(tmp_path)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

@@ -21,6 +21,7 @@ import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from lmref.core.manifest import write_manifest
 from lmref.lab.loadtest import run_load, spawn_server
 from lmref.serve import start_server
 from lmref.serving.app import ModelSpec, ServingConfig, create_app
@@ -179,6 +180,7 @@ def scripted_model_dir(tiny_tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("scripted-llama")
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
+    write_manifest(path)
     return path
 
 

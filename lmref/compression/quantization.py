@@ -28,6 +28,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from lmref.compression.pruning import DEFAULT_SKIP, prunable_linears, pruning_leftovers
+from lmref.core.manifest import write_manifest
 from lmref.models.loading import load_model
 
 # Which format each variant saves in, and why not where it cannot.
@@ -135,4 +136,5 @@ def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    write_manifest(out_dir)  # last: the server refuses a folder that differs from it
     return out_dir

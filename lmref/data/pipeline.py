@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from datasets import DatasetDict
 
 # Re-exported: the whole pipeline from one module (notebook 01 goes through it step by step).
+from lmref.core.manifest import write_manifest
 from lmref.data.clean import (  # noqa: F401
     CleanConfig,
     FilterConfig,
@@ -97,6 +98,8 @@ def save_artifacts(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out / "tokenizer")
+    # The tokenizer folder only: datasets writes cache files into a corpus folder it loads from.
+    write_manifest(out / "tokenizer")
     corpus.save_to_disk(str(out / "corpus"))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return out

@@ -24,6 +24,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmref.core.losses import answer_loss_sum
+from lmref.core.manifest import write_manifest
 from lmref.data.instructions import (
     PROMPT_TEMPLATE,
     InstructionCollator,
@@ -202,6 +203,7 @@ def pretrain_base(
     (out_dir / "train_result.json").write_text(
         json.dumps({k: v for k, v in vars(result).items() if k != "history"}, indent=1)
     )
+    write_manifest(out_dir)  # last: the server refuses a folder that differs from it
     return result
 
 
@@ -239,6 +241,7 @@ def finetune(
     model.save_pretrained(out_dir)
     tokenizer.chat_template = COURSE_CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
+    write_manifest(out_dir)  # last: the server refuses a folder that differs from it
     return result
 
 

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmref.core.hashing import sha256_of
+from lmref.core.manifest import write_manifest
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, sha256: str | None 
                 f"converted {gguf_path.name} does not reproduce its logits "
                 f"(max difference {(expected - got).abs().max().item():.3g})"
             )
+        write_manifest(tmp)  # the checked folder, before it takes its name
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.chmod(0o755)  # mkdtemp makes it private
         tmp.rename(out_dir)

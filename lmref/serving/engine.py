@@ -39,14 +39,12 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from lmref.serving.batching import Prefill, PrefixCache, RunningBatch
 from lmref.serving.detokenizer import TextStream
-from lmref.serving.loader import ServedModel, load_served_model
+from lmref.serving.loader import ServedModel, load_spec
 from lmref.serving.metrics import EngineMetrics
 from lmref.serving.outputs import OutputProcessor
 from lmref.serving.prompts import DEFAULT_CHAT_TEMPLATE, encode_prompt
@@ -66,6 +64,7 @@ from lmref.serving.request import (
 from lmref.serving.response_cache import ResponseCache, cache_key
 from lmref.serving.sampler import GREEDY_BELOW, SamplingRows, sample, score_prompt, step_logprobs
 from lmref.serving.scheduler import POLICIES, AdmissionPolicy, Scheduler
+from lmref.serving.spec import ModelSpec
 
 # The names the app, the production stage and the tests import from here.
 __all__ = [
@@ -86,24 +85,6 @@ __all__ = [
 
 log = logging.getLogger("lmref.serving.engine")
 Status = RequestStatus
-
-
-@dataclass
-class ModelSpec:
-    """One served model version: a name clients use and a Hugging Face folder (safetensors)."""
-
-    name: str
-    path: str
-    max_batch_size: int = 16  # rows (prompts) decoding together; 1 turns batching off
-    batch_wait_ms: float = 5.0  # how long an idle worker gathers requests (a busy one: none)
-    prefill_chunk_tokens: int = 256  # prompt columns per prefill forward; decode steps between
-    prefix_cache_min_tokens: int = 16  # a shared prompt start this long is computed once; 0: off
-    max_queue_size: int = 256  # rows waiting; more -> QueueFull (the app answers 429)
-    device: str = "auto"  # cuda when present, else cpu
-    chat_template: str | None = None  # Jinja; None: the tokenizer's, else DEFAULT_CHAT_TEMPLATE
-    dtype: str = "auto"  # bf16 on GPUs that have it, fp32 on CPU; or fp32/bf16/fp16
-    pack_linears: bool = True  # CPU: weights packed once for oneDNN (lmref.serving.packed_linear)
-    admission: Literal["continuous", "static"] = "continuous"  # static: the baseline (scheduler)
 
 
 class Engine:
@@ -145,7 +126,7 @@ class Engine:
 
     def _load(self) -> None:
         spec = self.spec
-        self.served = load_served_model(spec.path, spec.device, spec.dtype, spec.pack_linears)
+        self.served = load_spec(spec)  # refused (IntegrityError) unless it matches its manifest
         self.model, self.tokenizer = self.served.model, self.served.tokenizer
         self.context_length = self.served.context_length
         self.outputs = OutputProcessor(

@@ -6,27 +6,34 @@ weights packed for oneDNN on CPU (``lmref.serving.packed_linear``), the context 
 EOS and pad ids, and the token spellings logprobs report. Loads run one at a time (a lock):
 ``from_pretrained`` switches process-wide init state (the meta device), so two threads loading
 at once corrupt each other's model, and transformers' lazy imports are not thread-safe either.
+``load_spec`` is what the engine calls: a ``ModelSpec``'s folder, verified against its sha256
+manifest first (``lmref.serving.integrity``: refused, naming the file, when it does not match).
 
 Usage::
 
-    from lmref.serving.loader import load_served_model
+    from lmref.serving.loader import load_served_model, load_spec
 
     served = load_served_model("artifacts/base", device="auto", dtype="auto", pack=True)
     served.model, served.tokenizer, served.context_length, served.eos_ids
+    served = load_spec(ModelSpec("base", "artifacts/base"))   # IntegrityError unless verified
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
 import torch
 
-from lmref.models.loading import load_model, load_tokenizer
+from lmref.models.loading import load_model, load_tokenizer, resolve_model
+from lmref.serving.integrity import check_model
 from lmref.serving.packed_linear import pack_linears
 from lmref.serving.sampler import TokenPieces
+from lmref.serving.spec import ModelSpec
 
 _LOAD_LOCK = threading.Lock()
+log = logging.getLogger("lmref.serving.loader")
 
 
 @dataclass
@@ -69,3 +76,13 @@ def load_served_model(
         pad_id=pad if pad is not None else next(iter(eos_ids), 0),
         pieces=TokenPieces(tokenizer),
     )
+
+
+def load_spec(spec: ModelSpec) -> ServedModel:
+    """Load what ``spec`` names for serving, once its folder matches its sha256 manifest:
+    ``IntegrityError`` (naming the file) otherwise, or when it has none and
+    ``spec.allow_unmanifested`` is False; with it, served with a warning in the log."""
+    path = resolve_model(spec.path)  # a course name: its folder, converted on first use
+    for warning in check_model(path, spec.allow_unmanifested):
+        log.warning("model %s: %s", spec.name, warning)
+    return load_served_model(path, spec.device, spec.dtype, spec.pack_linears)

@@ -39,7 +39,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from lmref.core.hashing import sha256_of
+# The manifest is lmref.core.manifest's (one format for every folder); MANIFEST and
+# write_manifest stay importable from here for the callers that know them by this module.
+from lmref.core.manifest import MANIFEST as MANIFEST
+from lmref.core.manifest import verify_manifest, write_manifest
 from lmref.core.ranks import rank_and_world
 
 
@@ -47,7 +50,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the folder or file and why."""
 
 
-MANIFEST = "manifest.json"  # written last: {"files": {name: {"bytes": n, "sha256": hex}}}
 RUN_CONFIG = "run_config.json"  # the settings of the run that wrote it (``run_config``)
 
 
@@ -153,37 +155,10 @@ def atomic_folder(
     os.replace(tmp, path)
 
 
-def write_manifest(folder: Path | str) -> None:
-    """Write ``folder/manifest.json``: the size and sha256 of every file in it and its subfolders
-    (a sharded checkpoint's shards). Call it last, on a folder that is complete:
-    ``verify_checkpoint`` then catches any later damage to a file."""
-    folder = Path(folder)
-    files = {
-        f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "sha256": sha256_of(f)}
-        for f in sorted(folder.rglob("*"))
-        if f.is_file() and f.name != MANIFEST
-    }
-    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-
-
 def verify_checkpoint(path: Path | str) -> str | None:
-    """``None`` when every file matches ``manifest.json``, else why not (naming the file)."""
-    path = Path(path)
-    try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
-    except FileNotFoundError:
-        return f"{path / MANIFEST} is missing (the write did not finish, or it predates manifests)"
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return f"{path / MANIFEST} is unreadable ({type(e).__name__}: {e})"
-    for name, expected in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{f} is missing"
-        if f.stat().st_size != expected["bytes"]:
-            return f"{f} has {f.stat().st_size} bytes, the manifest says {expected['bytes']}"
-        if sha256_of(f) != expected["sha256"]:
-            return f"{f} does not match its sha256 in the manifest"
-    return None
+    """``None`` when the folder matches its ``manifest.json`` (``lmref.core.manifest``: no file
+    missing, added or changed), else why not, naming the file."""
+    return verify_manifest(path)
 
 
 def latest_checkpoint(out_dir: Path | str, warn: bool = True) -> Path | None:

@@ -254,7 +254,7 @@ def train(
                 if best is None or eval_loss < best:
                     state["best_eval_loss"] = eval_loss
                     if config.save_best_model and is_main:
-                        with atomic_folder(out_dir / "best") as tmp:
+                        with atomic_folder(out_dir / "best", manifest=True) as tmp:
                             raw_model.save_pretrained(tmp)
                 log_record(
                     out_dir,

@@ -74,6 +74,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from lmref.core.manifest import write_manifest
 from lmref.models.loading import load_model
 
 # Leaf names of the attention projections across common architectures (Llama/Mistral/Qwen:
@@ -305,6 +306,7 @@ def save_adapter(model: PeftModel, out_dir: str | os.PathLike, tokenizer=None) -
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    write_manifest(out_dir)  # last: the server refuses a folder that differs from it
     return out_dir
 
 
@@ -343,4 +345,5 @@ def merge_and_save(model: PeftModel, out_dir: str | os.PathLike, tokenizer=None)
     merged.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    write_manifest(out_dir)  # last: the server refuses a folder that differs from it
     return merged

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from lmref.core.manifest import MANIFEST
 from lmref.training.checkpoints import (
-    MANIFEST,
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,

@@ -1,0 +1,38 @@
+"""What one served model version is: ``ModelSpec``, a name clients use and where its weights are,
+with how the engine batches it. The engine, the config, the command line (its fields become
+``python -m lmref.serve`` flags) and the Batch worker all read it; ``lmref.serving.engine``
+re-exports it.
+
+Usage::
+
+    from lmref.serving.spec import ModelSpec
+
+    ModelSpec("base", "artifacts/base", max_batch_size=8)
+    ModelSpec("hub", "HuggingFaceTB/SmolLM2-135M", allow_unmanifested=True)   # with a warning
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ModelSpec:
+    """One served model version: a name clients use and a Hugging Face folder (safetensors)."""
+
+    name: str
+    path: str
+    max_batch_size: int = 16  # rows (prompts) decoding together; 1 turns batching off
+    batch_wait_ms: float = 5.0  # how long an idle worker gathers requests (a busy one: none)
+    prefill_chunk_tokens: int = 256  # prompt columns per prefill forward; decode steps between
+    prefix_cache_min_tokens: int = 16  # a shared prompt start this long is computed once; 0: off
+    max_queue_size: int = 256  # rows waiting; more -> QueueFull (the app answers 429)
+    device: str = "auto"  # cuda when present, else cpu
+    chat_template: str | None = None  # Jinja; None: the tokenizer's, else DEFAULT_CHAT_TEMPLATE
+    dtype: str = "auto"  # bf16 on GPUs that have it, fp32 on CPU; or fp32/bf16/fp16
+    pack_linears: bool = True  # CPU: weights packed once for oneDNN (lmref.serving.packed_linear)
+    admission: Literal["continuous", "static"] = "continuous"  # static: the baseline (scheduler)
+    # A folder is served only when it matches its sha256 manifest (lmref.serving.integrity); True
+    # also serves one without a manifest, or a hub id (nothing to verify), with a logged warning.
+    allow_unmanifested: bool = False
