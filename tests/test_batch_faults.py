@@ -184,6 +184,45 @@ def test_cache_fingerprint_sees_a_change_in_a_late_tensor(tmp_path):
     assert a.key(key) == RedisResponseCache(url, versions={"tiny": folders[0]}).key(key)
 
 
+# ------------------------------------------------------------------ racing status changes
+@needs_servers
+@pytest.mark.integration
+def test_a_final_status_is_never_overwritten_by_a_racing_cancel():
+    """A cancel and the finalize of the last result, on two replicas at once: the batch ends
+    completed or cancelled, never ``cancelling`` for ever with its output written (what a
+    read-then-write update allowed). Then the late writers in turn: a batch that ended keeps
+    its end."""
+    import threading
+
+    from lmref.production.batch_api import new_batch
+    from lmref.production.store import result_line
+
+    with Services() as services:
+        store = Store(services.add(start_redis()).url)
+        ends = collections.Counter()
+        for _ in range(40):
+            batch = new_batch("/v1/chat/completions", "file-" + "0" * 32, 1, None, "alice")
+            batch.update(status="in_progress")
+            store.put_batch(batch, ["a"])
+            store.record(batch["id"], "a", result_line("a", 200, {}, "req_1"))
+            racers = [
+                threading.Thread(target=store.finalize, args=(batch["id"],)),
+                threading.Thread(target=store.cancel, args=(batch["id"], "alice")),
+            ]
+            for racer in racers:
+                racer.start()
+            for racer in racers:
+                racer.join()
+            store.finalize(batch["id"])  # what any later reader does
+            ends[store.batch(batch["id"])["status"]] += 1
+        assert set(ends) <= {"completed", "cancelled"}, ends
+        assert store.live_batch_ids() == []
+        done = store.batch(batch["id"])
+        assert store.cancel(batch["id"], "alice")["status"] == done["status"]
+        assert store.update_batch(batch["id"], status="in_progress")["status"] == done["status"]
+        assert store.batch(batch["id"]) == done
+
+
 # ------------------------------------------------------------- a store under memory pressure
 @needs_servers
 @pytest.mark.integration

@@ -291,12 +291,10 @@ def create_batch():
         api.store.fail_batch(batch["id"], "queue_unavailable", str(exc))
         raise unavailable("queue", exc, api.config) from None
     # A cancel that came meanwhile stands: only a batch still validating starts running.
-    current = api.store.batch(batch["id"]) or batch
-    if current["status"] != "validating":
-        return public(current)
-    return public(
-        api.store.update_batch(batch["id"], status="in_progress", in_progress_at=int(time.time()))
+    started = api.store.update_batch(
+        batch["id"], ("validating",), status="in_progress", in_progress_at=int(time.time())
     )
+    return public(started or batch)
 
 
 @batches.get("/v1/batches/<batch_id>")

@@ -34,6 +34,8 @@ import time
 import uuid
 from typing import Any
 
+import redis
+
 from lmref.production.connections import redis_client
 from lmref.production.files import FileStore, file_id_ok, owner_of, owner_tag
 
@@ -41,6 +43,7 @@ __all__ = ["Store", "batch_id_ok", "file_id_ok", "failure_line", "result_line", 
 
 TTL_S = 7 * 24 * 3600  # files, batches and results expire after this (BatchConfig.ttl_s)
 TERMINAL = ("completed", "failed", "cancelled", "expired")
+LIVE_STATUSES = ("validating", "in_progress", "cancelling")  # what update_batch may change
 _BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 
 
@@ -90,16 +93,38 @@ class Store(FileStore):
             return None
         return batch
 
-    def update_batch(self, batch_id: str, **fields: Any) -> dict:
-        batch = {**(self.batch(batch_id) or {}), **fields}
-        pipe = self.r.pipeline()
-        pipe.set(self._key(batch_id), json.dumps(batch), ex=self.ttl_s)
-        if batch.get("status") in TERMINAL:
-            pipe.srem(self._key("live"), batch_id)
-        pipe.execute()
-        return batch
+    def update_batch(
+        self, batch_id: str, allowed: tuple[str, ...] | None = None, **fields: Any
+    ) -> dict | None:
+        """Change the batch's fields while its status is one of ``allowed`` (default: any that
+        is not final), atomically. A read-then-write would let two writers race: a cancel that
+        read ``in_progress`` could overwrite the ``completed`` the last result's finalize wrote
+        meanwhile, leaving a batch ``cancelling`` for ever. Under WATCH a change in between makes
+        this read again. Returns the batch as it is now, changed or not; None when it is gone."""
+        key = self._key(batch_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    batch = json.loads(raw) if raw else None
+                    status = batch and batch.get("status")
+                    if batch is None or status not in (allowed or LIVE_STATUSES):
+                        pipe.unwatch()
+                        return batch
+                    batch.update(fields)
+                    pipe.multi()
+                    pipe.set(key, json.dumps(batch), ex=self.ttl_s)
+                    if batch.get("status") in TERMINAL:
+                        pipe.srem(self._key("live"), batch_id)
+                    pipe.execute()
+                    return batch
+                except redis.WatchError:  # written meanwhile: read it again
+                    continue
 
-    def fail_batch(self, batch_id: str, code: str, message: str, now: float | None = None) -> dict:
+    def fail_batch(
+        self, batch_id: str, code: str, message: str, now: float | None = None
+    ) -> dict | None:
         """Mark a batch ``failed`` with one error, in OpenAI's ``errors`` shape."""
         error = {"code": code, "message": message, "param": None, "line": None}
         return self.update_batch(
@@ -242,7 +267,13 @@ class Store(FileStore):
         batch = self.batch(batch_id, owner)
         if batch is None or batch["status"] not in ("validating", "in_progress"):
             return batch
-        self.update_batch(batch_id, status="cancelling", cancelling_at=int(time.time()))
+        # Only from those two: a batch that ended meanwhile keeps its end (update_batch).
+        self.update_batch(
+            batch_id,
+            ("validating", "in_progress"),
+            status="cancelling",
+            cancelling_at=int(time.time()),
+        )
         return self.finalize(batch_id)
 
     def finalize(self, batch_id: str, force: bool = False) -> dict | None:
