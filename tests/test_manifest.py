@@ -178,3 +178,18 @@ def test_the_command_exits_1_naming_the_tampered_file(tiny_model_dir, tmp_path):
     )
     assert result.returncode == 1
     assert "model.safetensors does not match its sha256" in result.stderr
+
+
+@pytest.mark.unit
+def test_the_batch_worker_verifies_its_folders_unless_told_not_to(tiny_model_dir, tmp_path):
+    from lmref.production.celery_app import BatchConfig
+    from lmref.production.worker import BatchWorker
+
+    folder = copy_of(tiny_model_dir, tmp_path)
+    (folder / MANIFEST).unlink()
+    models = {"LMREF_WORKER_MODELS": f"m={folder}"}
+    with pytest.raises(RuntimeError, match="has no manifest.json"):
+        BatchWorker(BatchConfig(), models).serving  # noqa: B018 (loads the models)
+    worker = BatchWorker(BatchConfig(), {**models, "LMREF_ALLOW_UNMANIFESTED": "1"})
+    assert worker.serving.engines["m"].ready
+    worker.serving.close()

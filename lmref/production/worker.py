@@ -2,7 +2,8 @@
 
 ``create_worker_app(config)`` builds the worker's Celery app and registers the one task on it;
 ``celery -A lmref.production.celery_worker worker --pool prefork --concurrency 1`` is the entry
-(env ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``, ``LMREF_WORKER_MODELS=name=path[,name=path]``, or
+(env ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``, ``LMREF_WORKER_MODELS=name=path[,name=path]``,
+each folder verified against its manifest unless ``LMREF_ALLOW_UNMANIFESTED=1``, or
 ``LMREF_WORKER_UPSTREAM=http://vllm:8000``: forward each request to another OpenAI-compatible
 server, vLLM, TGI, SGLang, with ``LMREF_WORKER_UPSTREAM_KEY``, instead of owning a model).
 
@@ -60,14 +61,23 @@ class StoreUnavailable(RuntimeError):
     """The store stayed unavailable for longer than a caller would wait."""
 
 
-def worker_models(text: str) -> list[ModelSpec]:
-    """``name=path[,name=path]`` (env ``LMREF_WORKER_MODELS``) as model specs."""
+def env_flag(env: dict[str, str], name: str) -> bool:
+    """Whether env ``name`` says yes (1, true, yes)."""
+    return env.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def worker_models(text: str, allow_unmanifested: bool = False) -> list[ModelSpec]:
+    """``name=path[,name=path]`` (env ``LMREF_WORKER_MODELS``) as model specs; each folder is
+    verified against its manifest before it loads, unless ``allow_unmanifested`` (env
+    ``LMREF_ALLOW_UNMANIFESTED=1``, as the server's ``--allow-unmanifested``)."""
     specs = []
     for item in filter(None, text.split(",")):
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"LMREF_WORKER_MODELS takes name=path[,name=path], got {item!r}")
-        specs.append(ModelSpec(name, path, batch_wait_ms=0.0))
+        specs.append(
+            ModelSpec(name, path, batch_wait_ms=0.0, allow_unmanifested=allow_unmanifested)
+        )
     if not specs:
         raise ValueError("LMREF_WORKER_MODELS is empty: a worker needs a model (name=path)")
     return specs
@@ -124,7 +134,10 @@ class BatchWorker:
     def serving(self) -> ServingState:
         """The models, loaded once; a model that fails to load fails the worker."""
         if self._serving is None:
-            models = worker_models(self.env.get("LMREF_WORKER_MODELS", ""))
+            models = worker_models(
+                self.env.get("LMREF_WORKER_MODELS", ""),
+                env_flag(self.env, "LMREF_ALLOW_UNMANIFESTED"),
+            )
             cache = None
             cache_url = service_url("LMREF_CACHE", self.env)  # or from files: a Secret's
             if cache_url:
@@ -132,7 +145,7 @@ class BatchWorker:
 
                 cache = RedisResponseCache(cache_url, versions={m.name: m.path for m in models})
             # The replicas' setting: a cache shared across tenants only when they say so too.
-            shared = self.env.get("LMREF_SHARED_RESPONSE_CACHE", "") in ("1", "true", "yes")
+            shared = env_flag(self.env, "LMREF_SHARED_RESPONSE_CACHE")
             config = ServingConfig(models=models, api_keys=[], shared_response_cache=shared)
             state = ServingState(config, cache)
             state.start(wait=True)
