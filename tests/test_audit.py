@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from lmref.lab.servers import REQUEST_ID_PATTERN
 from lmref.serve import start_server
 from lmref.serving.app import ModelSpec, ServingConfig
 from lmref.serving.audit import HEADER, SAFE_ID, request_id_from
@@ -54,6 +55,8 @@ def test_request_ids_are_kept_only_when_safe():
         got = request_id_from(unsafe)
         assert re.fullmatch(GENERATED, got), (unsafe, got)
     assert SAFE_ID.fullmatch("a" * 128)
+    # nginx in front keeps the same ids (its map in lmref.lab.servers): one id per request.
+    assert REQUEST_ID_PATTERN == SAFE_ID.pattern
 
 
 @pytest.fixture(scope="module")

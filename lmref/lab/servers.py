@@ -158,6 +158,9 @@ def _rabbitmq_server() -> str:
     raise FileNotFoundError("rabbitmq-server not found: install it (make system)")
 
 
+# The X-Request-ID nginx keeps, as the replica does (lmref.serving.audit.SAFE_ID, a test holds
+# them equal): an id one of them kept and the other replaced would name two ids for one request.
+REQUEST_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 # One JSON object a line (escape=json: a client's header cannot break the line). The request id
 # is the client's X-Request-ID when it is a plain token, else nginx's own; the same id goes to
 # the replica (which logs it) and back to the client. No header holding a credential is logged
@@ -206,7 +209,7 @@ error_log {workdir}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
     map $http_x_request_id $lmref_request_id {{
-        "~^[A-Za-z0-9._:-]{{1,128}}$" $http_x_request_id;
+        "~^{REQUEST_ID_PATTERN}$" $http_x_request_id;
         default $request_id;
     }}
     log_format lmref_json escape=json '{ACCESS_LOG_FORMAT}';
