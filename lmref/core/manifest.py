@@ -37,13 +37,18 @@ MANIFEST = "manifest.json"
 SHOWN = 3  # problems a message names; the rest are counted
 
 
+def _names(folder: Path) -> list[str]:
+    """Every file under ``folder`` but the manifest, by its relative POSIX name, sorted."""
+    names = (f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file())
+    return sorted(n for n in names if n != MANIFEST)
+
+
 def manifest_files(folder: str | os.PathLike) -> dict[str, dict]:
     """Relative name -> ``{"bytes", "sha256"}`` of every file under ``folder`` but the manifest."""
     folder = Path(folder)
     return {
-        f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "sha256": sha256_of(f)}
-        for f in sorted(folder.rglob("*"))
-        if f.is_file() and f.relative_to(folder).as_posix() != MANIFEST
+        name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)}
+        for name in _names(folder)
     }
 
 
@@ -84,11 +89,7 @@ def verify_manifest(folder: str | os.PathLike, hashes: bool = True) -> str | Non
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{folder / MANIFEST} is unreadable ({type(e).__name__}: {e})"
-    present = {
-        f.relative_to(folder).as_posix()
-        for f in folder.rglob("*")
-        if f.is_file() and f.relative_to(folder).as_posix() != MANIFEST
-    }
+    present = set(_names(folder))
     problems = [f"{folder / n} is missing" for n in sorted(set(expected) - present)]
     problems += [f"{folder / n} is not in the manifest" for n in sorted(present - set(expected))]
     for name, (size, _) in sorted(expected.items()):  # sizes first: no file read yet

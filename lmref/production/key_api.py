@@ -36,7 +36,6 @@ from lmref.production.keys import KeyStore, store_unavailable
 from lmref.production.limits import Limiter, too_many
 from lmref.serving.audit import USAGE
 from lmref.serving.current import PRINCIPAL
-from lmref.serving.guards import PUBLIC_PATHS
 from lmref.serving.state import EXTENSION
 
 log = logging.getLogger("lmref.production.key_api")
@@ -52,8 +51,8 @@ def _parts() -> tuple[KeyStore, Limiter]:
 
 def enforce_limits() -> None:
     """Before the route (the guard has run): refuse a key over its rate or token quota."""
-    principal = request.environ.get(PRINCIPAL)
-    if request.path in PUBLIC_PATHS or principal is None:
+    principal = request.environ.get(PRINCIPAL)  # None on a public path: the guard let it by
+    if principal is None:
         return None
     try:
         refused = _parts()[1].check(principal)

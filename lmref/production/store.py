@@ -264,10 +264,9 @@ class Store(FileStore):
         """Start cancelling the owner's batch: ``cancelling`` (workers skip its queued requests),
         then ``cancelled`` once none of it is running (``finalize``). A batch already ending or
         ended is returned as it is; None: no batch of that owner under that id."""
-        batch = self.batch(batch_id, owner)
-        if batch is None or batch["status"] not in ("validating", "in_progress"):
-            return batch
-        # Only from those two: a batch that ended meanwhile keeps its end (update_batch).
+        if self.batch(batch_id, owner) is None:
+            return None
+        # Only from those two: one cancelling or ended already keeps its state (update_batch).
         self.update_batch(
             batch_id,
             ("validating", "in_progress"),

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmref.models.loading import load_model, load_tokenizer, resolve_model
+from lmref.models.loading import load_model, load_tokenizer
 from lmref.serving.integrity import check_model
 from lmref.serving.packed_linear import pack_linears
 from lmref.serving.sampler import TokenPieces
@@ -82,7 +82,7 @@ def load_spec(spec: ModelSpec) -> ServedModel:
     """Load what ``spec`` names for serving, once its folder matches its sha256 manifest:
     ``IntegrityError`` (naming the file) otherwise, or when it has none and
     ``spec.allow_unmanifested`` is False; with it, served with a warning in the log."""
-    path = resolve_model(spec.path)  # a course name: its folder, converted on first use
-    for warning in check_model(path, spec.allow_unmanifested):
+    # Both resolve a course name to its folder (lmref.models.loading.resolve_model).
+    for warning in check_model(spec.path, spec.allow_unmanifested):
         log.warning("model %s: %s", spec.name, warning)
-    return load_served_model(path, spec.device, spec.dtype, spec.pack_linears)
+    return load_served_model(spec.path, spec.device, spec.dtype, spec.pack_linears)

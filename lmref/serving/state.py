@@ -122,7 +122,7 @@ class ServingState:
     def authenticate(self, header: str | None) -> Principal | None:
         """The caller an ``Authorization`` header names (None: no valid key). With no keys
         configured at all (a loopback demo), everyone is ``ANONYMOUS``."""
-        if isinstance(self.authenticator, StaticKeys) and not self.authenticator:
+        if not self.authenticator:  # StaticKeys with no key (a key store is always truthy)
             return ANONYMOUS
         token = bearer_token(header)
         return None if token is None else self.authenticator.authenticate(token)
