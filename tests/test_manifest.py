@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_serve_cli import serve_command  # a sibling module, as torchrun_helpers
 
 from lmref.core.manifest import MANIFEST, main, verify_manifest, write_manifest
 from lmref.serve import config_from_args, refused_models
 from lmref.serving.app import ModelSpec, ServingConfig, create_app
 from lmref.serving.integrity import IntegrityError, check_model
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def copy_of(folder: Path, tmp_path: Path) -> Path:
@@ -163,19 +159,7 @@ def test_unmanifested_is_refused_unless_allowed_then_warned(tiny_model_dir, tmp_
 def test_the_command_exits_1_naming_the_tampered_file(tiny_model_dir, tmp_path):
     folder = copy_of(tiny_model_dir, tmp_path)
     flip_one_byte(folder / "model.safetensors")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "LMREF_API_KEYS": "",
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "lmref.serve", "--model", f"bad={folder}", "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    result = serve_command(["--model", f"bad={folder}", "--port", "0"], timeout=120)
     assert result.returncode == 1
     assert "model.safetensors does not match its sha256" in result.stderr
 

@@ -31,27 +31,28 @@ MISTAKES = {
 }
 
 
-@pytest.fixture(scope="module")
-def cli_runs(tiny_model_dir) -> dict:
-    """All mistakes at once, each in its own process; a process still running after 60 s (serving
-    or 'loading') is killed and recorded as the TimeoutExpired it raised."""
+def serve_command(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``python -m lmref.serve ARGS`` in a child process of this checkout, with no keys and one
+    thread; ``subprocess.TimeoutExpired`` past ``timeout`` (the process is killed)."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "LMREF_API_KEYS": "",
         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
+    command = [sys.executable, "-m", "lmref.serve", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tiny_model_dir) -> dict:
+    """All mistakes at once, each in its own process; a process still running after 60 s (serving
+    or 'loading') is killed and recorded as the TimeoutExpired it raised."""
 
     def run(args: list[str]):
         args = [a.replace("{tiny}", str(tiny_model_dir)) for a in args]
         try:
-            return subprocess.run(
-                [sys.executable, "-m", "lmref.serve", *args, "--torch-threads", "1"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                env=env,
-            )
+            return serve_command([*args, "--torch-threads", "1"], timeout=60)
         except subprocess.TimeoutExpired as exc:
             return exc
 
@@ -115,19 +116,7 @@ def test_a_model_that_fails_to_load_ends_the_process(tmp_path):
     """An existing folder that holds no model (its manifest verifies: an empty folder's): the
     process says why and exits 1, instead of answering 503 'loading' for ever."""
     write_manifest(tmp_path)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "LMREF_API_KEYS": "",
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "lmref.serve", "--model", f"empty={tmp_path}", "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    result = serve_command(["--model", f"empty={tmp_path}", "--port", "0"], timeout=120)
     assert result.returncode == 1
     assert "model failed to load" in result.stderr and str(tmp_path) in result.stderr
 
