@@ -59,8 +59,10 @@ class ServerProcess:
     def _listening_url(self) -> str | None:
         """The URL of the server's JSON "listening" line, once printed."""
         for line in list(self.output):
-            if line.startswith('{"event": "listening"'):
-                return json.loads(line)["url"]
+            # Anywhere in the line: a progress bar on stderr (no newline) may precede it.
+            start = line.find('{"event": "listening"')
+            if start >= 0:
+                return json.loads(line[start:])["url"]
         return None
 
     def wait_ready(self, timeout: float = 180.0) -> None:
