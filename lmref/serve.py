@@ -16,7 +16,10 @@ redis://...`` (the OpenAI Batch API on Celery workers, ``lmref.production.batch_
 ``--key-store-url redis://...`` (API keys as records with owners, scopes, rate limits, token
 quotas and usage, ``lmref.production.key_api``; made with ``python -m lmref.keys``; it replaces
 ``--api-key``); env ``LMREF_CACHE_URL``, ``LMREF_BROKER_URL``, ``LMREF_STORE_URL``,
-``LMREF_KEY_STORE_URL``, each also from a file, ``..._URL_FILE``, and with
+``LMREF_KEY_STORE_URL``, and ``--config-store-url redis://...`` (the live configuration every
+replica follows: versions loaded and alias weights changed through any replica's
+``/v1/admin`` API, ``lmref.production.live_config``; env ``LMREF_CONFIG_STORE_URL``), each
+also from a file, ``..._URL_FILE``, and with
 ``..._USERNAME`` / ``..._PASSWORD`` or their ``_FILE``: a mounted Secret,
 ``lmref.core.credentials``; logged only through ``redact``. Without keys anyone who reaches
 the port may use the models: the server says so loudly at start. A model folder is served
@@ -80,6 +83,9 @@ class SharedServices:
     # redis://...: API keys as records (owner, scopes, limits, usage; lmref.production.keys),
     # made with `python -m lmref.keys`; replaces --api-key / LMREF_API_KEYS
     key_store_url: str | None = None
+    # redis://...: the live configuration shared by replicas (versions loaded, alias weights;
+    # lmref.production.live_config): a change through one replica's admin API reaches them all
+    config_store_url: str | None = None
 
 
 SHARED_ENV = {
@@ -88,6 +94,7 @@ SHARED_ENV = {
     "store_url": "LMREF_STORE_URL",
     "sweep_interval_s": "LMREF_SWEEP_INTERVAL_S",
     "key_store_url": "LMREF_KEY_STORE_URL",
+    "config_store_url": "LMREF_CONFIG_STORE_URL",
 }
 BOTH_KEY_SOURCES = (
     "--key-store-url (LMREF_KEY_STORE_URL) replaces --api-key and LMREF_API_KEYS: give one or "
@@ -117,6 +124,10 @@ def build_app(config: ServingConfig, shared: SharedServices | None = None) -> Fl
         from lmref.production.key_api import register_key_store
 
         register_key_store(app, shared.key_store_url)
+    if shared.config_store_url:
+        from lmref.production.live_config import register_config_store
+
+        register_config_store(app, shared.config_store_url)
     if shared.broker_url:
         from lmref.production.batch_api import register_batch_api
         from lmref.production.celery_app import BatchConfig
@@ -153,7 +164,7 @@ MODEL_FLAGS = flags_dataclass(
 )
 SHARED_FLAGS = flags_dataclass(
     SharedServices,
-    group="SharedServices (lmref.production.shared_cache, .batch_api, .key_api)",
+    group="SharedServices (lmref.production.shared_cache, .batch_api, .key_api, .live_config)",
 )
 
 
@@ -317,7 +328,7 @@ def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
             config.port,
         )
     shared = shared or SharedServices()
-    for what in ("cache_url", "broker_url", "store_url", "key_store_url"):
+    for what in ("cache_url", "broker_url", "store_url", "key_store_url", "config_store_url"):
         if getattr(shared, what):  # where it is, never the password
             log.info("%s %s", what, redact(getattr(shared, what)))
     if config.torch_threads:

@@ -10,6 +10,9 @@ It is assembled from one blueprint per concern and one state object:
 - ``lmref.serving.routes_admin``: ``GET /health``, ``GET /ready`` (503 until the models are loaded
   or while draining), ``GET /metrics`` (Prometheus, vLLM-like names with an ``lmref:`` prefix),
   ``GET /v1/models`` and ``GET /v1/models/{id}``.
+- ``lmref.serving.routes_live``: ``/v1/admin/models``, ``/v1/admin/aliases/{alias}`` and
+  ``/v1/admin/config``: load and unload versions and set alias weights while serving
+  (``lmref.serving.live``).
 - ``lmref.serving.routes_page``: ``GET /``, a chat page (``lmref/serving/static/chat.html``).
 - ``lmref.serving.guards``: API keys (``Authorization: Bearer``), the body-size check, the drain
   flag and the request counter; errors in the OpenAI shape ``{"error": {...}}``.
@@ -35,8 +38,10 @@ from flask import Flask
 from lmref.serving.config import ServingConfig
 from lmref.serving.engine import ModelSpec
 from lmref.serving.guards import install
+from lmref.serving.live import LiveConfig
 from lmref.serving.routes_admin import admin
 from lmref.serving.routes_completions import completions
+from lmref.serving.routes_live import LIVE_EXTENSION, live_admin
 from lmref.serving.routes_page import page
 from lmref.serving.schema import HTTP_ERRORS, APIError
 from lmref.serving.state import EXTENSION, ServingState
@@ -59,8 +64,9 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
     )
     app.json.sort_keys = False
     app.extensions[EXTENSION] = state
+    app.extensions[LIVE_EXTENSION] = LiveConfig(state)  # a shared store replaces its store
     install(app)
-    for blueprint in (page, admin, completions):
+    for blueprint in (page, admin, completions, live_admin):
         app.register_blueprint(blueprint)
     if start:
         state.start(wait=not config.load_in_background)

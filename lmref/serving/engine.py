@@ -137,6 +137,23 @@ class Engine:
     def ready(self) -> bool:
         return self.loaded.is_set() and self.load_error is None
 
+    @property
+    def busy_rows(self) -> int:
+        """Rows queued, prefilling or decoding (0: idle; read without a lock, a hint)."""
+        running = len(getattr(self, "_rows", ())) + len(getattr(self, "_prefill_rows", ()))
+        return self.scheduler.waiting_rows + running
+
+    def release(self, timeout: float = 30.0) -> bool:
+        """After ``close``: wait for the worker to end, then drop the model so its memory can
+        be freed (lmref.serving.live unloads a version so). False: the worker still runs."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        self.served = self.model = self.tokenizer = self.outputs = None
+        self._batch = self._prefix = None
+        return True
+
     def close(self, abort_message: str | None = "server is shutting down") -> None:
         """Stop the worker; queued jobs get a ``Failed`` event ("closed"), and running ones too
         unless ``abort_message`` is None (then they finish: a drain)."""

@@ -52,6 +52,14 @@ class EngineMetrics:
         self.generation_tokens = Counter(
             "lmref:generation_tokens", "Tokens generated", ["model_name"], registry=r
         )
+        # Server-side failures of requests routed to a version (5xx, a full queue), by a short
+        # reason: with request_success, a version's error rate (the canary's and alerts' input).
+        self.request_errors = Counter(
+            "lmref:request_errors",
+            "Requests routed to a version that failed on the server side, by reason",
+            ["model_name", "reason"],
+            registry=r,
+        )
         self.request_success = Counter(
             "lmref:request_success",
             "Finished sequences by reason",

@@ -21,7 +21,7 @@ from flask import Blueprint, Response, request
 from lmref.serving.audit import MODEL, PROMPT, USAGE, current_request_id
 from lmref.serving.current import current_principal, serving_state
 from lmref.serving.schema import APIError
-from lmref.serving.service import collect, first_admission, predict, submit
+from lmref.serving.service import collect, counted, first_admission, predict, submit
 from lmref.serving.shaping import ResponseShape, completion_body, sse_stream
 
 completions = Blueprint("completions", __name__)
@@ -72,7 +72,7 @@ def completion(chat: bool):
             prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"]
         )
         return completion_body(shape, choices, usage)
-    source = engine.events(job, disconnected())
+    source = counted(engine, engine.events(job, disconnected()))
     buffered = first_admission(source)  # a too-long prompt is a 400, not a stream
     return Response(
         sse_stream(job, buffered, source, shape, cost),

@@ -16,7 +16,7 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from lmref.serving.engine import Admitted, Engine, EngineError, Failed, Finished, Job, QueueFull
@@ -40,6 +40,30 @@ def _never() -> bool:
     return False
 
 
+def failed(engine: Engine, err: APIError) -> APIError:
+    """Count a server-side failure (a 5xx, a full queue) of a request routed to ``engine``'s
+    version in ``lmref:request_errors`` (a client's mistake is not the version's); returns
+    ``err`` to raise."""
+    if err.status >= 500 or err.status == 429:
+        reason = err.code or str(err.status)
+        engine.metrics.request_errors.labels(model_name=engine.spec.name, reason=reason).inc()
+    return err
+
+
+def counted(engine: Engine, events: Iterable) -> Iterator:
+    """A stream's events, its ``Failed`` ones counted as ``failed`` counts them; closing it
+    closes ``events`` (the engine cancels the job of a reader that went away)."""
+    try:
+        for event in events:
+            if isinstance(event, Failed):
+                failed(engine, api_error_of(event.error))
+            yield event
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+
+
 def submit(
     state: ServingState,
     body: dict,
@@ -61,15 +85,18 @@ def submit(
     try:
         engine.submit(job)
     except QueueFull:
-        raise APIError(
-            429,
-            "The server is busy: the request queue is full",
-            "rate_limit_error",
-            code="queue_full",
-            headers={"Retry-After": "1"},
+        raise failed(
+            engine,
+            APIError(
+                429,
+                "The server is busy: the request queue is full",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ),
         ) from None
     except EngineError as err:
-        raise api_error_of(err) from None
+        raise failed(engine, api_error_of(err)) from None
     return engine, job, shaped
 
 
@@ -93,7 +120,7 @@ def collect(
     try:
         ordered = engine.results(job, disconnected)
     except EngineError as err:
-        raise api_error_of(err) from None
+        raise failed(engine, api_error_of(err)) from None
     if ordered is None:  # the client went away; nobody reads this
         raise APIError(499, "client closed request", code="client_closed")
     return ordered, usage_of(ordered)
