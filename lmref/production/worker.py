@@ -46,6 +46,7 @@ from lmref.core.credentials import service_url
 from lmref.production.celery_app import TASK_NAME, BatchConfig, make_celery
 from lmref.production.connections import STORE_ERRORS
 from lmref.production.store import Store, failure_line, result_line
+from lmref.production.worker_metrics import WorkerMetrics
 from lmref.serving.config import ServingConfig
 from lmref.serving.engine import ModelSpec
 from lmref.serving.schema import APIError
@@ -123,6 +124,7 @@ class BatchWorker:
         self.upstream = self.env.get("LMREF_WORKER_UPSTREAM") or None
         self._store: Store | None = None
         self._serving: ServingState | None = None
+        self.metrics: WorkerMetrics | None = None  # create_worker_app sets it
 
     @property
     def store(self) -> Store:
@@ -241,6 +243,7 @@ class BatchWorker:
             )
             self.patiently(store.record, batch_id, custom_id, line)
             self.patiently(store.finalize, batch_id)
+            self.count(500, "max_attempts_exceeded")
             return 500
         try:
             status, response = self.respond(url, body, limit, batch.get("owner"), rid)
@@ -254,7 +257,15 @@ class BatchWorker:
         # again when Redis comes back within the time limit.
         self.patiently(store.record, batch_id, custom_id, line)
         self.patiently(store.finalize, batch_id)
+        self.count(status)
         return status
+
+    def count(self, status: int, failure: str = "") -> None:
+        """A line stored (``lmref:worker_lines``), and a failure's code when it is one."""
+        if self.metrics is not None:
+            self.metrics.lines.labels(status=str(status)).inc()
+            if failure:
+                self.metrics.failures.labels(code=failure).inc()
 
     def fail(
         self, batch_id: str, custom_id: str, exc: BaseException, request_id: str | None = None
@@ -265,6 +276,8 @@ class BatchWorker:
         code = "time_limit_exceeded" if "TimeLimit" in type(exc).__name__ else "worker_error"
         line = failure_line(custom_id, code, f"{type(exc).__name__}: {exc}", request_id)
         log.error("%s %s %s failed: %s", batch_id, custom_id, request_id, code)
+        if self.metrics is not None:  # counted when it happened, stored or not
+            self.metrics.failures.labels(code=code).inc()
         try:
             self.patiently(self.store.record, batch_id, custom_id, line, give_up_after_s=30)
             self.patiently(self.store.finalize, batch_id, give_up_after_s=30)
@@ -293,10 +306,14 @@ def run_request(task: Task, batch_id: str, custom_id: str, url: str, body: dict)
 
 def create_worker_app(config: BatchConfig, env: dict[str, str] | None = None) -> Celery:
     """A worker's Celery app: the task registered, the models loaded in each pool process as it
-    starts (``worker_process_init``). ``env``: the worker's settings (default ``os.environ``)."""
+        starts (``worker_process_init``); with env ``LMREF_METRICS_PORT`` its metrics on that port
+    (``lmref.production.worker_metrics``). ``env``: the worker's settings (default ``os.environ``)."""
     app = make_celery(config, main="lmref.production.worker")
     worker = BatchWorker(config, env)
+    worker.metrics = WorkerMetrics()
     # Options of the task decorator become attributes of the task class: task.worker.
     app.task(name=TASK_NAME, base=RequestTask, bind=True, worker=worker)(run_request)
     signals.worker_process_init.connect(worker.load, weak=False)
+    # In the main process, before the pool forks: one endpoint adding up every pool process.
+    signals.worker_init.connect(lambda **_: worker.metrics.serve(worker.env), weak=False)
     return app

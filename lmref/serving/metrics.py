@@ -3,6 +3,9 @@
 One ``EngineMetrics`` per server, in a registry of its own (so two servers in one process, as in
 the tests, do not collide); every series is labelled with ``model_name``. Needs only
 ``prometheus_client``; ``lmref.serving.engine`` fills it, ``lmref.serving.app`` exposes it on ``/metrics``.
+The registry also carries the process's own CPU and memory (``process_cpu_seconds_total``,
+``process_resident_memory_bytes``, ...) and the Python version (``python_info``), as the default
+registry would.
 
 Usage::
 
@@ -16,7 +19,15 @@ Usage::
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.registry import REGISTRY
 
 
 class EngineMetrics:
@@ -24,6 +35,11 @@ class EngineMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
+        # The default registry's process collectors, on this one: a registry of our own would
+        # otherwise lose them. Read from /proc at each scrape (Linux; empty elsewhere).
+        if r is not REGISTRY:  # the default registry has them already
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
         latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.e2e_latency = Histogram(
             "lmref:e2e_request_latency_seconds",
