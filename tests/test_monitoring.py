@@ -21,9 +21,6 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "prometheus"
 needs_promtool = pytest.mark.skipif(not shutil.which("promtool"), reason="promtool not installed")
-# Metrics another part of issue #26 adds (per-version errors, beside lmref:request_success):
-# tolerated while absent from this branch; checked like the others once the server exports them.
-PENDING_FROM_OTHER_PARTS = {"lmref:request_errors_total"}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -134,7 +131,7 @@ def test_grafana_dashboard_names_only_metrics_the_server_exports(tiny_model_dir)
     used = {n for e in exprs for n in re.findall(metric, e)}
     assert len(used) >= 14, used
     missing = used - exported
-    assert missing <= PENDING_FROM_OTHER_PARTS, missing
+    assert not missing, missing
     titles = " ".join(p["title"] for p in dashboard["panels"])
     assert "per model version" in titles and "CPU" in titles and "memory" in titles
 
