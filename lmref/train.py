@@ -16,6 +16,8 @@ Usage::
     torchrun --standalone --nproc-per-node 2 --max-restarts 1 -m lmref.train --resume \\
         --save-steps 20 --output-dir artifacts/runs/ft       # survives a worker failure
     python -m lmref.train --config run.yaml --lr 1e-3
+    MLFLOW_TRACKING_URI=http://127.0.0.1:5000 python -m lmref.train --report-to mlflow \\
+        --run-name tiny-ft        # params, metrics, lineage; the final folder as artifact "model"
 
 Parallelism (``lmref.training.parallel``): ``--parallel ddp`` (default), ``fsdp``
 (``--reshard-after-forward``, ``--cpu-offload``), ``tp`` (``--sequence-parallel``), ``pp``
@@ -45,6 +47,7 @@ from transformers.utils import logging as hf_logging
 
 from lmref.core.cli import DataclassArgumentParser
 from lmref.core.ranks import is_main
+from lmref.core.tracking import log_model_folder
 from lmref.data.pipeline import empty_splits_on_disk
 from lmref.models.loading import load_model
 from lmref.models.presets import PRESETS, build_model
@@ -322,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                 print0(f"lmref.train: {damage}; rebuilding {final_dir} from the last checkpoint")
                 summary = _readable_json(final_dir / "train_result.json") or summary
             save_final(full_model, tokenizer, final_dir, summary)
+            if result.run_id is not None:  # the tracked run's model: the folder as saved
+                summary["model_uri"] = log_model_folder(
+                    result.run_id, final_dir, output_dir=training.output_dir
+                )
             print0(json.dumps(summary))
     return 0
 

@@ -317,3 +317,11 @@ def _jsonable(value):
 
 def _tupled(value):
     return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+def save_model_folder(model: torch.nn.Module | None, folder: Path, is_main: bool = True) -> None:
+    """``model`` in Hugging Face format with its manifest, whole or not at all (``atomic_folder``);
+    rank 0 alone writes (``model`` may be None on the others: ``ParallelPlan.full_model``)."""
+    if is_main:
+        with atomic_folder(folder, manifest=True) as tmp:
+            model.save_pretrained(tmp)

@@ -20,6 +20,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from lmref.core.tracking import resolve_report_to
+
 
 def _arg(default, help: str, *aliases: str):
     """A dataclass field with the ``help`` and ``aliases`` metadata HfArgumentParser reads."""
@@ -64,12 +66,25 @@ class TrainingConfig:
     # to batches of the new size (same epoch, same share of it done).
     allow_config_change: bool = _arg(False, "resume although settings differ from the checkpoint")
     disable_tqdm: bool = _arg(False, "no progress bar")
+    # As TrainingArguments.report_to: "none" (default), "mlflow", "tensorboard" or "all". MLflow's
+    # server comes from MLFLOW_TRACKING_URI (default: a SQLite store in output_dir).
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "trackers: none, mlflow, tensorboard or all (lmref.core.tracking)"},
+    )
+    run_name: str | None = _arg(None, "name of the tracked run; default: the tracker's own")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field whose value cannot make a sensible run."""
+        if isinstance(self.report_to, str):  # report_to="mlflow", as TrainingArguments takes it
+            self.report_to = [self.report_to]
+        try:
+            resolve_report_to(self.report_to)
+        except ValueError as e:
+            raise ValueError(f"TrainingConfig.{e}") from None
         at_least = {
             "max_steps": 1,
             "per_device_train_batch_size": 1,
@@ -124,6 +139,8 @@ BOOKKEEPING_FIELDS = frozenset(
         "save_steps",
         "save_total_limit",
         "save_best_model",
+        "report_to",
+        "run_name",
     }
 )
 
@@ -143,6 +160,7 @@ class TrainResult:
     peak_memory_mb: float | None
     resumed_from_step: int = 0
     history: list[dict] = field(default_factory=list)
+    run_id: str | None = None  # the MLflow run (report_to): its model is runs:/<run_id>/model
 
 
 class ConfigChangeError(ValueError):

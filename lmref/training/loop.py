@@ -44,6 +44,7 @@ Usage::
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -59,10 +60,16 @@ from lmref.core.device import select_precision
 from lmref.core.losses import causal_lm_loss_sum, loss_sums, target_count
 from lmref.core.memory import PeakMemory
 from lmref.core.ranks import rank_and_world
+from lmref.core.tracking import track_run
 from lmref.training.batches import check_eval_dataset, collate_input_ids, micro_batches, to_device
-from lmref.training.checkpoints import atomic_folder, save_checkpoint
+from lmref.training.checkpoints import atomic_folder, save_checkpoint, save_model_folder
 from lmref.training.config import TrainingConfig, TrainResult
-from lmref.training.metrics_log import device_peak_flops, flops_per_token, log_record
+from lmref.training.metrics_log import (
+    device_peak_flops,
+    flops_per_token,
+    log_record,
+    run_lineage,
+)
 from lmref.training.parallel import ParallelPlan
 from lmref.training.resume import make_scheduler, start_or_resume
 
@@ -94,6 +101,7 @@ def train(
     callbacks: Sequence[Callable[[int, dict], None]] = (),
     loss_fn: LossFn = causal_lm_loss_sum,
     plan: ParallelPlan | None = None,
+    final_dir: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``config.max_steps`` optimizer steps; returns the run's numbers.
 
@@ -108,6 +116,10 @@ def train(
 
     ``plan`` is the parallelism (``lmref.training.parallel.make_plan``), applied to ``model``
     already; default: data parallelism over every rank (DDP when ``model`` is wrapped in it).
+
+    ``final_dir``: save the trained model there at the end (Hugging Face format, manifest last).
+    ``config.report_to`` tracks the run (``lmref.core.tracking``, rank 0): params, lineage, the
+    logged metrics, and ``final_dir`` as its artifact ``model``; ``TrainResult.run_id`` names it.
     """
     config.validate()  # the fields may have been set after construction
     rank, world = _rank_and_world()
@@ -181,7 +193,19 @@ def train(
     # The peak the run reports: core's one measurement. No garbage collection at entry: the
     # run reports the peak (a high-water mark), and a collection in every train() call costs a
     # notebook's hyperparameter search a fifth of each short trial.
-    with PeakMemory(device, collect_garbage=False) as memory:
+    # The tracked run (nothing when report_to is none) ends FAILED if the loop raises.
+    tracking = track_run(
+        config.report_to,
+        out_dir,
+        config.run_name,
+        params={**asdict(config), "parallel": plan.mode, "world_size": world},
+        tags=lambda: {
+            **run_lineage(raw_model, train_dataset, config),
+            "resumed_from": str(resumed_from),
+        },
+        enabled=is_main,
+    )
+    with PeakMemory(device, collect_garbage=False) as memory, tracking as tracker:
         while state["step"] < config.max_steps:
             step_batches = [
                 to_device(next(batches), device) for _ in range(config.gradient_accumulation_steps)
@@ -235,7 +259,7 @@ def train(
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
                 )
-                log_record(out_dir, metrics, is_main, history)
+                log_record(out_dir, metrics, is_main, history, tracker)
                 window = {"loss": 0.0, "tokens": 0, "inputs": 0, "t0": time.perf_counter()}
 
             if eval_dataset is not None and (
@@ -261,6 +285,7 @@ def train(
                     {"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(eval_loss)},
                     is_main,
                     history,
+                    tracker,
                 )
             if config.save_steps and (step % config.save_steps == 0 or step == config.max_steps):
                 save_checkpoint(
@@ -282,6 +307,9 @@ def train(
                 )
             for callback in callbacks:
                 callback(step, metrics)
+        if final_dir is not None:
+            save_model_folder(plan.full_model(model), Path(final_dir), is_main)
+            tracker.log_model(final_dir)
     bar.close()
 
     seconds = time.perf_counter() - start_time
@@ -297,6 +325,7 @@ def train(
         peak_memory_mb=memory.peak_mb,
         resumed_from_step=resumed_from,
         history=history,
+        run_id=tracker.run_id,
     )
 
 

@@ -1,5 +1,6 @@
-"""What the training loop writes about itself: ``metrics.jsonl`` lines, and the FLOPs arithmetic
-behind its MFU (model FLOPs utilisation) figure.
+"""What the training loop writes about itself: ``metrics.jsonl`` lines (also sent to the run's
+trackers), the FLOPs arithmetic behind its MFU (model FLOPs utilisation) figure, and the run's
+lineage (data, recipe, parent model, code) for a tracked run.
 
 ``metrics.jsonl`` holds one JSON object a line, each with its ``step``; on resume the lines an
 interrupted run logged after its last checkpoint are dropped (``truncate_metrics``), so the file
@@ -16,9 +17,12 @@ Usage::
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from lmref.core.lineage import lineage
 
 METRICS = "metrics.jsonl"
 
@@ -52,12 +56,17 @@ def device_peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
-def log_record(out_dir: Path, record: dict, is_main: bool, history: list[dict]) -> None:
-    """Append ``record`` to ``history`` (every rank) and to ``metrics.jsonl`` (rank 0)."""
+def log_record(
+    out_dir: Path, record: dict, is_main: bool, history: list[dict], tracker=None
+) -> None:
+    """Append ``record`` to ``history`` (every rank) and to ``metrics.jsonl`` (rank 0); and to
+    ``tracker`` (``lmref.core.tracking.Trackers``, rank 0) at ``record["step"]``."""
     history.append(record)
     if is_main:
         with open(Path(out_dir) / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if tracker is not None:
+            tracker.log_metrics(record, record["step"])
 
 
 def truncate_metrics(path: Path, step: int, is_main: bool) -> None:
@@ -71,3 +80,11 @@ def truncate_metrics(path: Path, step: int, is_main: bool) -> None:
             except (json.JSONDecodeError, KeyError):
                 pass  # a line torn by the crash itself
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def run_lineage(model: torch.nn.Module, dataset, config) -> dict[str, str]:
+    """``lmref.core.lineage.lineage`` of a training run (``config``: its ``TrainingConfig``); the
+    parent is the folder or hub id the model was loaded from (transformers' ``name_or_path``;
+    none for a model built from a config)."""
+    parent = getattr(getattr(model, "config", None), "name_or_path", "") or None
+    return lineage(data=dataset, recipe=asdict(config), parent_model=parent)
