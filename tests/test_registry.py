@@ -203,3 +203,25 @@ def test_gate_refuses_a_worse_candidate_and_promotes_an_equal_one(
     assert rollback(NAME) == champion and alias_version(NAME, "champion") == champion
     assert main(["--name", NAME, "--candidate", "@nobody"]) == 2
     assert main(["--name", NAME, "--candidate", champion]) == 2  # already the champion
+
+
+def test_register_a_runs_model_artifact(registry, tiny_model_dir, tmp_path):
+    """As the tracking part logs a trained folder: runs:/<id>/model, registered by run id; a run
+    whose folder has no manifest is refused, naming it."""
+    from mlflow.tracking import MlflowClient
+
+    from lmref.core.manifest import manifest_files
+    from lmref.models.registry import RegistryError, fetch_model, register_run
+
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("training"))
+    client.log_artifacts(run.info.run_id, str(tiny_model_dir), "model")
+    version = register_run("lmref-from-run", run.info.run_id)
+    folder = fetch_model(f"models:/lmref-from-run/{version}")
+    assert manifest_files(folder) == manifest_files(tiny_model_dir)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    client.log_artifacts(run.info.run_id, str(bare), "unverified")
+    with pytest.raises(RegistryError, match="has no readable manifest.json"):
+        register_run("lmref-from-run", run.info.run_id, artifact_path="unverified")
