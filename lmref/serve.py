@@ -7,7 +7,9 @@ handle with ``.url`` and ``.stop()``; ``python -m lmref.serve`` is the one comma
 come from the fields of ``ServingConfig``, ``ModelSpec`` and ``SharedServices`` through
 ``lmref.core.cli`` (``transformers.HfArgumentParser``) (``--max-batch-size``, ``--drain-timeout-s`` ...; aliases such as
 ``--threads`` from field metadata), plus: ``--model NAME=PATH`` (repeatable; a folder, a hub id
-in the local cache, or a course name from ``lmref.models.loading``: ``smollm2-135m-instruct``;
+in the local cache, a course name from ``lmref.models.loading``: ``smollm2-135m-instruct``, or a
+registry version ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` from ``MLFLOW_TRACKING_URI``,
+downloaded and verified by ``lmref.models.registry``, the version shown in ``/v1/models/NAME``;
 default: that real chat model as ``smollm2``), ``--alias NAME=V1:W1,V2:W2`` (weighted A/B),
 ``--unbatched NAME`` and ``--api-key KEY`` (repeatable; or env ``LMREF_API_KEYS``, a comma list),
 and the ``SharedServices`` of a replica: ``--cache-url redis://...`` (a response cache shared by
@@ -182,7 +184,8 @@ def build_parser() -> DataclassArgumentParser:
         action="append",
         metavar="NAME=PATH",
         help="a model version to serve (repeatable; the first is the default): a "
-        f"folder, a cached hub id or a course name; default {DEFAULT_MODEL}",
+        "folder, a cached hub id, a course name or a registry URI models:/NAME@ALIAS "
+        f"(MLFLOW_TRACKING_URI); default {DEFAULT_MODEL}",
     )
     parser.add_argument(
         "--alias",
@@ -239,6 +242,8 @@ def _parse(argv: list[str] | None):
 
 def _model_path(parser: DataclassArgumentParser, name: str, path: str) -> str:
     """The folder to load, or a usage error: a mistyped path must not 'load' forever."""
+    if path.startswith("models:/"):  # the registry: resolved once here, so an alias moved later
+        return _registry_path(parser, name, path)  # does not change what this server loads
     if "/" not in path and os.sep not in path:  # a course name (imports transformers: seconds)
         from lmref.models.loading import resolve_model
 
@@ -251,6 +256,23 @@ def _model_path(parser: DataclassArgumentParser, name: str, path: str) -> str:
         if isinstance(try_to_load_from_cache(path, "config.json"), str):
             return path
     parser.error(f"--model {name}={path}: no such folder, nor a model in the Hugging Face cache")
+
+
+def _registry_path(parser: DataclassArgumentParser, name: str, uri: str) -> str:
+    """The downloaded, verified folder of a ``models:/`` URI, or a usage error naming why."""
+    from lmref.models.registry import RegistryError, fetch_model, registry_origin
+
+    try:
+        folder = fetch_model(uri)
+    except ImportError as exc:
+        parser.error(f"--model {name}={uri}: the registry needs mlflow (the tracking extra): {exc}")
+    except (RegistryError, OSError) as exc:
+        parser.error(f"--model {name}={uri}: {exc}")
+    except Exception as exc:  # mlflow's own errors (server down, refused): say which and where
+        parser.error(f"--model {name}={uri}: the registry failed: {type(exc).__name__}: {exc}")
+    origin = registry_origin(folder) or {}
+    log.info("model %s: %s is version %s, in %s", name, uri, origin.get("version"), folder)
+    return str(folder)
 
 
 def config_from_args(argv: list[str] | None) -> ServingConfig:

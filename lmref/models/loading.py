@@ -5,7 +5,8 @@ Every stage that loads a model calls ``load_model`` (training, LoRA/QLoRA, compr
 serving engine), so the device, dtype, quantization and safety choices are made here once:
 
 - **names**: a course name (``lmref.models.real_model.NAMED_MODELS``) becomes its converted
-  folder (``resolve_model``, converting on first use); a hub id or folder passes through;
+  folder (``resolve_model``, converting on first use); a registry URI (``models:/NAME@ALIAS``)
+  its downloaded, verified version (``lmref.models.registry``); a hub id or folder passes through;
 - **dtype**: "auto" (the policy: bf16/fp16 on GPUs, fp32 on CPU), a precision name ("fp32",
   "bf16", "fp16"), a torch dtype name ("bfloat16") or a ``torch.dtype``;
 - **quantization**: None, "int8" (LLM.int8), "nf4" or "fp4" (4-bit), through transformers'
@@ -21,6 +22,7 @@ Usage::
     chat = load_model("smollm2-135m-instruct", dtype="bf16")   # the packaged real model, offline
     nf4 = load_model("artifacts/base", quantization="nf4", double_quant=True)   # QLoRA's base
     tokenizer = load_tokenizer("smollm2-135m-instruct")        # with its chat template
+    folder = resolve_model("models:/lmref-chat@champion")      # the registry's champion, verified
 """
 
 from __future__ import annotations
@@ -44,7 +46,13 @@ from lmref.models.real_model import NAMED_MODELS, convert_gguf, packaged_gguf_pa
 
 def resolve_model(name_or_path: str | Path) -> str:
     """A course name (``NAMED_MODELS``) becomes its converted folder, converted on first use;
-    a local folder or hub id passes through unchanged."""
+    a registry URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``) its downloaded, verified
+    folder (``lmref.models.registry.fetch_model``; an alias is looked up on each call, so resolve
+    once and pass the folder on); a local folder or hub id passes through unchanged."""
+    if str(name_or_path).startswith("models:/"):
+        from lmref.models.registry import fetch_model  # mlflow: an optional dependency
+
+        return str(fetch_model(str(name_or_path)))
     source = NAMED_MODELS.get(str(name_or_path))
     if source is None:
         return str(name_or_path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from lmref.models.registry import registry_origin
 from lmref.serving.current import serving_state
 from lmref.serving.state import ServingState, model_not_found
 
@@ -43,11 +44,15 @@ def prometheus():
 
 
 def model_card(state: ServingState, name: str) -> dict:
-    """A served version (its context length, whether it is ready) or an alias (its routes)."""
+    """A served version (its context length, whether it is ready, and for a registry version its
+    registered model and version) or an alias (its routes)."""
     card = {"id": name, "object": "model", "created": state.created, "owned_by": "lmref"}
     if name in state.engines:
         engine = state.engines[name]
-        return {**card, "max_model_len": engine.context_length or None, "ready": engine.ready}
+        card = {**card, "max_model_len": engine.context_length or None, "ready": engine.ready}
+        # A registry version (lmref.models.registry): which one, so an operator can tell.
+        origin = registry_origin(engine.spec.path)
+        return {**card, "registry": origin} if origin else card
     return {**card, "routes": state.config.aliases[name]}
 
 
