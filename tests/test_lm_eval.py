@@ -1,6 +1,8 @@
-"""lm-evaluation-harness itself (``lm-eval run --model local-completions``) against a real server
-on 127.0.0.1: a multiple-choice (log-likelihood) task and a generate-until task written here as
-local files, and its results checked against the same model scored and run directly in this test.
+"""lm-evaluation-harness itself (``lm-eval run --model local-completions``, through
+``lmref.evaluation.harness.run_harness``) against a real server on 127.0.0.1: a multiple-choice
+(log-likelihood) task and a generate-until task written as local files, plus the course's
+instruction tasks as both kinds (``write_instruction_tasks``), in one lm-eval run; its results
+checked against the same model scored and run directly in this test.
 
 local-completions tokenizes with the model's own tokenizer (``tokenizer_backend=huggingface``),
 sends token-id prompts, and scores a continuation with ``echo: true, logprobs: 1, max_tokens: 1``,
@@ -9,15 +11,16 @@ reading ``token_logprobs[ctxlen:-1]``; generation sends ``stop`` and ``max_token
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from lmref.data.instructions import InstructionConfig, make_instruction_dataset
+from lmref.evaluation.harness import (
+    HarnessConfig,
+    run_harness,
+    write_instruction_tasks,
+    write_tasks,
+)
 from lmref.serve import start_server
 from lmref.serving.app import ModelSpec, ServingConfig
 
@@ -81,43 +84,6 @@ def greedy_until(model, tokenizer, prompt: str, max_tokens: int, until: str) -> 
     return text.split(until)[0]
 
 
-def write_tasks(folder: Path, choice_docs: list[dict], gen_docs: list[dict]) -> None:
-    for name, docs in (("choice", choice_docs), ("gen", gen_docs)):
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (folder / "lmref_choice.yaml").write_text(f"""
-task: lmref_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / "choice.jsonl"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-""")
-    (folder / "lmref_gen.yaml").write_text(f"""
-task: lmref_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / "gen.jsonl"}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{target}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 8
-  do_sample: false
-  temperature: 0
-metric_list:
-  - metric: exact_match
-""")
-
-
 def test_lm_eval_local_completions_runs_both_task_kinds(tiny_model_dir, direct, tmp_path):
     model, tokenizer = direct
     # The answers: the direct scoring's favourite for the first half of the questions, another
@@ -137,10 +103,17 @@ def test_lm_eval_local_completions_runs_both_task_kinds(tiny_model_dir, direct, 
     # Likewise for generation: the first half's targets are what the model writes greedily.
     written = [greedy_until(model, tokenizer, p, 8, "\n") for p in GEN_PROMPTS]
     gen_docs = [
-        {"prompt": p, "target": w if i < len(GEN_PROMPTS) // 2 else w + " (not this)"}
+        {"prompt": p, "target": w.strip() if i < len(GEN_PROMPTS) // 2 else w + " (not this)"}
         for i, (p, w) in enumerate(zip(GEN_PROMPTS, written))
     ]
-    write_tasks(tmp_path, choice_docs, gen_docs)
+    tasks = write_tasks(tmp_path, gen_docs, choice_docs, max_gen_toks=8)
+    # The course's instruction tasks as both kinds, in the same lm-eval run.
+    rows = list(
+        make_instruction_dataset(
+            InstructionConfig(train_per_task=10, validation_per_task=1, test_per_task=6)
+        )[0]["test"]
+    )[:15]
+    tasks += write_instruction_tasks(tmp_path, rows, n_choices=3, max_gen_toks=8, prefix="course")
 
     server = start_server(
         ServingConfig(
@@ -151,67 +124,38 @@ def test_lm_eval_local_completions_runs_both_task_kinds(tiny_model_dir, direct, 
         )
     )
     try:
-        env = {
-            **os.environ,
-            "OPENAI_API_KEY": KEY,
-            "OMP_NUM_THREADS": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"),
-        }
-        model_args = (
-            f"base_url={server.url}/v1/completions,model=tiny,"
-            f"tokenizer_backend=huggingface,tokenizer={tiny_model_dir},"
-            "max_length=256,num_concurrent=1,max_retries=1"
-        )
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "lm_eval",
-                "run",
-                "--model",
-                "local-completions",
-                "--model_args",
-                model_args,
-                "--tasks",
-                "lmref_choice",
-                "lmref_gen",
-                "--include_path",
-                str(tmp_path),
-                "--batch_size",
-                "4",
-                "--log_samples",
-                "--output_path",
-                str(tmp_path / "out"),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+        config = HarnessConfig(server.url, "tiny", str(tiny_model_dir), api_key=KEY)
+        config.max_length, config.batch_size = 256, 4
+        found = run_harness(config, tmp_path, tasks)
     finally:
         server.stop(drain_timeout=5)
 
-    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
     expected_acc = sum(b == a for b, a in zip(best, answers)) / len(answers)
-    assert results["lmref_choice"]["acc,none"] == pytest.approx(expected_acc)
-    assert results["lmref_gen"]["exact_match,none"] == pytest.approx(
-        sum(d["target"] == w for d, w in zip(gen_docs, written)) / len(gen_docs)
+    assert found["lmref_choice"].value == pytest.approx(expected_acc)
+    assert found["lmref_gen"].value == pytest.approx(
+        sum(d["target"] == w.strip() for d, w in zip(gen_docs, written)) / len(gen_docs)
     )
+    # The Score counted from the per-sample logs is lm-eval's metric, with an interval.
+    for result in found.values():
+        assert result.score.value == pytest.approx(result.value)
+    assert found["course_gen"].score.total == found["course_choice"].score.total == len(rows)
+    # The instruction multiple-choice task: each choice's log-likelihood is the direct one of
+    # prompt + choice (no delimiter: the prompt ends in a newline), the gold index its answer.
+    # lm-eval moves a context's trailing whitespace into the continuation, so the newline is
+    # scored as part of every choice (the same shift for all: the ranking is unchanged).
+    for sample in found["course_choice"].samples[:3]:
+        doc = sample["doc"]
+        assert doc["choices"][doc["answer"]] == rows[sample["doc_id"]]["answer"]
+        direct_scores = [
+            loglikelihood(model, tokenizer, doc["question"][:-1], "\n" + c) for c in doc["choices"]
+        ]
+        assert [float(r[0][0]) for r in sample["resps"]] == pytest.approx(direct_scores, abs=1e-3)
     # Per document: the log-likelihoods lm-eval got from the server are the direct ones, and so
     # are the generations.
-    samples = [
-        json.loads(line)
-        for line in next((tmp_path / "out").rglob("samples_lmref_choice_*.jsonl")).open()
-    ]
+    samples = found["lmref_choice"].samples
     assert len(samples) == len(QUESTIONS)
     for sample in samples:
         got = [float(r[0][0]) for r in sample["resps"]]
         assert got == pytest.approx(scores[sample["doc_id"]], abs=1e-3)
-    samples = [
-        json.loads(line)
-        for line in next((tmp_path / "out").rglob("samples_lmref_gen_*.jsonl")).open()
-    ]
+    samples = found["lmref_gen"].samples
     assert sorted((s["doc_id"], s["resps"][0][0]) for s in samples) == list(enumerate(written))
