@@ -242,7 +242,7 @@ PLOTS = re.compile(r"\bplt\.|\.plot[.(]|\bax\w*\.(plot|bar|barh|scatter|hist)\("
 # A number quoted in markdown: an integer, a decimal, a percentage, a ratio ("3.5x"), e-notation
 # ("1.27e-07") or one with thousands separators. Not numbers: those glued to letters, digits'
 # neighbours or hyphens ("int8", "Q4_1", "135M", "SmolLM2-135M", "2:4"), zero-padded notebook
-# numbers ("02"), single digits without a unit (counts: "2 processes", "4 bits"; their settings
+# numbers ("02") and a title's notebook number ("# 11 · ..."), single digits without a unit (counts: "2 processes", "4 bits"; their settings
 # are in the code), code spans, link targets, and the "Further reading" and "Exercises" cells
 # (papers' years and what a learner's own run should show). There is no allow-list: a number
 # that is not this run's is said in words or moved into a reading list.
@@ -256,6 +256,7 @@ NOT_RESULTS = re.compile(r"^#+\s*(further reading|exercises)", re.IGNORECASE | r
 
 def _markdown_numbers(text: str) -> set[str]:
     text = re.sub(r"`[^`]*`", "", text)
+    text = re.sub(r"^# \d\d ·", "#", text, flags=re.M)  # a title's notebook number ("# 11 · ...")
     text = re.sub(r"\]\([^)]*\)", "]", text)  # link targets
     text = re.sub(r"<[^>]+>", "", text)  # html attributes (image sizes)
     found = set()

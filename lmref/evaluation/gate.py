@@ -30,6 +30,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -118,13 +119,22 @@ def gate_items(config: GateConfig) -> list[tuple[str, str]]:
                 f"--items-file {path}: need JSON lines with prompt and answer ({exc})"
             ) from exc
         return pairs[: config.items] if config.items else pairs
-    from lmref.data.instructions import InstructionConfig, format_prompt, make_instruction_dataset
+    from lmref.data.instructions import format_prompt
 
-    split = make_instruction_dataset(InstructionConfig(seed=config.instruction_seed))[0]["test"]
+    split = _test_split(config.instruction_seed)
     if not 0 < config.items <= len(split):
         raise ValueError(f"--items must be 1..{len(split)} (the test split), not {config.items}")
     rows = split.select(range(config.items))
     return [(format_prompt(r["instruction"]), r["answer"]) for r in rows]
+
+
+@functools.lru_cache(maxsize=2)
+def _test_split(seed: int):
+    """The instruction set's test split, built once per seed in a process (about 7 s here: the
+    whole set is rebuilt so that its split equals the one the models were trained beside)."""
+    from lmref.data.instructions import InstructionConfig, make_instruction_dataset
+
+    return make_instruction_dataset(InstructionConfig(seed=seed))[0]["test"]
 
 
 def score_version(name: str, version: str, items, config: GateConfig) -> list[bool]:

@@ -42,8 +42,11 @@ def start_mlflow(timeout: float = 120.0, workdir: str | None = None) -> Service:
     args = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     args += ["--backend-store-uri", f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"]
     args += ["--artifacts-destination", os.path.join(workdir, "artifacts")]
+    # No job runner: MLflow 3 starts two huey consumer pools (15 worker threads) for its GenAI
+    # jobs by default, which tracking and the registry do not use; on 2 cores they only compete.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     service = Service(
-        f"mlflow-{port}", args, workdir=workdir, url=f"http://127.0.0.1:{port}", port=port
+        f"mlflow-{port}", args, env=env, workdir=workdir, url=f"http://127.0.0.1:{port}", port=port
     )
     service._owns_workdir = owns_workdir
     return service.wait_until(lambda: http_ok(service.url + "/health"), timeout)
