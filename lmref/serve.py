@@ -74,8 +74,8 @@ DEFAULT_MODEL = "smollm2=smollm2-135m-instruct"
 @dataclasses.dataclass
 class SharedServices:
     """What replicas share, all off by default; the flags default to env LMREF_CACHE_URL,
-    LMREF_BROKER_URL, LMREF_STORE_URL, LMREF_SWEEP_INTERVAL_S, LMREF_KEY_STORE_URL (a
-    container's config)."""
+    LMREF_BROKER_URL, LMREF_STORE_URL, LMREF_SWEEP_INTERVAL_S, LMREF_KEY_STORE_URL,
+    LMREF_CONFIG_STORE_URL (a container's config)."""
 
     cache_url: str | None = None  # redis://HOST:PORT/DB: response cache shared by replicas
     cache_ttl_s: float = 3600.0
