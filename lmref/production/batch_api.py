@@ -183,14 +183,18 @@ def upload():
 
 @batches.get("/v1/files")
 def list_files():
-    """The caller's files, newest first (``purpose``, ``limit``, ``after`` as OpenAI's)."""
+    """The caller's files, newest first (``purpose``, ``limit``, ``after``, ``order`` as
+    OpenAI's)."""
     limit, after = limit_arg(10_000, 10_000), request.args.get("after")
     if after is not None and not file_id_ok(after):
         raise bad_request("'after' must be a file id", "after")
-    purpose, store = request.args.get("purpose"), batch_api().store
-    ids = store.file_ids(owner(), after, limit + 1)
-    metas = [m for m in (store.file(i, owner()) for i in ids[:limit]) if m]
-    return page_of([m for m in metas if purpose in (None, m["purpose"])], len(ids) > limit)
+    order = request.args.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise bad_request(f"'order' must be 'asc' or 'desc' (got {order!r})", "order")
+    files, more = batch_api().store.list_files(
+        owner(), after, limit, request.args.get("purpose"), ascending=order == "asc"
+    )
+    return page_of(files, more)
 
 
 @batches.get("/v1/files/<file_id>")
@@ -200,6 +204,8 @@ def file_meta(file_id: str):
 
 @batches.delete("/v1/files/<file_id>")
 def delete_file(file_id: str):
+    """Delete the caller's file, as OpenAI does even when a live batch reads it: the batch runs
+    on from its own copy (``Store.put_batch``), its ``input_file_id`` then names a 404."""
     if not file_id_ok(file_id) or not batch_api().store.delete_file(file_id, owner()):
         raise _not_found("file", file_id)
     return {"id": file_id, "object": "file", "deleted": True}
@@ -271,12 +277,11 @@ def create_batch():
     if not isinstance(file_id, str):
         raise bad_request("'input_file_id' must be a file id", "input_file_id")
     file_or_404(file_id)
-    requests = parse_requests(
-        api.store.file_content(file_id) or b"", endpoint, file_id, api.config.max_requests
-    )
+    content = api.store.file_content(file_id) or b""
+    requests = parse_requests(content, endpoint, file_id, api.config.max_requests)
     batch = new_batch(endpoint, file_id, len(requests), metadata, owner(), current_request_id())
     backlog = api.store.backlog(owner())  # before this batch: its priorities start from here
-    api.store.put_batch(batch, [r["custom_id"] for r in requests])
+    api.store.put_batch(batch, [r["custom_id"] for r in requests], content)
     try:
         send_requests(
             api.celery,

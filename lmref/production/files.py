@@ -14,6 +14,7 @@ Usage::
     meta = store.put_file(b"...", "requests.jsonl", "batch", owner="key_abc")
     store.file(meta["id"], owner="key_abc")      # the metadata; None for any other owner
     store.file_ids("key_abc", limit=20)          # that owner's files, newest first
+    page, more = store.list_files("key_abc", limit=20, purpose="batch_output")
     store.delete_file(meta["id"], owner="key_abc")
 """
 
@@ -95,17 +96,27 @@ class FileStore:
     def file_content(self, file_id: str) -> bytes | None:
         return self.r.get(self._key("file", file_id, "content")) if file_id_ok(file_id) else None
 
-    def file_ids(self, owner: str, after: str | None = None, limit: int = 10_000) -> list[str]:
-        """The owner's file ids, newest first; ``after``: those older than that one. Ids whose
-        file expired are dropped from the index here."""
+    def file_ids(
+        self,
+        owner: str,
+        after: str | None = None,
+        limit: int = 10_000,
+        ascending: bool = False,
+    ) -> list[str]:
+        """The owner's file ids, newest first (``ascending``: oldest first); ``after``: those
+        past that one in that order (OpenAI's cursor). Ids whose file expired are dropped from
+        the index here."""
         index = self._key("files", owner_tag(owner))
+        rank_of, ranged = (
+            (self.r.zrank, self.r.zrange) if ascending else (self.r.zrevrank, self.r.zrevrange)
+        )
         start = 0
         if after is not None:
-            rank = self.r.zrevrank(index, after) if file_id_ok(after) else None
+            rank = rank_of(index, after) if file_id_ok(after) else None
             if rank is None:
                 return []
             start = rank + 1
-        ids = [i.decode() for i in self.r.zrevrange(index, start, start + limit - 1)]
+        ids = [i.decode() for i in ranged(index, start, start + limit - 1)]
         pipe = self.r.pipeline(transaction=False)
         for i in ids:
             pipe.exists(self._key("file", i))
@@ -113,6 +124,29 @@ class FileStore:
         if gone:
             self.r.zrem(index, *gone)
         return [i for i in ids if i not in gone]
+
+    def list_files(
+        self,
+        owner: str,
+        after: str | None = None,
+        limit: int = 10_000,
+        purpose: str | None = None,
+        ascending: bool = False,
+    ) -> tuple[list[dict], bool]:
+        """One page of the owner's files (``purpose``: of that purpose only) and whether more
+        follow. The filter runs before the limit: a page cut first and filtered after could
+        come back short or empty while more match, and the client's auto-pager stops at an
+        empty page."""
+        page: list[dict] = []
+        cursor, chunk = after, max(limit + 1, 100)
+        while len(page) <= limit:
+            ids = self.file_ids(owner, cursor, chunk, ascending)
+            metas = [m for m in (self.file(i, owner) for i in ids) if m]
+            page += [m for m in metas if purpose in (None, m["purpose"])]
+            if not ids:  # the index ended (expired ids were dropped, so a short read is not it)
+                break
+            cursor = ids[-1]
+        return page[:limit], len(page) > limit
 
     def delete_file(self, file_id: str, owner: str) -> bool:
         """Delete the owner's file; False when there is none of that owner under that id."""

@@ -68,11 +68,15 @@ class Store(FileStore):
         return "lmref:batch:" + ":".join(parts)
 
     # ---------------------------------------------------------------------------------- batches
-    def put_batch(self, batch: dict, custom_ids: list[str]) -> None:
-        """Store a new batch and its request order, and list it (newest first, and among the
-        live ones the sweeper watches)."""
+    def put_batch(self, batch: dict, custom_ids: list[str], content: bytes | None = None) -> None:
+        """Store a new batch, its request order and its own copy of the input file's
+        ``content``, and list it (newest first, and among the live ones the sweeper watches).
+        The copy is what lets the owner delete the input file while the batch runs, as OpenAI
+        allows: the sweeper requeues lost requests from it (twice the bytes while it lives)."""
         batch_id, owned = batch["id"], self._key("index", owner_tag(owner_of(batch)))
         pipe = self.r.pipeline()  # MULTI/EXEC: all of it or nothing
+        if content is not None:
+            pipe.set(self._key(batch_id, "input"), content, ex=self.ttl_s)
         pipe.set(self._key(batch_id), json.dumps(batch), ex=self.ttl_s)
         pipe.rpush(self._key(batch_id, "order"), *custom_ids)
         pipe.expire(self._key(batch_id, "order"), self.ttl_s)
@@ -169,6 +173,18 @@ class Store(FileStore):
         """Drop an expired batch from the index and the live set."""
         self.r.zrem(self._key("index"), batch_id)
         self.r.srem(self._key("live"), batch_id)
+
+    def batch_input(self, batch_id: str, file_id: str) -> bytes | None:
+        """The batch's requests: its own copy, else (a batch stored before copies were kept)
+        the input file ``file_id``, if it is still there."""
+        if not batch_id_ok(batch_id):
+            return None
+        return self.r.get(self._key(batch_id, "input")) or self.file_content(file_id)
+
+    def release(self, batch_id: str, custom_id: str) -> None:
+        """A worker took the request and then found its batch cancelled: it no longer runs, so
+        the cancel need not wait for it."""
+        self.r.hdel(self._key(batch_id, "workers"), custom_id)
 
     def order(self, batch_id: str) -> list[str]:
         return [c.decode() for c in self.r.lrange(self._key(batch_id, "order"), 0, -1)]
@@ -297,6 +313,10 @@ class Store(FileStore):
         results = self.r.hgetall(self._key(batch_id, "results"))
         order = [c.encode() for c in self.order(batch_id)]
         lines = [json.loads(results[c]) for c in order if c in results]
+        # The counts of the lines written, not of a read before: a result recorded in between
+        # would be in the files but not in the counts. Those not run: total - completed - failed.
+        failed = sum(1 for x in lines if x["error"] is not None)
+        counts = {**counts, "completed": len(lines) - failed, "failed": failed}
         output, errors = self._write_outputs(batch_id, owner_of(batch), lines)
         now = int(time.time())
         ended = {"cancelled_at": now} if cancelling else {"completed_at": now}

@@ -110,14 +110,14 @@ class Sweeper:
         """Queue the batch's requests that have no result again, or fail them as lost."""
         batch_id = batch["id"]
         done = self.store.done_ids(batch_id)
-        content = self.store.file_content(batch["input_file_id"]) or b""
-        missing = [
-            r
-            for r in parse_requests(content, batch["endpoint"], batch["input_file_id"], 10**9)
-            if r["custom_id"] not in done
-        ]
+        content = self.store.batch_input(batch_id, batch["input_file_id"])
+        if content:
+            requests = parse_requests(content, batch["endpoint"], batch["input_file_id"], 10**9)
+        else:  # stored before batches kept a copy, and its input file deleted: nothing to rerun
+            requests = [{"custom_id": c} for c in self.store.order(batch_id)]
+        missing = [r for r in requests if r["custom_id"] not in done]
         requeues = self.store.requeues(batch_id)
-        if missing and requeues < self.config.max_requeues:
+        if missing and content and requeues < self.config.max_requeues:
             self.requeue(batch, missing)
             self.store.requeued(batch_id)
             self.store.touch(batch_id)

@@ -226,6 +226,14 @@ class BatchWorker:
         if batch is None or batch["status"] in ("failed", "cancelling", "cancelled", "expired"):
             return 0  # its batch failed to queue, was cancelled or expired: skipped
         attempts = self.patiently(store.attempt, batch_id, custom_id, f"{task.request.hostname}")
+        # Read again now that this request shows as running: a cancel that came between the
+        # read above and the attempt saw nothing running and may have ended the batch; either
+        # this read sees its ``cancelling`` or the cancel sees this request and waits for it.
+        batch = self.patiently(store.batch, batch_id) or batch
+        if batch["status"] in ("cancelling", "cancelled"):
+            self.patiently(store.release, batch_id, custom_id)
+            self.patiently(store.finalize, batch_id)
+            return 0
         # This request's id (its line's response.request_id), and the batch's creator's: an
         # operator follows a client's X-Request-ID to each line, and each line to this log.
         rid, origin = f"req_{task.request.id}", batch.get("request_id")
