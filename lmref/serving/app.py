@@ -14,6 +14,7 @@ It is assembled from one blueprint per concern and one state object:
   ``/v1/admin/config``: load and unload versions and set alias weights while serving
   (``lmref.serving.live``).
 - ``lmref.serving.routes_page``: ``GET /``, a chat page (``lmref/serving/static/chat.html``).
+- ``lmref.serving.openapi``: ``GET /openapi.json``, an OpenAPI 3.1 document of every route served.
 - ``lmref.serving.guards``: API keys (``Authorization: Bearer``), the body-size check, the drain
   flag and the request counter; errors in the OpenAI shape ``{"error": {...}}``.
 - ``lmref.serving.state``: the engines, aliases (weighted A/B), keys, response cache and metrics,
@@ -39,6 +40,7 @@ from lmref.serving.config import ServingConfig
 from lmref.serving.engine import ModelSpec
 from lmref.serving.guards import install
 from lmref.serving.live import LiveConfig
+from lmref.serving.openapi import api_docs
 from lmref.serving.routes_admin import admin
 from lmref.serving.routes_completions import completions
 from lmref.serving.routes_live import LIVE_EXTENSION, live_admin
@@ -66,7 +68,7 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
     app.extensions[EXTENSION] = state
     app.extensions[LIVE_EXTENSION] = LiveConfig(state)  # a shared store replaces its store
     install(app)
-    for blueprint in (page, admin, completions, live_admin):
+    for blueprint in (page, admin, completions, live_admin, api_docs):
         app.register_blueprint(blueprint)
     if start:
         state.start(wait=not config.load_in_background)

@@ -24,7 +24,8 @@ from lmref.serving.current import PRINCIPAL, serving_state
 from lmref.serving.schema import HTTP_ERRORS, APIError
 
 log = logging.getLogger("lmref.serving.app")
-PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics"})  # "/": the page asks for a key
+# "/": the page asks for a key; /openapi.json: describes routes, no secret (lmref.serving.openapi)
+PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/openapi.json"})
 
 
 def error_response(err: APIError) -> Response:
