@@ -58,6 +58,11 @@ class ServingConfig:
     )
     host: str = _flag("127.0.0.1", "address to listen on (loopback unless told otherwise)")
     port: int = _flag(8000, "port to listen on (0: a free one)")
+    grpc_port: int | None = _flag(
+        None,
+        "also serve the KServe v2 / Triton gRPC protocol on this port (0: a free one; "
+        "lmref.serving.grpc_server); off by default",
+    )
     server_threads: int = _flag(64, "waitress threads: one per concurrent request", ("--threads",))
     access_log: str = _flag(
         "-", "where the JSON access log goes (python -m lmref.serve): - stdout, a file path, off"
@@ -70,6 +75,8 @@ class ServingConfig:
             raise ValueError("no models to serve: give at least one")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"a port is 0..65535 (0: a free one), not {self.port}")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"a gRPC port is 0..65535 (0: a free one), not {self.grpc_port}")
         names = [m.name for m in self.models]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:

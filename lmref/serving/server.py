@@ -99,13 +99,35 @@ def waitress_server(app: Flask, config: ServingConfig, port: int):
     return server
 
 
-def _drain(state: ServingState, timeout: float) -> bool:
-    """New requests get 503, in-flight ones get ``timeout`` to finish; then the engines close."""
+def start_grpc(app: Flask, config: ServingConfig):
+    """The gRPC server beside waitress (``config.grpc_port``; None: none), on the app's state
+    and, with a key store, its limits (``lmref.production.key_api`` keeps them in the app)."""
+    if config.grpc_port is None:
+        return None
+    from lmref.serving.grpc_server import GrpcServer  # grpcio: only when asked for
+
+    keys = app.extensions.get("lmref.keys")  # (KeyStore, Limiter) when a key store is on
+    grpc_server = GrpcServer(
+        app.extensions[EXTENSION],
+        config.host,
+        config.grpc_port,
+        config.server_threads,
+        keys[1] if keys else None,
+    )
+    grpc_server.start()
+    return grpc_server
+
+
+def _drain(state: ServingState, timeout: float, grpc_server=None) -> bool:
+    """New requests get 503 (gRPC: UNAVAILABLE), in-flight ones of both get ``timeout`` to
+    finish; then the engines close, and the gRPC server."""
     state.draining.set()
     drained = state.wait_idle(timeout)
     state.close()
     if not drained:
         state.wait_idle(2.0)  # aborted streams still send their error event
+    if grpc_server is not None:
+        grpc_server.stop(grace=2.0)
     return drained
 
 
@@ -116,6 +138,8 @@ class ServerHandle:
         self.app, self.server, self.thread, self._stop = app, server, thread, stop
         self.state: ServingState = app.extensions[EXTENSION]
         self.url = f"http://127.0.0.1:{server.effective_port}"
+        self.grpc = start_grpc(app, self.state.config)  # None unless config.grpc_port is set
+        self.grpc_target = f"127.0.0.1:{self.grpc.port}" if self.grpc else None
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -130,7 +154,7 @@ class ServerHandle:
     def stop(self, drain_timeout: float | None = None) -> bool:
         """Drain (new requests get 503), wait for in-flight ones, then close. True when drained."""
         timeout = self.state.config.drain_timeout_s if drain_timeout is None else drain_timeout
-        drained = _drain(self.state, timeout)
+        drained = _drain(self.state, timeout, self.grpc)
         self._stop.set()
         self.thread.join(timeout=10)
         return drained
@@ -168,13 +192,17 @@ def run_until_signal(app: Flask, config: ServingConfig) -> int:
     )
     thread.start()
     url = f"http://{config.host}:{server.effective_port}"
-    print(json.dumps({"event": "listening", "url": url, "pid": os.getpid()}), flush=True)
+    grpc_server = start_grpc(app, config)
+    ready = {"event": "listening", "url": url, "pid": os.getpid()}
+    if grpc_server is not None:
+        ready["grpc"] = f"{config.host}:{grpc_server.port}"
+    print(json.dumps(ready), flush=True)
     failed: dict = {}
     while not stop.wait(0.5) and not failed:
         failed = state.load_errors()
     if failed:
         log.error("model failed to load, stopping: %s", failed)
-    drained = _drain(state, config.drain_timeout_s)
+    drained = _drain(state, config.drain_timeout_s, grpc_server)
     stop_loop.set()
     thread.join(timeout=10)
     print(json.dumps({"event": "stopped", "drained": drained}), flush=True)
