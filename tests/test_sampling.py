@@ -159,3 +159,45 @@ def test_pieces_keep_the_bytes_of_split_characters(tiny_tokenizer):
 def test_reported_counts_tokens_starting_before_the_cut():
     starts = [0, 3, 3, 7, 10]
     assert [reported(starts, n) for n in (0, 1, 3, 4, 7, 11)] == [0, 1, 1, 3, 3, 5]
+
+
+def test_penalties_and_logit_bias_adjust_only_their_rows():
+    """OpenAI's semantics, by hand: logit - presence * (count > 0) - frequency * count + bias;
+    rows without them sample exactly as without the adjustment, in a mixed batch that joins
+    and leaves."""
+    from lmref.serving.penalties import LogitAdjust, adjust_of
+    from lmref.serving.penalties import sample as adjusted_sample
+    from lmref.serving.request import SamplingParams
+
+    torch.manual_seed(0)
+    vocab = 12
+    logits = torch.randn(3, vocab)
+    params = [
+        SamplingParams(),
+        SamplingParams(presence_penalty=0.5, frequency_penalty=1.5, logit_bias=((3, 7.0),)),
+        SamplingParams(logit_bias=((0, -100.0), (1, 2.5))),
+    ]
+    adjust = adjust_of(params, vocab)
+    assert adjust_of([SamplingParams()], vocab) is None  # nothing to do: no tensors at all
+    adjust.observe(torch.tensor([4, 4, 5]))
+    adjust.observe(torch.tensor([4, 4, 4]))
+    hand = logits.clone()
+    hand[1, 4] -= 0.5 + 1.5 * 2
+    hand[1, 3] += 7.0
+    hand[2, 0] -= 100.0
+    hand[2, 1] += 2.5
+    assert torch.equal(adjust.apply(logits), hand)  # row 0 untouched, though it has counts
+
+    rows = rows_of([0.0, 0.0, 0.0], [1.0] * 3, [0, 0, 0])
+    rows.adjust = adjust_of(params, vocab)
+    rows.adjust.bias[1, 7] = 1000.0  # make row 1's greedy pick known, then penalise it
+    first = adjusted_sample(logits, rows).tolist()
+    assert first[0] == int(logits[0].argmax()) and first[1] == 7
+    assert rows.adjust.counts[1, 7] == 1
+    # Leaving and joining keep each row's own counts and settings.
+    kept = rows.select([1])
+    assert torch.equal(kept.adjust.counts[0], rows.adjust.counts[1])
+    joined = kept.cat(rows_of([0.0], [1.0], [0]))
+    assert joined.adjust.active == (True, False) and joined.adjust.counts.shape == (2, vocab)
+    assert rows.select([0]).adjust is None  # only plain rows left: back to no adjustment
+    assert LogitAdjust.cat(None, 1, None, 2) is None

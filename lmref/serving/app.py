@@ -13,6 +13,8 @@ It is assembled from one blueprint per concern and one state object:
 - ``lmref.serving.routes_live``: ``/v1/admin/models``, ``/v1/admin/aliases/{alias}`` and
   ``/v1/admin/config``: load and unload versions and set alias weights while serving
   (``lmref.serving.live``).
+- ``lmref.serving.routes_tokenize``: ``POST /tokenize``, ``POST /detokenize`` and
+  ``GET /tokenizer_info`` (vLLM's shapes).
 - ``lmref.serving.routes_page``: ``GET /``, a chat page (``lmref/serving/static/chat.html``).
 - ``lmref.serving.openapi``: ``GET /openapi.json``, an OpenAPI 3.1 document of every route served.
 - ``lmref.serving.guards``: API keys (``Authorization: Bearer``), the body-size check, the drain
@@ -45,6 +47,7 @@ from lmref.serving.routes_admin import admin
 from lmref.serving.routes_completions import completions
 from lmref.serving.routes_live import LIVE_EXTENSION, live_admin
 from lmref.serving.routes_page import page
+from lmref.serving.routes_tokenize import tokenizer_routes
 from lmref.serving.schema import HTTP_ERRORS, APIError
 from lmref.serving.state import EXTENSION, ServingState
 
@@ -68,7 +71,7 @@ def create_app(config: ServingConfig, start: bool = True, cache: Any = None) -> 
     app.extensions[EXTENSION] = state
     app.extensions[LIVE_EXTENSION] = LiveConfig(state)  # a shared store replaces its store
     install(app)
-    for blueprint in (page, admin, completions, live_admin, api_docs):
+    for blueprint in (page, admin, completions, tokenizer_routes, live_admin, api_docs):
         app.register_blueprint(blueprint)
     if start:
         state.start(wait=not config.load_in_background)

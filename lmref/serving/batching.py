@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
@@ -129,14 +130,19 @@ class Prefill:
         pad_id: int,
         chunk_tokens: int = 256,
         prefix: PrefixCache | None = None,
+        score: dict[int, Callable[[torch.Tensor, list[int]], None]] | None = None,
     ):
         device = next(model.parameters()).device
         self.model, self.chunk_tokens = model, max(1, chunk_tokens)
         for prompt in prompts if prefix is not None else []:
             prefix.observe(prompt)
-        self.shared = n = prefix.usable(prompts) if prefix is not None else 0
+        # Rows in ``score`` get the logits of every prompt position (lmref.serving.echo): a
+        # shared prefix would skip some, so such a group computes its whole prompts.
+        self.score = score or {}
+        self.shared = n = prefix.usable(prompts) if prefix is not None and not score else 0
         rests = [prompt[n:] for prompt in prompts]
         longest = max(len(r) for r in rests)
+        self.pad = [longest - len(r) for r in rests]  # each row's padding columns
         ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
         attention = torch.zeros((len(prompts), n + longest), dtype=torch.long)
         attention[:, :n] = 1
@@ -170,9 +176,16 @@ class Prefill:
             position_ids=self.positions[:, start:end],
             **cache_kwargs(self.model, self.cache),
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if self.score else 1,  # 0: every position's
         ).logits
         self.done_columns = end
+        for row, take in self.score.items():
+            # Column c's logits predict column c + 1's token; padding columns predict nothing.
+            first = max(start, self.pad[row])
+            last = min(end, width - 1)
+            if first < last:
+                ids = self.ids[row, first + 1 : last + 1].tolist()
+                take(logits[row, first - start : last - start], ids)
         return logits[:, -1, :] if end == width else None
 
 

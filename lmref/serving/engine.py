@@ -15,6 +15,7 @@ batching over the engine's parts, each usable and tested alone:
   tensors) and the logprobs a request asks for;
 - ``lmref.serving.detokenizer``: text a token at a time, stop strings and the streamable part;
 - ``lmref.serving.outputs``: sampled tokens to events (EOS, stops, limits, deltas, results);
+- ``lmref.serving.penalties`` (penalties, ``logit_bias``), ``lmref.serving.echo`` (``echo``);
 - ``lmref.serving.prompts`` (chat template, context limit), ``lmref.serving.loader`` (over
   ``lmref.models.loading``), ``lmref.serving.response_cache``, ``lmref.serving.metrics``.
 
@@ -44,9 +45,11 @@ import torch
 
 from lmref.serving.batching import Prefill, PrefixCache, RunningBatch
 from lmref.serving.detokenizer import TextStream
+from lmref.serving.echo import prompt_scorers, score_alone
 from lmref.serving.loader import ServedModel, load_spec
 from lmref.serving.metrics import EngineMetrics
 from lmref.serving.outputs import OutputProcessor
+from lmref.serving.penalties import adjust_of, sample
 from lmref.serving.prompts import DEFAULT_CHAT_TEMPLATE, encode_prompt
 from lmref.serving.request import (
     Admitted,
@@ -62,7 +65,7 @@ from lmref.serving.request import (
     SamplingParams,
 )
 from lmref.serving.response_cache import ResponseCache, cache_key
-from lmref.serving.sampler import GREEDY_BELOW, SamplingRows, sample, score_prompt, step_logprobs
+from lmref.serving.sampler import GREEDY_BELOW, SamplingRows, step_logprobs
 from lmref.serving.scheduler import POLICIES, AdmissionPolicy, Scheduler
 from lmref.serving.spec import ModelSpec
 
@@ -314,11 +317,8 @@ class Engine:
         for row in rows:
             row.move(Status.PREFILLING)
             self.metrics.prompt_tokens.labels(**self._labels).inc(len(row.prompt_ids))
-            if row.params.echo and row.params.logprobs is not None:
-                row.prompt_logprobs = score_prompt(
-                    self.model, row.prompt_ids, row.params.logprobs, self.served.pieces
-                )
-            if row.max_tokens == 0:  # echo with max_tokens 0: the prompt scored, nothing generated
+            if row.max_tokens == 0:  # echo, max_tokens 0: a pass to score the prompt, no prefill
+                score_alone(row, self.model, self.served.pieces)
                 self.outputs.finish(row, "length", time.perf_counter())
         rows = [row for row in rows if row.max_tokens > 0]
         if rows:
@@ -328,6 +328,7 @@ class Engine:
                 self.served.pad_id,
                 self.spec.prefill_chunk_tokens,
                 self._prefix,
+                score=prompt_scorers(rows, self.served.pieces),  # echo: from this very pass
             )
             self._prefill_rows = rows
             self._prefill_sampling = SamplingRows.of(
@@ -335,6 +336,9 @@ class Engine:
                 [r.params.top_p for r in rows],
                 [r.seed or 0 for r in rows],
                 device=self.served.device,
+            )
+            self._prefill_sampling.adjust = adjust_of(  # penalties, logit_bias
+                [r.params for r in rows], self.served.vocab_size, self.served.device
             )
 
     def _advance(self) -> None:

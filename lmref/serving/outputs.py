@@ -19,6 +19,7 @@ Usage::
 
 from __future__ import annotations
 
+from lmref.serving.echo import echo_delta, prompt_text
 from lmref.serving.metrics import EngineMetrics
 from lmref.serving.request import Delta, EngineError, Failed, Finished, Request, RequestStatus
 from lmref.serving.response_cache import ResponseCache
@@ -58,6 +59,7 @@ class OutputProcessor:
             row.starts.append(text.settled if text is not None else 0)
         if row.completion_tokens == 0:
             self._ttft.observe(now - row.job.arrival)
+            echo_delta(row, self.decode)  # a stream's echo: the prompt before the first token
         else:
             self._itl.observe(now - row.last_token_at)
         row.last_token_at = now
@@ -107,6 +109,8 @@ class OutputProcessor:
                 row.job.events.put(Failed(EngineError("closed", closing, code="shutting_down")))
             return
         row.move(RequestStatus.FINISHED)
+        if row.completion_tokens == 0:  # echo with max_tokens 0: no token came to send it
+            echo_delta(row, self.decode)
         if row.job.stream and (
             len(row.text) > row.emitted or len(row.logprobs) > row.logprobs_sent
         ):
@@ -116,7 +120,7 @@ class OutputProcessor:
             row.emitted, row.logprobs_sent = len(row.text), len(row.logprobs)
         self.metrics.request_success.labels(finished_reason=reason, **labels).inc()
         self.metrics.e2e_latency.labels(**labels).observe(now - row.job.arrival)
-        p, prompt = row.params, row.prompt
+        p = row.params
         result = Finished(
             row.index,
             row.text,
@@ -125,11 +129,7 @@ class OutputProcessor:
             row.completion_tokens,
             logprobs=None if p.logprobs is None else tuple(row.logprobs),
             prompt_logprobs=None if row.prompt_logprobs is None else tuple(row.prompt_logprobs),
-            prompt_text=(
-                (prompt if isinstance(prompt, str) else self.decode(row.prompt_ids, False))
-                if p.echo
-                else ""
-            ),
+            prompt_text=prompt_text(row, self.decode) if p.echo else "",
         )
         if row.cache_key is not None:
             self.cache.put(row.cache_key, result)

@@ -76,6 +76,13 @@ def encode_prompt(
         if tokenizer.bos_token_id is None:
             raise EngineError("invalid", "prompt is empty", param="prompt", code="empty_prompt")
         ids = [tokenizer.bos_token_id]
+    if request.params.logit_bias and request.params.logit_bias[-1][0] >= vocab_size:
+        raise EngineError(
+            "invalid",
+            f"logit_bias token ids must be below {vocab_size}, the model's vocabulary size",
+            param="logit_bias",
+            code="invalid_token",
+        )
     wanted = request.params.max_tokens
     if len(ids) + (1 if wanted is None else wanted) > context_length:
         raise EngineError(

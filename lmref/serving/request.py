@@ -42,6 +42,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: not reported; k: each token's + its k likeliest rivals
     echo: bool = False  # also the prompt: its text, and with logprobs its tokens'
+    presence_penalty: float = 0.0  # -2..2, lmref.serving.penalties applies these three
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, -100..100), sorted by id
 
 
 class EngineError(Exception):

@@ -41,6 +41,9 @@ def cache_key(model_name: str, request: Request, tenant: str | None = None) -> t
         p.ignore_eos,
         p.logprobs,
         p.echo,
+        p.presence_penalty,
+        p.frequency_penalty,
+        p.logit_bias,
         tenant,
     )
 

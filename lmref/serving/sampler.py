@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -123,6 +124,8 @@ class SamplingRows:
     top_ps: tuple[float, ...]
     greedy: tuple[bool, ...]
     nucleus: torch.Tensor | None = None  # rows sampled with top_p < 1; None: none
+    # Penalties and logit_bias (lmref.serving.penalties.LogitAdjust); None: no row has any.
+    adjust: Any = None
 
     def __post_init__(self) -> None:
         rows = [k for k, (p, g) in enumerate(zip(self.top_ps, self.greedy)) if p < 1.0 and not g]
@@ -161,6 +164,7 @@ class SamplingRows:
             self.step[index],
             tuple(self.top_ps[k] for k in keep),
             tuple(self.greedy[k] for k in keep),
+            adjust=None if self.adjust is None else self.adjust.select(index, keep),
         )
 
     def cat(self, other: SamplingRows) -> SamplingRows:
@@ -172,6 +176,13 @@ class SamplingRows:
             torch.cat([self.step, other.step]),
             self.top_ps + other.top_ps,
             self.greedy + other.greedy,
+            adjust=(
+                None
+                if self.adjust is None and other.adjust is None
+                else (self.adjust or other.adjust).cat(
+                    self.adjust, len(self), other.adjust, len(other)
+                )
+            ),
         )
 
 

@@ -32,12 +32,11 @@ UNSUPPORTED = {
     "functions": (None, []),
     "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
     "suffix": (None, ""),
     "best_of": (None, 1),
 }
+MAX_BIAS = 100  # OpenAI's bound on a logit_bias value, either sign
+MAX_LOGIT_BIAS = 1024  # entries in one logit_bias (OpenAI names no limit; a body must end)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs (vLLM's default too)
 
 
@@ -162,6 +161,30 @@ def _logprobs(body: dict, chat: bool) -> tuple[int | None, bool]:
     return logprobs, flag(body, "echo")
 
 
+def logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """``logit_bias``: {token id as a string: bias in [-100, 100]} as sorted (id, bias) pairs;
+    whether the ids are in the vocabulary is the engine's check (``lmref.serving.prompts``)."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise bad(
+            f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids", "logit_bias"
+        )
+    pairs = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10):
+            raise bad(
+                f"'logit_bias' keys must be token ids (digit strings), got {key!r}", "logit_bias"
+            )
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
+            raise bad(f"'logit_bias' values must be numbers, got {bias!r}", "logit_bias")
+        if abs(bias) > MAX_BIAS:
+            raise bad(f"'logit_bias' values must be in [-100, 100], got {bias}", "logit_bias")
+        pairs[int(key)] = float(bias)
+    return tuple(sorted(pairs.items()))
+
+
 def sampling_fields(body: dict, config: Any, chat: bool) -> tuple[dict[str, Any], int]:
     """The request's sampling settings (``SamplingParams`` fields) and ``n`` (choices per
     prompt). ``config``: a ``ServingConfig`` (``max_tokens_limit``, ``default_max_tokens``,
@@ -175,8 +198,6 @@ def sampling_fields(body: dict, config: Any, chat: bool) -> tuple[dict[str, Any]
                 code="unsupported_parameter",
             )
     logprobs, echo = _logprobs(body, chat)
-    if echo and body.get("stream"):
-        raise bad("'echo' is not supported with 'stream'", "echo")
     n = integer(body, "n", 1, 1, 16)
     limit = config.max_tokens_limit or (1 << 31)
     name = (
@@ -206,6 +227,9 @@ def sampling_fields(body: dict, config: Any, chat: bool) -> tuple[dict[str, Any]
         ignore_eos=flag(body, "ignore_eos"),
         logprobs=logprobs,
         echo=echo,
+        presence_penalty=number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        logit_bias=logit_bias(body),
     ), n
 
 

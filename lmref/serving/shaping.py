@@ -274,14 +274,10 @@ def sse_stream(
             elif isinstance(event, Finished):
                 usage["prompt_tokens"] += event.prompt_tokens
                 usage["completion_tokens"] += event.completion_tokens
-                if event.cached and event.text:  # no deltas came: the text at once
-                    pending.append(
-                        sse(
-                            shape.chunk(
-                                event.index, event.text, None, logprobs=event.logprobs or ()
-                            )
-                        )
-                    )
+                if event.cached and (event.text or event.prompt_text):  # no deltas came
+                    entries = (event.prompt_logprobs or ()) + (event.logprobs or ())
+                    whole = event.prompt_text + event.text  # echo: the prompt first
+                    pending.append(sse(shape.chunk(event.index, whole, None, logprobs=entries)))
                 pending.append(sse(shape.chunk(event.index, None, event.reason)))
             elif isinstance(event, Failed):
                 pending.append(sse(api_error_of(event.error).body()))
