@@ -30,16 +30,19 @@ def _engine(body: dict):
 
 @tokenizer_routes.post("/tokenize")
 def tokenize_route():
+    """Token ids of a prompt or of chat messages (vLLM's shape: count, max_model_len, tokens)"""
     body = parse_json()
     return tokenize(_engine(body), body)
 
 
 @tokenizer_routes.post("/detokenize")
 def detokenize_route():
+    """The text of token ids (vLLM's shape: prompt)"""
     body = parse_json()
     return detokenize(_engine(body), body)
 
 
 @tokenizer_routes.get("/tokenizer_info")
 def tokenizer_info_route():
+    """The tokenizer's settings, for lm-eval's tokenizer_backend=remote"""
     return tokenizer_info(_engine({"model": request.args.get("model")}))
