@@ -12,7 +12,7 @@ batching over the engine's parts, each usable and tested alone:
   in the ``ModelSpec``: ``StaticBatch``, the static-batching baseline);
 - ``lmref.serving.batching``: the shared, left-padded KV cache rows join and leave;
 - ``lmref.serving.sampler``: every row's next token at once (per-row temperature, top-p, seed as
-  tensors) and the logprobs a request asks for;
+  tensors) and the logprobs a request asks for; ``lmref.serving.constraints``: grammar masks;
 - ``lmref.serving.detokenizer``: text a token at a time, stop strings and the streamable part;
 - ``lmref.serving.outputs``: sampled tokens to events (EOS, stops, limits, deltas, results);
 - ``lmref.serving.prompts`` (chat template, context limit), ``lmref.serving.loader`` (over
@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from lmref.serving.batching import Prefill, PrefixCache, RunningBatch
+from lmref.serving.constraints import Grammars
 from lmref.serving.detokenizer import TextStream
 from lmref.serving.loader import ServedModel, load_spec
 from lmref.serving.metrics import EngineMetrics
@@ -129,6 +130,7 @@ class Engine:
         self.served = load_spec(spec)  # refused (IntegrityError) unless it matches its manifest
         self.model, self.tokenizer = self.served.model, self.served.tokenizer
         self.context_length = self.served.context_length
+        self.grammars = Grammars(self.tokenizer, self.served.vocab_size, self.served.eos_ids)
         self.outputs = OutputProcessor(
             self.tokenizer, self.served.eos_ids, self.metrics, spec.name, self.cache
         )
@@ -288,6 +290,7 @@ class Engine:
             row, served.tokenizer, self.spec.chat_template, served.context_length, served.vocab_size
         )
         p = row.params  # a base model's chat row got the default stop
+        row.matcher = self.grammars.matcher(p.grammar)  # EngineError: a schema it cannot take
         if p.temperature >= GREEDY_BELOW:
             row.seed = (p.seed if p.seed is not None else secrets.randbits(63)) % (1 << 63)
         if p.stop or row.job.stream:
@@ -372,7 +375,8 @@ class Engine:
         """Sample each row's next token and append it; the indices of rows still running.
         A hand-written loop instead of model.generate(): generate() applies ONE temperature/
         top_p/seed/stop/max_new_tokens to the whole batch, a server's requests each bring theirs."""
-        tokens = sample(logits, sampling).tolist()  # the step's one read of the device
+        tokens = sample(self.grammars.mask(rows, logits), sampling).tolist()  # one device read
+        self.grammars.accept(rows, tokens)
         # Reported logprobs: log-softmax of the raw logits, before temperature and top-p, as
         # OpenAI's API reports them (lmref.serving.sampler says why).
         want = [k for k, row in enumerate(rows) if row.params.logprobs is not None]

@@ -24,11 +24,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lmref.serving.sampler import TokenLogprob
 
 if TYPE_CHECKING:
+    from lmref.serving.constraints import Grammar
     from lmref.serving.detokenizer import TextStream
 
 
@@ -42,6 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: not reported; k: each token's + its k likeliest rivals
     echo: bool = False  # also the prompt: its text, and with logprobs its tokens'
+    grammar: Grammar | None = None  # response_format: what the output must match (constraints)
 
 
 class EngineError(Exception):
@@ -133,6 +135,7 @@ class Request:
     emitted: int = 0  # characters sent to the stream
     logprobs_sent: int = 0  # logprob entries sent to the stream
     text: str = ""  # the final text, once finished
+    matcher: Any = None  # the grammar's state for a constrained row (lmref.serving.constraints)
 
     def move(self, status: RequestStatus) -> None:
         """Change state; a finished, failed or aborted request stays so (an error, not a no-op)."""

@@ -41,6 +41,7 @@ def cache_key(model_name: str, request: Request, tenant: str | None = None) -> t
         p.ignore_eos,
         p.logprobs,
         p.echo,
+        p.grammar,
         tenant,
     )
 
