@@ -3,21 +3,17 @@
 One ``Engine`` per model version: a worker thread owns model and tokenizer and runs continuous
 batching over the engine's parts, each usable and tested alone:
 
-- ``lmref.serving.request``: ``Job`` (one API call), ``Request`` (one prompt, with an explicit
-  ``RequestStatus``: WAITING -> PREFILLING -> DECODING -> FINISHED / FAILED / ABORTED), the
-  ``SamplingParams`` and the events a job gets back (``Admitted``, ``Delta``, ``Finished``,
-  ``Failed``);
-- ``lmref.serving.scheduler``: the waiting queue and a replaceable ``AdmissionPolicy`` (default
-  ``FifoRowBudget``: first come first served within ``max_batch_size`` rows; ``admission="static"``
-  in the ``ModelSpec``: ``StaticBatch``, the static-batching baseline);
+- ``lmref.serving.request``: ``Job`` (one API call), ``Request`` (one prompt, its explicit
+  ``RequestStatus``: WAITING -> PREFILLING -> DECODING -> FINISHED / FAILED / ABORTED),
+  ``SamplingParams`` and a job's events (``Admitted``, ``Delta``, ``Finished``, ``Failed``);
+- ``lmref.serving.scheduler``: the waiting queue and a replaceable ``AdmissionPolicy``
+  (``FifoRowBudget`` within ``max_batch_size`` rows; ``admission="static"``: ``StaticBatch``);
 - ``lmref.serving.batching``: the shared, left-padded KV cache rows join and leave;
 - ``lmref.serving.sampler``: every row's next token at once (per-row temperature, top-p, seed as
-  tensors) and the logprobs a request asks for;
-- ``lmref.serving.detokenizer``: text a token at a time, stop strings and the streamable part;
-- ``lmref.serving.outputs``: sampled tokens to events (EOS, stops, limits, deltas, results);
-- ``lmref.serving.penalties`` (penalties, ``logit_bias``), ``lmref.serving.echo`` (``echo``);
-- ``lmref.serving.prompts`` (chat template, context limit), ``lmref.serving.loader`` (over
-  ``lmref.models.loading``), ``lmref.serving.response_cache``, ``lmref.serving.metrics``.
+  tensors) and the logprobs a request asks for; ``lmref.serving.constraints``: grammar masks;
+- ``lmref.serving.detokenizer``: text a token at a time, stops; ``outputs``: tokens to events;
+- ``lmref.serving.penalties`` (penalties, ``logit_bias``), ``echo``, ``prompts`` (chat template,
+  context limit), ``loader`` (over ``lmref.models.loading``), ``response_cache``, ``metrics``.
 
 Usage::
 
@@ -44,6 +40,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from lmref.serving.batching import Prefill, PrefixCache, RunningBatch
+from lmref.serving.constraints import Grammars
 from lmref.serving.detokenizer import TextStream
 from lmref.serving.echo import prompt_scorers, score_alone
 from lmref.serving.loader import ServedModel, load_spec
@@ -132,6 +129,7 @@ class Engine:
         self.served = load_spec(spec)  # refused (IntegrityError) unless it matches its manifest
         self.model, self.tokenizer = self.served.model, self.served.tokenizer
         self.context_length = self.served.context_length
+        self.grammars = Grammars(self.tokenizer, self.served.vocab_size, self.served.eos_ids)
         self.outputs = OutputProcessor(
             self.tokenizer, self.served.eos_ids, self.metrics, spec.name, self.cache
         )
@@ -290,7 +288,8 @@ class Engine:
         row.prompt_ids = encode_prompt(
             row, served.tokenizer, self.spec.chat_template, served.context_length, served.vocab_size
         )
-        p = row.params  # a base model's chat row got the default stop
+        p = row.params  # read after encode_prompt: a base model's chat row got the default stop
+        row.matcher = self.grammars.matcher(p.grammar)  # EngineError: a schema it cannot take
         if p.temperature >= GREEDY_BELOW:
             row.seed = (p.seed if p.seed is not None else secrets.randbits(63)) % (1 << 63)
         if p.stop or row.job.stream:
@@ -376,7 +375,8 @@ class Engine:
         """Sample each row's next token and append it; the indices of rows still running.
         A hand-written loop instead of model.generate(): generate() applies ONE temperature/
         top_p/seed/stop/max_new_tokens to the whole batch, a server's requests each bring theirs."""
-        tokens = sample(logits, sampling).tolist()  # the step's one read of the device
+        tokens = sample(self.grammars.mask(rows, logits), sampling).tolist()  # one device read
+        self.grammars.accept(rows, tokens)
         # Reported logprobs: log-softmax of the raw logits, before temperature and top-p, as
         # OpenAI's API reports them (lmref.serving.sampler says why).
         want = [k for k, row in enumerate(rows) if row.params.logprobs is not None]

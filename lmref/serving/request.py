@@ -24,11 +24,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lmref.serving.sampler import TokenLogprob
 
 if TYPE_CHECKING:
+    from lmref.serving.constraints import Grammar
     from lmref.serving.detokenizer import TextStream
 
 
@@ -45,6 +46,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # -2..2, lmref.serving.penalties applies these three
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, -100..100), sorted by id
+    grammar: Grammar | None = None  # response_format: what the output must match (constraints)
 
 
 class EngineError(Exception):
@@ -136,6 +138,7 @@ class Request:
     emitted: int = 0  # characters sent to the stream
     logprobs_sent: int = 0  # logprob entries sent to the stream
     text: str = ""  # the final text, once finished
+    matcher: Any = None  # the grammar's state for a constrained row (lmref.serving.constraints)
 
     def move(self, status: RequestStatus) -> None:
         """Change state; a finished, failed or aborted request stays so (an error, not a no-op)."""

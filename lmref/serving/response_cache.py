@@ -44,6 +44,7 @@ def cache_key(model_name: str, request: Request, tenant: str | None = None) -> t
         p.presence_penalty,
         p.frequency_penalty,
         p.logit_bias,
+        p.grammar,
         tenant,
     )
 

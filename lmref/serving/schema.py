@@ -31,7 +31,6 @@ UNSUPPORTED = {
     "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "suffix": (None, ""),
     "best_of": (None, 1),
 }

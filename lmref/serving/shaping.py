@@ -37,6 +37,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmref.serving.constraints import response_format
 from lmref.serving.engine import Delta, EngineError, Failed, Finished, Job, SamplingParams
 from lmref.serving.schema import (
     APIError,
@@ -68,7 +69,11 @@ def shape_request(body: dict, config: Any, chat: bool) -> ShapedRequest:
     """Check an OpenAI request body; an ``APIError`` (a 400 naming the field) if it is wrong.
     ``config``: a ``ServingConfig`` (token limits and stop-string count)."""
     fields, n = sampling_fields(body, config, chat)
-    params = SamplingParams(**fields)
+    params = SamplingParams(**fields, grammar=response_format(body))
+    if params.grammar is not None and params.ignore_eos:  # the grammar's end is an EOS
+        raise APIError(
+            400, "'ignore_eos' cannot be used with 'response_format'", param="ignore_eos"
+        )
     stream, include_usage = stream_flags(body)
     prompts: list = [chat_messages(body)] if chat else completion_prompts(body)
     return ShapedRequest(prompts, params, n, chat, stream, include_usage)
