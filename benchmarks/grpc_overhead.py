@@ -68,9 +68,14 @@ def main() -> None:
             text = triton.InferInput("text_input", [1], "BYTES")
             text.set_data_from_numpy(np.array([PROMPT.encode()], dtype=object))
             params = triton.InferInput("sampling_parameters", [1], "BYTES")
-            settings = json.dumps({"max_tokens": max_tokens, "temperature": 0})
+            # ignore_eos: every request generates exactly max_tokens (this prompt ends early
+            # otherwise, and the 16-token case measured one token).
+            settings = json.dumps({"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
             params.set_data_from_numpy(np.array([settings.encode()], dtype=object))
             body = {"model": "m", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+            body["ignore_eos"] = True
+            usage = http.post(server.url + "/v1/completions", json=body, timeout=60).json()["usage"]
+            assert usage["completion_tokens"] == max_tokens, usage
             times: dict[str, list[float]] = {"http": [], "grpc": []}
             for i in range(args.repeats + 2):  # the first two warm both paths up, not counted
                 for kind in ("http", "grpc") if i % 2 == 0 else ("grpc", "http"):

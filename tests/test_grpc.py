@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import openai
 import pytest
+import requests
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -136,6 +137,7 @@ def test_bad_tensors_are_invalid_arguments_that_name_them(client):
         ([missing], "text_input"),
         (inputs(temperature=-1), "temperature"),
         (inputs(max_tokens="many"), "max_tokens"),
+        (inputs(top_k=5), "top_k"),  # a key it does not know is named, not dropped
     ]
     for given, named in cases:
         with pytest.raises(InferenceServerException) as err:
@@ -161,3 +163,15 @@ def test_a_bad_request_in_a_stream_fails_alone(client, http_text):
     finally:
         client.stop_stream()
     assert text == http_text
+
+
+def test_sampling_parameters_carry_what_http_takes(client, server):
+    """ignore_eos (and the penalties) reach the engine: 12 tokens generated, as over HTTP."""
+    out = client.infer("tiny", inputs(ignore_eos=True, frequency_penalty=0.5), headers=AUTH)
+    text = out.as_numpy("text_output")[0].decode()
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    body |= {"ignore_eos": True, "frequency_penalty": 0.5}
+    reply = requests.post(
+        server.url + "/v1/completions", json=body, headers=AUTH, timeout=60
+    ).json()
+    assert reply["usage"]["completion_tokens"] == 12 and text == reply["choices"][0]["text"]

@@ -66,6 +66,9 @@ CODES = {
 }
 SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop")  # what may set sampling
 FLAGS = ("stream", "exclude_input_in_output")
+# sampling_parameters (JSON) may also carry what a tensor cannot hold; other keys are refused by
+# name, not dropped (a dropped ignore_eos made a 16-token request stop at EOS, unnoticed).
+SAMPLING_JSON = (*SAMPLING, "ignore_eos", "presence_penalty", "frequency_penalty", "logit_bias")
 
 
 class Limits(Protocol):
@@ -107,7 +110,12 @@ def shape_infer(request: pb.ModelInferRequest) -> tuple[dict, list[str], dict]:
             raise TensorError("input 'sampling_parameters' must be a JSON object") from None
         if not isinstance(extra, dict):
             raise TensorError("input 'sampling_parameters' must be a JSON object")
-        given.update({k: v for k, v in extra.items() if k in SAMPLING})
+        unknown = sorted(set(extra) - set(SAMPLING_JSON))
+        if unknown:
+            raise TensorError(
+                f"sampling_parameters: unknown {', '.join(unknown)} (known: {', '.join(SAMPLING_JSON)})"
+            )
+        given.update(extra)
     for name, values in inputs.items():
         if name not in SAMPLING + FLAGS:
             raise TensorError(
