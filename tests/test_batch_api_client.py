@@ -19,6 +19,8 @@ pytest.importorskip("celery")
 pytest.importorskip("redis")
 openai = pytest.importorskip("openai")
 
+from test_tenants import create, lines, upload, wait_status  # noqa: E402  (the same helpers)
+
 from lmref.lab.servers import start_celery_worker, start_rabbitmq, start_redis  # noqa: E402
 from lmref.lab.services import Services  # noqa: E402
 
@@ -64,46 +66,6 @@ def deployment(tiny_model_dir):
         handle.stop(drain_timeout=5)
 
 
-def lines(prefix: str, count: int, max_tokens: int = 4) -> list[dict]:
-    return [
-        {
-            "custom_id": f"{prefix}-{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "model": "tiny",
-                "messages": [{"role": "user", "content": f"{prefix} {i}"}],
-                "temperature": 0,
-                "max_tokens": max_tokens,
-                "ignore_eos": True,
-            },
-        }
-        for i in range(count)
-    ]
-
-
-def upload(client, items: list[dict], tmp_path: Path):
-    path = tmp_path / f"requests-{time.monotonic_ns()}.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in items))
-    return client.files.create(file=path.open("rb"), purpose="batch")
-
-
-def create(client, file_id: str, **kw):
-    return client.batches.create(
-        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", **kw
-    )
-
-
-def wait_status(client, batch_id: str, statuses: tuple[str, ...], timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in statuses:
-            return batch
-        assert time.monotonic() < deadline, f"batch not {statuses}: {batch}"
-        time.sleep(0.05)
-
-
 def test_batches_list_pages_newest_first_and_keeps_metadata(deployment, tmp_path):
     handle, clients, _ = deployment
     client = clients["sk-list"]
@@ -146,7 +108,7 @@ def test_files_list_pages_filters_by_purpose_and_orders(deployment, tmp_path):
     _, clients, _ = deployment
     client = clients["sk-files"]
     uploads = [upload(client, lines(f"f{i}", 1), tmp_path).id for i in range(5)]
-    done = wait_status(client, create(client, uploads[0]).id, ("completed",))
+    done = wait_status(client, create(client, uploads[0]).id, ("completed",), timeout=60)
     assert done.output_file_id
 
     # The purpose filter runs before the limit: pages of 2 uploads, never short or empty.
@@ -222,6 +184,6 @@ def test_deleting_a_running_batchs_input_file_is_allowed(deployment, tmp_path):
     assert [json.loads(x)["custom_id"] for x in copy.decode().splitlines()] == [
         x["custom_id"] for x in items
     ]
-    done = wait_status(client, batch.id, ("completed",))
+    done = wait_status(client, batch.id, ("completed",), timeout=60)
     assert (done.request_counts.completed, done.input_file_id) == (12, uploaded.id)
     assert len(client.files.content(done.output_file_id).text.splitlines()) == 12

@@ -95,9 +95,9 @@ def upload(client, items: list[dict], tmp_path: Path):
     return client.files.create(file=path.open("rb"), purpose="batch")
 
 
-def create(client, file_id: str):
+def create(client, file_id: str, **kw):
     return client.batches.create(
-        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", **kw
     )
 
 
