@@ -35,7 +35,7 @@ def start_mlflow(timeout: float = 120.0, workdir: str | None = None) -> Service:
     server, as they would against a remote one), both in ``workdir`` (a temporary folder removed
     on stop unless given). One worker is enough for a course; the first start creates the
     database's tables (about 10 s here)."""
-    owns_workdir = workdir is None
+    owns = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="lmref-mlflow-")
     port = free_port()
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
@@ -45,10 +45,10 @@ def start_mlflow(timeout: float = 120.0, workdir: str | None = None) -> Service:
     # No job runner: MLflow 3 starts two huey consumer pools (15 worker threads) for its GenAI
     # jobs by default, which tracking and the registry do not use; on 2 cores they only compete.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    url = f"http://127.0.0.1:{port}"
     service = Service(
-        f"mlflow-{port}", args, env=env, workdir=workdir, url=f"http://127.0.0.1:{port}", port=port
+        f"mlflow-{port}", args, env=env, workdir=workdir, url=url, port=port, owns_workdir=owns
     )
-    service._owns_workdir = owns_workdir
     return service.wait_until(lambda: http_ok(service.url + "/health"), timeout)
 
 
@@ -137,8 +137,9 @@ def start_prometheus(
         f"--web.listen-address=127.0.0.1:{port}",
         "--storage.tsdb.retention.time=1d",
     ]
+    url = f"http://127.0.0.1:{port}"
     service = Service(
-        f"prometheus-{port}", args, workdir=workdir, url=f"http://127.0.0.1:{port}", port=port
+        f"prometheus-{port}", args, workdir=workdir, url=url, port=port, owns_workdir=True
     )
     service.config_file, service.rules_file = config_file, str(rules_file)
     return service.wait_until(lambda: http_ok(service.url + "/-/ready"), timeout)

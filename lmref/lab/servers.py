@@ -53,10 +53,8 @@ def start_redis(
     command = ["redis-server", conf, "--bind", "127.0.0.1", "--port", str(port), "--dir", workdir]
     command += ["--save", "", "--appendonly", "no", *(args or [])]
     auth = f":{password}@" if password else ""
-    service = Service(
-        "redis", command, workdir=workdir, url=f"redis://{auth}127.0.0.1:{port}/0", port=port
-    )
-    service._owns_workdir = owned
+    url = f"redis://{auth}127.0.0.1:{port}/0"
+    service = Service("redis", command, workdir=workdir, url=url, port=port, owns_workdir=owned)
     service.password = password
     return service.wait_until(lambda: service.seen("Ready to accept connections"), timeout)
 
@@ -266,8 +264,8 @@ http {{
         port=port,
         url=f"{scheme}://127.0.0.1:{port}",
         stop_signal=signal.SIGQUIT,
+        owns_workdir=True,
     )
-    service._owns_workdir = True
     service.access_log = os.path.join(workdir, "access.log")
     service.error_log = os.path.join(workdir, "error.log")
     return service.wait_until(lambda: port_open(port), timeout)

@@ -74,11 +74,14 @@ class Service:
         port: int = 0,
         stop_signal: int = signal.SIGTERM,
         after_stop: Callable[[], None] | None = None,
+        owns_workdir: bool | None = None,
     ):
         self.name, self.url, self.port, self.stop_signal = name, url, port, stop_signal
         self.password = ""  # a server's own (Redis, RabbitMQ): in its url, never in a log line
+        # Removed on stop when made here, or when the starter made it for the server's files
+        # before the command line could name it (owns_workdir=True).
         self.workdir = workdir or tempfile.mkdtemp(prefix=f"lmref-{name}-")
-        self._owns_workdir = workdir is None
+        self._owns_workdir = workdir is None if owns_workdir is None else owns_workdir
         self._after_stop = after_stop
         self.output: collections.deque[str] = collections.deque(maxlen=400)
         self.started = time.monotonic()
