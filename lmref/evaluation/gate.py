@@ -3,7 +3,7 @@ champion beyond a stated margin, on the same held-out items, with the evidence i
 
 Both versions are fetched from the registry (``lmref.models.registry``: downloaded, verified),
 loaded by the one loader and scored by greedy exact match (``lmref.evaluation.metrics``) on the
-same items: by default the first ``items`` rows of the course's instruction test split
+same items: by default the first ``items`` rows of the course's instruction validation split
 (``lmref.data.instructions``, built with the training defaults, so no item was trained on), in
 its prompt template; or a JSONL file of ``{"prompt", "answer"}``. The decision is
 non-inferiority on the paired difference (``lmref.evaluation.paired``: candidate minus champion,
@@ -14,8 +14,9 @@ points), so the gate then refuses: say more items, not a wider margin.
 Promotion moves two aliases: ``previous`` to the former champion and ``champion`` to the
 candidate, so ``rollback`` is one alias move back. Either way the candidate version gets tags
 ``gate.*``: both scores with intervals, the difference and its interval, margin, items and their
-sha256, decision and time. The test split is the final measurement of the course's policy
-(validation steered training choices, and would favour the candidate tuned on it).
+sha256, decision and time. Promotion is a choice, so by the course's evaluation policy it is
+made on validation; the test split stays for the final number of the model that ships
+(``split="test"`` is there for a deployment whose test set is its release set).
 
 Usage::
 
@@ -60,7 +61,9 @@ class GateConfig:
     name: str = field(metadata={"help": "the registered model, e.g. lmref-chat"})
     candidate: str = field(metadata={"help": "a version number, or @ALIAS (e.g. @challenger)"})
     margin: float = 0.05  # candidate may be at most this much worse (accuracy points, 0-1)
-    items: int = 100  # rows of the instruction test split (stratified: every task equally)
+    items: int = 100  # rows of the instruction split (stratified: every task equally)
+    split: str = "validation"  # the instruction split the items come from: a choice is made on
+    # validation (the course's policy); "test" only where the test set is the release set
     items_file: str | None = None  # JSONL of {"prompt", "answer"} instead of the split
     instruction_seed: int = 0  # InstructionConfig.seed the models were trained with
     max_new_tokens: int = 32
@@ -108,7 +111,7 @@ class Decision:
 
 
 def gate_items(config: GateConfig) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs: the file's, or the first ``items`` rows of the test split."""
+    """(prompt, answer) pairs: the file's, or the first ``items`` rows of ``config.split``."""
     if config.items_file:
         path = Path(config.items_file)
         try:
@@ -121,20 +124,24 @@ def gate_items(config: GateConfig) -> list[tuple[str, str]]:
         return pairs[: config.items] if config.items else pairs
     from lmref.data.instructions import format_prompt
 
-    split = _test_split(config.instruction_seed)
+    if config.split not in ("validation", "test"):
+        raise ValueError(f"--split is validation or test, not {config.split!r}")
+    split = _instruction_set(config.instruction_seed)[config.split]
     if not 0 < config.items <= len(split):
-        raise ValueError(f"--items must be 1..{len(split)} (the test split), not {config.items}")
+        raise ValueError(
+            f"--items must be 1..{len(split)} (the {config.split} split), not {config.items}"
+        )
     rows = split.select(range(config.items))
     return [(format_prompt(r["instruction"]), r["answer"]) for r in rows]
 
 
 @functools.lru_cache(maxsize=2)
-def _test_split(seed: int):
-    """The instruction set's test split, built once per seed in a process (about 7 s here: the
-    whole set is rebuilt so that its split equals the one the models were trained beside)."""
+def _instruction_set(seed: int):
+    """The instruction set's splits, built once per seed in a process (about 7 s here: the whole
+    set is rebuilt so that its splits equal the ones the models were trained beside)."""
     from lmref.data.instructions import InstructionConfig, make_instruction_dataset
 
-    return make_instruction_dataset(InstructionConfig(seed=seed))[0]["test"]
+    return make_instruction_dataset(InstructionConfig(seed=seed))[0]
 
 
 def score_version(name: str, version: str, items, config: GateConfig) -> list[bool]:
