@@ -30,8 +30,9 @@ export IPYTHONDIR ?= $(CURDIR)/notebooks/ipython
 # notebooks would hold no plot at all.
 
 # Servers the tests and notebooks start on 127.0.0.1 (chat-page browser test, queue, cache, load
-# balancer, monitoring with its promtool), from Debian's packages; installed only where missing (needs root and apt).
-APT_PACKAGES ?= chromium chromium-driver redis-server rabbitmq-server nginx prometheus
+# balancer, monitoring with its promtool), and the Chinese text of the data lesson (fortunes-zh, GPL-3.0+),
+# from Debian's packages; installed only where missing (needs root and apt).
+APT_PACKAGES ?= chromium chromium-driver redis-server rabbitmq-server nginx prometheus fortunes-zh
 
 .PHONY: setup system course test unit notebooks lab lint env clean
 
