@@ -29,8 +29,14 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+from lmref.data.language import (
+    language_counts,
+    normalize_keeping_cjk_punctuation,
+    text_units,
+    word_units,
+)
 from lmref.data.sources import Document
 
 
@@ -55,6 +61,10 @@ class CleanConfig:
         their output), ``"prompts"`` keeps the code but strips the prompts, ``"keep"``.
     rest_markup: ``:func:`json.dumps``` -> ``json.dumps``, ``:class:`~a.B``` -> ``B``,
         ````x```` -> ``x``.
+    cjk_punctuation: ``"keep"`` (default) leaves full-width punctuation (，！（）：；？) that stands
+        beside Han or kana as it is, since it is the standard punctuation of Chinese and
+        Japanese and users type it; ``"fold"`` lets NFKC/NFKD turn it into ASCII. Text with no
+        CJK character is normalised exactly as before either way.
     """
 
     unicode_form: str | None = "NFKC"
@@ -62,6 +72,7 @@ class CleanConfig:
     normalize_whitespace: bool = True
     doctest: str = "drop"
     rest_markup: bool = True
+    cjk_punctuation: str = "keep"
 
     def __post_init__(self) -> None:
         if self.unicode_form not in ("NFC", "NFKC", "NFD", "NFKD", None):
@@ -70,6 +81,8 @@ class CleanConfig:
             )
         if self.doctest not in ("drop", "prompts", "keep"):
             raise ValueError(f"doctest must be drop|prompts|keep, got {self.doctest!r}")
+        if self.cjk_punctuation not in ("keep", "fold"):
+            raise ValueError(f"cjk_punctuation must be keep|fold, got {self.cjk_punctuation!r}")
 
 
 _REST_ROLE = re.compile(r":(?:[\w.+-]+:)*[\w.+-]+:`([!~]?)([^`<]*?)\s*(?:<[^`>]*>)?`")
@@ -112,7 +125,11 @@ def clean_text(text: str, config: CleanConfig | None = None) -> tuple[str, Count
     counts: Counter = Counter()
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if config.unicode_form:
-        normalized = unicodedata.normalize(config.unicode_form, text)
+        if config.cjk_punctuation == "keep" and config.unicode_form in ("NFKC", "NFKD"):
+            normalized, kept = normalize_keeping_cjk_punctuation(text, config.unicode_form)
+            counts["cjk_punctuation_kept"] += kept
+        else:
+            normalized = unicodedata.normalize(config.unicode_form, text)
         counts["unicode_normalized_docs"] += normalized != text
         text = normalized
     if config.remove_control_chars:
@@ -150,7 +167,7 @@ def clean_documents(
         total.update(counts)
         changed += text != d.text
         if text:
-            out.append(Document(text, d.source))
+            out.append(replace(d, text=text))  # keeps the source and the language
     return out, {
         "docs_in": len(docs),
         "docs_out": len(out),
@@ -166,8 +183,10 @@ def clean_documents(
                 "doctest_lines_removed",
                 "rest_markup_replaced",
                 "replacement_chars",
+                "cjk_punctuation_kept",
             )
         },
+        "languages": language_counts(out),
         "config": asdict(config or CleanConfig()),
     }
 
@@ -180,7 +199,9 @@ _WHITESPACE = re.compile(r"\s+")  # what str.split() splits on (Unicode whitespa
 
 
 def _shingles(text: str, size: int) -> list[bytes]:
-    words = re.findall(r"\w+", text.lower())
+    # Words of spaced scripts, single characters of Chinese and Japanese (a Chinese paragraph is
+    # one \w+ run between punctuation): shingles are character n-grams there.
+    words = word_units(text.lower())
     if len(words) <= size:
         return [" ".join(words).encode()]
     return list({" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)})
@@ -197,7 +218,8 @@ def deduplicate(
 ) -> tuple[list[Document], dict]:
     """Drop exact duplicates (hash of whitespace-normalised text) and near duplicates.
 
-    Near duplicates: MinHash signatures of word ``shingle_size``-grams indexed in an LSH
+    Near duplicates: MinHash signatures of word ``shingle_size``-grams (character n-grams in
+    Chinese and Japanese, see ``lmref.data.language.word_units``) indexed in an LSH
     (``datasketch``); a document whose estimated Jaccard similarity to an earlier kept document is
     >= ``threshold`` is dropped. The first occurrence is kept, so the result follows input order.
     Only the first ``max_shingle_chars`` characters of a document are shingled: datasketch holds
@@ -253,6 +275,7 @@ def deduplicate(
         "max_shingle_chars": max_shingle_chars,
         "exact_examples": exact_examples,
         "near_examples": near_examples,
+        "languages": language_counts(kept),
     }
 
 
@@ -267,6 +290,8 @@ class FilterConfig:
 
     symbol ratio = characters that are neither letters, digits nor whitespace, over non-whitespace
     characters (tables, ASCII art, code); alpha-word ratio = words containing a letter over words.
+    Words are ``text_units``: in Chinese and Japanese each character is a word (a paragraph has
+    no spaces to split on), elsewhere runs between spaces.
     """
 
     min_chars: int = 60
@@ -282,12 +307,16 @@ def _quality_reason(text: str, c: FilterConfig) -> str | None:
         return "too_short"
     if len(text) > c.max_chars:
         return "too_long"
-    words = text.split()
+    words = text_units(text)
     if len(words) < c.min_words:
         return "too_few_words"
     non_space = sum(len(w) for w in words)
     if sum(not ch.isalnum() for w in words for ch in w) / non_space > c.max_symbol_ratio:
         return "symbol_ratio"
+    # CJK punctuation is a unit of its own while "word," carries its comma: leave it out, as a
+    # spaced script's punctuation is, or one ，or 。 every five characters would count as words
+    # without a letter. Han and kana are letters (str.isalpha), so Chinese words count as alpha.
+    words = [w for w in words if len(w) > 1 or w.isalnum() or w < "\u3000"] or words
     if sum(any(ch.isalpha() for ch in w) for w in words) / len(words) < c.min_alpha_word_ratio:
         return "alpha_word_ratio"
     if text.count("\ufffd") / len(text) > c.max_replacement_ratio:
@@ -313,6 +342,7 @@ def filter_documents(
         "docs_in": len(docs),
         "docs_out": len(kept),
         "removed": dict(sorted(reasons.items())),
+        "languages": language_counts(kept),
         "chars_in": sum(len(d.text) for d in docs),
         "chars_out": sum(len(d.text) for d in kept),
         "config": asdict(config),
@@ -360,6 +390,7 @@ def split_documents(
     return splits, {
         "docs": {k: len(v) for k, v in splits.items()},
         "chars": {k: sum(len(d.text) for d in v) for k, v in splits.items()},
+        "languages": {k: language_counts(v) for k, v in splits.items()},
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "salt": salt,

@@ -23,12 +23,14 @@ Usage::
 
 Step by step (what notebook 01 does)::
 
-    docs, stats = load_stdlib_docstrings()
+    docs, stats = load_stdlib_docstrings()              # or load_mix(["stdlib", "zh-fortunes"])
+    docs, stats = detect_languages(docs)                # Document.language; stats["languages"]
     docs, stats = clean_documents(docs, CleanConfig(unicode_form="NFKC"))
     docs, stats = deduplicate(docs, threshold=0.8)
     docs, stats = filter_documents(docs, FilterConfig(min_chars=60))
     splits, stats = split_documents(docs, val_fraction=0.05, test_fraction=0.05)
     tokenizer, stats = train_tokenizer([d.text for d in splits["train"]], vocab_size=4096)
+    chars_per_token(tokenizer, texts_by_language(splits["validation"]))   # {"en": {...}, "zh": ...}
     blocks, stats = pack_blocks([d.text for d in splits["train"]], tokenizer, block_size=256)
 """
 
@@ -54,6 +56,14 @@ from lmref.data.clean import (  # noqa: F401
     split_documents,
     split_of,
 )
+from lmref.data.corpora import load_mix, load_zh_fortunes  # noqa: F401
+from lmref.data.language import (  # noqa: F401
+    DEFAULT_LANGUAGES,
+    detect_languages,
+    language_counts,
+    text_units,
+    texts_by_language,
+)
 from lmref.data.sources import (  # noqa: F401
     STDLIB_SKIP,
     TEXT_SUFFIXES,
@@ -67,6 +77,7 @@ from lmref.data.tokens import (  # noqa: F401
     EOS_TOKEN,
     PAD_TOKEN,
     EmptyPackingError,
+    chars_per_token,
     pack_blocks,
     train_tokenizer,
 )
@@ -77,9 +88,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class DataConfig:
-    """Knobs of :func:`prepare_data`. ``source``: ``"stdlib"``, a file/folder, or a dataset name."""
+    """Knobs of :func:`prepare_data`. ``source``: ``"stdlib"``, ``"zh-fortunes"``, a file/folder,
+    or a dataset name; ``mix``: more sources added to it (e.g. ``("zh-fortunes",)``: none by
+    default). ``languages``: the candidates of language detection (``detect_language=False``
+    skips it and every document counts as ``"und"``)."""
 
     source: str = "stdlib"
+    mix: tuple[str, ...] = ()
+    detect_language: bool = True
+    languages: tuple[str, ...] = DEFAULT_LANGUAGES
     clean: CleanConfig = field(default_factory=CleanConfig)
     near_duplicates: bool = True
     near_duplicate_threshold: float = 0.8
@@ -165,7 +182,10 @@ def prepare_data(config: DataConfig | None = None, out_dir: str | Path = "artifa
         start = time.perf_counter()
         return result[0]
 
-    docs = timed("source", load_documents(config.source))
+    source = load_mix([config.source, *config.mix]) if config.mix else load_documents(config.source)
+    docs = timed("source", source)
+    if config.detect_language:
+        docs = timed("language", detect_languages(docs, config.languages))
     docs = timed("clean", clean_documents(docs, config.clean))
     _require_documents(
         docs,
@@ -201,6 +221,11 @@ def prepare_data(config: DataConfig | None = None, out_dir: str | Path = "artifa
             )
     texts = {k: [d.text for d in v] for k, v in splits.items()}
     tokenizer = timed("tokenizer", train_tokenizer(texts["train"], vocab_size=config.vocab_size))
+    # Per language: what the tokenizer was trained on, and how well it compresses held-out text.
+    report["tokenizer"]["languages"] = language_counts(splits["train"])
+    report["tokenizer"]["validation_chars_per_token"] = chars_per_token(
+        tokenizer, texts_by_language(splits["validation"])
+    )
     corpus, report["packing"] = DatasetDict(), {}
     for split, split_texts in texts.items():
         try:

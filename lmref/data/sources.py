@@ -33,10 +33,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Document:
-    """A unit of text and where it came from (a file path, ``module.qualname``, a dataset row)."""
+    """Text, where it came from (file path, ``module.qualname``, row), its language (ISO 639-1)."""
 
     text: str
     source: str
+    language: str | None = None
 
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
@@ -377,13 +378,17 @@ def looks_like_a_path(source: str | Path) -> bool:
 
 
 def load_documents(source: str | Path = "stdlib", **kwargs: Any) -> tuple[list[Document], dict]:
-    """Dispatch on ``source``: ``"stdlib"``, an existing file or folder, else a ``datasets`` name.
+    """Dispatch: ``"stdlib"``, ``"zh-fortunes"``, an existing file or folder, else a ``datasets`` name.
 
     A path that does not exist but can only be a path (see :func:`looks_like_a_path`) raises
     ``FileNotFoundError`` instead of being looked up on the hub.
     """
     if str(source) == "stdlib":
         return load_stdlib_docstrings(**kwargs)
+    if str(source) == "zh-fortunes":  # Chinese, offline: Debian's fortunes-zh (lmref.data.corpora)
+        from lmref.data.corpora import load_zh_fortunes
+
+        return load_zh_fortunes(**kwargs)
     if Path(source).expanduser().exists():
         return load_text_files(Path(source).expanduser(), **kwargs)
     if looks_like_a_path(source):

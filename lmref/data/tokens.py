@@ -146,3 +146,25 @@ def pack_blocks(
         "dropped_tokens": n_tokens - n_blocks * block_size,
         "padding_tokens": 0,
     }
+
+
+def chars_per_token(
+    tokenizer: PreTrainedTokenizerBase, texts_by_language: dict[str, Sequence[str]]
+) -> dict[str, dict]:
+    """Characters per token of ``tokenizer`` on each language's texts (higher: fewer tokens).
+
+    Measure on held-out text (validation), never the tokenizer's training text: BPE merges what
+    it saw. ``texts_by_language`` is what ``lmref.data.language.texts_by_language`` returns.
+    """
+    out = {}
+    for language, texts in texts_by_language.items():
+        texts = list(texts)
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        chars, tokens = sum(map(len, texts)), sum(map(len, ids))
+        out[language] = {
+            "docs": len(texts),
+            "chars": chars,
+            "tokens": tokens,
+            "chars_per_token": round(chars / tokens, 3) if tokens else None,
+        }
+    return out
