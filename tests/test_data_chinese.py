@@ -144,7 +144,9 @@ def tiny_tokenizer_from_texts():
 def test_short_chinese_text_is_held_to_the_cjk_length():
     config = FilterConfig()
     poem = "床前明月光，疑是地上霜。举头望明月，低头思故乡。"  # 24 characters: kept
-    kept, stats = filter_documents([poem, "你好，世界。", "Too short in English, yet 40 chars long."], config)
+    kept, stats = filter_documents(
+        [poem, "你好，世界。", "Too short in English, yet 40 chars long."], config
+    )
     assert [d.text for d in kept] == [poem]
     assert stats["removed"] == {"too_short": 2}
     assert len(poem) < config.min_chars  # the English rule alone would have dropped it
