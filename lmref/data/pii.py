@@ -15,7 +15,7 @@ What is detected, and the checks that keep look-alikes out:
 - credit card numbers: 13-19 digits, spaces or dashes allowed, passing the Luhn check;
 - IPv4 and IPv6 addresses that are valid and *global* (``ipaddress``): loopback, private and
   documentation ranges (127.0.0.1, 192.168.x.x, 2001:db8::) are not anyone's; an IPv4 after
-  ``v`` is a version number;
+  ``v`` is a version number (a bare four-part version like ``2.7.2.2`` is still masked);
 - phone numbers: ``+`` and a country code (E.164-ish), Chinese mobiles (``1[3-9]`` and 9 digits,
   optionally ``+86``) and landlines (``010-12345678``), US numbers with separators
   (``(555) 234-5678``, ``555-234-5678``).
@@ -70,6 +70,8 @@ def luhn_valid(digits: str) -> bool:
 
 
 def _global_ip(text: str) -> bool:
+    if ":" in text and sum(bool(g) for g in text.split(":")) < 3:
+        return False  # '::f' in a netmask listing: too little to be a host's address
     try:
         return ipaddress.ip_address(text).is_global
     except ValueError:
@@ -113,7 +115,7 @@ PATTERNS: tuple[tuple[str, re.Pattern, Callable[[str], bool] | None], ...] = (
         re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d\d-(?!0000)\d{4}(?![\d-])"),
         None,
     ),
-    ("CREDIT_CARD", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), _card),
+    ("CREDIT_CARD", re.compile(r"(?<![\d.-])\d(?:[ -]?\d){12,18}(?![\d-]|\.\d)"), _card),
     (
         "IP_ADDRESS",
         re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"),
@@ -127,7 +129,7 @@ PATTERNS: tuple[tuple[str, re.Pattern, Callable[[str], bool] | None], ...] = (
     (
         "PHONE",
         re.compile(
-            r"(?<![\w+])\+[1-9]\d{0,2}[ -]?\(?\d{1,4}\)?(?:[ -]?\d{2,4}){2,4}(?!\d)"  # +CC ...
+            r"(?<![\w+])\+[1-9]\d{0,2}[ -]?\(?\d{1,4}\)?(?:[ -]?\d{2,4}){2,4}(?!\d|\.\d)"  # +CC ...
             r"|(?<!\d)(?:86[ -]?)?1[3-9]\d[ -]?\d{4}[ -]?\d{4}(?!\d)"  # Chinese mobile
             r"|(?<![\d-])0\d{2,3}-\d{7,8}(?!\d)"  # Chinese landline: area code, number
             r"|(?<![\d-])(?:\(\d{3}\) ?|\d{3}[-.])\d{3}[-.]\d{4}(?![\d-])"  # US
