@@ -55,7 +55,7 @@ def test_load_text_files_counts_and_replaces_undecodable_bytes(tmp_path):
     (tmp_path / "good.txt").write_text("plain UTF-8 text, caf\u00e9 included")
     (tmp_path / "bad.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("cp1252"))
     with pytest.warns(UserWarning, match="2 bytes that are not UTF-8"):
-        docs, stats = load_text_files(tmp_path)
+        docs, stats = load_text_files(tmp_path, encoding="utf-8")  # the strict path
     assert stats["undecodable_bytes"] == 2 and stats["files_with_undecodable_bytes"] == 1
     assert stats["undecodable_by_file"] == {str(tmp_path / "bad.txt"): 2}
     assert [d.source for d in docs] == [str(tmp_path / "bad.txt"), str(tmp_path / "good.txt")]
@@ -68,7 +68,7 @@ def test_load_text_files_drop_and_skip_policies(tmp_path, policy, expected):
     (tmp_path / "bad.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("cp1252"))
     (tmp_path / "ok.txt").write_text("fine")
     with pytest.warns(UserWarning):
-        docs, stats = load_text_files(tmp_path, on_decode_error=policy)
+        docs, stats = load_text_files(tmp_path, on_decode_error=policy, encoding="utf-8")
     assert [d.text for d in docs if "bad" in d.source] == expected
     assert stats["undecodable_bytes"] == 2
     assert stats["skipped_undecodable_files"] == (policy == "skip")
@@ -77,7 +77,7 @@ def test_load_text_files_drop_and_skip_policies(tmp_path, policy, expected):
 def test_load_text_files_raise_policy_names_the_file(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"abc \xff\xfe")
     with pytest.raises(UnicodeDecodeError, match="bad.txt"):
-        load_text_files(tmp_path, on_decode_error="raise")
+        load_text_files(tmp_path, on_decode_error="raise", encoding="utf-8")
     with pytest.raises(ValueError, match="on_decode_error"):
         load_text_files(tmp_path, on_decode_error="ignore")
 
@@ -109,8 +109,11 @@ def test_load_text_files_clear_errors_without_text(tmp_path):
 
 def test_shipped_messy_sample_shows_every_problem():
     with pytest.warns(UserWarning, match="not UTF-8"):
-        docs, stats = load_text_files(REPO / "data" / "messy", separator="\n%%\n")
-    assert stats["empty_files"] == 1 and stats["undecodable_bytes"] > 0
+        _, strict = load_text_files(REPO / "data" / "messy", separator="\n%%\n", encoding="utf-8")
+    assert strict["undecodable_bytes"] > 0
+    docs, stats = load_text_files(REPO / "data" / "messy", separator="\n%%\n")
+    assert stats["empty_files"] == 1 and stats["undecodable_bytes"] == 0
+    assert stats["encodings"]["cp1252"] == 1 and "\ufffd" not in "".join(d.text for d in docs)
     cleaned, c = clean_documents(docs)
     assert c["control_chars_removed"] > 0 and c["doctest_lines_removed"] > 0
     assert c["rest_markup_replaced"] > 0 and c["unicode_normalized_docs"] > 0

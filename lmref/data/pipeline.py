@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ from lmref.data.clean import (  # noqa: F401
     split_of,
 )
 from lmref.data.corpora import load_mix, load_zh_fortunes  # noqa: F401
+from lmref.data.decontaminate import decontaminate
 from lmref.data.language import (  # noqa: F401
     DEFAULT_LANGUAGES,
     detect_languages,
@@ -64,6 +66,7 @@ from lmref.data.language import (  # noqa: F401
     text_units,
     texts_by_language,
 )
+from lmref.data.pii import mask_documents
 from lmref.data.sources import (  # noqa: F401
     STDLIB_SKIP,
     TEXT_SUFFIXES,
@@ -102,6 +105,9 @@ class DataConfig:
     near_duplicate_threshold: float = 0.8
     num_perm: int = 128
     filters: FilterConfig = field(default_factory=FilterConfig)
+    mask_pii: bool = True  # lmref.data.pii: e-mail, phone, IDs, IPs, cards, keys -> <TYPE>
+    decontaminate: bool = True  # drop training documents holding a held-out item's 13-gram
+    decontaminate_n: int = 13
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     vocab_size: int = 4096
@@ -164,9 +170,17 @@ def _require_documents(docs: list[Document], step: str, report: dict, advice: st
         raise ValueError(f"no document is left after {step} {numbers}: {advice}")
 
 
-def prepare_data(config: DataConfig | None = None, out_dir: str | Path = "artifacts/data") -> dict:
-    """Run every step (source -> clean -> dedup -> filter -> split -> tokenizer -> pack), write the
-    artifacts (see :func:`save_artifacts`) and return the report.
+def prepare_data(
+    config: DataConfig | None = None,
+    out_dir: str | Path = "artifacts/data",
+    eval_texts: Sequence[str] = (),
+) -> dict:
+    """Run every step (source -> clean -> dedup -> filter -> PII -> split -> decontaminate ->
+    tokenizer -> pack), write the artifacts (see :func:`save_artifacts`) and return the report.
+
+    Decontamination checks the validation and test documents, and ``eval_texts`` (e.g. the
+    instruction set's validation and test items, instruction and answer), against the training
+    split and drops the training documents that hold them.
 
     Fails before writing anything when a step leaves no document, a split is empty, or a split
     makes no block of ``block_size`` tokens (the error names the split, its tokens and the size).
@@ -211,7 +225,15 @@ def prepare_data(config: DataConfig | None = None, out_dir: str | Path = "artifa
         "the quality filters removed the whole corpus; "
         "relax DataConfig.filters (see 'removed' for which rule) or give more text",
     )
+    if config.mask_pii:
+        docs = timed("pii", mask_documents(docs))
     splits = timed("split", split_documents(docs, config.val_fraction, config.test_fraction))
+    if config.decontaminate:
+        held_out = [d.text for k in ("validation", "test") for d in splits.get(k, [])]
+        splits["train"] = timed(
+            "decontaminate",
+            decontaminate(splits["train"], held_out + list(eval_texts), config.decontaminate_n),
+        )
     for split, split_docs in splits.items():
         if not split_docs:
             raise ValueError(

@@ -1,9 +1,8 @@
 """Where a corpus comes from: local text files, the standard library's docstrings, HF datasets.
 
-Each loader returns ``(documents, stats)``: ``Document(text, source)`` objects, and a dict of what
-it read in numbers (files, bytes, undecodable bytes, docs, chars). Nothing needs a network except
-a hub dataset name. ``lmref.data.pipeline`` (cleaning, dedup, filters, split, tokenizer, packing) takes the
-documents from here.
+Each loader returns ``(documents, stats)``: ``Document`` objects and a dict of what it read in
+numbers (files, bytes, encodings, undecodable bytes and files, docs, chars). Only a hub dataset name
+needs a network; ``lmref.data.pipeline`` (cleaning to packing) takes the documents from here.
 
 Usage::
 
@@ -19,7 +18,6 @@ from __future__ import annotations
 import ast
 import inspect
 import json
-import re
 import subprocess
 import sys
 import sysconfig
@@ -29,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lmref.data.encodings import DecodeConfig, decode_bytes
 
 
 @dataclass(frozen=True)
@@ -41,24 +41,6 @@ class Document:
 
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
-_SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")  # one per byte that was not valid UTF-8
-
-
-def _decode(raw: bytes, on_decode_error: str) -> tuple[str | None, int]:
-    """Decode UTF-8; return (text or None when the file is skipped, number of undecodable bytes).
-
-    ``surrogateescape`` maps each bad byte to one lone surrogate, so the bytes can be counted
-    exactly in linear time before they are replaced or dropped.
-    """
-    text = raw.decode("utf-8", errors="surrogateescape")
-    bad = len(_SURROGATE_ESCAPE.findall(text))
-    if bad == 0:
-        return text, 0
-    if on_decode_error == "raise":
-        raise UnicodeDecodeError("utf-8", raw, 0, len(raw), f"{bad} undecodable bytes")
-    if on_decode_error == "skip":
-        return None, bad
-    return _SURROGATE_ESCAPE.sub("\ufffd" if on_decode_error == "replace" else "", text), bad
 
 
 def load_text_files(
@@ -66,19 +48,20 @@ def load_text_files(
     suffixes: Sequence[str] = TEXT_SUFFIXES,
     on_decode_error: str = "replace",
     separator: str | None = None,
+    encoding: str = "auto",
+    fix_mojibake: bool = True,
 ) -> tuple[list[Document], dict]:
-    """Read text files and folders (recursively, sorted) as UTF-8 documents.
+    """Read text files and folders (recursively, sorted) as documents, in any encoding.
 
-    Bytes that are not valid UTF-8 are counted per file and then, by ``on_decode_error``:
-    ``"replace"`` with U+FFFD, ``"drop"``, ``"skip"`` the file, or ``"raise"``. Empty and binary
-    files (a NUL byte) are skipped and counted. ``separator`` (e.g. ``"\\n%%\\n"``) cuts a file
-    into several documents. Raises ``FileNotFoundError`` for a missing path and ``ValueError``
-    when no text is found.
+    ``encoding="auto"`` detects each file's encoding (``lmref.data.encodings``: BOMs, UTF-16,
+    GB18030, Big5, cp1252, ...; ``encodings``, and ``decoded_by_file`` for those not plain UTF-8);
+    files no candidate fits are skipped and named (``undecodable_files``); ``"utf-8"`` is strict.
+    Bad bytes of damaged UTF-8 (any non-UTF-8 byte when strict) are counted per file, then
+    ``on_decode_error``: ``"replace"`` (U+FFFD), ``"drop"``, ``"skip"`` the file, or ``"raise"``.
+    Empty and binary files are skipped and counted. ``separator`` (e.g. ``"\\n%%\\n"``) cuts a
+    file into documents. ``FileNotFoundError`` for a missing path, ``ValueError`` if no text.
     """
-    if on_decode_error not in ("replace", "drop", "skip", "raise"):
-        raise ValueError(
-            f"on_decode_error must be replace|drop|skip|raise, got {on_decode_error!r}"
-        )
+    decoding = DecodeConfig(encoding, fix_mojibake=fix_mojibake, on_decode_error=on_decode_error)
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files: list[Path] = []
@@ -99,6 +82,9 @@ def load_text_files(
         skipped_undecodable_files=0,
     )
     undecodable: dict[str, int] = {}
+    encodings: Counter = Counter()
+    by_file: dict[str, dict] = {}  # files not read as plain UTF-8: encoding, confidence, how
+    undecodable_files: list[str] = []  # no candidate encoding fits: skipped, never replaced
     docs: list[Document] = []
     for f in files:
         raw = f.read_bytes()
@@ -106,17 +92,25 @@ def load_text_files(
         if not raw.strip():
             stats["empty_files"] += 1
             continue
-        if b"\x00" in raw[:8192]:
+        try:
+            decoded = decode_bytes(raw, decoding)
+        except UnicodeDecodeError as e:
+            raise UnicodeDecodeError(e.encoding, raw, e.start, e.end, f"{f}: {e.reason}") from None
+        if decoded.how == "binary":
             stats["binary_files"] += 1
             continue
-        try:
-            text, bad = _decode(raw, on_decode_error)
-        except UnicodeDecodeError as e:
-            raise UnicodeDecodeError("utf-8", raw, e.start, e.end, f"{f}: {e.reason}") from None
-        if bad:
+        encodings[decoded.encoding or "none"] += 1
+        stats["mojibake_fixed_files"] += decoded.mojibake_fixed
+        if decoded.how not in ("utf-8", "utf-8-damaged") or decoded.mojibake_fixed:
+            by_file[str(f)] = {k: getattr(decoded, k) for k in ("encoding", "confidence", "how")}
+        if decoded.how == "undecodable":
+            undecodable_files.append(str(f))
+            continue
+        if decoded.undecodable_bytes:
             stats["files_with_undecodable_bytes"] += 1
-            stats["undecodable_bytes"] += bad
-            undecodable[str(f)] = bad
+            stats["undecodable_bytes"] += decoded.undecodable_bytes
+            undecodable[str(f)] = decoded.undecodable_bytes
+        text = decoded.text
         if text is None:
             stats["skipped_undecodable_files"] += 1
             continue
@@ -133,19 +127,25 @@ def load_text_files(
             f"{sorted(undecodable)[:5]}",
             stacklevel=2,
         )
+    if undecodable_files:
+        warnings.warn(f"no known encoding, skipped: {undecodable_files[:5]}", stacklevel=2)
     if not docs:
         raise ValueError(
             f"no text found in {[str(p) for p in paths]}: {len(files)} file(s) with "
             f"suffix {tuple(suffixes)}, {stats['empty_files']} empty, "
             f"{stats['binary_files']} binary, "
-            f"{stats['skipped_undecodable_files']} skipped as undecodable"
+            f"{stats['skipped_undecodable_files'] + len(undecodable_files)} undecodable"
         )
     out = dict(
         stats,
         docs=len(docs),
         chars=sum(len(d.text) for d in docs),
         undecodable_by_file=undecodable,
+        undecodable_files=undecodable_files,
+        encodings=dict(encodings),
+        decoded_by_file=by_file,
         on_decode_error=on_decode_error,
+        encoding=encoding,
     )
     return docs, out
 

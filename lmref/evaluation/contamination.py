@@ -4,7 +4,9 @@ An item seen in training measures memory, not skill. The check is word n-gram ov
 GPT-3 (13-grams) and PaLM (8-grams): each item's text (question and answer) is cut into word
 n-grams and the share of them that also occur somewhere in the training text is its overlap
 ratio; an item at or above ``threshold`` is flagged. Words are lower-cased runs of letters and
-digits, so punctuation, case and spacing do not hide a copy.
+digits, so punctuation, case and spacing do not hide a copy; Chinese and Japanese count one unit
+per character. The n-gram core is ``lmref.data.decontaminate`` (which also removes contaminated
+training documents in the data pipeline); this module reports on evaluation items.
 
 The default n is 8, not GPT-3's 13: the course's items are short (an instruction and its answer:
 10-20 words), and an item shorter than n words has no n-gram at all; 8 still makes a chance
@@ -23,37 +25,19 @@ Usage::
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from lmref.core.stats import Score
+from lmref.data.decontaminate import item_ngrams, seen_ngrams
 
-WORD = re.compile(r"\w+")
 DEFAULT_N = 8
 DEFAULT_THRESHOLD = 0.5  # half an item's n-grams seen in training: a copy, perhaps edited
 
 
 def word_ngrams(text: str, n: int = DEFAULT_N) -> set[tuple[str, ...]]:
-    """The word n-grams of ``text`` (lower-cased); a text of fewer than n words gives one n-gram of
-    all its words, and an empty text none."""
-    words = WORD.findall(text.lower())
-    if len(words) < n:
-        return {tuple(words)} if words else set()
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-
-def training_ngrams(texts: Iterable[str], lengths: Iterable[int]) -> set[tuple[str, ...]]:
-    """Every run of ``k`` words of the training texts, for each k in ``lengths`` (n, and the
-    lengths of items shorter than n). Memory grows with the corpus: beyond a few hundred MB, keep
-    hashes of the n-grams (or a Bloom filter) instead of tuples."""
-    lengths = sorted(set(lengths))
-    grams: set[tuple[str, ...]] = set()
-    for text in texts:
-        words = WORD.findall(text.lower())
-        for k in lengths:
-            grams.update(tuple(words[i : i + k]) for i in range(len(words) - k + 1))
-    return grams
+    """The n-grams of ``text`` (``lmref.data.decontaminate.item_ngrams`` with this module's n)."""
+    return item_ngrams(text, n)
 
 
 @dataclass(frozen=True)
@@ -100,7 +84,7 @@ def contamination_report(
     if not items:
         raise ValueError("no evaluation items to check")
     item_grams = [word_ngrams(text, n) for text in items]
-    seen = training_ngrams(training_texts, {n} | {len(g) for gs in item_grams for g in gs})
+    seen = seen_ngrams(item_grams, training_texts)  # the items indexed, the training streamed
     rows = []
     for index, (text, grams) in enumerate(zip(items, item_grams)):
         hits = sum(g in seen for g in grams)
