@@ -159,7 +159,11 @@ def chars_per_token(
     out = {}
     for language, texts in texts_by_language.items():
         texts = list(texts)
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # verbose=False: whole documents are counted, not fed to a model, so a text longer than
+        # the model's context is fine here (transformers would warn about indexing errors).
+        ids = (
+            tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+        )
         chars, tokens = sum(map(len, texts)), sum(map(len, ids))
         out[language] = {
             "docs": len(texts),
