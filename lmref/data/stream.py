@@ -1,0 +1,367 @@
+"""The corpus pipeline at scale: clean, exact dedup, near dedup, filter and split as a stream over
+sharded files on disk, with an on-disk dedup index, so memory stays bounded whatever the corpus size.
+
+``lmref.data.pipeline.prepare_data`` holds the whole corpus (and datasketch's LSH) in RAM: right
+for the notebook's 2 MB, wrong for 2 GB. Here the same per-document functions of
+``lmref.data.clean`` (``clean_text``, the MinHash shingles, the quality filter's reason,
+``split_of``) run on one document at a time read from JSONL / Parquet / text shards, and the
+kept documents go to sharded Parquet per split. What is remembered across documents lives in
+one SQLite file: 16 bytes of SHA-256 per distinct document (exact dedup) and, per document
+kept, ``bands`` 8-byte LSH keys plus its signature (``num_perm`` x 4 bytes) to confirm a
+candidate, as in the in-memory ``deduplicate`` (the report gives the measured bytes per
+document). SQLite's page cache is capped (``sqlite_cache_mb``), the Parquet writers buffer
+``batch_rows`` rows, and the process's peak RSS is checked against ``max_rss_mb``.
+
+Why plain generators and not ``datasets`` streaming or ``num_proc``: dedup keeps the *first*
+occurrence, so it needs one ordered pass with one shared index; ``num_proc`` workers would each
+need the index (or a second pass), and on this 2-core machine there is no parallelism to win.
+The per-document steps are the parallel part: see below.
+
+On more than one machine: clean and filter are per document, so shards split across tasks as
+they come; dedup needs a global view. HF ``datatrove`` does it in stages (signatures per task ->
+buckets per band -> clusters -> filter), each parallel, and runs the same pipeline on a laptop
+(``LocalPipelineExecutor``), a Slurm cluster (``SlurmPipelineExecutor``) or Ray
+(``RayPipelineExecutor``). With this module, shard by hash of the LSH band key (each machine owns
+the bands with ``key % n == rank``) or run it per source and dedup across sources with datatrove.
+Recommendation (numbers in ``benchmarks/results/data_scale-cpu.json``): this path for one
+machine up to tens of GB, where its single ordered pass is simple to read and resume; datatrove
+beyond, or whenever more than one machine is available.
+
+Usage::
+
+    from lmref.data.stream import StreamConfig, stream_corpus
+
+    report = stream_corpus(["corpus/"], "out/", StreamConfig(max_rss_mb=1024))
+    report["steps"]["near"]["docs_per_s"], report["peak_rss_mb"], report["shards"]["train"]
+    # out/train/part-00000.parquet ...; datasets.load_dataset("parquet", data_dir="out/train")
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lmref.data.clean import CleanConfig, FilterConfig, _quality_reason, clean_text, split_of
+from lmref.data.disk_dedup import DiskDedupIndex
+from lmref.data.sources import TEXT_SUFFIXES, Document
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class StreamConfig:
+    """Knobs of :func:`stream_corpus`; the step settings mean what they mean in ``clean.py``."""
+
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    near_duplicates: bool = True
+    threshold: float = 0.8
+    num_perm: int = 128
+    shingle_size: int = 5
+    seed: int = 1
+    max_shingle_chars: int | None = 100_000
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    salt: str = "lmref"
+    text_key: str = "text"
+    rows_per_shard: int = 100_000  # rows per output Parquet file
+    batch_rows: int = 2_000  # rows buffered before a Parquet row group is written
+    sqlite_cache_mb: int = 64
+    commit_every: int = 20_000  # documents per SQLite transaction
+    max_rss_mb: float | None = 2_048  # the process's peak RSS cap; None: measure only
+    keep_index: bool = False  # keep out_dir/dedup_index.sqlite (to add more shards later)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.val_fraction < 0 or self.test_fraction < 0:
+            raise ValueError("val_fraction and test_fraction must be >= 0")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be < 1")
+        if self.rows_per_shard < 1 or self.batch_rows < 1:
+            raise ValueError("rows_per_shard and batch_rows must be >= 1")
+
+
+def peak_rss_mb() -> float:
+    """This process's resident high-water mark in MB (Linux ``VmHWM``; 0.0 where there is none).
+
+    ``lmref.core.memory.PeakMemory`` is the course's measurement, but importing it imports
+    torch, which alone adds hundreds of MB to a data-only process: the stream reads the same
+    ``VmHWM`` itself, never resetting it (the child process it runs in is its own)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0.0
+    match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Input: sharded JSONL (optionally .gz), Parquet, or text files, one document at a time
+# ----------------------------------------------------------------------------------------------
+
+
+def corpus_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The input files, folders expanded in sorted order (the order dedup keeps the first of)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and _kind(f))
+        elif p.is_file():
+            if not _kind(p):
+                raise ValueError(f"{p}: not .jsonl, .jsonl.gz, .parquet or {TEXT_SUFFIXES}")
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such corpus file or folder: {p}")
+    if not files:
+        raise ValueError(f"no .jsonl, .jsonl.gz, .parquet or text file under {list(paths)}")
+    return files
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text" if path.suffix.lower() in TEXT_SUFFIXES else None
+
+
+def iter_documents(paths: Iterable[str | Path], text_key: str = "text") -> Iterator[Document]:
+    """Documents one at a time; ``source`` is ``file:line`` (JSONL), ``file:row`` (Parquet) or the
+    file (text). A JSONL line that is not an object with a string ``text_key`` is an error naming
+    the file and line."""
+    for f in corpus_files(paths):
+        kind = _kind(f)
+        if kind == "text":
+            yield Document(f.read_text(encoding="utf-8", errors="replace"), str(f))
+        elif kind == "parquet":
+            import pyarrow.parquet as pq
+
+            row = 0
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1_000, columns=[text_key]):
+                for text in batch.column(0).to_pylist():
+                    yield Document(text or "", f"{f}:{row}")
+                    row += 1
+        else:
+            opener = gzip.open if f.name.lower().endswith(".gz") else open
+            with opener(f, "rt", encoding="utf-8", errors="replace") as lines:
+                for n, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{f}:{n}: not a JSON line ({e})") from None
+                    text = record.get(text_key) if isinstance(record, dict) else None
+                    if not isinstance(text, str):
+                        raise ValueError(f"{f}:{n}: no string field {text_key!r}")
+                    yield Document(text, f"{f}:{n}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: sharded Parquet per split
+# ----------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Rows ``{text, source}`` to ``folder/part-00000.parquet``, ... of ``rows_per_shard`` rows."""
+
+    def __init__(self, folder: Path, rows_per_shard: int, batch_rows: int):
+        self.folder, self.rows_per_shard, self.batch_rows = folder, rows_per_shard, batch_rows
+        self.buffer: list[Document] = []
+        self.writer, self.rows_in_shard, self.rows, self.files = None, 0, 0, []
+
+    def write(self, doc: Document) -> None:
+        self.buffer.append(doc)
+        if len(self.buffer) >= self.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        while self.buffer:
+            if self.writer is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                path = self.folder / f"part-{len(self.files):05d}.parquet"
+                schema = pa.schema([("text", pa.string()), ("source", pa.string())])
+                self.writer, self.rows_in_shard = pq.ParquetWriter(path, schema), 0
+                self.files.append(str(path))
+            take = self.buffer[: self.rows_per_shard - self.rows_in_shard]
+            self.buffer = self.buffer[len(take) :]
+            self.writer.write_table(
+                pa.table({"text": [d.text for d in take], "source": [d.source for d in take]})
+            )
+            self.rows_in_shard += len(take)
+            self.rows += len(take)
+            if self.rows_in_shard >= self.rows_per_shard:
+                self.writer.close()
+                self.writer = None
+
+    def close(self) -> list[str]:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+        return self.files
+
+
+# ----------------------------------------------------------------------------------------------
+# The stream
+# ----------------------------------------------------------------------------------------------
+
+
+class _Step:
+    """Time, documents and UTF-8 bytes in of one step, summed over the stream."""
+
+    def __init__(self) -> None:
+        self.seconds, self.docs_in, self.docs_out, self.bytes_in = 0.0, 0, 0, 0
+
+    def report(self) -> dict:
+        s = max(self.seconds, 1e-9)
+        return {
+            "docs_in": self.docs_in,
+            "docs_out": self.docs_out,
+            "mb_in": round(self.bytes_in / 1e6, 3),
+            "seconds": round(self.seconds, 3),
+            "docs_per_s": round(self.docs_in / s, 1),
+            "mb_per_s": round(self.bytes_in / 1e6 / s, 3),
+        }
+
+
+def stream_corpus(
+    paths: Iterable[str | Path] | str | Path,
+    out_dir: str | Path,
+    config: StreamConfig | None = None,
+) -> dict:
+    """Clean -> exact dedup -> near dedup -> filter -> split over ``paths``, one document at a
+    time; kept documents go to ``out_dir/<split>/part-*.parquet``, every dropped duplicate to
+    ``out_dir/duplicates.jsonl`` (``{"source", "kind", "of"}``), the report to
+    ``out_dir/report.json``. Raises ``MemoryError`` naming the cap when the peak RSS passes
+    ``config.max_rss_mb`` (what was written so far stays on disk)."""
+    config = config or StreamConfig()
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index_path = out / "dedup_index.sqlite"
+    index_path.unlink(missing_ok=True)
+    index = DiskDedupIndex(index_path, config)
+    _warm_up_parquet()
+
+    writers = {s: ShardWriter(out / s, config.rows_per_shard, config.batch_rows) for s in SPLITS}
+    steps = {name: _Step() for name in ("read", "clean", "exact", "near", "filter", "write")}
+    removed: Counter = Counter()
+    clean_counts: Counter = Counter()
+    rss_start, clock = peak_rss_mb(), time.perf_counter
+    started = clock()
+    docs = iter_documents(paths, config.text_key)
+    with open(out / "duplicates.jsonl", "w", encoding="utf-8") as dup_log:
+        n = 0
+        while True:
+            t0 = clock()
+            doc = next(docs, None)
+            t1 = clock()
+            steps["read"].seconds += t1 - t0
+            if doc is None:
+                break
+            n += 1
+            size = len(doc.text.encode("utf-8", "surrogatepass"))
+            _count(steps["read"], size, True)
+            text, counts = clean_text(doc.text, config.clean)
+            clean_counts.update(counts)
+            t2 = clock()
+            _count(steps["clean"], size, bool(text), t2 - t1)
+            if not text:
+                removed["empty_after_clean"] += 1
+                continue
+            size = len(text.encode("utf-8", "surrogatepass"))
+            duplicate = index.is_exact_duplicate(text)
+            t3 = clock()
+            _count(steps["exact"], size, not duplicate, t3 - t2)
+            if duplicate:
+                dup_log.write(json.dumps({"source": doc.source, "kind": "exact"}) + "\n")
+                continue
+            if config.near_duplicates:
+                sig = index.signature(text)
+                match = index.near_match(sig)
+                if match is None:
+                    index.add(n, doc.source, sig)
+                t4 = clock()
+                _count(steps["near"], size, match is None, t4 - t3)
+                if match is not None:
+                    dup_log.write(
+                        json.dumps({"source": doc.source, "kind": "near", "of": match}) + "\n"
+                    )
+                    continue
+                t3 = t4
+            reason = _quality_reason(text, config.filters)
+            t5 = clock()
+            _count(steps["filter"], size, reason is None, t5 - t3)
+            if reason:
+                removed[reason] += 1
+                continue
+            split = split_of(text, config.val_fraction, config.test_fraction, config.salt)
+            writers[split].write(Document(text, doc.source))
+            _count(steps["write"], size, True, clock() - t5)
+            if n % 1_000 == 0:
+                _check_rss(config.max_rss_mb)
+    t6 = clock()
+    shards = {s: w.close() for s, w in writers.items()}
+    steps["write"].seconds += clock() - t6
+    index_bytes = index.close()
+    if not config.keep_index:
+        index_path.unlink()
+    _check_rss(config.max_rss_mb)
+    exact, near = steps["exact"], steps["near"]
+    report = {
+        "docs_in": steps["read"].docs_in,
+        "docs_out": {s: w.rows for s, w in writers.items()},
+        "exact_duplicates": exact.docs_in - exact.docs_out,
+        "near_duplicates": near.docs_in - near.docs_out,
+        "removed": dict(sorted(removed.items())),
+        "clean": dict(clean_counts),
+        "steps": {k: v.report() for k, v in steps.items()},
+        "seconds": round(clock() - started, 3),
+        "mb_in": round(steps["read"].bytes_in / 1e6, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "rss_at_start_mb": round(rss_start, 1),  # imports and index open
+        "rss_growth_mb": round(peak_rss_mb() - rss_start, 1),
+        "index_bytes": index_bytes,
+        "index_bytes_per_doc": round(index_bytes / max(exact.docs_in, 1), 1),
+        "lsh": {"bands": index.bands, "rows": index.rows},
+        "shards": shards,
+        "config": asdict(config),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def _count(step: _Step, size: int, kept: bool, seconds: float = 0.0) -> None:
+    step.seconds += seconds
+    step.docs_in += 1
+    step.docs_out += kept
+    step.bytes_in += size
+
+
+def _check_rss(cap_mb: float | None) -> None:
+    peak = peak_rss_mb()
+    if cap_mb is not None and peak > cap_mb:
+        raise MemoryError(
+            f"peak RSS {peak:.0f} MB passed StreamConfig.max_rss_mb={cap_mb:.0f}: lower "
+            "sqlite_cache_mb, batch_rows or max_shingle_chars, or raise the cap"
+        )
+
+
+def _warm_up_parquet() -> None:
+    """Pay Arrow's one-off cost (about 60 MB resident at the first Parquet write of a process,
+    whatever the size) before the RSS at start is read, so growth measures the stream alone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["warm-up"]}), pa.BufferOutputStream())
