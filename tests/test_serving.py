@@ -429,7 +429,7 @@ def test_chat_without_max_tokens_runs_to_the_context(client):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("functions", [{"name": "f"}]),  # tools on chat: tests/test_tool_calls.py
         ("response_format", {"type": "grammar"}),  # json_object: tests/test_structured_output.py
         ("suffix", "end"),
     ],
@@ -445,7 +445,7 @@ def test_unimplemented_fields_are_400_naming_them(server, path, field, value):
     assert r.status_code == 400 and r.json()["error"]["param"] == field
     assert field in r.json()["error"]["message"]
     unused = {
-        "tools": [],
+        "functions": [],
         "response_format": {"type": "text"},
         "suffix": "",
     }[field]

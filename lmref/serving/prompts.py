@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from lmref.serving.request import EngineError, Request
+from lmref.serving.tool_calls import render
 
 # Used when the tokenizer brings no chat template (a base model): plain role markers, and the
 # next "<|user|>" marker is treated as a stop so a base model does not write the user's turn.
@@ -34,9 +35,15 @@ def _chat_ids(request: Request, tokenizer, chat_template: str | None) -> list[in
         request.params = dataclasses.replace(
             request.params, stop=request.params.stop + DEFAULT_CHAT_STOP
         )
+    # Tools, past calls and their results as this template takes them (lmref.serving.tool_calls)
+    messages, tools = render(request.prompt, request.params.tools, template)
     try:
         text = tokenizer.apply_chat_template(
-            request.prompt, chat_template=template, tokenize=False, add_generation_prompt=True
+            messages,
+            tools=tools,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=True,
         )
     except Exception as exc:  # a template's raise_exception(), or one that breaks on these
         # messages: this request's fault, not the batch's (jinja2's errors vary)

@@ -31,6 +31,7 @@ from lmref.serving.sampler import TokenLogprob
 if TYPE_CHECKING:
     from lmref.serving.constraints import Grammar
     from lmref.serving.detokenizer import TextStream
+    from lmref.serving.tool_calls import ToolSet
 
 
 @dataclass
@@ -47,6 +48,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, -100..100), sorted by id
     grammar: Grammar | None = None  # response_format: what the output must match (constraints)
+    tools: ToolSet | None = None  # tools the prompt shows and the output is parsed for
 
 
 class EngineError(Exception):

@@ -45,6 +45,7 @@ def cache_key(model_name: str, request: Request, tenant: str | None = None) -> t
         p.frequency_penalty,
         p.logit_bias,
         p.grammar,
+        p.tools,
         tenant,
     )
 

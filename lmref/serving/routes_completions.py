@@ -64,7 +64,9 @@ def completion(chat: bool):
     audited(body, chat)
     engine, job, shaped = submit(state, body, chat, current_principal().owner, current_request_id())
     request.environ[MODEL] = engine.spec.name
-    shape = ResponseShape.new(chat, engine.spec.name, shaped.params.logprobs, shaped.include_usage)
+    shape = ResponseShape.new(
+        chat, engine.spec.name, shaped.params.logprobs, shaped.include_usage, shaped.params.tools
+    )
     cost = request.environ.setdefault(USAGE, {"prompt_tokens": 0, "completion_tokens": 0})
     if not shaped.stream:
         choices, usage = collect(engine, job, disconnected())

@@ -21,19 +21,21 @@ Usage::
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 # Fields of the OpenAI API this server does not implement, with the values that mean "not used"
 # (clients such as lm-eval send the defaults): anything else is a 400 naming the field.
 UNSUPPORTED = {
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "suffix": (None, ""),
     "best_of": (None, 1),
 }
+# Chat-only fields: on the legacy completions route they are refused as above.
+CHAT_ONLY = {"tools": (None, []), "tool_choice": (None, "none")}
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_BIAS = 100  # OpenAI's bound on a logit_bias value, either sign
 MAX_LOGIT_BIAS = 1024  # entries in one logit_bias (OpenAI names no limit; a body must end)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs (vLLM's default too)
@@ -188,7 +190,7 @@ def sampling_fields(body: dict, config: Any, chat: bool) -> tuple[dict[str, Any]
     """The request's sampling settings (``SamplingParams`` fields) and ``n`` (choices per
     prompt). ``config``: a ``ServingConfig`` (``max_tokens_limit``, ``default_max_tokens``,
     ``max_stop_strings``)."""
-    for name, unused in UNSUPPORTED.items():
+    for name, unused in {**UNSUPPORTED, **({} if chat else CHAT_ONLY)}.items():
         if body.get(name, None) not in unused:
             raise APIError(
                 400,
@@ -248,19 +250,45 @@ def stream_flags(body: dict) -> tuple[bool, bool]:
     return stream, include
 
 
+def _tool_calls(value: Any) -> list[dict]:
+    """An assistant message's ``tool_calls``, checked: id, type function, name, arguments (a
+    JSON string, as OpenAI's client sends it back)."""
+    if not isinstance(value, list) or not value:
+        raise bad("an assistant message's 'tool_calls' must be a non-empty list", "messages")
+    calls = []
+    for c in value:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or c.get("type", "function") != "function":
+            raise bad("each of 'tool_calls' needs type 'function' and a 'function'", "messages")
+        arguments = text(fn.get("arguments", "{}"), "messages")
+        try:
+            json.loads(arguments)
+        except ValueError:
+            raise bad(
+                "a tool call's 'function.arguments' must be a JSON string", "messages"
+            ) from None
+        calls.append(
+            {
+                "id": text(c.get("id", ""), "messages"),
+                "type": "function",
+                "function": {"name": text(fn.get("name"), "messages"), "arguments": arguments},
+            }
+        )
+    return calls
+
+
 def chat_messages(body: dict) -> list[dict]:
+    """``messages``, checked: text content (parts joined), an assistant's ``tool_calls`` (its
+    content may then be null) and ``tool`` results with their ``tool_call_id``."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or len(messages) > 256:
         raise bad("'messages' must be a non-empty list of messages", "messages")
     clean = []
     for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in (
-            "system",
-            "developer",
-            "user",
-            "assistant",
-        ):
-            raise bad("each message needs a role: system, developer, user or assistant", "messages")
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise bad(
+                "each message needs a role: system, developer, user, assistant or tool", "messages"
+            )
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text is served here
             parts = []
@@ -269,7 +297,14 @@ def chat_messages(body: dict) -> list[dict]:
                     raise bad("only text content parts are supported", "messages")
                 parts.append(text(part.get("text"), "messages"))
             content = "".join(parts)
-        clean.append({"role": m["role"], "content": text(content, "messages")})
+        message: dict[str, Any] = {"role": m["role"]}
+        if m["role"] == "assistant" and m.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(m["tool_calls"])
+            content = "" if content is None else content
+        if m["role"] == "tool":
+            message["tool_call_id"] = text(m.get("tool_call_id"), "messages")
+        message["content"] = text(content, "messages")
+        clean.append(message)
     return clean
 
 

@@ -136,7 +136,9 @@ def complete(
 ) -> dict:
     """A whole chat or completions response (``stream`` is not honoured here: see the route)."""
     engine, job, shaped = submit(state, body, chat, tenant, request_id)
-    shape = ResponseShape.new(chat, engine.spec.name, shaped.params.logprobs)
+    shape = ResponseShape.new(
+        chat, engine.spec.name, shaped.params.logprobs, tools=shaped.params.tools
+    )
     choices, usage = collect(engine, job, disconnected)
     return completion_body(shape, choices, usage)
 

@@ -41,6 +41,7 @@ from lmref.serving.constraints import response_format
 from lmref.serving.engine import Delta, EngineError, Failed, Finished, Job, SamplingParams
 from lmref.serving.schema import (
     APIError,
+    bad,
     chat_logprobs,
     chat_messages,
     completion_logprobs,
@@ -48,6 +49,7 @@ from lmref.serving.schema import (
     sampling_fields,
     stream_flags,
 )
+from lmref.serving.tool_calls import ToolSet, ToolStream, call_deltas, parse, tool_grammar, tool_set
 
 log = logging.getLogger("lmref.serving.shaping")
 
@@ -69,10 +71,19 @@ def shape_request(body: dict, config: Any, chat: bool) -> ShapedRequest:
     """Check an OpenAI request body; an ``APIError`` (a 400 naming the field) if it is wrong.
     ``config``: a ``ServingConfig`` (token limits and stop-string count)."""
     fields, n = sampling_fields(body, config, chat)
-    params = SamplingParams(**fields, grammar=response_format(body))
+    tools = tool_set(body) if chat else None
+    grammar, forced = response_format(body), tool_grammar(tools)
+    if grammar is not None and forced is not None:  # one grammar a row
+        raise bad(
+            "'response_format' cannot be used with tool_choice 'required' or a named function",
+            "response_format",
+        )
+    params = SamplingParams(**fields, grammar=grammar or forced, tools=tools)
     if params.grammar is not None and params.ignore_eos:  # the grammar's end is an EOS
         raise APIError(
-            400, "'ignore_eos' cannot be used with 'response_format'", param="ignore_eos"
+            400,
+            "'ignore_eos' cannot be used with 'response_format' or a forced tool_choice",
+            param="ignore_eos",
         )
     stream, include_usage = stream_flags(body)
     prompts: list = [chat_messages(body)] if chat else completion_prompts(body)
@@ -138,18 +149,26 @@ class ResponseShape:
     chat: bool
     logprobs: LogprobShaper
     include_usage: bool = False
+    tools: ToolSet | None = None  # chat with tools: choices' text is parsed for calls
     object_kind: str = field(init=False)
+    streams: dict[int, ToolStream] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.object_kind = "chat.completion" if self.chat else "text_completion"
 
     @classmethod
     def new(
-        cls, chat: bool, model: str, logprobs: int | None, include_usage: bool = False
+        cls,
+        chat: bool,
+        model: str,
+        logprobs: int | None,
+        include_usage: bool = False,
+        tools: ToolSet | None = None,
     ) -> ResponseShape:
         """A fresh id (``chatcmpl-...`` or ``cmpl-...``) and the current time."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        return cls(rid, int(time.time()), model, chat, LogprobShaper(chat, logprobs), include_usage)
+        shaper = LogprobShaper(chat, logprobs)
+        return cls(rid, int(time.time()), model, chat, shaper, include_usage, tools)
 
     @property
     def chunk_kind(self) -> str:
@@ -163,9 +182,10 @@ class ResponseShape:
         *,
         role: bool = False,
         logprobs: tuple = (),
+        calls: list | None = None,
     ) -> dict:
         """One stream chunk: chat's first has the role, later ones a ``delta``; ``text`` None
-        is the chunk that only says why a choice finished."""
+        is the chunk that only says why a choice finished; ``calls``: a ``tool_calls`` delta."""
         if self.chat:
             delta = (
                 {"role": "assistant", "content": ""}
@@ -174,6 +194,8 @@ class ResponseShape:
                 if text is not None
                 else {}
             )
+            if calls is not None:
+                delta = {"tool_calls": calls}
             content: dict = {"delta": delta}
         else:
             content = {"text": text or ""}
@@ -186,7 +208,9 @@ class ResponseShape:
                 {
                     "index": index,
                     **content,
-                    "logprobs": self.logprobs(index, logprobs) if text is not None else None,
+                    "logprobs": self.logprobs(index, logprobs)
+                    if text is not None or (calls is not None and logprobs)
+                    else None,
                     "finish_reason": finish,
                 }
             ],
@@ -204,6 +228,37 @@ class ResponseShape:
             "usage": usage,
         }
 
+    def text_chunks(self, event: Delta) -> list[dict]:
+        """A stream's ``Delta`` as chunks: its text, less what may be a tool call's start."""
+        if self.tools is None:
+            return [self.chunk(event.index, event.text, None, logprobs=event.logprobs)]
+        stream = self.streams.setdefault(event.index, ToolStream(self.tools))
+        text = stream.push(event.text)
+        # held text keeps its logprobs for the chunk that sends it (content or the calls)
+        stream.entries += event.logprobs
+        if not text:
+            return []
+        entries, stream.entries = stream.entries, ()
+        return [self.chunk(event.index, text, None, logprobs=entries)]
+
+    def finish_chunks(self, event: Finished, entries: tuple = ()) -> list[dict]:
+        """A stream's ``Finished`` as chunks: content still held, the calls, the reason.
+        ``entries``: logprobs no chunk carried yet (a cached answer's)."""
+        out = []
+        reason = event.reason
+        if self.tools is not None:
+            stream = self.streams.pop(event.index, None) or ToolStream(self.tools)
+            owed, calls = stream.finish(event.text)
+            entries = stream.entries + tuple(entries)
+            if owed:
+                out.append(self.chunk(event.index, owed, None, logprobs=entries))
+                entries = ()
+            for delta in call_deltas(calls):
+                out.append(self.chunk(event.index, None, None, calls=delta, logprobs=entries))
+                entries = ()
+            reason = "tool_calls" if calls and reason == "stop" else reason
+        return out + [self.chunk(event.index, None, reason)]
+
 
 def usage_of(finished: Iterable[Finished]) -> dict:
     """OpenAI's ``usage``: prompt, completion and total tokens over every choice."""
@@ -218,19 +273,24 @@ def usage_of(finished: Iterable[Finished]) -> dict:
 
 def completion_body(shape: ResponseShape, choices: list[Finished], usage: dict) -> dict:
     """A whole (not streamed) chat or completions response."""
-    out = [
-        {
-            "index": c.index,
-            **(
-                {"message": {"role": "assistant", "content": c.text}}
-                if shape.chat
-                else {"text": c.prompt_text + c.text}
-            ),
-            "logprobs": shape.logprobs(c.index, (c.prompt_logprobs or ()) + (c.logprobs or ())),
-            "finish_reason": c.reason,
-        }
-        for c in choices
-    ]
+    out = []
+    for c in choices:
+        reason, body = c.reason, {"text": c.prompt_text + c.text}
+        if shape.chat:
+            content, calls = parse(c.text, shape.tools)
+            body = {"message": {"role": "assistant", "content": content}}
+            if calls:
+                body["message"]["tool_calls"] = calls
+                reason = "tool_calls" if reason == "stop" else reason
+        entries = (c.prompt_logprobs or ()) + (c.logprobs or ())
+        out.append(
+            {
+                "index": c.index,
+                **body,
+                "logprobs": shape.logprobs(c.index, entries),
+                "finish_reason": reason,
+            }
+        )
     return {
         "id": shape.rid,
         "object": shape.object_kind,
@@ -273,17 +333,18 @@ def sse_stream(
         pending: list[str] = []
         for event in itertools.chain(buffered, source):
             if isinstance(event, Delta):
-                pending.append(
-                    sse(shape.chunk(event.index, event.text, None, logprobs=event.logprobs))
-                )
+                pending.extend(sse(c) for c in shape.text_chunks(event))
             elif isinstance(event, Finished):
                 usage["prompt_tokens"] += event.prompt_tokens
                 usage["completion_tokens"] += event.completion_tokens
+                entries: tuple = ()
                 if event.cached and (event.text or event.prompt_text):  # no deltas came
                     entries = (event.prompt_logprobs or ()) + (event.logprobs or ())
-                    whole = event.prompt_text + event.text  # echo: the prompt first
-                    pending.append(sse(shape.chunk(event.index, whole, None, logprobs=entries)))
-                pending.append(sse(shape.chunk(event.index, None, event.reason)))
+                    if shape.tools is None:  # echo: the prompt first
+                        whole = event.prompt_text + event.text
+                        pending.append(sse(shape.chunk(event.index, whole, None, logprobs=entries)))
+                        entries = ()
+                pending.extend(sse(c) for c in shape.finish_chunks(event, entries))
             elif isinstance(event, Failed):
                 pending.append(sse(api_error_of(event.error).body()))
                 failed = True

@@ -27,6 +27,7 @@ from lmref.models.loading import load_tokenizer
 from lmref.serving.engine import Engine
 from lmref.serving.prompts import DEFAULT_CHAT_TEMPLATE
 from lmref.serving.schema import bad, chat_messages, flag, text
+from lmref.serving.tool_calls import render
 
 _LOCK = threading.Lock()
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Engine -> its tokenizer copy
@@ -64,7 +65,7 @@ def tokenize(engine: Engine, body: dict) -> dict[str, Any]:
             special = _optional_flag(body, "add_special_tokens", tok.chat_template is None)
             try:
                 prompt = tok.apply_chat_template(
-                    messages,
+                    render(messages, None, template)[0],  # past tool calls as the engine does
                     chat_template=template,
                     tokenize=False,
                     add_generation_prompt=generation,
