@@ -32,6 +32,12 @@ UNSUPPORTED = {
     "function_call": (None, "none"),
     "suffix": (None, ""),
     "best_of": (None, 1),
+    # Output the server cannot give: a client that asks for audio or a web search and silently
+    # gets plain text would be misled (fields that only tune cost or bookkeeping, such as
+    # store, service_tier or prediction, are accepted and ignored instead: docs/openai_compatibility.md).
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "web_search_options": (None,),
 }
 # Chat-only fields: on the legacy completions route they are refused as above.
 CHAT_ONLY = {"tools": (None, []), "tool_choice": (None, "none")}
