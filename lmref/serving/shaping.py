@@ -49,7 +49,7 @@ from lmref.serving.schema import (
     sampling_fields,
     stream_flags,
 )
-from lmref.serving.tool_calls import ToolSet, ToolStream, call_deltas, parse, tool_grammar, tool_set
+from lmref.serving.tool_calls import ToolSet, ToolStream, parse, tool_grammar, tool_set
 
 log = logging.getLogger("lmref.serving.shaping")
 
@@ -229,34 +229,37 @@ class ResponseShape:
         }
 
     def text_chunks(self, event: Delta) -> list[dict]:
-        """A stream's ``Delta`` as chunks: its text, less what may be a tool call's start."""
+        """A stream's ``Delta`` as chunks: its text, less what may be a tool call's start, and
+        the ``tool_calls`` deltas of a call being generated."""
         if self.tools is None:
             return [self.chunk(event.index, event.text, None, logprobs=event.logprobs)]
         stream = self.streams.setdefault(event.index, ToolStream(self.tools))
-        text = stream.push(event.text)
+        text, calls = stream.push(event.text)
         # held text keeps its logprobs for the chunk that sends it (content or the calls)
         stream.entries += event.logprobs
-        if not text:
-            return []
-        entries, stream.entries = stream.entries, ()
-        return [self.chunk(event.index, text, None, logprobs=entries)]
+        return self._tool_chunks(event.index, stream, text, calls)
+
+    def _tool_chunks(self, index: int, stream: ToolStream, text: str, calls: list) -> list[dict]:
+        out = []
+        if text:
+            out.append(self.chunk(index, text, None, logprobs=stream.entries))
+            stream.entries = ()
+        for delta in calls:
+            out.append(self.chunk(index, None, None, calls=delta, logprobs=stream.entries))
+            stream.entries = ()
+        return out
 
     def finish_chunks(self, event: Finished, entries: tuple = ()) -> list[dict]:
-        """A stream's ``Finished`` as chunks: content still held, the calls, the reason.
-        ``entries``: logprobs no chunk carried yet (a cached answer's)."""
+        """A stream's ``Finished`` as chunks: content still held, the calls' deltas still owed,
+        the reason. ``entries``: logprobs no chunk carried yet (a cached answer's)."""
         out = []
         reason = event.reason
         if self.tools is not None:
             stream = self.streams.pop(event.index, None) or ToolStream(self.tools)
-            owed, calls = stream.finish(event.text)
-            entries = stream.entries + tuple(entries)
-            if owed:
-                out.append(self.chunk(event.index, owed, None, logprobs=entries))
-                entries = ()
-            for delta in call_deltas(calls):
-                out.append(self.chunk(event.index, None, None, calls=delta, logprobs=entries))
-                entries = ()
-            reason = "tool_calls" if calls and reason == "stop" else reason
+            owed, calls, called = stream.finish(event.text)
+            stream.entries += tuple(entries)
+            out = self._tool_chunks(event.index, stream, owed, calls)
+            reason = "tool_calls" if called and reason == "stop" else reason
         return out + [self.chunk(event.index, None, reason)]
 
 

@@ -15,8 +15,11 @@ was tuned on): ``<tool_call>[{"name": "add", "arguments": {"a": 1}}]</tool_call>
   tool; ``parallel_tool_calls=false`` allows one call) or a named function (one call, its
   arguments' schema). ``auto`` is not constrained: the model writes text or a call.
 - **Parse**: ``parse(text, tools)`` gives (content, calls) in OpenAI's shape; text that does not
-  parse as calls of known tools stays content. ``ToolStream`` does the same for a stream:
-  content streams until a call may start, calls go out as OpenAI's ``tool_calls`` deltas.
+  parse as calls of known tools stays content. A call's ``arguments`` are the model's own JSON
+  text (``lmref.serving.tool_scan`` finds it). ``ToolStream`` does the same for a stream, as
+  OpenAI does: content streams until a call may start; a call's id and name go out once the
+  name is complete and a known tool, then its arguments piece by piece as generated (they join
+  to exactly the non-streamed ``arguments``); parallel calls get indexes 0, 1, ...
 
 Usage::
 
@@ -39,8 +42,8 @@ import llguidance
 
 from lmref.serving.constraints import JSON_OPTIONS, Grammar
 from lmref.serving.schema import bad
+from lmref.serving.tool_scan import CLOSE, OPEN, CallScanner
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for a function's name
 MAX_TOOLS = 128  # OpenAI's limit on tools in one request
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}  # OpenAI's default: no arguments
@@ -256,10 +259,21 @@ def _split(text: str, tools: ToolSet | None) -> tuple[int, int, list[dict]]:
     start = text.find(OPEN) if tools is not None else -1
     if start < 0:
         return -1, -1, []
-    close = text.find(CLOSE, start)
+    # The scanner knows where the block closes even when an argument's string holds CLOSE;
+    # for a layout it does not follow, the first CLOSE ends the block.
+    scan = CallScanner(tools.names)  # type: ignore[union-attr]
+    scan.feed(text[start + len(OPEN) :])
+    close = start + len(OPEN) + scan.pos - len(CLOSE) if scan.done else text.find(CLOSE, start)
     end = len(text) if close < 0 else close + len(CLOSE)
     calls = _calls(text[start + len(OPEN) : close if close >= 0 else len(text)], tools)  # type: ignore[arg-type]
-    return (-1, -1, []) if calls is None else (start, end, calls)
+    if calls is None:
+        return -1, -1, []
+    # A call's arguments are the model's own text where the scanner read them (what a stream
+    # sends, fragment by fragment), re-serialised only for a layout it does not follow.
+    for call, (name, arguments, complete) in zip(calls, scan.calls, strict=False):
+        if complete and call["function"]["name"] == name:
+            call["function"]["arguments"] = arguments
+    return start, end, calls
 
 
 def parse(text: str, tools: ToolSet | None) -> tuple[str | None, list[dict]]:
@@ -271,22 +285,14 @@ def parse(text: str, tools: ToolSet | None) -> tuple[str | None, list[dict]]:
     return (text[:start] + text[end:]).strip() or None, calls
 
 
-def call_deltas(calls: list[dict], pieces: int = 3) -> list[list[dict]]:
+def call_deltas(calls: list[dict], pieces: int = 3, first: int = 0) -> list[list[dict]]:
     """OpenAI's streamed ``tool_calls`` deltas: per call, id, type and name (arguments ""), then
-    the arguments in ``pieces`` fragments, what the openai client and LangChain join back."""
+    the arguments in ``pieces`` fragments, what the openai client and LangChain join back.
+    ``first``: the index of the first of ``calls`` (calls before it were streamed already)."""
     out = []
-    for i, c in enumerate(calls):
+    for i, c in enumerate(calls, start=first):
         fn = c["function"]
-        out.append(
-            [
-                {
-                    "index": i,
-                    "id": c["id"],
-                    "type": "function",
-                    "function": {"name": fn["name"], "arguments": ""},
-                }
-            ]
-        )
+        out.append([_header(i, c["id"], fn["name"])])
         args, size = fn["arguments"], max(1, -(-len(fn["arguments"]) // pieces))
         out += [
             [{"index": i, "function": {"arguments": args[k : k + size]}}]
@@ -295,16 +301,32 @@ def call_deltas(calls: list[dict], pieces: int = 3) -> list[list[dict]]:
     return out
 
 
+def _header(index: int, call_id: str, name: str) -> dict:
+    return {
+        "index": index,
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": ""},
+    }
+
+
 class ToolStream:
-    """One streamed choice with tools: ``push`` returns the text safe to send as content (held
-    back from where a call may start), ``finish`` the content still owed and the calls."""
+    """One streamed choice with tools. ``push`` returns the text safe to send as content (held
+    back from where a call may start) and the ``tool_calls`` deltas the text allows so far: a
+    call's id, type and name once its name is complete, is a known tool and ``"arguments": {``
+    follows, then each new piece of its arguments as written; ``finish`` what is still owed."""
 
     def __init__(self, tools: ToolSet):
         self.tools, self.text, self.sent = tools, "", 0
         self.entries: tuple = ()  # logprob entries of text held back, sent with it later
+        self.start = -1  # where the call block opens, once seen
+        self.scan = CallScanner(tools.names)
+        self.ids: list[str] = []
 
-    def push(self, text: str) -> str:
+    def push(self, text: str) -> tuple[str, list[list[dict]]]:
         self.text += text
+        if self.start >= 0:
+            return "", self._deltas(self.scan.feed(text))
         start = self.text.find(OPEN)
         if start < 0:  # hold a tail that could be the start of OPEN
             start = next(
@@ -315,12 +337,37 @@ class ToolStream:
                 ),
                 len(self.text),
             )
-        safe, self.sent = self.text[self.sent : max(start, self.sent)], max(start, self.sent)
-        return safe
+            safe, self.sent = self.text[self.sent : max(start, self.sent)], max(start, self.sent)
+            return safe, []
+        safe, self.sent, self.start = self.text[self.sent : start], start, start
+        return safe, self._deltas(self.scan.feed(self.text[start + len(OPEN) :]))
 
-    def finish(self, text: str) -> tuple[str, list[dict]]:
-        """``text``: the choice's whole text (a cached answer streams nothing before)."""
-        start, end, calls = _split(text, self.tools)
-        if not calls:
-            return text[self.sent :], []
-        return text[self.sent : max(start, self.sent)] + text[end:], calls
+    def _deltas(self, events: list[tuple[int, str | None, str]]) -> list[list[dict]]:
+        out: list[list[dict]] = []
+        for index, name, piece in events:
+            if name is not None:
+                self.ids.append("call_" + uuid.uuid4().hex[:24])
+                out.append([_header(index, self.ids[index], name)])
+            elif out and "id" not in out[-1][0] and out[-1][0]["index"] == index:
+                out[-1][0]["function"]["arguments"] += piece  # one delta per call and push
+            else:
+                out.append([{"index": index, "function": {"arguments": piece}}])
+        return out
+
+    def finish(self, text: str) -> tuple[str, list[list[dict]], bool]:
+        """(content still owed, the deltas still owed, whether the choice called tools).
+        ``text``: the choice's whole text (a cached answer streams nothing before). Calls
+        whose start went out stay calls: text that then fails to parse (a call cut by
+        ``max_tokens``, broken JSON) is not sent again as content, what lies past the point
+        where the layout broke is."""
+        owed, deltas = self.push(text[len(self.text) :]) if text.startswith(self.text) else ("", [])
+        _, end, calls = _split(text, self.tools)
+        begun = len(self.scan.calls)
+        if calls:
+            deltas += call_deltas(calls[begun:], first=begun)
+            return owed + text[end:], deltas, True
+        if not begun:
+            return owed + text[self.sent :], deltas, False
+        if self.scan.broken or self.scan.done:
+            owed += self.scan.text[self.scan.pos :]
+        return owed, deltas, True
