@@ -2,15 +2,17 @@
 SmolLM2-135M-Instruct.
 
 One in-process server for the module: forced calls (``required``, a named function) come back
-as OpenAI ``tool_calls`` whose arguments parse and validate against the tool's schema; a stream's
-deltas accumulate (openai's stream helper) to the same call; a conversation with past calls and
-tool results is served; bad tools are 400s naming what is wrong; a LangChain agent runs two
+as OpenAI ``tool_calls`` whose arguments parse and validate against the tool's schema; a stream
+sends a call as it is generated (its header, then its arguments in pieces) and its deltas
+accumulate (openai's stream helper) to exactly the non-streamed call; a conversation with past
+calls and tool results is served; bad tools are 400s naming what is wrong; a LangChain agent runs two
 tools end to end. The calls are forced where a 135M model could not be relied on to choose.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import jsonschema
@@ -111,7 +113,7 @@ def test_forced_calls_parse_and_follow_the_schema(client, choice, temperature):
         assert message.tool_calls[0].function.name == choice["function"]["name"]
 
 
-def test_stream_deltas_accumulate_to_the_same_call(client):
+def test_a_streamed_call_arrives_as_generated_and_equals_the_whole_one(client):
     settings = dict(
         model="smol",
         messages=ASK,
@@ -119,14 +121,39 @@ def test_stream_deltas_accumulate_to_the_same_call(client):
         tool_choice="required",
         temperature=0,
         max_tokens=60,
+        logprobs=True,  # a chunk carries the logprobs of the tokens it sends: when they came
     )
     whole = client.chat.completions.create(**settings).choices[0]
+    arrivals = []  # (seconds, chunk's tool_calls or None, finish_reason)
+    fragment_tokens = []  # per argument fragment: how many tokens' logprobs came with it
     with client.chat.completions.stream(**settings) as stream:
+        for event in stream:
+            if event.type == "chunk" and event.chunk.choices:
+                choice = event.chunk.choices[0]
+                arrivals.append(
+                    (time.perf_counter(), choice.delta.tool_calls, choice.finish_reason)
+                )
+                if choice.delta.tool_calls and choice.delta.tool_calls[0].function.arguments:
+                    entries = choice.logprobs.content if choice.logprobs else None
+                    fragment_tokens.append(len(entries or []))
         streamed = stream.get_final_completion().choices[0]
     assert streamed.finish_reason == whole.finish_reason == "tool_calls"
+    calls = [(t, d) for t, deltas, _ in arrivals if deltas for d in deltas]
+    fragments = [d.function.arguments for _, d in calls if d.function.arguments]
+    assert calls[0][1].id and calls[0][1].function.name  # the header comes first
+    # the arguments came in pieces, each as its tokens were generated (at the end, they would
+    # come in one burst, every token's logprobs on the first chunk)
+    assert len(fragments) >= 2 and sum(n > 0 for n in fragment_tokens) >= 2
+    finished = next(t for t, _, reason in arrivals if reason)
+    assert calls[0][0] < finished  # the call began before the choice ended
     pairs = zip(streamed.message.tool_calls, whole.message.tool_calls, strict=True)
-    for got, want in pairs:
-        assert (got.function.name, checked(got)) == (want.function.name, checked(want))
+    for got, want in pairs:  # the openai client's accumulated call is the non-streamed one
+        assert (got.function.name, got.function.arguments) == (
+            want.function.name,
+            want.function.arguments,
+        )
+        checked(got)
+    assert "".join(fragments) == whole.message.tool_calls[0].function.arguments
 
 
 def test_a_tool_result_round_trip(client, server):
