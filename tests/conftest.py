@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny random Llama and a BPE tokenizer, built locally in seconds; and the
-rule that every test is exactly one of unit, integration or slow (markers in pyproject.toml).
+"""Shared fixtures: a tiny random Llama and a BPE tokenizer, built locally in seconds; the real
+SmolLM2-135M-Instruct behind lmref's server; and the rule that every test is exactly one of
+unit, integration or slow (markers in pyproject.toml).
 
-The fixtures use only transformers/tokenizers (not lmref) so every module's tests can run alone.
+The model fixtures use only transformers/tokenizers (not lmref's model code) so every module's
+tests can run alone; the server fixture imports lmref's server when a test asks for it.
 """
 
 from __future__ import annotations
@@ -109,3 +111,34 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(path)
     write_manifest(path)  # as every folder lmref saves: the server serves only verified ones
     return path
+
+
+REAL_MODEL = HERE.parent / "artifacts" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def smol_server():
+    """The real SmolLM2-135M-Instruct served in-process as model ``smol`` (8 rows a batch, no
+    response cache, one torch thread): one server per test module that asks for it."""
+    if not (REAL_MODEL / "config.json").exists():
+        pytest.skip("artifacts/smollm2-135m-instruct not built")
+    from lmref.serve import start_server
+    from lmref.serving.app import ModelSpec, ServingConfig
+
+    config = ServingConfig(
+        models=[ModelSpec("smol", str(REAL_MODEL), max_batch_size=8)],
+        api_keys=[],
+        cache_size=0,
+        torch_threads=1,
+    )
+    handle = start_server(config)
+    yield handle
+    handle.stop(drain_timeout=5)
+
+
+@pytest.fixture(scope="module")
+def smol_client(smol_server):
+    """The official ``openai`` client on ``smol_server`` (no retries: a failure shows at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=smol_server.url + "/v1", api_key="x", max_retries=0, timeout=60)

@@ -9,47 +9,22 @@ schemas are 400s naming what is wrong; streaming sends the same JSON.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import openai
 import pytest
 import requests
 from pydantic import BaseModel, Field
 
-from lmref.serve import start_server
-from lmref.serving.app import ModelSpec, ServingConfig
 from lmref.serving.constraints import JSON_OBJECT, Grammar
 from lmref.serving.engine import Job, SamplingParams
 
 pytestmark = pytest.mark.integration  # a real server in a thread
-
-MODEL = Path(__file__).resolve().parents[1] / "artifacts" / "smollm2-135m-instruct"
 
 
 class Person(BaseModel):
     # Bounded fields: even a sampled answer ends within max_tokens.
     name: str = Field(max_length=20)
     age: int = Field(ge=0, le=150)
-
-
-@pytest.fixture(scope="module")
-def server():
-    if not (MODEL / "config.json").exists():
-        pytest.skip("artifacts/smollm2-135m-instruct not built")
-    config = ServingConfig(
-        models=[ModelSpec("smol", str(MODEL), max_batch_size=8)],
-        api_keys=[],
-        cache_size=0,
-        torch_threads=1,
-    )
-    handle = start_server(config)
-    yield handle
-    handle.stop(drain_timeout=5)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
 
 
 def ask(who: str) -> list[dict]:
@@ -59,8 +34,8 @@ def ask(who: str) -> list[dict]:
 @pytest.mark.parametrize(
     "who, temperature", [("Bob, aged 30", 0.0), ("a young girl", 0.7), ("an old king", 1.0)]
 )
-def test_openai_parse_returns_the_model(client, who, temperature):
-    reply = client.chat.completions.parse(
+def test_openai_parse_returns_the_model(smol_client, who, temperature):
+    reply = smol_client.chat.completions.parse(
         model="smol",
         messages=ask(who),
         response_format=Person,
@@ -72,8 +47,8 @@ def test_openai_parse_returns_the_model(client, who, temperature):
     assert isinstance(person, Person) and reply.choices[0].finish_reason == "stop"
 
 
-def test_json_object_is_valid_json_on_both_routes(client):
-    chat = client.chat.completions.create(
+def test_json_object_is_valid_json_on_both_routes(smol_client):
+    chat = smol_client.chat.completions.create(
         model="smol",
         messages=[{"role": "user", "content": 'Reply with the JSON object {"ok": true}.'}],
         response_format={"type": "json_object"},
@@ -82,7 +57,7 @@ def test_json_object_is_valid_json_on_both_routes(client):
     )
     assert chat.choices[0].finish_reason == "stop", chat.choices[0].message.content
     assert isinstance(json.loads(chat.choices[0].message.content), dict)
-    plain = client.completions.create(
+    plain = smol_client.completions.create(
         model="smol",
         prompt='The JSON object {"ok": true} is written as: ',
         temperature=0,
@@ -93,17 +68,17 @@ def test_json_object_is_valid_json_on_both_routes(client):
     assert isinstance(json.loads(plain.choices[0].text), dict)
 
 
-def test_langchain_with_structured_output(server):
+def test_langchain_with_structured_output(smol_server):
     from langchain_openai import ChatOpenAI
 
     llm = ChatOpenAI(
-        base_url=server.url + "/v1", api_key="x", model="smol", temperature=0, max_retries=0
+        base_url=smol_server.url + "/v1", api_key="x", model="smol", temperature=0, max_retries=0
     )
     person = llm.with_structured_output(Person).invoke("Describe Carol, aged 41, as JSON.")
     assert isinstance(person, Person)
 
 
-def test_streaming_sends_the_same_json(client):
+def test_streaming_sends_the_same_json(smol_client):
     kwargs = dict(
         model="smol",
         messages=ask("Dan"),
@@ -114,19 +89,19 @@ def test_streaming_sends_the_same_json(client):
             "json_schema": {"name": "person", "schema": Person.model_json_schema()},
         },
     )
-    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    whole = smol_client.chat.completions.create(**kwargs).choices[0].message.content
     parts = [
         c.choices[0].delta.content or ""
-        for c in client.chat.completions.create(**kwargs, stream=True)
+        for c in smol_client.chat.completions.create(**kwargs, stream=True)
         if c.choices
     ]
     assert "".join(parts) == whole and Person.model_validate_json(whole)
 
 
-def test_constrained_and_free_rows_in_one_batch(server):
+def test_constrained_and_free_rows_in_one_batch(smol_server):
     """One job, so both rows are in the same step: the free row's greedy text is the text it
     gets alone, and the constrained one is valid JSON; the mask's cost per token is reported."""
-    engine = server.state.engines["smol"]
+    engine = smol_server.state.engines["smol"]
     messages = ask("Eve")
 
     def run(*rows: SamplingParams) -> list[str]:
@@ -161,19 +136,19 @@ def test_constrained_and_free_rows_in_one_batch(server):
         ({"type": "json_schema", "json_schema": {"name": "p", "strict": "y"}}, "strict"),
     ],
 )
-def test_bad_response_format_shapes_are_400(server, response_format, says):
+def test_bad_response_format_shapes_are_400(smol_server, response_format, says):
     body = {"model": "smol", "messages": ask("x"), "response_format": response_format}
-    r = requests.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    r = requests.post(smol_server.url + "/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "response_format" and says in error["message"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_unsupported_schema_is_400_naming_the_keyword(client, stream):
+def test_unsupported_schema_is_400_naming_the_keyword(smol_client, stream):
     schema = {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(
+        smol_client.chat.completions.create(
             model="smol",
             messages=ask("x"),
             max_tokens=8,
@@ -184,14 +159,14 @@ def test_unsupported_schema_is_400_naming_the_keyword(client, stream):
     assert "not" in caught.value.body["message"]
 
 
-def test_ignore_eos_with_a_grammar_is_400(server):
+def test_ignore_eos_with_a_grammar_is_400(smol_server):
     body = {
         "model": "smol",
         "prompt": "x",
         "ignore_eos": True,
         "response_format": {"type": "json_object"},
     }
-    r = requests.post(server.url + "/v1/completions", json=body, timeout=30)
+    r = requests.post(smol_server.url + "/v1/completions", json=body, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos"
 
 

@@ -13,19 +13,13 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import jsonschema
-import openai
 import pytest
 import requests
 
-from lmref.serve import start_server
-from lmref.serving.app import ModelSpec, ServingConfig
-
 pytestmark = pytest.mark.integration  # a real server in a thread
 
-MODEL = Path(__file__).resolve().parents[1] / "artifacts" / "smollm2-135m-instruct"
 PAIR = {
     "type": "object",
     "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
@@ -58,26 +52,6 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "What is 3 plus 4?"}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    if not (MODEL / "config.json").exists():
-        pytest.skip("artifacts/smollm2-135m-instruct not built")
-    config = ServingConfig(
-        models=[ModelSpec("smol", str(MODEL), max_batch_size=8)],
-        api_keys=[],
-        cache_size=0,
-        torch_threads=1,
-    )
-    handle = start_server(config)
-    yield handle
-    handle.stop(drain_timeout=5)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
-
-
 def checked(call) -> dict:
     """A call's arguments, parsed and validated against its tool's schema."""
     assert call.type == "function" and call.id.startswith("call_")
@@ -94,8 +68,8 @@ def checked(call) -> dict:
         ({"type": "function", "function": {"name": "weather"}}, 0.9),
     ],
 )
-def test_forced_calls_parse_and_follow_the_schema(client, choice, temperature):
-    reply = client.chat.completions.create(
+def test_forced_calls_parse_and_follow_the_schema(smol_client, choice, temperature):
+    reply = smol_client.chat.completions.create(
         model="smol",
         messages=ASK,
         tools=TOOLS,
@@ -113,7 +87,7 @@ def test_forced_calls_parse_and_follow_the_schema(client, choice, temperature):
         assert message.tool_calls[0].function.name == choice["function"]["name"]
 
 
-def test_a_streamed_call_arrives_as_generated_and_equals_the_whole_one(client):
+def test_a_streamed_call_arrives_as_generated_and_equals_the_whole_one(smol_client):
     settings = dict(
         model="smol",
         messages=ASK,
@@ -123,10 +97,10 @@ def test_a_streamed_call_arrives_as_generated_and_equals_the_whole_one(client):
         max_tokens=60,
         logprobs=True,  # a chunk carries the logprobs of the tokens it sends: when they came
     )
-    whole = client.chat.completions.create(**settings).choices[0]
+    whole = smol_client.chat.completions.create(**settings).choices[0]
     arrivals = []  # (seconds, chunk's tool_calls or None, finish_reason)
     fragment_tokens = []  # per argument fragment: how many tokens' logprobs came with it
-    with client.chat.completions.stream(**settings) as stream:
+    with smol_client.chat.completions.stream(**settings) as stream:
         for event in stream:
             if event.type == "chunk" and event.chunk.choices:
                 choice = event.chunk.choices[0]
@@ -156,8 +130,8 @@ def test_a_streamed_call_arrives_as_generated_and_equals_the_whole_one(client):
     assert "".join(fragments) == whole.message.tool_calls[0].function.arguments
 
 
-def test_a_tool_result_round_trip(client, server):
-    first = client.chat.completions.create(
+def test_a_tool_result_round_trip(smol_client, smol_server):
+    first = smol_client.chat.completions.create(
         model="smol",
         messages=ASK,
         tools=TOOLS,
@@ -172,7 +146,7 @@ def test_a_tool_result_round_trip(client, server):
         first.choices[0].message.model_dump(exclude_none=True),  # as clients send it back
         {"role": "tool", "tool_call_id": call.id, "content": f"RESULT={result}"},
     ]
-    answer = client.chat.completions.create(
+    answer = smol_client.chat.completions.create(
         model="smol",
         messages=history,
         tools=TOOLS,
@@ -183,7 +157,7 @@ def test_a_tool_result_round_trip(client, server):
     assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
     # the prompt the model saw holds the past call and the tool's result
     shown = requests.post(
-        server.url + "/tokenize",
+        smol_server.url + "/tokenize",
         json={"model": "smol", "messages": history, "return_token_strs": True},
         timeout=30,
     ).json()
@@ -208,17 +182,17 @@ def test_a_tool_result_round_trip(client, server):
         ({"messages": [{"role": "assistant", "tool_calls": [{"function": {}}]}]}, "messages"),
     ],
 )
-def test_bad_tools_are_400s_naming_what_is_wrong(server, change, named):
+def test_bad_tools_are_400s_naming_what_is_wrong(smol_server, change, named):
     body = {"model": "smol", "messages": ASK, "tools": TOOLS, "tool_choice": "required"}
     response = requests.post(
-        server.url + "/v1/chat/completions", json={**body, **change}, timeout=30
+        smol_server.url + "/v1/chat/completions", json={**body, **change}, timeout=30
     )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert named in error["message"] + str(error["param"])
 
 
-def test_a_langchain_agent_runs_two_tools(server):
+def test_a_langchain_agent_runs_two_tools(smol_server):
     from langchain.agents import create_agent
     from langchain.agents.middleware import wrap_model_call
     from langchain_core.messages import AIMessage, ToolMessage
@@ -250,7 +224,7 @@ def test_a_langchain_agent_runs_two_tools(server):
 
     model = ChatOpenAI(
         model="smol",
-        base_url=server.url + "/v1",
+        base_url=smol_server.url + "/v1",
         api_key="x",
         temperature=0,
         max_tokens=40,
