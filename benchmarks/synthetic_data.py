@@ -17,7 +17,7 @@ items per task, with and without the synthetic items SmolLM2-135M-Instruct wrote
    (pooled over seeds) and Fisher's two-proportion test on the pooled counts.
 
     nice -n 5 python benchmarks/synthetic_data.py   # writes results/synthetic_data-cpu.json
-    SYNTH_STEPS=150 SYNTH_SEEDS=3 SYNTH_PER_TASK=60 ...   # the knobs (defaults below)
+    SYNTH_STEPS=400 SYNTH_SEEDS=3 SYNTH_PER_TASK=40 ...   # the knobs (defaults below)
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from lmref.training.loop import train
 RESULTS = Path(__file__).resolve().parent / "results"
 REAL_MODEL = "artifacts/smollm2-135m-instruct"
 BASE = "artifacts/base"
-STEPS = int(os.environ.get("SYNTH_STEPS", 150))
+STEPS = int(os.environ.get("SYNTH_STEPS", 400))  # 150: both arms at the floor (~1%)
 SEEDS = int(os.environ.get("SYNTH_SEEDS", 3))
 PER_TASK = int(os.environ.get("SYNTH_PER_TASK", 40))  # rephrase candidates per task
 SEED_PER_TASK = int(os.environ.get("SYNTH_SEED_PER_TASK", 20))  # human (templated) items per task

@@ -10,8 +10,11 @@ course's task families:
   is exactly right. A 135M model rarely is (see the acceptance rate).
 - ``"rephrase"`` (the default): the input is sampled from the family's spec; the model, shown a
   few human wordings of the family with that input (``SEED_WORDINGS``), writes a new wording;
-  ``verify`` checks that the input is still there and the task's meaning kept, and the answer is
-  *computed* by the checker, not written by the model. Model-generated text, verified.
+  ``verify`` checks that the input is still there, the task's meaning kept and the wording a
+  request, and the answer is *computed* by the checker, not written by the model.
+  ``SynthConfig.prompt="verb-led"`` (the default) prefills the new line with one of the family's
+  request verbs (``LEAD_VERBS``): a 135M model left to start the line itself (``"list"``) mostly
+  writes a bare input, a fragment or a statement (2% accepted against ~50%, benchmark JSON).
 
 Each candidate is then deduplicated against the train (seed) items and the other accepted ones,
 and checked for leakage against validation and test (``HeldOut``: exact, same input, rare
