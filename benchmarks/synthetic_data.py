@@ -2,10 +2,14 @@
 items per task, with and without the synthetic items SmolLM2-135M-Instruct wrote for it.
 
 1. Generation: the real model behind ``python -m lmref.serve`` (any OpenAI-compatible server
-   would do), called with the ``openai`` client: the ``rephrase`` scheme (the model words the
-   instruction, the input is sampled, the checker computes the answer) for the training set, and
-   a smaller ``self-instruct`` round (the model writes instruction and answer) for its
-   acceptance rate alone. ``lmref.data.synthetic`` verifies, deduplicates and checks leakage.
+   would do), called with the ``openai`` client, 16 requests in flight (the server batches
+   them): the ``rephrase`` scheme (the model words the instruction, the input is sampled, the
+   checker computes the answer) twice on the same candidates, the first ``"list"`` prompt (3
+   wordings, the model starts the line) and the ``"verb-led"`` one (5 wordings, the line
+   prefilled with a request verb), whose accepted items are the training set; and a smaller
+   ``self-instruct`` round (the model writes instruction and answer) for its acceptance rate
+   alone. ``lmref.data.synthetic`` verifies (strict: a request, the family's keyword),
+   deduplicates and checks leakage.
 2. Fine-tuning: notebook 02's base model (``artifacts/base``) fine-tuned on the seed items alone
    and on seed + synthetic items, the same steps and batch, >= 3 seeds each.
 3. Evaluation on the VALIDATION split (choices are made there), exact match with its Wilson
@@ -13,13 +17,14 @@ items per task, with and without the synthetic items SmolLM2-135M-Instruct wrote
    (pooled over seeds) and Fisher's two-proportion test on the pooled counts.
 
     nice -n 5 python benchmarks/synthetic_data.py   # writes results/synthetic_data-cpu.json
-    SYNTH_STEPS=150 SYNTH_SEEDS=3 SYNTH_PER_TASK=60 ...   # the knobs (defaults below)
+    SYNTH_STEPS=400 SYNTH_SEEDS=3 SYNTH_PER_TASK=40 ...   # the knobs (defaults below)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -50,12 +55,19 @@ from lmref.training.loop import train
 RESULTS = Path(__file__).resolve().parent / "results"
 REAL_MODEL = "artifacts/smollm2-135m-instruct"
 BASE = "artifacts/base"
-STEPS = int(os.environ.get("SYNTH_STEPS", 150))
+STEPS = int(os.environ.get("SYNTH_STEPS", 400))  # 150: both arms at the floor (~1%)
 SEEDS = int(os.environ.get("SYNTH_SEEDS", 3))
-PER_TASK = int(os.environ.get("SYNTH_PER_TASK", 9))  # rephrase candidates per task
+PER_TASK = int(os.environ.get("SYNTH_PER_TASK", 40))  # rephrase candidates per task
 SEED_PER_TASK = int(os.environ.get("SYNTH_SEED_PER_TASK", 20))  # human (templated) items per task
 VALIDATION = int(os.environ.get("SYNTH_VALIDATION", 250))
 MIN_SYNTHETIC = 20  # fewer accepted items: no fine-tuning comparison
+
+
+ROUNDS = (  # (name, config): the same candidate seeds for both rephrase prompts
+    ("rephrase (list prompt, before)", dict(scheme="rephrase", prompt="list", shots=3)),
+    ("rephrase (verb-led prompt, after)", dict(scheme="rephrase", prompt="verb-led", shots=5)),
+    ("self-instruct", dict(scheme="self-instruct", shots=3)),
+)
 
 
 def generate(raw) -> tuple[list[dict], dict]:
@@ -63,14 +75,20 @@ def generate(raw) -> tuple[list[dict], dict]:
     with Services() as services:
         replica = services.add(start_replica(f"smollm2={REAL_MODEL}", ["--torch-threads", "2"]))
         client = OpenAI(base_url=replica.url + "/v1", api_key="-", max_retries=0)
-        for scheme, per_task in (("rephrase", PER_TASK), ("self-instruct", PER_TASK // 3)):
+        for name, knobs in ROUNDS:
+            per_task = PER_TASK if knobs["scheme"] == "rephrase" else max(1, PER_TASK // 10)
             start = time.perf_counter()
             rows, report = generate_synthetic(
-                client, "smollm2", raw, SynthConfig(scheme=scheme, candidates_per_task=per_task)
+                client, "smollm2", raw, SynthConfig(candidates_per_task=per_task, **knobs)
             )
-            reports[scheme] = {**report.as_dict(), "seconds": time.perf_counter() - start}
-            if scheme == "rephrase":
+            reports[name] = {**report.as_dict(), "seconds": time.perf_counter() - start}
+            if "after" in name:
                 kept = rows
+    before, after = (Score(reports[n]["accepted"], reports[n]["candidates"]) for n, _ in ROUNDS[:2])
+    reports["acceptance_after_vs_before"] = {
+        "compare": compare(after, before, ("verb-led", "list")),
+        "fisher_p": two_proportion_test(after, before),
+    }
     return kept, reports
 
 
@@ -109,6 +127,7 @@ def finetune_and_score(rows: list[dict], seed: int, tokenizer, validation) -> di
 
 
 def main() -> None:
+    load_start = os.getloadavg()
     raw, _ = make_instruction_dataset(InstructionConfig())
     tasks = InstructionConfig().tasks
     seed_rows = list(raw["train"].select(range(SEED_PER_TASK * len(tasks))))  # stratified prefix
@@ -117,20 +136,27 @@ def main() -> None:
     validation = raw["validation"].select(range(VALIDATION))
     arms = {"seed only": seed_rows, "seed + synthetic": seed_rows + synthetic}
     if len(synthetic) < MIN_SYNTHETIC:  # the two arms would be (nearly) the same data
-        return _write(raw, seed_rows, synthetic, reports, None)
+        return _write(seed_rows, synthetic, reports, None, load_start)
+    start = time.perf_counter()
     runs = {
         arm: [finetune_and_score(rows, s, tokenizer, validation) for s in range(SEEDS)]
         for arm, rows in arms.items()
     }
-    return _write(raw, seed_rows, synthetic, reports, (arms, runs, validation, tasks))
+    reports["finetune_seconds"] = time.perf_counter() - start
+    return _write(seed_rows, synthetic, reports, (arms, runs, validation, tasks), load_start)
 
 
-def _write(raw, seed_rows, synthetic, reports, comparison) -> None:
+def _write(seed_rows, synthetic, reports, comparison, load_start) -> None:
     out = {
         "benchmark": "synthetic_data",
         "device": cpu_model(),
         "settings": {
-            "generator": "SmolLM2-135M-Instruct via lmref.serve, openai client, temperature 0.9",
+            "generator": "SmolLM2-135M-Instruct via lmref.serve (2 torch threads, batch 16), "
+            "openai client, 16 requests in flight, temperature 0.9, top_p 0.95",
+            "rephrase_candidates_per_task": PER_TASK,
+            "check": "synthetic_check.verify: input parsed back, the family's keyword (digits: "
+            "'digit'), a request (an instruction verb first, or a question), answer recomputed; "
+            "dedup; leakage vs validation+test (exact, same input, rare 3-gram)",
             "student": f"{BASE} (notebook 02's pretrained tiny base), full fine-tuning",
             "steps": STEPS,
             "batch": 16,
@@ -148,10 +174,13 @@ def _write(raw, seed_rows, synthetic, reports, comparison) -> None:
             "the fine-tuning arms would train on the same data"
         },
         "note": (
-            "Shared 2-core CPU (four other helpers' jobs ran at the same time, load ~5): seconds "
-            "are indicative. Rephrase scheme: the model writes the wording, the input is sampled, "
-            "the answer is computed by the task's checker; self-instruct: the model writes the "
-            "answer too. Test split untouched."
+            f"Shared 2-core CPU: another helper's CPU-heavy data benchmark ran at the same time "
+            f"(load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at the end; "
+            f"{platform.processor() or platform.machine()}): seconds are indicative, and numbers "
+            "are not comparable across runs. Rephrase: the model writes the wording, the input "
+            "is sampled, the answer is computed by the task's checker; both rephrase prompts "
+            "draw the same inputs (candidate seeds); the 'list' prompt samples 3 of the now 6 "
+            "seed wordings. Self-instruct: the model writes the answer too. Test split untouched."
         ),
     }
     RESULTS.mkdir(exist_ok=True)

@@ -10,8 +10,11 @@ course's task families:
   is exactly right. A 135M model rarely is (see the acceptance rate).
 - ``"rephrase"`` (the default): the input is sampled from the family's spec; the model, shown a
   few human wordings of the family with that input (``SEED_WORDINGS``), writes a new wording;
-  ``verify`` checks that the input is still there and the task's meaning kept, and the answer is
-  *computed* by the checker, not written by the model. Model-generated text, verified.
+  ``verify`` checks that the input is still there, the task's meaning kept and the wording a
+  request, and the answer is *computed* by the checker, not written by the model.
+  ``SynthConfig.prompt="verb-led"`` (the default) prefills the new line with one of the family's
+  request verbs (``LEAD_VERBS``): a 135M model left to start the line itself (``"list"``) mostly
+  writes a bare input, a fragment or a statement (2% accepted against ~50%, benchmark JSON).
 
 Each candidate is then deduplicated against the train (seed) items and the other accepted ones,
 and checked for leakage against validation and test (``HeldOut``: exact, same input, rare
@@ -54,18 +57,24 @@ SEED_WORDINGS: dict[str, tuple[str, ...]] = {
         "How is the date {x} written in words?",
         "Spell out the date {x} using words for the month.",
         "Give {x} as a date written in words.",
+        "Express the date {x} in words, with the month's name.",
+        "Say the date {x} in words.",
     ),
     "time": (
         "Write {x} in 12-hour time.",
         "What is {x} on a 12-hour clock?",
         "Convert {x} to 12-hour time with am or pm.",
         "Give the time {x} in 12-hour format.",
+        "Change {x} from 24-hour to 12-hour time.",
+        "Tell me {x} as a 12-hour time with am or pm.",
     ),
     "digits": (
         "Spell out the digits of {x}.",
         "Write each digit of {x} as a word.",
         "Read the number {x} digit by digit, in words.",
         "Name the digits of {x} one by one in words.",
+        "Say each digit of {x} as a word, in order.",
+        "Give the digits of {x} as words.",
     ),
     "reverse": (
         "Reverse the order of the words: {x}",
@@ -76,17 +85,34 @@ SEED_WORDINGS: dict[str, tuple[str, ...]] = {
         "Sort the words alphabetically: {x}",
         "Put these words in alphabetical order: {x}",
         "List the words from A to Z, sorted alphabetically: {x}",
+        "Arrange these words in alphabetical order: {x}",
+        "Order the following words alphabetically: {x}",
+        "Write these words sorted alphabetically: {x}",
     ),
     "uppercase": (
         "Write in capital letters: {x}",
         "Rewrite these words in uppercase: {x}",
         "Turn the following into capital letters: {x}",
+        "Convert these words to uppercase: {x}",
+        "Change the following words to capital letters: {x}",
+        "Give these words in upper case: {x}",
     ),
     "add": (
         "What is {x}?",
         "Add the numbers: {x}",
         "Compute the sum {x}.",
     ),
+}
+# The request verbs a "verb-led" rephrase may start with (``synthetic_check.asks`` accepts each):
+# the candidate is prefilled with one, so the model writes an instruction, not a statement.
+LEAD_VERBS: dict[str, tuple[str, ...]] = {
+    "date": ("Write", "Spell out", "Give", "Express", "Say", "Convert", "How is"),
+    "time": ("Write", "Convert", "Give", "Change", "Tell me", "Express", "What is"),
+    "digits": ("Spell out", "Write", "Read", "Name", "Say", "Give", "List"),
+    "reverse": ("Reverse", "Write", "Put", "List", "Give"),
+    "sort": ("Sort", "Put", "List", "Arrange", "Order", "Write", "Give"),
+    "uppercase": ("Write", "Rewrite", "Turn", "Convert", "Change", "Give", "Capitalize"),
+    "add": ("What is", "Add", "Compute", "Calculate", "Give"),
 }
 
 
@@ -100,9 +126,12 @@ class SynthConfig:
     temperature: float = 0.9
     top_p: float = 0.95
     max_tokens: int = 40
-    shots: int = 3
+    shots: int = 5  # seed wordings shown per request (rephrase) or train items (self-instruct)
+    # "verb-led": the candidate starts with one of the family's LEAD_VERBS (prefilled) after the
+    # wordings; "list": the model starts the line itself (the first, weaker prompt).
+    prompt: str = "verb-led"
     seed: int = 0
-    concurrency: int = 4  # requests in flight: the server batches them
+    concurrency: int = 16  # requests in flight: the server batches them (max_batch_size 16)
     ngram: int = 3  # the leakage check's n
 
 
@@ -145,20 +174,24 @@ def _input_text(task: str, instruction: str, spec: Mapping) -> str:
 
 
 def _prompt(task: str, config: SynthConfig, rng: random.Random, seeds: Sequence[Mapping]):
-    """The completion prompt of one candidate, and the rows' sampled canonical instruction."""
+    """One candidate's completion prompt, its stop strings and the text prefilled (the lead)."""
     spec = TASK_SPECS[task]
     if config.scheme == "rephrase":
         instruction, _ = checked_example(task, spec, rng, 0, "TASK_SPECS")
         x = _input_text(task, instruction, spec)
         wordings = rng.sample(SEED_WORDINGS[task], min(config.shots, len(SEED_WORDINGS[task])))
         lines = "\n".join(f"- {w.format(x=x)}" for w in wordings)
-        return f"Different ways to ask for the same task, each a new wording:\n{lines}\n- ", ["\n"]
+        head = f"Different ways to ask for the same task, each a new wording:\n{lines}\n- "
+        if config.prompt == "list":
+            return head, ["\n"], ""
+        lead = rng.choice(LEAD_VERBS[task])
+        return head + lead, ["\n"], lead
     if config.scheme == "self-instruct":
         shots = rng.sample([s for s in seeds if s["task"] == task], config.shots)
         lines = "".join(
             f"Instruction: {s['instruction']}\nAnswer: {s['answer']}\n\n" for s in shots
         )
-        return f"Examples of one task, then a new one:\n\n{lines}Instruction:", ["\n\n"]
+        return f"Examples of one task, then a new one:\n\n{lines}Instruction:", ["\n\n"], ""
     raise ValueError(f"unknown scheme {config.scheme!r}; use 'rephrase' or 'self-instruct'")
 
 
@@ -198,6 +231,8 @@ def generate_synthetic(
     for task in config.tasks:
         if task not in SEED_WORDINGS:
             raise ValueError(f"unknown task {task!r}; known: {sorted(SEED_WORDINGS)}")
+    if config.prompt not in ("verb-led", "list"):
+        raise ValueError(f"unknown prompt {config.prompt!r}; use 'verb-led' or 'list'")
     for split in ("train", "validation", "test"):
         if split not in raw:
             raise ValueError(f"raw needs a {split!r} split; it has {sorted(raw)}")
@@ -208,11 +243,11 @@ def generate_synthetic(
     for task in config.tasks:
         for i in range(config.candidates_per_task):
             rng = random.Random(f"{config.seed}-{task}-{i}")  # str seeds are stable across runs
-            prompt, stop = _prompt(task, config, rng, seeds)
-            jobs.append((task, prompt, stop, rng.randrange(2**31)))
+            prompt, stop, lead = _prompt(task, config, rng, seeds)
+            jobs.append((task, prompt, stop, rng.randrange(2**31), lead))
 
     def ask(job) -> str:
-        task, prompt, stop, seed = job
+        task, prompt, stop, seed, lead = job
         out = client.completions.create(
             model=model,
             prompt=prompt,
@@ -222,7 +257,7 @@ def generate_synthetic(
             seed=seed,
             stop=stop,
         )
-        return out.choices[0].text
+        return lead + out.choices[0].text  # the prefilled verb is part of the wording
 
     with ThreadPoolExecutor(config.concurrency) as pool:
         texts = list(pool.map(ask, jobs))
@@ -271,4 +306,11 @@ def generate_synthetic(
     return rows, report
 
 
-__all__ = ["SEED_WORDINGS", "SynthConfig", "SynthReport", "generate_synthetic", "parse_input"]
+__all__ = [
+    "LEAD_VERBS",
+    "SEED_WORDINGS",
+    "SynthConfig",
+    "SynthReport",
+    "generate_synthetic",
+    "parse_input",
+]

@@ -4,7 +4,8 @@ generated example be trained on?".
 ``verify`` is each task family's own checker: it parses the input back out of a generated
 instruction (an ISO date, an hh:mm time, a number, a run of the family's words, two addends),
 checks the instruction still asks for this family's transformation (its keywords, and no other
-word family's), recomputes the answer from the parsed input and, when the generator wrote an
+word family's) and is a request at all (``asks``: it opens with an instruction verb or is a
+question), recomputes the answer from the parsed input and, when the generator wrote an
 answer too, accepts only an exact match. Anything it cannot parse is rejected, never guessed.
 ``HeldOut`` holds the validation and test items: a candidate is a leak when its normalised
 instruction equals one of theirs, when it carries the same task input (the same date, the same
@@ -36,12 +37,24 @@ WORD_TASKS = ("reverse", "sort", "uppercase")
 MEANING = {
     "date": r"word|spell|written|write .*out",
     "time": r"12[- ]?hour|\ba\.?m\.?\b|\bp\.?m\.?\b|twelve",
-    "digits": r"digit|spell|word",
+    # "digit" itself: "5308 in words" asks for "five thousand three hundred eight", not digits.
+    "digits": r"digit",
     "reverse": r"revers|backward|opposite order|last to first|\binvert",
     "sort": r"alphabet|\bsort|a to z|\ba-z\b",
     "uppercase": r"capital|upper ?case|\bcaps\b|block letters",
     "add": r"plus|\badd|\bsum\b|\+|total",
 }
+# A request opens with an instruction verb (after an optional "please" / "can you") or ends
+# with "?": a statement that merely mentions the task ("The digits of 4875 are separated by a
+# dash.") or a fragment ("5308 in words.") is not an instruction, whatever the answer.
+REQUEST_VERBS = (
+    "write|spell|give|read|name|say|list|convert|turn|put|sort|rewrite|reverse|change|express"
+    "|tell|show|state|arrange|order|compute|add|calculate|find|print|type|transform|make"
+    "|capitali[sz]e|alphabeti[sz]e|return|output|provide|translate|render|format"
+)
+_REQUEST = re.compile(
+    rf"^\W*(?:please,?\s+)?(?:(?:can|could|would|will)\s+you\s+)?(?:{REQUEST_VERBS})\b", re.I
+)
 _DATE = re.compile(r"(?<![\d-])(\d{4})-(\d{2})-(\d{2})(?![\d-])")
 _TIME = re.compile(r"(?<![\d:])([01]\d|2[0-3]):([0-5]\d)(?![\d:])")
 _NUMBER = re.compile(r"(?<![\w:-])(?<!\d\.)\d+(?![\w:-]|\.\d)")  # not in a time, date, decimal
@@ -128,6 +141,8 @@ def verify(task: str, instruction: str, answer: str | None, specs: Mapping) -> V
         return _reject("too long")
     if not re.search(MEANING[task], instruction, re.I):
         return _reject("meaning lost")
+    if not asks(instruction):
+        return _reject("not a request")
     if task in WORD_TASKS and any(
         re.search(MEANING[other], instruction, re.I) for other in WORD_TASKS if other != task
     ):
@@ -141,6 +156,11 @@ def verify(task: str, instruction: str, answer: str | None, specs: Mapping) -> V
     if answer is not None and answer.strip() != expected:
         return _reject("wrong answer")
     return Verdict(True, expected, "accepted", (task, *key))
+
+
+def asks(instruction: str) -> bool:
+    """Whether ``instruction`` is worded as a request: an instruction verb first, or a question."""
+    return bool(_REQUEST.match(instruction)) or instruction.rstrip().endswith("?")
 
 
 def normalise(text: str) -> str:

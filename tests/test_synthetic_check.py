@@ -1,0 +1,64 @@
+"""The strict wording check of synthetic instructions (``synthetic_check.verify``): a candidate
+must be a request (an instruction verb first, or a question) and carry its family's keyword, so
+a statement that merely mentions the task is rejected even when its input parses and its
+computed answer would be right."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lmref.data.instruction_tasks import TASK_SPECS, checked_example
+from lmref.data.synthetic import LEAD_VERBS, SEED_WORDINGS, SynthConfig, generate_synthetic
+from lmref.data.synthetic_check import asks, verify
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("task", "instruction", "reason"),
+    [
+        ("digits", "The digits of 4875 are separated by a dash.", "not a request"),
+        ("digits", "5308 in words.", "meaning lost"),  # a number name, not digit by digit
+        ("date", "1968-12-27 as a date written in words.", "not a request"),
+        ("time", "02:59 to 12-hour time: 12-hour time.", "not a request"),
+        ("time", "What is 02:59 in 12-hour time.", "not a request"),  # a question needs its "?"
+    ],
+)
+def test_statements_fragments_and_keywordless_wordings_are_rejected(task, instruction, reason):
+    verdict = verify(task, instruction, None, TASK_SPECS)
+    assert not verdict.accepted and verdict.reason == reason, verdict
+
+
+def test_the_same_inputs_worded_as_requests_are_accepted_with_the_computed_answer():
+    for task, instruction, answer in [
+        ("digits", "Please write each digit of 4875 as a word.", "four eight seven five"),
+        ("digits", "Can you name the digits of 4875?", "four eight seven five"),
+        ("time", "What is 02:59 on a 12-hour clock?", "2:59 am"),
+        ("date", "Give 1968-12-27 as a date written in words.", "27 December 1968"),
+    ]:
+        verdict = verify(task, instruction, None, TASK_SPECS)
+        assert verdict.accepted and verdict.answer == answer, (instruction, verdict)
+
+
+def test_every_seed_wording_and_lead_verb_passes_the_strict_check():
+    rng = random.Random(0)
+    for task in SynthConfig().tasks:
+        for n, wording in enumerate(SEED_WORDINGS[task]):
+            template, _ = checked_example(task, TASK_SPECS[task], rng, n, "TASK_SPECS")
+            spec_prefix = TASK_SPECS[task]["template"].split("{")[0]
+            spec_suffix = TASK_SPECS[task]["template"].split("}")[1]
+            x = template[len(spec_prefix) : len(template) - len(spec_suffix)]
+            verdict = verify(task, wording.format(x=x), None, TASK_SPECS)
+            assert verdict.accepted or verdict.reason == "answer copied", (wording, verdict)
+        for lead in LEAD_VERBS[task]:
+            assert asks(f"{lead} it?") and (
+                asks(f"{lead} it.") or lead.split()[0] in {"How", "What"}
+            )
+
+
+def test_an_unknown_prompt_style_is_refused_before_any_request():
+    raw = {"train": [], "validation": [], "test": []}
+    with pytest.raises(ValueError, match="unknown prompt 'chat'"):
+        generate_synthetic(None, "m", raw, SynthConfig(prompt="chat"))
