@@ -74,6 +74,11 @@ def _classes() -> tuple[re.Pattern, re.Pattern]:
     return re.compile(f"{_char_class(control)}+"), alpha_word
 
 
+def warm_up() -> None:
+    """Build the Unicode classes now (once per process; otherwise at the first document)."""
+    _classes()
+
+
 def remove_control_chars(text: str) -> tuple[str, int]:
     """Text without Cc (C0/C1 controls) and Cf (zero-width spaces, BOMs, soft hyphens) characters,
     ``\\n`` and ``\\t`` kept; and how many were removed."""
