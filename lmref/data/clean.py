@@ -40,7 +40,7 @@ from lmref.data.text_rules import (  # noqa: F401  (FilterConfig, _quality_reaso
     shingle_hashes,
 )
 from lmref.data.text_rules import quality_reason as _quality_reason
-from lmref.data.text_rules import shingles as _shingles
+from lmref.data.text_rules import shingles as _shingles  # noqa: F401  (re-exported)
 
 
 def _as_documents(docs: Iterable[Document | str]) -> list[Document]:

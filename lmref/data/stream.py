@@ -1,28 +1,24 @@
 """The corpus pipeline at scale: clean, exact dedup, near dedup, filter and split as a stream over
 sharded files on disk, with an on-disk dedup index, so memory stays bounded whatever the corpus size.
 
-``lmref.data.pipeline.prepare_data`` holds the whole corpus (and datasketch's LSH) in RAM: right
-for the notebook's 2 MB, wrong for 2 GB. Here the same per-document functions of
-``lmref.data.clean`` (``clean_text``, the MinHash shingles, the quality filter's reason,
-``split_of``) run on one document at a time read from JSONL / Parquet / text shards, and the
-kept documents go to sharded Parquet per split. What is remembered across documents lives in
-one SQLite file: 16 bytes of SHA-256 per distinct document (exact dedup) and, per document
-kept, ``bands`` 8-byte LSH keys plus its signature (``num_perm`` x 4 bytes) to confirm a
-candidate, as in the in-memory ``deduplicate`` (the report gives the measured bytes per
-document). SQLite's page cache is capped (``sqlite_cache_mb``), the Parquet writers buffer
-``batch_rows`` rows, and the process's peak RSS is checked against ``max_rss_mb``.
+``lmref.data.pipeline.prepare_data`` holds the whole corpus in RAM: right for the notebook's
+2 MB, wrong for 2 GB. Here the per-document functions of ``lmref.data.clean`` run on one
+document at a time from JSONL / Parquet / text shards, kept ones go to sharded Parquet per split.
+What is remembered across documents lives in one SQLite file (``lmref.data.disk_dedup``): 16
+bytes of SHA-256 per distinct document and, per document kept, its LSH band keys and signature.
+SQLite's page cache is capped (``sqlite_cache_mb``), the Parquet writers buffer ``batch_rows``
+rows or ``batch_mb``, and the process's peak RSS is checked against ``max_rss_mb``.
 
 Why plain generators and not ``datasets`` streaming or ``num_proc``: dedup keeps the *first*
-occurrence, so it needs one ordered pass with one shared index; ``num_proc`` workers would each
-need the index (or a second pass), and on this 2-core machine there is no parallelism to win.
-The per-document steps are the parallel part: see below.
+occurrence, so it needs one ordered pass with one shared index; on 2 cores there is no
+parallelism to win. The per-document steps (``lmref.data.text_rules``) are compiled regexes and
+C string methods, not per-character loops. The RSS growth is SQLite's cache plus a row group
+as Arrow encodes it, whatever the corpus size.
 
-On more than one machine: clean and filter are per document, so shards split across tasks as
-they come; dedup needs a global view. HF ``datatrove`` does it in stages (signatures per task ->
-buckets per band -> clusters -> filter), each parallel, and runs the same pipeline on a laptop
-(``LocalPipelineExecutor``), a Slurm cluster (``SlurmPipelineExecutor``) or Ray
-(``RayPipelineExecutor``). With this module, shard by hash of the LSH band key (each machine owns
-the bands with ``key % n == rank``) or run it per source and dedup across sources with datatrove.
+On more than one machine: clean and filter are per document, so shards split across tasks;
+dedup needs a global view. HF ``datatrove`` does it in stages (signatures per task -> buckets
+per band -> clusters -> filter), each parallel, on a laptop, Slurm or Ray. With this module,
+shard by the LSH band key (``key % n == rank``) or dedup across sources with datatrove.
 Recommendation (numbers in ``benchmarks/results/data_scale-cpu.json``): this path for one
 machine up to tens of GB, where its single ordered pass is simple to read and resume; datatrove
 beyond, or whenever more than one machine is available.
@@ -73,12 +69,8 @@ class StreamConfig:
     text_key: str = "text"
     rows_per_shard: int = 100_000  # rows per output Parquet file
     batch_rows: int = 2_000  # rows buffered before a Parquet row group is written
-    # ... or fewer, once their text reaches batch_mb: Arrow holds the batch about five times
-    # over while it encodes a row group (2,000 rows of 3 KB documents added ~30 MB to the peak)
-    batch_mb: float = 1.0
-    # SQLite's page cache (RSS); the rest of the index is read from the OS page cache, which is
-    # not this process's memory: 64 MB grew RSS by 64 MB on a 300 MB corpus for no speed won
-    sqlite_cache_mb: int = 8
+    batch_mb: float = 1.0  # ... or fewer: 2,000 rows of 3 KB added ~30 MB to the peak in Arrow
+    sqlite_cache_mb: int = 8  # in RSS; the rest of the index is in the OS page cache, not RSS
     commit_every: int = 20_000  # documents per SQLite transaction
     max_rss_mb: float | None = 2_048  # the process's peak RSS cap; None: measure only
     keep_index: bool = False  # keep out_dir/dedup_index.sqlite (to add more shards later)
@@ -99,9 +91,7 @@ class StreamConfig:
 def peak_rss_mb() -> float:
     """This process's resident high-water mark in MB (Linux ``VmHWM``; 0.0 where there is none).
 
-    ``lmref.core.memory.PeakMemory`` is the course's measurement, but importing it imports
-    torch, which alone adds hundreds of MB to a data-only process: the stream reads the same
-    ``VmHWM`` itself, never resetting it (the child process it runs in is its own)."""
+    Not ``lmref.core.memory.PeakMemory``: it imports torch, hundreds of MB in a data process."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
@@ -219,6 +209,7 @@ class ShardWriter:
             if self.rows_in_shard >= self.rows_per_shard:
                 self.writer.close()
                 self.writer = None
+        _release_freed_memory()
 
     def close(self) -> list[str]:
         self.flush()
@@ -262,8 +253,7 @@ def stream_corpus(
     ``config.max_rss_mb`` (what was written so far stays on disk)."""
     import pyarrow as pa
 
-    # Arrow's default pool (mimalloc) keeps freed row-group buffers for reuse, which showed as RSS
-    # growth (25 vs 18 MB on 9 MB of corpus); the system allocator gives them back. Restored after.
+    # Arrow's default pool (mimalloc) keeps freed row groups (RSS growth 25 vs 18 MB on 9 MB)
     previous = pa.default_memory_pool()
     pa.set_memory_pool(pa.system_memory_pool())
     try:
@@ -283,7 +273,6 @@ def _stream_corpus(
     index = DiskDedupIndex(index_path, config)
     _warm_up_parquet()
     warm_up_text_rules()  # its Unicode tables: a one-off few MB, before the RSS at start
-
     writers = {
         s: ShardWriter(out / s, config.rows_per_shard, config.batch_rows, config.batch_mb)
         for s in SPLITS
@@ -391,9 +380,20 @@ def _check_rss(cap_mb: float | None) -> None:
         )
 
 
+def _release_freed_memory() -> None:
+    """Hand the heap glibc keeps after a row group back to the OS (``malloc_trim``): freed 1 MB
+    Arrow buffers between small live strings otherwise raise the RSS a row group at a time."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim this way
+
+
 def _warm_up_parquet() -> None:
-    """Pay Arrow's one-off cost (about 60 MB resident at the first Parquet write of a process,
-    whatever the size) before the RSS at start is read, so growth measures the stream alone."""
+    """Pay Arrow's one-off cost (about 60 MB at a process's first Parquet write) before the RSS
+    at start is read, so growth measures the stream alone."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
