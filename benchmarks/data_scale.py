@@ -1,6 +1,6 @@
 """The corpus pipeline at scale: lmref's stream (``lmref.data.stream``) vs HF datatrove, one corpus.
 
-A corpus of ``DATA_SCALE_MB`` MB (default 200) with planted exact and near duplicates
+A corpus of ``DATA_SCALE_MB`` MB (default 300) with planted exact and near duplicates
 (``lmref.data.scale_corpus``: stdlib docstrings and Chinese fortunes) goes through:
 
 1. lmref: one ordered pass (read -> clean -> exact -> near -> filter -> split -> Parquet) with
@@ -14,7 +14,7 @@ A corpus of ``DATA_SCALE_MB`` MB (default 200) with planted exact and near dupli
 
 Per step: documents/s, MB/s and peak RSS; duplicates found vs the ground truth.
 
-    DATA_SCALE_MB=200 nice python benchmarks/data_scale.py   # results/data_scale-cpu.json
+    DATA_SCALE_MB=300 nice python benchmarks/data_scale.py   # results/data_scale-cpu.json
 """
 
 from __future__ import annotations
@@ -85,11 +85,14 @@ print(json.dumps({"seconds": time.perf_counter() - start,
 
 LMREF_RUN = r"""
 import json, sys
+from pathlib import Path
 from lmref.data.stream import StreamConfig, stream_corpus
-r = stream_corpus(sys.argv[1] + "/in/shards", sys.argv[1] + "/lmref",
-                  StreamConfig(max_rss_mb=1024))
+root, n_shards, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+shards = sorted(Path(root, "in", "shards").glob("*.jsonl"))[: n_shards or None]
+r = stream_corpus(shards, f"{root}/{out}", StreamConfig(max_rss_mb=1024))
 print(json.dumps(r))
 """
+SHARD_MB = 20  # ~6,500 documents of ~3 KB: the RSS growth is measured on 1, 5 and all shards
 
 
 def child(code: str, *args: str) -> dict:
@@ -111,14 +114,25 @@ def datatrove_stats(root: Path, stage: str) -> dict:
 def main() -> None:
     from lmref.data.scale_corpus import ScaleCorpusConfig, write_scale_corpus
 
-    mb = float(os.environ.get("DATA_SCALE_MB", "200"))
+    mb = float(os.environ.get("DATA_SCALE_MB", "300"))
+    load_start = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="data_scale-"))
     try:
         t0 = time.perf_counter()
-        truth = write_scale_corpus(root / "in", ScaleCorpusConfig(target_mb=mb))
+        config = ScaleCorpusConfig(target_mb=mb, docs_per_shard=SHARD_MB * 1_000_000 // 3_080)
+        truth = write_scale_corpus(root / "in", config)
         gen_s = time.perf_counter() - t0
         truth.pop("files")
-        lm = child(LMREF_RUN, str(root))
+        # Does the stream's memory grow with the corpus? Its peak RSS growth on a prefix of 1 and
+        # of 5 shards, then on all (the run compared with datatrove below)
+        growth = []
+        for n in (1, 5):
+            part = child(LMREF_RUN, str(root), str(n), f"lmref-{n}")
+            growth.append({k: part[k] for k in ("mb_in", "rss_at_start_mb", "rss_growth_mb")})
+            shutil.rmtree(root / f"lmref-{n}")
+        lm = child(LMREF_RUN, str(root), "0", "lmref")
+        growth.append({k: lm[k] for k in ("mb_in", "rss_at_start_mb", "rss_growth_mb")})
+        lm["rss_growth_by_corpus_mb"] = growth
         shards = lm.pop("shards")
         lm.pop("config")
         # ground truth by source
@@ -155,9 +169,11 @@ def main() -> None:
         "settings": {"corpus_mb": round(truth["bytes"] / 1e6, 1), "threshold": 0.8},
         "corpus": {**{k: v for k, v in truth.items() if k != "truth"}, "generate_s": gen_s},
         "results": {"lmref_stream": lm, "datatrove": dt},
+        "load_average_1_5_15": {"start": load_start, "end": os.getloadavg()},
         "peak_rss_of_this_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "note": (
-            "2 cores shared with four other helpers' work, niced: speeds are indicative. "
+            "2 cores shared with another helper's CPU-heavy benchmark and tests (load average "
+            "at start and end above), niced: speeds are indicative, not comparable across runs. "
             "lmref: one ordered pass, steps interleaved per document, one peak RSS; datatrove: "
             "one child process per stage, 1 task (buckets: 14 tasks, 1 worker), its default "
             "MinHash (14 buckets x 8 hashes, 5-grams of str.split words) vs lmref's datasketch "

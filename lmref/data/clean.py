@@ -31,14 +31,16 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 
-from lmref.data.language import (
-    cjk_fraction,
-    language_counts,
-    normalize_keeping_cjk_punctuation,
-    text_units,
-    word_units,
-)
+from lmref.data.language import language_counts, normalize_keeping_cjk_punctuation
 from lmref.data.sources import Document
+from lmref.data.text_rules import (  # noqa: F401  (FilterConfig, _quality_reason, _shingles: re-exported)
+    FilterConfig,
+    normalize_whitespace,
+    remove_control_chars,
+    shingle_hashes,
+)
+from lmref.data.text_rules import quality_reason as _quality_reason
+from lmref.data.text_rules import shingles as _shingles  # noqa: F401  (re-exported)
 
 
 def _as_documents(docs: Iterable[Document | str]) -> list[Document]:
@@ -89,8 +91,6 @@ class CleanConfig:
 _REST_ROLE = re.compile(r":(?:[\w.+-]+:)*[\w.+-]+:`([!~]?)([^`<]*?)\s*(?:<[^`>]*>)?`")
 _REST_LITERAL = re.compile(r"``(.+?)``")
 _DOCTEST_PROMPT = re.compile(r"^(\s*)(>>>|\.\.\.)(?: |$)")
-_EXTRA_SPACES = re.compile(r"(?<=\S) {2,}")
-_BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def _role_text(m: re.Match) -> str:
@@ -100,6 +100,8 @@ def _role_text(m: re.Match) -> str:
 
 
 def _strip_doctest(text: str, mode: str) -> tuple[str, int]:
+    if ">>>" not in text and (mode == "drop" or "..." not in text):
+        return text, 0  # nothing to strip: skip the per-line loop (most documents)
     lines, out, removed, in_example = text.split("\n"), [], 0, False
     for line in lines:
         m = _DOCTEST_PROMPT.match(line)
@@ -135,11 +137,8 @@ def clean_text(text: str, config: CleanConfig | None = None) -> tuple[str, Count
         text = normalized
     if config.remove_control_chars:
         # Cc (C0/C1 controls) and Cf (zero-width spaces, BOMs, soft hyphens); keep \n and \t
-        kept = "".join(
-            c for c in text if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf")
-        )
-        counts["control_chars_removed"] += len(text) - len(kept)
-        text = kept
+        text, n = remove_control_chars(text)
+        counts["control_chars_removed"] += n
     if config.doctest != "keep":
         text, n = _strip_doctest(text, config.doctest)
         counts["doctest_lines_removed"] += n
@@ -148,10 +147,7 @@ def clean_text(text: str, config: CleanConfig | None = None) -> tuple[str, Count
         text, n_literals = _REST_LITERAL.subn(r"\1", text)
         counts["rest_markup_replaced"] += n_roles + n_literals
     if config.normalize_whitespace:
-        text = "\n".join(
-            re.sub(r"[^\S\n]", " ", line.expandtabs(4)).rstrip() for line in text.split("\n")
-        )
-        text = _BLANK_LINES.sub("\n\n", _EXTRA_SPACES.sub(" ", text)).strip()
+        text = normalize_whitespace(text)
     counts["replacement_chars"] += text.count("\ufffd")
     return text, counts
 
@@ -199,15 +195,6 @@ def clean_documents(
 _WHITESPACE = re.compile(r"\s+")  # what str.split() splits on (Unicode whitespace)
 
 
-def _shingles(text: str, size: int) -> list[bytes]:
-    # Words of spaced scripts, single characters of Chinese and Japanese (a Chinese paragraph is
-    # one \w+ run between punctuation): shingles are character n-grams there.
-    words = word_units(text.lower())
-    if len(words) <= size:
-        return [" ".join(words).encode()]
-    return list({" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)})
-
-
 def deduplicate(
     docs: Sequence[Document | str],
     near: bool = True,
@@ -246,10 +233,12 @@ def deduplicate(
         from datasketch import MinHash, MinHashLSH
 
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        # Hashed here (datasketch's sha1_hash32, without a Python call per shingle): hashfunc=int
         signatures = MinHash.bulk(
-            (_shingles(d.text[:max_shingle_chars], shingle_size) for d in unique),
+            (shingle_hashes(d.text[:max_shingle_chars], shingle_size) for d in unique),
             num_perm=num_perm,
             seed=seed,
+            hashfunc=int,
         )
         kept = []
         for i, (d, sig) in enumerate(zip(unique, signatures)):
@@ -283,48 +272,6 @@ def deduplicate(
 # ----------------------------------------------------------------------------------------------
 # Quality filters
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FilterConfig:
-    """Heuristic quality filters in the spirit of C4 / Gopher rules, tuned for docstrings.
-
-    symbol ratio = characters that are neither letters, digits nor whitespace, over non-whitespace
-    characters (tables, ASCII art, code); alpha-word ratio = words containing a letter over words.
-    Words are ``text_units``: one per CJK character (no spaces to split on), else space-separated.
-    """
-
-    min_chars: int = 60
-    # For mostly-CJK text: a character carries what 4-5 English ones do (SmolLM2's tokenizer, 0.83
-    # vs 3.93 chars/token, benchmarks/results/data_chinese-cpu.json); 60 dropped most Chinese.
-    min_cjk_chars: int = 20
-    max_chars: int = 20_000
-    min_words: int = 8
-    max_symbol_ratio: float = 0.25
-    min_alpha_word_ratio: float = 0.6
-    max_replacement_ratio: float = 0.01  # U+FFFD left by undecodable bytes
-
-
-def _quality_reason(text: str, c: FilterConfig) -> str | None:
-    if len(text) < (c.min_cjk_chars if cjk_fraction(text) >= 0.5 else c.min_chars):
-        return "too_short"
-    if len(text) > c.max_chars:
-        return "too_long"
-    words = text_units(text)
-    if len(words) < c.min_words:
-        return "too_few_words"
-    non_space = sum(len(w) for w in words)
-    if sum(not ch.isalnum() for w in words for ch in w) / non_space > c.max_symbol_ratio:
-        return "symbol_ratio"
-    # CJK punctuation is a unit of its own while "word," carries its comma: leave it out, as a
-    # spaced script's punctuation is, or one ，or 。 every five characters would count as words
-    # without a letter. Han and kana are letters (str.isalpha), so Chinese words count as alpha.
-    words = [w for w in words if len(w) > 1 or w.isalnum() or w < "\u3000"] or words
-    if sum(any(ch.isalpha() for ch in w) for w in words) / len(words) < c.min_alpha_word_ratio:
-        return "alpha_word_ratio"
-    if text.count("\ufffd") / len(text) > c.max_replacement_ratio:
-        return "replacement_chars"
-    return None
 
 
 def filter_documents(

@@ -23,7 +23,7 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmref.data.clean import _shingles
+from lmref.data.text_rules import shingle_hashes
 
 if TYPE_CHECKING:
     from lmref.data.stream import StreamConfig
@@ -72,9 +72,13 @@ class DiskDedupIndex:
     def signature(self, text: str) -> Any:
         c = self.config
         m = self._minhash(
-            num_perm=c.num_perm, seed=c.seed, permutations=self._perms, scheme=self._scheme
+            num_perm=c.num_perm,
+            seed=c.seed,
+            permutations=self._perms,
+            scheme=self._scheme,
+            hashfunc=int,  # shingle_hashes are datasketch's sha1_hash32 values already
         )
-        m.update_batch(_shingles(text[: c.max_shingle_chars], c.shingle_size))
+        m.update_batch(shingle_hashes(text[: c.max_shingle_chars], c.shingle_size))
         # datasketch's default scheme (affine32) makes 32-bit values: 4 bytes each
         return m.hashvalues.astype(self.np.uint32)
 

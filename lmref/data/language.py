@@ -55,6 +55,7 @@ _WORD = re.compile(f"[{_HAN_KANA}]|(?:(?![{_HAN_KANA}])\\w)+")
 # kept when a Han or kana character stands on either side. Full-width letters and digits (Ａ１)
 # are still folded: they are the compatibility variants NFKC is for.
 _FW_PUNCT = "\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff5e"
+_ANY_FW_PUNCT = re.compile(f"[{_FW_PUNCT}]")
 _CJK_PUNCT = re.compile(f"(?<=[{_HAN_KANA}])[{_FW_PUNCT}]+|[{_FW_PUNCT}]+(?=[{_HAN_KANA}])")
 DEFAULT_LANGUAGES = ("english", "chinese", "japanese", "french", "german", "spanish", "russian")
 UNDETERMINED = "und"  # BCP 47's code for a language that could not be determined
@@ -77,6 +78,8 @@ def normalize_keeping_cjk_punctuation(text: str, form: str = "NFKC") -> tuple[st
     variants: folding them to ASCII makes training text unlike what users type. Elsewhere
     (full-width ``！`` after Latin letters) NFKC folds as usual. Returns (text, characters kept).
     """
+    if not _ANY_FW_PUNCT.search(text):
+        return unicodedata.normalize(form, text), 0  # no full-width punctuation (most documents)
     pieces, kept = _CJK_PUNCT.split(text), _CJK_PUNCT.findall(text)
     out = [unicodedata.normalize(form, pieces[0])]
     for punct, piece in zip(kept, pieces[1:]):
@@ -142,5 +145,5 @@ def texts_by_language(docs: Sequence[Document]) -> dict[str, list[str]]:
 
 def cjk_fraction(text: str) -> float:
     """The fraction of non-space characters that are CJK (0.0 for empty or all-space text)."""
-    visible = len(text) - sum(ch.isspace() for ch in text)
+    visible = sum(map(len, text.split()))  # str.split drops exactly the str.isspace characters
     return len(_CJK.findall(text)) / visible if visible else 0.0

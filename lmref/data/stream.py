@@ -1,31 +1,27 @@
 """The corpus pipeline at scale: clean, exact dedup, near dedup, filter and split as a stream over
 sharded files on disk, with an on-disk dedup index, so memory stays bounded whatever the corpus size.
 
-``lmref.data.pipeline.prepare_data`` holds the whole corpus (and datasketch's LSH) in RAM: right
-for the notebook's 2 MB, wrong for 2 GB. Here the same per-document functions of
-``lmref.data.clean`` (``clean_text``, the MinHash shingles, the quality filter's reason,
-``split_of``) run on one document at a time read from JSONL / Parquet / text shards, and the
-kept documents go to sharded Parquet per split. What is remembered across documents lives in
-one SQLite file: 16 bytes of SHA-256 per distinct document (exact dedup) and, per document
-kept, ``bands`` 8-byte LSH keys plus its signature (``num_perm`` x 4 bytes) to confirm a
-candidate, as in the in-memory ``deduplicate`` (the report gives the measured bytes per
-document). SQLite's page cache is capped (``sqlite_cache_mb``), the Parquet writers buffer
-``batch_rows`` rows, and the process's peak RSS is checked against ``max_rss_mb``.
+``lmref.data.pipeline.prepare_data`` holds the whole corpus in RAM: right for the notebook's
+2 MB, wrong for 2 GB. Here the per-document functions of ``lmref.data.clean`` run on one
+document at a time from JSONL / Parquet / text shards, kept ones go to sharded Parquet per split.
+What is remembered across documents lives in one SQLite file (``lmref.data.disk_dedup``): 16
+bytes of SHA-256 per distinct document and, per document kept, its LSH band keys and signature.
+SQLite's page cache is capped (``sqlite_cache_mb``), the Parquet writers buffer ``batch_rows``
+rows or ``batch_mb``, and the process's peak RSS is checked against ``max_rss_mb``.
 
 Why plain generators and not ``datasets`` streaming or ``num_proc``: dedup keeps the *first*
-occurrence, so it needs one ordered pass with one shared index; ``num_proc`` workers would each
-need the index (or a second pass), and on this 2-core machine there is no parallelism to win.
-The per-document steps are the parallel part: see below.
+occurrence, so it needs one ordered pass with one shared index; on 2 cores there is no
+parallelism to win. The per-document steps (``lmref.data.text_rules``) are compiled regexes and
+C string methods, not per-character loops. The RSS growth is SQLite's cache plus a row group
+as Arrow encodes it, whatever the corpus size.
 
-On more than one machine: clean and filter are per document, so shards split across tasks as
-they come; dedup needs a global view. HF ``datatrove`` does it in stages (signatures per task ->
-buckets per band -> clusters -> filter), each parallel, and runs the same pipeline on a laptop
-(``LocalPipelineExecutor``), a Slurm cluster (``SlurmPipelineExecutor``) or Ray
-(``RayPipelineExecutor``). With this module, shard by hash of the LSH band key (each machine owns
-the bands with ``key % n == rank``) or run it per source and dedup across sources with datatrove.
-Recommendation (numbers in ``benchmarks/results/data_scale-cpu.json``): this path for one
-machine up to tens of GB, where its single ordered pass is simple to read and resume; datatrove
-beyond, or whenever more than one machine is available.
+On more than one machine: clean and filter are per document, so shards split across tasks;
+dedup needs a global view. HF ``datatrove`` does it in stages (signatures per task -> buckets
+per band -> clusters -> filter), each parallel, on a laptop, Slurm or Ray. With this module,
+shard by the LSH band key (``key % n == rank``) or dedup across sources with datatrove.
+Recommendation (``benchmarks/results/data_scale-cpu.json``, 300 MB: this path 418 s, datatrove
+with one task 535 s, RSS growth 23 MB): this path on one machine up to a few GB (~0.7 MB/s a
+core, 1 GB in ~25 min); datatrove beyond, as its stages spread over tasks and machines.
 
 Usage::
 
@@ -50,6 +46,7 @@ from pathlib import Path
 from lmref.data.clean import CleanConfig, FilterConfig, _quality_reason, clean_text, split_of
 from lmref.data.disk_dedup import DiskDedupIndex
 from lmref.data.sources import TEXT_SUFFIXES, Document
+from lmref.data.text_rules import warm_up as warm_up_text_rules
 
 SPLITS = ("train", "validation", "test")
 
@@ -72,7 +69,8 @@ class StreamConfig:
     text_key: str = "text"
     rows_per_shard: int = 100_000  # rows per output Parquet file
     batch_rows: int = 2_000  # rows buffered before a Parquet row group is written
-    sqlite_cache_mb: int = 64
+    batch_mb: float = 1.0  # ... or fewer: 2,000 rows of 3 KB added ~30 MB to the peak in Arrow
+    sqlite_cache_mb: int = 8  # in RSS; the rest of the index is in the OS page cache, not RSS
     commit_every: int = 20_000  # documents per SQLite transaction
     max_rss_mb: float | None = 2_048  # the process's peak RSS cap; None: measure only
     keep_index: bool = False  # keep out_dir/dedup_index.sqlite (to add more shards later)
@@ -86,14 +84,14 @@ class StreamConfig:
             raise ValueError("val_fraction + test_fraction must be < 1")
         if self.rows_per_shard < 1 or self.batch_rows < 1:
             raise ValueError("rows_per_shard and batch_rows must be >= 1")
+        if self.batch_mb <= 0 or self.sqlite_cache_mb < 1:
+            raise ValueError("batch_mb must be > 0 and sqlite_cache_mb >= 1")
 
 
 def peak_rss_mb() -> float:
     """This process's resident high-water mark in MB (Linux ``VmHWM``; 0.0 where there is none).
 
-    ``lmref.core.memory.PeakMemory`` is the course's measurement, but importing it imports
-    torch, which alone adds hundreds of MB to a data-only process: the stream reads the same
-    ``VmHWM`` itself, never resetting it (the child process it runs in is its own)."""
+    Not ``lmref.core.memory.PeakMemory``: it imports torch, hundreds of MB in a data process."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
@@ -171,16 +169,20 @@ def iter_documents(paths: Iterable[str | Path], text_key: str = "text") -> Itera
 
 
 class ShardWriter:
-    """Rows ``{text, source}`` to ``folder/part-00000.parquet``, ... of ``rows_per_shard`` rows."""
+    """Rows ``{text, source}`` to ``folder/part-00000.parquet``, ... of ``rows_per_shard`` rows;
+    a row group every ``batch_rows`` rows or ``batch_mb`` MB of text, whichever comes first."""
 
-    def __init__(self, folder: Path, rows_per_shard: int, batch_rows: int):
+    def __init__(self, folder: Path, rows_per_shard: int, batch_rows: int, batch_mb: float = 2.0):
         self.folder, self.rows_per_shard, self.batch_rows = folder, rows_per_shard, batch_rows
+        self.batch_chars = int(batch_mb * 1e6)  # characters, a cheap stand-in for bytes
         self.buffer: list[Document] = []
+        self.buffered_chars = 0
         self.writer, self.rows_in_shard, self.rows, self.files = None, 0, 0, []
 
     def write(self, doc: Document) -> None:
         self.buffer.append(doc)
-        if len(self.buffer) >= self.batch_rows:
+        self.buffered_chars += len(doc.text)
+        if len(self.buffer) >= self.batch_rows or self.buffered_chars >= self.batch_chars:
             self.flush()
 
     def flush(self) -> None:
@@ -192,18 +194,22 @@ class ShardWriter:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 path = self.folder / f"part-{len(self.files):05d}.parquet"
                 schema = pa.schema([("text", pa.string()), ("source", pa.string())])
-                self.writer, self.rows_in_shard = pq.ParquetWriter(path, schema), 0
+                # Documents are unique: a dictionary would only cost memory and time
+                writer = pq.ParquetWriter(path, schema, use_dictionary=False)
+                self.writer, self.rows_in_shard = writer, 0
                 self.files.append(str(path))
             take = self.buffer[: self.rows_per_shard - self.rows_in_shard]
             self.buffer = self.buffer[len(take) :]
             self.writer.write_table(
                 pa.table({"text": [d.text for d in take], "source": [d.source for d in take]})
             )
+            self.buffered_chars = sum(len(d.text) for d in self.buffer)
             self.rows_in_shard += len(take)
             self.rows += len(take)
             if self.rows_in_shard >= self.rows_per_shard:
                 self.writer.close()
                 self.writer = None
+        _release_freed_memory()
 
     def close(self) -> list[str]:
         self.flush()
@@ -245,7 +251,20 @@ def stream_corpus(
     ``out_dir/duplicates.jsonl`` (``{"source", "kind", "of"}``), the report to
     ``out_dir/report.json``. Raises ``MemoryError`` naming the cap when the peak RSS passes
     ``config.max_rss_mb`` (what was written so far stays on disk)."""
-    config = config or StreamConfig()
+    import pyarrow as pa
+
+    # Arrow's default pool (mimalloc) keeps freed row groups (RSS growth 25 vs 18 MB on 9 MB)
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        return _stream_corpus(paths, out_dir, config or StreamConfig())
+    finally:
+        pa.set_memory_pool(previous)
+
+
+def _stream_corpus(
+    paths: Iterable[str | Path] | str | Path, out_dir: str | Path, config: StreamConfig
+) -> dict:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,8 +272,11 @@ def stream_corpus(
     index_path.unlink(missing_ok=True)
     index = DiskDedupIndex(index_path, config)
     _warm_up_parquet()
-
-    writers = {s: ShardWriter(out / s, config.rows_per_shard, config.batch_rows) for s in SPLITS}
+    warm_up_text_rules()  # its Unicode tables: a one-off few MB, before the RSS at start
+    writers = {
+        s: ShardWriter(out / s, config.rows_per_shard, config.batch_rows, config.batch_mb)
+        for s in SPLITS
+    }
     steps = {name: _Step() for name in ("read", "clean", "exact", "near", "filter", "write")}
     removed: Counter = Counter()
     clean_counts: Counter = Counter()
@@ -358,9 +380,20 @@ def _check_rss(cap_mb: float | None) -> None:
         )
 
 
+def _release_freed_memory() -> None:
+    """Hand the heap glibc keeps after a row group back to the OS (``malloc_trim``): freed 1 MB
+    Arrow buffers between small live strings otherwise raise the RSS a row group at a time."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim this way
+
+
 def _warm_up_parquet() -> None:
-    """Pay Arrow's one-off cost (about 60 MB resident at the first Parquet write of a process,
-    whatever the size) before the RSS at start is read, so growth measures the stream alone."""
+    """Pay Arrow's one-off cost (about 60 MB at a process's first Parquet write) before the RSS
+    at start is read, so growth measures the stream alone."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
