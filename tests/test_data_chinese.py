@@ -155,3 +155,14 @@ def test_short_chinese_text_is_held_to_the_cjk_length():
     assert [d.text for d in kept] == [poem]
     assert stats["removed"] == {"too_short": 2}
     assert len(poem) < config.min_chars  # the English rule alone would have dropped it
+
+
+def test_chinese_punctuation_density_is_not_a_symbol_table():
+    prose = "你好，世界！天气好；去公园？好，走。我饿，吃饭！"  # a mark every 2-3 characters: 0.33
+    config = FilterConfig()
+    kept, stats = filter_documents([prose, "| a | b |\n|---|---|\n| 1 | 2 |" * 4], config)
+    assert [d.text for d in kept] == [prose]
+    assert stats["removed"] == {"symbol_ratio": 1}
+    assert (
+        config.max_symbol_ratio < 0.33 < config.max_cjk_symbol_ratio
+    )  # the English limit would drop it

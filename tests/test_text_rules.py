@@ -49,7 +49,8 @@ def _reference_reason(text: str, c: FilterConfig) -> str | None:
     words = text_units(text)
     if len(words) < c.min_words:
         return "too_few_words"
-    if sum(not ch.isalnum() for w in words for ch in w) / sum(map(len, words)) > c.max_symbol_ratio:
+    limit = c.max_cjk_symbol_ratio if cjk >= 0.5 else c.max_symbol_ratio
+    if sum(not ch.isalnum() for w in words for ch in w) / sum(map(len, words)) > limit:
         return "symbol_ratio"
     words = [w for w in words if len(w) > 1 or w.isalnum() or w < "\u3000"] or words
     if sum(any(ch.isalpha() for ch in w) for w in words) / len(words) < c.min_alpha_word_ratio:
