@@ -250,6 +250,10 @@ def _write(seed_rows, synthetic, reports, comparison, load_start) -> None:
             )
         ),
     }
+    if comparison:  # the verdicts in the note too, so that a reader of the note alone is told
+        out["note"] += " Findings: " + "; ".join(
+            p["verdict"] for p in out["results"]["pairs"].values()
+        )
     RESULTS.mkdir(exist_ok=True)
     OUT_JSON.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
