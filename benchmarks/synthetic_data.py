@@ -10,14 +10,23 @@ items per task, with and without the synthetic items SmolLM2-135M-Instruct wrote
    ``self-instruct`` round (the model writes instruction and answer) for its acceptance rate
    alone. ``lmref.data.synthetic`` verifies (strict: a request, the family's keyword),
    deduplicates and checks leakage.
-2. Fine-tuning: notebook 02's base model (``artifacts/base``) fine-tuned on the seed items alone
-   and on seed + synthetic items, the same steps and batch, >= 3 seeds each.
+2. Fine-tuning: notebook 02's base model (``artifacts/base``) fine-tuned on the seed items alone,
+   on seed + synthetic items, and on seed + as many ORDINARY templated train items (the control:
+   the same count per task as the accepted synthetic items, from the train split past the seed
+   items), the same steps and batch, >= 3 seeds each. Without the control, a gain says that more
+   verified items helped, not that the model's wording did.
 3. Evaluation on the VALIDATION split (choices are made there), exact match with its Wilson
    interval per run, the seeds' Spread, ``compare``, the paired difference over the same items
-   (pooled over seeds) and Fisher's two-proportion test on the pooled counts.
+   (pooled over seeds) and Fisher's two-proportion test on the pooled counts, for each pair of
+   arms (synthetic vs seed, synthetic vs control, control vs seed).
+
+The accepted synthetic rows are saved next to the JSON (``synthetic_data-rows.jsonl``);
+``SYNTH_ROWS=<that file>`` reuses them instead of generating, and ``SYNTH_ROUNDS=after`` runs
+only the verb-led round (the other rounds' reports are carried over from the previous JSON).
 
     nice -n 5 python benchmarks/synthetic_data.py   # writes results/synthetic_data-cpu.json
     SYNTH_STEPS=400 SYNTH_SEEDS=3 SYNTH_PER_TASK=40 ...   # the knobs (defaults below)
+    SYNTH_ROUNDS=after nice -n 5 python benchmarks/synthetic_data.py   # the control-arm rerun
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import os
 import platform
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from datasets import Dataset
@@ -61,6 +71,9 @@ PER_TASK = int(os.environ.get("SYNTH_PER_TASK", 40))  # rephrase candidates per 
 SEED_PER_TASK = int(os.environ.get("SYNTH_SEED_PER_TASK", 20))  # human (templated) items per task
 VALIDATION = int(os.environ.get("SYNTH_VALIDATION", 250))
 MIN_SYNTHETIC = 20  # fewer accepted items: no fine-tuning comparison
+ROWS_FILE = os.environ.get("SYNTH_ROWS")  # saved accepted rows: skip generation
+ONLY_AFTER = os.environ.get("SYNTH_ROUNDS", "all") == "after"  # only the round that trains
+OUT_JSON = RESULTS / "synthetic_data-cpu.json"
 
 
 ROUNDS = (  # (name, config): the same candidate seeds for both rephrase prompts
@@ -75,7 +88,7 @@ def generate(raw) -> tuple[list[dict], dict]:
     with Services() as services:
         replica = services.add(start_replica(f"smollm2={REAL_MODEL}", ["--torch-threads", "2"]))
         client = OpenAI(base_url=replica.url + "/v1", api_key="-", max_retries=0)
-        for name, knobs in ROUNDS:
+        for name, knobs in ROUNDS if not ONLY_AFTER else [r for r in ROUNDS if "after" in r[0]]:
             per_task = PER_TASK if knobs["scheme"] == "rephrase" else max(1, PER_TASK // 10)
             start = time.perf_counter()
             rows, report = generate_synthetic(
@@ -84,6 +97,13 @@ def generate(raw) -> tuple[list[dict], dict]:
             reports[name] = {**report.as_dict(), "seconds": time.perf_counter() - start}
             if "after" in name:
                 kept = rows
+    if ONLY_AFTER:  # the skipped rounds' reports (and their comparison) from the previous run
+        previous = json.loads(OUT_JSON.read_text())["generation"] if OUT_JSON.exists() else {}
+        for name, _ in ROUNDS:
+            if name not in reports and name in previous:
+                reports[name] = {**previous[name], "carried_over": "from the previous run"}
+        if not all(n in reports for n, _ in ROUNDS[:2]):
+            return kept, reports
     before, after = (Score(reports[n]["accepted"], reports[n]["candidates"]) for n, _ in ROUNDS[:2])
     reports["acceptance_after_vs_before"] = {
         "compare": compare(after, before, ("verb-led", "list")),
@@ -126,15 +146,45 @@ def finetune_and_score(rows: list[dict], seed: int, tokenizer, validation) -> di
     }
 
 
+def control_rows(train, synthetic: list[dict], skip: int) -> list[dict]:
+    """Ordinary templated train items, as many per task as ``synthetic`` holds, taken past the
+    first ``skip`` rows (the seed items) so that the control adds new items, not repeats."""
+    want = Counter(r["task"] for r in synthetic)
+    picked = []
+    for row in train.select(range(skip, len(train))):
+        if want[row["task"]] > 0:
+            want[row["task"]] -= 1
+            picked.append({k: row[k] for k in ("task", "instruction", "answer")})
+        if not +want:  # every task filled
+            break
+    if +want:
+        raise ValueError(f"the train split is too short for the control arm: missing {dict(+want)}")
+    return picked
+
+
 def main() -> None:
     load_start = os.getloadavg()
     raw, _ = make_instruction_dataset(InstructionConfig())
     tasks = InstructionConfig().tasks
     seed_rows = list(raw["train"].select(range(SEED_PER_TASK * len(tasks))))  # stratified prefix
-    synthetic, reports = generate(raw)
+    if ROWS_FILE:
+        rows_path = Path(ROWS_FILE)
+        synthetic = [json.loads(line) for line in rows_path.read_text().splitlines() if line]
+        reports = {"reused_rows": str(rows_path)}
+    else:
+        synthetic, reports = generate(raw)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "synthetic_data-rows.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in synthetic)
+        )
     tokenizer = AutoTokenizer.from_pretrained(BASE)
     validation = raw["validation"].select(range(VALIDATION))
-    arms = {"seed only": seed_rows, "seed + synthetic": seed_rows + synthetic}
+    control = control_rows(raw["train"], synthetic, len(seed_rows))
+    arms = {
+        "seed only": seed_rows,
+        "seed + synthetic": seed_rows + synthetic,
+        "seed + templated (control)": seed_rows + control,
+    }
     if len(synthetic) < MIN_SYNTHETIC:  # the two arms would be (nearly) the same data
         return _write(seed_rows, synthetic, reports, None, load_start)
     start = time.perf_counter()
@@ -164,6 +214,9 @@ def _write(seed_rows, synthetic, reports, comparison, load_start) -> None:
             "seeds": SEEDS,
             "seed_items": len(seed_rows),
             "synthetic_items": len(synthetic),
+            "synthetic_per_task": dict(Counter(r["task"] for r in synthetic)),
+            "control_items": f"{len(synthetic)} templated train items (rows past the seed items), "
+            "the same count per task as the synthetic ones",
             "evaluated_on": f"validation, first {VALIDATION} rows (stratified), exact match",
         },
         "generation": reports,
@@ -180,17 +233,45 @@ def _write(seed_rows, synthetic, reports, comparison, load_start) -> None:
             "are not comparable across runs. Rephrase: the model writes the wording, the input "
             "is sampled, the answer is computed by the task's checker; both rephrase prompts "
             "draw the same inputs (candidate seeds); the 'list' prompt samples 3 of the now 6 "
-            "seed wordings. Self-instruct: the model writes the answer too. Test split untouched."
+            "seed wordings. Self-instruct: the model writes the answer too. Test split untouched. "
+            "Control arm: seed + the same number of ordinary templated train items per task as "
+            "the accepted synthetic ones; 'synthetic vs control' is the comparison that speaks "
+            "to the model's wording, 'synthetic vs seed' only to adding verified items. "
+            + (
+                f"Synthetic rows reused from {ROWS_FILE}."
+                if ROWS_FILE
+                else "Synthetic rows regenerated with the same per-candidate seeds (the server "
+                "batches requests, so the rows may differ slightly from an earlier run)."
+                + (
+                    " Only the verb-led round ran; the others are carried over."
+                    if ONLY_AFTER
+                    else ""
+                )
+            )
         ),
     }
+    if comparison:  # the verdicts in the note too, so that a reader of the note alone is told
+        out["note"] += " Findings: " + "; ".join(
+            p["verdict"] for p in out["results"]["pairs"].values()
+        )
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "synthetic_data-cpu.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    OUT_JSON.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
 
 
+# (better, worse, what the pair answers)
+PAIRS = (
+    ("seed + synthetic", "seed only", "do the synthetic items help at all"),
+    (
+        "seed + synthetic",
+        "seed + templated (control)",
+        "does the model's wording beat the same number of ordinary templated items",
+    ),
+    ("seed + templated (control)", "seed only", "do more templated items help"),
+)
+
+
 def _comparison(arms, runs, validation, tasks) -> dict:
-    (a, b) = arms
     spreads = {arm: Spread.of([r["score"].value for r in runs[arm]]) for arm in arms}
     pooled = {
         arm: Score(
@@ -198,9 +279,6 @@ def _comparison(arms, runs, validation, tasks) -> dict:
         )
         for arm in arms
     }
-    paired = PairedDifference.of(
-        [h for r in runs[b] for h in r["hits"]], [h for r in runs[a] for h in r["hits"]]
-    )
     out = {
         arm: {
             "runs": [
@@ -216,13 +294,33 @@ def _comparison(arms, runs, validation, tasks) -> dict:
         }
         for arm in arms
     }
-    out.update(
-        compare_spreads=compare(spreads[b], spreads[a], (b, a)),
-        compare_pooled=compare(pooled[b], pooled[a], (b, a)),
-        paired_difference=str(paired),
-        two_proportion_p=two_proportion_test(pooled[b], pooled[a]),
-    )
+    out["pairs"] = {}
+    for b, a, question in PAIRS:
+        if a not in arms or b not in arms:
+            continue
+        # same validation rows, same seed index: pair item by item, pooled over seeds
+        paired = PairedDifference.of(
+            [h for r in runs[b] for h in r["hits"]], [h for r in runs[a] for h in r["hits"]]
+        )
+        out["pairs"][f"{b} vs {a}"] = {
+            "question": question,
+            "compare_spreads": compare(spreads[b], spreads[a], (b, a)),
+            "compare_pooled": compare(pooled[b], pooled[a], (b, a)),
+            "paired_difference": str(paired),
+            "two_proportion_p": two_proportion_test(pooled[b], pooled[a]),
+            "verdict": _verdict(paired, b, a),
+        }
     return out
+
+
+def _verdict(paired: PairedDifference, b: str, a: str) -> str:
+    """What the paired interval says, in words (the interval decides, not the point estimate)."""
+    low, high = paired.interval
+    if low > 0:
+        return f"{b} better than {a}: {paired}"
+    if high < 0:
+        return f"{b} worse than {a}: {paired}"
+    return f"{b} vs {a}: no detectable difference, {paired}"
 
 
 if __name__ == "__main__":
