@@ -34,12 +34,11 @@ QUESTIONS = [
 ]
 
 
-def main() -> None:
-    import jsonschema
+def start_smol():
+    """The server both tool benchmarks measure (``tool_stream.py`` too): SmolLM2 as ``smol``, 8
+    rows a batch, no response cache, one torch thread; (its handle, an openai client on it)."""
     import openai
 
-    from lmref.core.stats import Score, Spread
-    from lmref.lab.env import cpu_model
     from lmref.serve import start_server
     from lmref.serving.app import ModelSpec, ServingConfig
 
@@ -51,6 +50,16 @@ def main() -> None:
     )
     handle = start_server(config)
     client = openai.OpenAI(base_url=handle.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    return handle, client
+
+
+def main() -> None:
+    import jsonschema
+
+    from lmref.core.stats import Score, Spread
+    from lmref.lab.env import cpu_model
+
+    handle, client = start_smol()
     client.chat.completions.create(  # warm-up: llguidance's tokenizer view is built once
         model="smol",
         messages=[{"role": "user", "content": "hi"}],

@@ -18,42 +18,21 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODEL = "artifacts/smollm2-135m-instruct"
-PAIR = {
-    "type": "object",
-    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-    "required": ["a", "b"],
-}
-TOOLS = [
-    {"type": "function", "function": {"name": n, "description": d, "parameters": PAIR}}
-    for n, d in (("add", "Add two integers"), ("multiply", "Multiply two integers"))
-]
-QUESTIONS = [
-    f"What is {a} {word} {b}?"
-    for a, b in ((3, 4), (12, 7), (25, 5), (8, 9), (41, 2), (6, 6))
-    for word in ("plus", "times")
-]
 
 
 def main() -> None:
-    import openai
+    # The same server, tools and questions as benchmarks/tool_calls.py (run as a script, this
+    # folder is on sys.path).
+    from tool_calls import MODEL, QUESTIONS, TOOLS, start_smol
 
     from lmref.core.stats import Score, Spread
     from lmref.lab.env import cpu_model
-    from lmref.serve import start_server
-    from lmref.serving.app import ModelSpec, ServingConfig
 
-    config = ServingConfig(
-        models=[ModelSpec("smol", MODEL, max_batch_size=8)],
-        api_keys=[],
-        cache_size=0,
-        torch_threads=1,
-    )
-    handle = start_server(config)
-    client = openai.OpenAI(base_url=handle.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    handle, client = start_smol()
+    questions = [question for question, _ in QUESTIONS]
     header_s, finish_s, share, fragments, equal = [], [], [], [], 0
     try:
-        for k, question in enumerate([QUESTIONS[0], *QUESTIONS]):  # the first one warms up
+        for k, question in enumerate([questions[0], *questions]):  # the first one warms up
             settings = dict(
                 model="smol",
                 messages=[{"role": "user", "content": question}],
