@@ -100,7 +100,7 @@ def test_output_shards_load_with_datasets(streamed):
     train = load_dataset("parquet", data_dir=str(root / "out" / "train"), split="train")
     assert len(train) == report["docs_out"]["train"]
     assert sum(report["docs_out"].values()) == result["truth"]["originals"]
-    assert set(train.column_names) == {"text", "source"}
+    assert set(train.column_names) == {"text", "source", "language"}
 
 
 def test_bad_input_names_file_and_line(tmp_path):
@@ -116,3 +116,40 @@ def test_memory_cap_is_enforced(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "one small document about files and paths"}\n')
     with pytest.raises(MemoryError, match="max_rss_mb=1"):
         stream_corpus(tmp_path / "a.jsonl", tmp_path / "out", StreamConfig(max_rss_mb=1))
+
+
+def test_the_stream_masks_pii_detects_languages_and_drops_contaminated_documents(tmp_path):
+    import inspect
+    import json as json_module
+    import subprocess as subprocess_module
+    import textwrap
+
+    from tests.test_data_chinese import ZH, ZH_OTHER
+
+    item = (
+        "the quick brown fox answers every question of the held out evaluation set "
+        "before it was ever asked of the model"
+    )
+    english = [inspect.getdoc(f) for f in (json_module.dumps, subprocess_module.run, textwrap.wrap)]
+    docs = [
+        english[0] + "\nWrite to jane.doe@example.org or call +1 415 555 0100.",
+        english[1] + "\n" + item.capitalize() + ".",  # holds the evaluation item
+        english[2],
+        ZH + ZH_OTHER,
+    ]
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    config = StreamConfig(
+        val_fraction=0, test_fraction=0, near_duplicates=False, detect_language=True
+    )
+    report = stream_corpus(corpus, tmp_path / "out", config, eval_texts=[item])
+    assert report["removed"] == {"contaminated": 1}
+    assert report["pii"]["EMAIL"] == 1 and report["pii"]["docs_touched"] == 1
+    assert report["languages"]["in"] == {"en": 3, "zh": 1}
+    assert report["languages"]["out"] == {"en": 2, "zh": 1}
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "out" / "train").to_pylist()
+    assert "jane.doe@example.org" not in "".join(r["text"] for r in rows)
+    assert item not in "".join(r["text"] for r in rows).lower()
+    assert sorted(r["language"] for r in rows) == ["en", "en", "zh"]

@@ -39,12 +39,16 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmref.data.clean import CleanConfig, FilterConfig, _quality_reason, clean_text, split_of
+from lmref.data.decontaminate import NgramIndex, item_ngrams
 from lmref.data.disk_dedup import DiskDedupIndex
+from lmref.data.language import DEFAULT_LANGUAGES, UNDETERMINED, language_detector
+from lmref.data.pii import mask_pii
+from lmref.data.shards import ShardWriter, warm_up_parquet
 from lmref.data.sources import TEXT_SUFFIXES, Document
 from lmref.data.text_rules import warm_up as warm_up_text_rules
 
@@ -74,6 +78,12 @@ class StreamConfig:
     commit_every: int = 20_000  # documents per SQLite transaction
     max_rss_mb: float | None = 2_048  # the process's peak RSS cap; None: measure only
     keep_index: bool = False  # keep out_dir/dedup_index.sqlite (to add more shards later)
+    mask_pii: bool = True  # as prepare_data: e-mail, phone, IDs, IPs, cards, keys -> <TYPE>
+    # Off by default here (on in prepare_data): lingua loads a model per candidate language at
+    # its first document, tens of MB of RSS the memory cap then has to allow for.
+    detect_language: bool = False
+    languages: tuple[str, ...] = DEFAULT_LANGUAGES
+    decontaminate_n: int = 13  # n-gram size when stream_corpus gets eval_texts
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 1:
@@ -164,61 +174,6 @@ def iter_documents(paths: Iterable[str | Path], text_key: str = "text") -> Itera
 
 
 # ----------------------------------------------------------------------------------------------
-# Output: sharded Parquet per split
-# ----------------------------------------------------------------------------------------------
-
-
-class ShardWriter:
-    """Rows ``{text, source}`` to ``folder/part-00000.parquet``, ... of ``rows_per_shard`` rows;
-    a row group every ``batch_rows`` rows or ``batch_mb`` MB of text, whichever comes first."""
-
-    def __init__(self, folder: Path, rows_per_shard: int, batch_rows: int, batch_mb: float = 2.0):
-        self.folder, self.rows_per_shard, self.batch_rows = folder, rows_per_shard, batch_rows
-        self.batch_chars = int(batch_mb * 1e6)  # characters, a cheap stand-in for bytes
-        self.buffer: list[Document] = []
-        self.buffered_chars = 0
-        self.writer, self.rows_in_shard, self.rows, self.files = None, 0, 0, []
-
-    def write(self, doc: Document) -> None:
-        self.buffer.append(doc)
-        self.buffered_chars += len(doc.text)
-        if len(self.buffer) >= self.batch_rows or self.buffered_chars >= self.batch_chars:
-            self.flush()
-
-    def flush(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        while self.buffer:
-            if self.writer is None:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                path = self.folder / f"part-{len(self.files):05d}.parquet"
-                schema = pa.schema([("text", pa.string()), ("source", pa.string())])
-                # Documents are unique: a dictionary would only cost memory and time
-                writer = pq.ParquetWriter(path, schema, use_dictionary=False)
-                self.writer, self.rows_in_shard = writer, 0
-                self.files.append(str(path))
-            take = self.buffer[: self.rows_per_shard - self.rows_in_shard]
-            self.buffer = self.buffer[len(take) :]
-            self.writer.write_table(
-                pa.table({"text": [d.text for d in take], "source": [d.source for d in take]})
-            )
-            self.buffered_chars = sum(len(d.text) for d in self.buffer)
-            self.rows_in_shard += len(take)
-            self.rows += len(take)
-            if self.rows_in_shard >= self.rows_per_shard:
-                self.writer.close()
-                self.writer = None
-        _release_freed_memory()
-
-    def close(self) -> list[str]:
-        self.flush()
-        if self.writer is not None:
-            self.writer.close()
-        return self.files
-
-
-# ----------------------------------------------------------------------------------------------
 # The stream
 # ----------------------------------------------------------------------------------------------
 
@@ -245,11 +200,15 @@ def stream_corpus(
     paths: Iterable[str | Path] | str | Path,
     out_dir: str | Path,
     config: StreamConfig | None = None,
+    eval_texts: Sequence[str] = (),
 ) -> dict:
-    """Clean -> exact dedup -> near dedup -> filter -> split over ``paths``, one document at a
-    time; kept documents go to ``out_dir/<split>/part-*.parquet``, every dropped duplicate to
-    ``out_dir/duplicates.jsonl`` (``{"source", "kind", "of"}``), the report to
-    ``out_dir/report.json``. Raises ``MemoryError`` naming the cap when the peak RSS passes
+    """Clean -> (language) -> exact dedup -> near dedup -> filter -> PII -> split ->
+    decontaminate over ``paths``, one document at a time; kept documents go to
+    ``out_dir/<split>/part-*.parquet``, every dropped duplicate to ``out_dir/duplicates.jsonl``
+    (``{"source", "kind", "of"}``), the report to ``out_dir/report.json``. A training document
+    holding an n-gram of one of ``eval_texts`` is dropped (the stream's own validation and test
+    documents are not checked against: unlike prepare_data's, they are not all known before the
+    training ones). Raises ``MemoryError`` naming the cap when the peak RSS passes
     ``config.max_rss_mb`` (what was written so far stays on disk)."""
     import pyarrow as pa
 
@@ -257,13 +216,16 @@ def stream_corpus(
     previous = pa.default_memory_pool()
     pa.set_memory_pool(pa.system_memory_pool())
     try:
-        return _stream_corpus(paths, out_dir, config or StreamConfig())
+        return _stream_corpus(paths, out_dir, config or StreamConfig(), eval_texts)
     finally:
         pa.set_memory_pool(previous)
 
 
 def _stream_corpus(
-    paths: Iterable[str | Path] | str | Path, out_dir: str | Path, config: StreamConfig
+    paths: Iterable[str | Path] | str | Path,
+    out_dir: str | Path,
+    config: StreamConfig,
+    eval_texts: Sequence[str],
 ) -> dict:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     out = Path(out_dir)
@@ -271,7 +233,7 @@ def _stream_corpus(
     index_path = out / "dedup_index.sqlite"
     index_path.unlink(missing_ok=True)
     index = DiskDedupIndex(index_path, config)
-    _warm_up_parquet()
+    warm_up_parquet()
     warm_up_text_rules()  # its Unicode tables: a one-off few MB, before the RSS at start
     writers = {
         s: ShardWriter(out / s, config.rows_per_shard, config.batch_rows, config.batch_mb)
@@ -280,6 +242,12 @@ def _stream_corpus(
     steps = {name: _Step() for name in ("read", "clean", "exact", "near", "filter", "write")}
     removed: Counter = Counter()
     clean_counts: Counter = Counter()
+    pii: Counter = Counter()
+    languages: dict[str, Counter] = {"in": Counter(), "out": Counter()}
+    detector = language_detector(config.languages) if config.detect_language else None
+    # As lmref.data.decontaminate: items of fewer than 8 units are not checked.
+    grams = [item_ngrams(t, config.decontaminate_n) for t in eval_texts]
+    contamination = NgramIndex([g if len(next(iter(g), ())) >= 8 else set() for g in grams])
     rss_start, clock = peak_rss_mb(), time.perf_counter
     started = clock()
     docs = iter_documents(paths, config.text_key)
@@ -302,6 +270,11 @@ def _stream_corpus(
             if not text:
                 removed["empty_after_clean"] += 1
                 continue
+            language = UNDETERMINED
+            if detector is not None:
+                found = detector.detect_language_of(text)
+                language = found.iso_code_639_1.name.lower() if found else UNDETERMINED
+            languages["in"][language] += 1
             size = len(text.encode("utf-8", "surrogatepass"))
             duplicate = index.is_exact_duplicate(text)
             t3 = clock()
@@ -328,8 +301,16 @@ def _stream_corpus(
             if reason:
                 removed[reason] += 1
                 continue
+            if config.mask_pii:
+                text, found_pii = mask_pii(text)
+                pii.update(found_pii)
+                pii["docs_touched"] += bool(found_pii)
             split = split_of(text, config.val_fraction, config.test_fraction, config.salt)
-            writers[split].write(Document(text, doc.source))
+            if split == "train" and contamination.items and contamination.find(text):
+                removed["contaminated"] += 1
+                continue
+            languages["out"][language] += 1
+            writers[split].write(Document(text, doc.source, language=language))
             _count(steps["write"], size, True, clock() - t5)
             if n % 1_000 == 0:
                 _check_rss(config.max_rss_mb)
@@ -348,6 +329,9 @@ def _stream_corpus(
         "near_duplicates": near.docs_in - near.docs_out,
         "removed": dict(sorted(removed.items())),
         "clean": dict(clean_counts),
+        "pii": dict(pii),
+        "languages": {k: dict(v.most_common()) for k, v in languages.items()} if detector else None,
+        "eval_items": len(eval_texts),
         "steps": {k: v.report() for k, v in steps.items()},
         "seconds": round(clock() - started, 3),
         "mb_in": round(steps["read"].bytes_in / 1e6, 3),
@@ -378,23 +362,3 @@ def _check_rss(cap_mb: float | None) -> None:
             f"peak RSS {peak:.0f} MB passed StreamConfig.max_rss_mb={cap_mb:.0f}: lower "
             "sqlite_cache_mb, batch_rows or max_shingle_chars, or raise the cap"
         )
-
-
-def _release_freed_memory() -> None:
-    """Hand the heap glibc keeps after a row group back to the OS (``malloc_trim``): freed 1 MB
-    Arrow buffers between small live strings otherwise raise the RSS a row group at a time."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim this way
-
-
-def _warm_up_parquet() -> None:
-    """Pay Arrow's one-off cost (about 60 MB at a process's first Parquet write) before the RSS
-    at start is read, so growth measures the stream alone."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"text": ["warm-up"]}), pa.BufferOutputStream())

@@ -1,7 +1,9 @@
 """The running batch of a continuous-batching engine: rows join and leave between decode steps.
 
-Used by ``lmref.serving.engine`` (its worker thread owns one ``RunningBatch`` per model); needs
-torch and transformers' ``DynamicCache`` only, so it can be copied alone.
+Used by ``lmref.serving.engine`` (its worker thread owns one ``RunningBatch`` per model) for
+every model but a plain Llama, which decodes over ``lmref.serving.slot_batch`` (a preallocated
+cache; it keeps ``Prefill`` from here); needs torch and transformers' ``DynamicCache`` only, so
+it can be copied alone.
 
 Layout, chosen for a CPU: one ``DynamicCache`` holds every running row, left padded, so each
 row's newest token is in the last column and one decode step is a single forward of shape
@@ -226,13 +228,14 @@ class RunningBatch:
         )
         self.next_position = torch.cat([self.next_position, next_position])
 
-    def leave(self, keep: list[int]) -> None:
-        """Keep only rows ``keep`` (indices into the current rows, in order)."""
+    def leave(self, keep: list[int]) -> list[int]:
+        """Keep only rows ``keep`` (indices into the current rows, in order); returns ``keep``
+        (the rows' new order, as ``SlotBatch.leave`` returns its own)."""
         if not keep:
             self.cache = self.attention = self.next_position = None
-            return
+            return keep
         if len(keep) == len(self):
-            return
+            return keep
         index = torch.tensor(keep, device=self.attention.device)
         self.cache.batch_select_indices(index)
         self.attention, self.next_position = self.attention[index], self.next_position[index]
@@ -241,6 +244,7 @@ class RunningBatch:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
             self.attention = self.attention[:, first:]
+        return keep
 
     @torch.inference_mode()
     def step(self, tokens: list[int]) -> torch.Tensor:

@@ -8,7 +8,9 @@ batching over the engine's parts, each usable and tested alone:
   ``SamplingParams`` and a job's events (``Admitted``, ``Delta``, ``Finished``, ``Failed``);
 - ``lmref.serving.scheduler``: the waiting queue and a replaceable ``AdmissionPolicy``
   (``FifoRowBudget`` within ``max_batch_size`` rows; ``admission="static"``: ``StaticBatch``);
-- ``lmref.serving.batching``: the shared, left-padded KV cache rows join and leave;
+- ``lmref.serving.batching``: the shared, left-padded KV cache rows join and leave (any model);
+  for a Llama model ``slot_batch`` (a preallocated cache, a slot a row) and ``fused_llama``
+  (its decode step in few, large calls; ``ModelSpec.decode_weights``: fp16 or int8 weights);
 - ``lmref.serving.sampler``: every row's next token at once (per-row temperature, top-p, seed as
   tensors) and the logprobs a request asks for; ``lmref.serving.constraints``: grammar masks;
 - ``lmref.serving.detokenizer``: text a token at a time, stops; ``outputs``: tokens to events;
@@ -64,24 +66,14 @@ from lmref.serving.request import (
 from lmref.serving.response_cache import ResponseCache, cache_key
 from lmref.serving.sampler import GREEDY_BELOW, SamplingRows, step_logprobs
 from lmref.serving.scheduler import POLICIES, AdmissionPolicy, Scheduler
+from lmref.serving.slot_batch import SlotBatch
 from lmref.serving.spec import ModelSpec
 
 # The names the app, the production stage and the tests import from here.
 __all__ = [
-    "DEFAULT_CHAT_TEMPLATE",
-    "Admitted",
-    "Delta",
-    "Engine",
-    "EngineError",
-    "EngineMetrics",
-    "Failed",
-    "Finished",
-    "Job",
-    "ModelSpec",
-    "QueueFull",
-    "ResponseCache",
-    "SamplingParams",
-]
+    "DEFAULT_CHAT_TEMPLATE", "Admitted", "Delta", "Engine", "EngineError", "EngineMetrics",
+    "Failed", "Finished", "Job", "ModelSpec", "QueueFull", "ResponseCache", "SamplingParams",
+]  # fmt: skip
 
 log = logging.getLogger("lmref.serving.engine")
 Status = RequestStatus
@@ -267,7 +259,8 @@ class Engine:
                 self._reset()
 
     def _reset(self) -> None:
-        self._batch = RunningBatch(self.model)
+        fused = self.served.fused  # a Llama's fused decode weights: the slot cache's fast path
+        self._batch = SlotBatch(self.model, fused) if fused else RunningBatch(self.model)
         self._prefix = PrefixCache(self.model, self.spec.prefix_cache_min_tokens)
         self._rows: list[Request] = []  # decoding, in the batch's row order
         self._sampling: SamplingRows | None = None  # the same rows' sampling settings
@@ -365,9 +358,9 @@ class Engine:
     def _leave(self, keep: list[int]) -> None:
         if len(keep) == len(self._rows):
             return
-        self._batch.leave(keep)
-        self._rows = [self._rows[k] for k in keep]
-        self._sampling = self._sampling.select(keep) if keep else None
+        order = self._batch.leave(keep)  # the kept rows' new order (SlotBatch moves some)
+        self._rows = [self._rows[k] for k in order]
+        self._sampling = self._sampling.select(order) if order else None
 
     def _next_tokens(
         self, rows: list[Request], logits: torch.Tensor, sampling: SamplingRows

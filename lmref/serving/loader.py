@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from lmref.models.loading import load_model, load_tokenizer
+from lmref.serving.fused_llama import FusedLlama
 from lmref.serving.integrity import check_model
 from lmref.serving.packed_linear import pack_linears
 from lmref.serving.sampler import TokenPieces
@@ -45,6 +46,7 @@ class ServedModel:
     eos_ids: frozenset[int]  # any of them ends a row (unless ignore_eos)
     pad_id: int  # fills the left padding of a prefill group (masked)
     pieces: TokenPieces  # token id -> (text, bytes), for logprobs
+    fused: FusedLlama | None = None  # a Llama's decode weights (lmref.serving.fused_llama)
 
     @property
     def vocab_size(self) -> int:
@@ -52,11 +54,21 @@ class ServedModel:
 
 
 def load_served_model(
-    path: str, device: str = "auto", dtype: str = "auto", pack: bool = True
+    path: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    pack: bool = True,
+    fuse: bool = True,
+    decode_weights: str = "same",
 ) -> ServedModel:
-    """Load ``path`` (a folder, hub id or course name) for serving, in eval mode."""
+    """Load ``path`` (a folder, hub id or course name) for serving, in eval mode. ``fuse``: a
+    Llama model also gets the fused decode weights of ``lmref.serving.slot_batch``, in
+    ``decode_weights`` ("same", "fp16", "int8": ``lmref.serving.fused_llama``)."""
     with _LOAD_LOCK:
         model = load_model(path, dtype=dtype, device=device)
+        fused = (
+            FusedLlama.of(model, decode_weights) if fuse else None
+        )  # before packing: it reads nn.Linear
         if pack and not getattr(model, "peft_config", None):  # an unmerged adapter stays as is
             pack_linears(model)
         tokenizer = load_tokenizer(path)
@@ -75,6 +87,7 @@ def load_served_model(
         eos_ids=eos_ids,
         pad_id=pad if pad is not None else next(iter(eos_ids), 0),
         pieces=TokenPieces(tokenizer),
+        fused=fused,
     )
 
 
@@ -85,4 +98,6 @@ def load_spec(spec: ModelSpec) -> ServedModel:
     # Both resolve a course name to its folder (lmref.models.loading.resolve_model).
     for warning in check_model(spec.path, spec.allow_unmanifested):
         log.warning("model %s: %s", spec.name, warning)
-    return load_served_model(spec.path, spec.device, spec.dtype, spec.pack_linears)
+    return load_served_model(
+        spec.path, spec.device, spec.dtype, spec.pack_linears, spec.slot_cache, spec.decode_weights
+    )

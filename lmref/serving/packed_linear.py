@@ -65,12 +65,15 @@ def packing_available(dtype: torch.dtype = torch.float32) -> bool:
 class PackedLinear(torch.nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored in oneDNN's own layout (CPU, inference only)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int = 16):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         # The batch-size hint picks the layout. Measured: a hint of 16 is as fast as 1 for one
-        # row and 1.2-1.4x faster for 16 rows (fp32), so one layout serves decode at any load.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 16)
+        # row and 1.2-1.4x faster for 16 rows (fp32), so one layout serves decode at any load;
+        # lmref.serving.fused_llama gives its largest matrices a hint of 1 (it says why).
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(
+            weight.detach().contiguous(), batch_hint
+        )
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)

@@ -32,6 +32,10 @@ class ModelSpec:
     chat_template: str | None = None  # Jinja; None: the tokenizer's, else DEFAULT_CHAT_TEMPLATE
     dtype: str = "auto"  # bf16 on GPUs that have it, fp32 on CPU; or fp32/bf16/fp16
     pack_linears: bool = True  # CPU: weights packed once for oneDNN (lmref.serving.packed_linear)
+    slot_cache: bool = True  # Llama models decode over preallocated slots (serving.slot_batch)
+    # With the slot cache, an fp32 model on CPU: the decode step's weights in fewer bytes
+    # (serving.fused_llama.SmallLinear says what each costs; int8-dynamic changes text).
+    decode_weights: Literal["same", "fp16", "int8", "int8-dynamic"] = "same"
     admission: Literal["continuous", "static"] = "continuous"  # static: the baseline (scheduler)
     # A folder is served only when it matches its sha256 manifest (lmref.serving.integrity); True
     # also serves one without a manifest, or a hub id (nothing to verify), with a logged warning.

@@ -1,0 +1,203 @@
+"""A Llama decode step in few, large calls: the weights the engine's slot cache reads per token.
+
+The decode step of a small model on a CPU is bound by reading its weights (every token reads
+each once) and, past that, by the number of calls: transformers' Llama layer makes about 60
+torch calls per token, 7 of them matmuls. ``FusedLlama`` takes the weights of a loaded
+``LlamaForCausalLM`` once and keeps them so that a layer is 4 matmuls and 12 other calls:
+
+- q, k and v stacked into one matrix, gate and up into another (larger matmuls read memory
+  closer to its bandwidth: on a 2-core AMD EPYC one 960x576 fp32 matvec took 111 us, the three
+  it replaces 182 us);
+- each packed once for oneDNN (``lmref.serving.packed_linear``); the three largest (qkv,
+  gate/up, the output layer) with oneDNN's layout for one row, which measured 18-21% faster
+  for one row and 5-10% slower for 16-64 rows than its layout for 16: decode of a few streams
+  is bound by these reads, decode of many by arithmetic, where 5% of the matmuls matters less;
+- ``torch.rms_norm`` (one call, not seven), rotary embedding of q and k together in three
+  calls, the softmax scale folded into the mask's addition.
+
+It is a copy: the model keeps its own (packed) weights for prefill, which runs its forward
+(chunks, prefix cache, prompt scoring). For SmolLM2-135M the copy is 106 M of 135 M
+parameters (qkv, gate/up, o, down and the output layer; the rest is shared).
+
+Usage (``lmref.serving.slot_batch`` owns the cache; the loader builds this before packing)::
+
+    fused = FusedLlama.of(model)          # None: not a plain Llama model
+    logits = fused.decode(tokens, positions, keys, values, width)   # one token per row
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmref.serving.packed_linear import PackedLinear, packing_available
+
+DECODE_WEIGHTS = ("same", "fp16", "int8", "int8-dynamic")
+
+
+class SmallLinear:
+    """``x @ W.T`` with ``W`` stored in fewer bytes (an fp32 model on an x86 CPU). Measured on
+    SmolLM2-135M in ``benchmarks/results/decode_weights-cpu.json``:
+
+    - ``"fp16"`` (FBGEMM, the kernels behind ``torch.ops.quantized``): weights rounded to fp16
+      and widened as read, arithmetic in fp32: a row's result does not depend on its batch;
+    - ``"int8"``: weight-only, int8 per output channel (scale = max |w| / 127), torch's
+      ``_weight_int8pack_mm`` (the kernel of torchao's int8 weight-only CPU path); activations
+      stay fp32, so a row's result does not depend on its batch either;
+    - ``"int8-dynamic"`` (FBGEMM): the same int8 weights, and activations quantized at each
+      call to 7 bits (``reduce_range``: AVX2's 16-bit pairwise sums cannot saturate) with ONE
+      scale for the whole input: outlier channels cost accuracy, and a row's result depends on
+      the other rows in the batch (its greedy text can change with the load).
+
+    torch.ao's Python API around FBGEMM's ops is deprecated (torchao replaces it); the ops
+    themselves are what ``torch.ao.nn.quantized.dynamic.Linear`` calls.
+    """
+
+    def __init__(self, weight: torch.Tensor, kind: str):
+        weight = weight.detach().float().contiguous()
+        scale = (weight.abs().amax(1) / 127).clamp(min=1e-12)
+        if kind == "fp16":
+            self.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
+            self.run = torch.ops.quantized.linear_dynamic_fp16
+        elif kind == "int8":
+            self.packed = ((weight / scale[:, None]).round().to(torch.int8), scale)
+            self.run = lambda x, p: torch.ops.aten._weight_int8pack_mm(x, p[0], p[1])
+        else:
+            zero = torch.zeros(weight.shape[0], dtype=torch.long)
+            quantized = torch.quantize_per_channel(weight, scale.double(), zero, 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+            self.run = lambda x, p: torch.ops.quantized.linear_dynamic(x, p, True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self.packed)
+
+
+def _linear(weight: torch.Tensor, batch_hint: int, weights: str = "same"):
+    """A callable ``x -> x @ weight.T``: smaller weights when asked (``SmallLinear``), else
+    oneDNN-packed where it can be, else ``F.linear``."""
+    if weights != "same":
+        return SmallLinear(weight, weights)
+    if weight.device.type == "cpu" and packing_available(weight.dtype):
+        return PackedLinear(weight, None, batch_hint)
+    weight = weight.detach()  # o, down, lm_head: the model's own tensor, no copy
+    return lambda x: F.linear(x, weight)
+
+
+def llama_layers(model):
+    """The decoder layers of a plain Llama-architecture CausalLM (no adapters, no biases,
+    SiLU), else None."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) != "llama":
+        return None
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return None
+    if getattr(config, "hidden_act", "") != "silu" or getattr(model, "peft_config", None):
+        return None
+    return getattr(getattr(model, "model", None), "layers", None)
+
+
+@dataclass
+class _Layer:
+    qkv: object
+    o: object
+    gate_up: object
+    down: object
+    norm_attention: torch.Tensor
+    norm_mlp: torch.Tensor
+
+
+class FusedLlama:
+    """The decode-time weights of one Llama model, and its decode step over a KV cache."""
+
+    def __init__(self, model, weights: str = "same"):
+        config = model.config
+        self.model = model  # its embedding and rotary embedding are shared
+        self.kv_heads = config.num_key_value_heads
+        self.heads = config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.hidden, self.eps = config.hidden_size, config.rms_norm_eps
+        self.intermediate = config.intermediate_size
+        self.scale = self.head_dim**-0.5
+        self.layers = []
+        for layer in llama_layers(model):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            self.layers.append(
+                _Layer(
+                    _linear(qkv, 1, weights),
+                    _linear(attn.o_proj.weight, 16, weights),
+                    _linear(gate_up, 1, weights),
+                    _linear(mlp.down_proj.weight, 16, weights),
+                    layer.input_layernorm.weight.detach(),
+                    layer.post_attention_layernorm.weight.detach(),
+                )
+            )
+        self.norm = model.model.norm.weight.detach()
+        self.lm_head = _linear(model.lm_head.weight, 1, weights)
+
+    @classmethod
+    def of(cls, model, weights: str = "same") -> FusedLlama | None:
+        """Fused weights for ``model`` when it is a plain Llama whose linears are still
+        ``nn.Linear`` (before ``pack_linears``), else None (the engine then runs its forward).
+        ``weights``: "same" (the model's dtype), or one of ``SmallLinear``'s (CPU, fp32)."""
+        layers = llama_layers(model)
+        if not layers or type(layers[0].self_attn.q_proj) is not torch.nn.Linear:
+            return None
+        if weights not in DECODE_WEIGHTS:
+            raise ValueError(f"decode weights {weights!r}: expected one of {DECODE_WEIGHTS}")
+        if weights != "same" and (model.device.type != "cpu" or model.dtype != torch.float32):
+            raise ValueError(f"decode weights {weights!r} need an fp32 model on CPU")
+        return cls(model, weights)
+
+    def rotary_tables(self, columns: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) for positions 0..columns-1, from the model's own rotary embedding
+        (any rope scaling it has): x * cos + roll(x, d/2) * signed_sin is transformers'
+        ``x * cos + rotate_half(x) * sin``."""
+        positions = torch.arange(columns, device=like.device).unsqueeze(0)
+        cos, sin = self.model.model.rotary_emb(like, positions)
+        cos, sin = cos[0].to(like.dtype), sin[0].to(like.dtype)
+        half = self.head_dim // 2
+        return cos, torch.cat([-sin[:, :half], sin[:, half:]], -1)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        tokens: torch.Tensor,  # (rows,) one new token per row
+        positions: torch.Tensor,  # (rows,) its position: the row's tokens so far
+        keys: torch.Tensor,  # (layers, slots, kv_heads, columns, head_dim), rows 0..n-1 used
+        values: torch.Tensor,
+        tables: tuple[torch.Tensor, torch.Tensor],  # rotary_tables(columns)
+        width: int,  # columns to attend over: max(positions) + 1
+    ) -> torch.Tensor:
+        """Write each row's new key and value at its position and return its next-token
+        logits (rows, vocab)."""
+        n, kv, d, half = tokens.shape[0], self.kv_heads, self.head_dim, self.head_dim // 2
+        heads, groups = self.heads, self.heads // self.kv_heads
+        rows = torch.arange(n, device=tokens.device)
+        # One mask for all layers: a row attends to its own columns up to its new token.
+        bias = torch.zeros((n, 1, 1, width), dtype=keys.dtype, device=keys.device)
+        columns = torch.arange(width, device=keys.device)
+        bias.masked_fill_(columns > positions.view(n, 1, 1, 1), float("-inf"))
+        cos, sin = tables[0][positions].unsqueeze(1), tables[1][positions].unsqueeze(1)
+        x = self.model.model.embed_tokens(tokens)
+        for i, w in enumerate(self.layers):
+            h = torch.rms_norm(x, (self.hidden,), w.norm_attention, self.eps)
+            qkv = w.qkv(h).view(n, heads + 2 * kv, d)
+            qk = qkv[:, : heads + kv]
+            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # rotary, q and k at once
+            keys[i, rows, :, positions] = qk[:, heads:]
+            values[i, rows, :, positions] = qkv[:, heads + kv :]
+            q = qk[:, :heads].view(n, kv, groups, d)  # grouped heads read their shared keys
+            scores = q @ keys[i, :n, :, :width].transpose(-1, -2)  # (n, kv, groups, width)
+            weights = torch.softmax(torch.add(bias, scores, alpha=self.scale), dim=-1)
+            out = (weights @ values[i, :n, :, :width]).reshape(n, heads * d)
+            x = x + w.o(out)
+            h = torch.rms_norm(x, (self.hidden,), w.norm_mlp, self.eps)
+            gate_up = w.gate_up(h)
+            x = x + w.down(
+                F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
+            )
+        return self.lm_head(torch.rms_norm(x, (self.hidden,), self.norm, self.eps))
