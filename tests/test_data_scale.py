@@ -140,7 +140,11 @@ def test_the_stream_masks_pii_detects_languages_and_drops_contaminated_documents
     corpus = tmp_path / "in.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     config = StreamConfig(
-        val_fraction=0, test_fraction=0, near_duplicates=False, detect_language=True
+        val_fraction=0,
+        test_fraction=0,
+        near_duplicates=False,
+        detect_language=True,
+        max_rss_mb=None,  # this process holds the suite's models: memory is tested above
     )
     report = stream_corpus(corpus, tmp_path / "out", config, eval_texts=[item])
     assert report["removed"] == {"contaminated": 1}

@@ -1,9 +1,10 @@
 """A Llama decode step in few, large calls: the weights the engine's slot cache reads per token.
 
 The decode step of a small model on a CPU is bound by reading its weights (every token reads
-each once) and, past that, by the number of calls: transformers' Llama layer makes about 60
-torch calls per token, 7 of them matmuls. ``FusedLlama`` takes the weights of a loaded
-``LlamaForCausalLM`` once and keeps them so that a layer is 4 matmuls and 12 other calls:
+each once) and, past that, by the number of calls (each costs microseconds of dispatch, whatever
+its size): transformers' Llama layer makes 7 matmuls and dozens of small calls per token.
+``FusedLlama`` takes the weights of a loaded ``LlamaForCausalLM`` once and keeps them so that a
+layer is 4 matmuls and 15 other computing calls (views aside):
 
 - q, k and v stacked into one matrix, gate and up into another (larger matmuls read memory
   closer to its bandwidth: on a 2-core AMD EPYC one 960x576 fp32 matvec took 111 us, the three
@@ -22,7 +23,8 @@ parameters (qkv, gate/up, o, down and the output layer; the rest is shared).
 Usage (``lmref.serving.slot_batch`` owns the cache; the loader builds this before packing)::
 
     fused = FusedLlama.of(model)          # None: not a plain Llama model
-    logits = fused.decode(tokens, positions, keys, values, width)   # one token per row
+    tables = fused.rotary_tables(columns, keys[0, 0, 0])   # once per cache size
+    logits = fused.decode(tokens, positions, keys, values, tables, width)   # a token per row
 """
 
 from __future__ import annotations
