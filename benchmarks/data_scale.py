@@ -14,9 +14,15 @@ A corpus of ``DATA_SCALE_MB`` MB (default 300) with planted exact and near dupli
 
 Per step: documents/s, MB/s and peak RSS; duplicates found vs the ground truth.
 
+datatrove comes with the ``bench`` extra (``pip install -e '.[bench]'``); ``DATA_SCALE_PEER=0`` runs
+lmref alone without it.
+
     DATA_SCALE_MB=300 nice python benchmarks/data_scale.py   # results/data_scale-cpu.json
     DATA_SCALE_MB=2000 DATA_SCALE_PEER=0 python benchmarks/data_scale.py
-    # lmref alone (datatrove takes about 1.8 s a MB here): results/data_scale-cpu-2000mb.json
+    # lmref alone, PII masking included: results/data_scale-cpu-2000mb.json
+
+Beside datatrove, lmref runs without PII masking (datatrove's pipeline here has none); alone, with
+it (its default). The stream enforces ``max_rss_mb=1024``: a run that passed it would fail.
 """
 
 from __future__ import annotations
@@ -89,9 +95,9 @@ LMREF_RUN = r"""
 import json, sys
 from pathlib import Path
 from lmref.data.stream import StreamConfig, stream_corpus
-root, n_shards, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+root, n_shards, out, mask_pii = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
 shards = sorted(Path(root, "in", "shards").glob("*.jsonl"))[: n_shards or None]
-r = stream_corpus(shards, f"{root}/{out}", StreamConfig(max_rss_mb=1024))
+r = stream_corpus(shards, f"{root}/{out}", StreamConfig(max_rss_mb=1024, mask_pii=mask_pii))
 print(json.dumps(r))
 """
 SHARD_MB = 20  # ~6,500 documents of ~3 KB: the RSS growth is measured on 1, 5 and all shards
@@ -118,6 +124,8 @@ def main() -> None:
 
     mb = float(os.environ.get("DATA_SCALE_MB", "300"))
     with_peer = os.environ.get("DATA_SCALE_PEER", "1") != "0"
+    # Beside datatrove, lmref runs the steps datatrove runs (no PII masking); alone, all of them
+    mask_pii = "0" if with_peer else "1"
     load_start = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="data_scale-"))
     try:
@@ -130,10 +138,10 @@ def main() -> None:
         # of 5 shards, then on all (the run compared with datatrove below)
         growth = []
         for n in (1, 5):
-            part = child(LMREF_RUN, str(root), str(n), f"lmref-{n}")
+            part = child(LMREF_RUN, str(root), str(n), f"lmref-{n}", mask_pii)
             growth.append({k: part[k] for k in ("mb_in", "rss_at_start_mb", "rss_growth_mb")})
             shutil.rmtree(root / f"lmref-{n}")
-        lm = child(LMREF_RUN, str(root), "0", "lmref")
+        lm = child(LMREF_RUN, str(root), "0", "lmref", mask_pii)
         growth.append({k: lm[k] for k in ("mb_in", "rss_at_start_mb", "rss_growth_mb")})
         lm["rss_growth_by_corpus_mb"] = growth
         shards = lm.pop("shards")
@@ -169,7 +177,12 @@ def main() -> None:
     result = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "settings": {"corpus_mb": round(truth["bytes"] / 1e6, 1), "threshold": 0.8},
+        "settings": {
+            "corpus_mb": round(truth["bytes"] / 1e6, 1),
+            "threshold": 0.8,
+            "lmref_masks_pii": mask_pii == "1",
+            "lmref_max_rss_mb": 1024,
+        },
         "corpus": {**{k: v for k, v in truth.items() if k != "truth"}, "generate_s": gen_s},
         "results": {"lmref_stream": lm, "datatrove": dt if with_peer else "not run"},
         "load_average_1_5_15": {"start": load_start, "end": os.getloadavg()},

@@ -13,7 +13,10 @@ split's blocks), in one process:
 
 Usage::
 
-    python benchmarks/decode_weights.py     # -> benchmarks/results/decode_weights-cpu.json
+    python benchmarks/decode_weights.py     # -> benchmarks/results/decode_weights-cpu-<isa>.json
+
+``<isa>`` is ``avx512`` where the CPU has AVX-512 (VNNI and BF16 come with it on the machines
+here) and ``avx2`` elsewhere: the int8 kernels differ most between the two.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -139,6 +143,10 @@ def main() -> None:
         "benchmark": "decode_weights",
         "device": "cpu",
         "device_name": f"{cpu_model()}, {os.cpu_count()} cores",
+        "isa": "avx512" if "avx512f" in Path("/proc/cpuinfo").read_text() else "avx2",
+        "avx512_flags": sorted(
+            set(re.findall(r"\bavx512\w*|\bamx\w*", Path("/proc/cpuinfo").read_text()))
+        ),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "settings": {
@@ -150,7 +158,7 @@ def main() -> None:
         },
         "results": rows,
     }
-    out = REPO / "benchmarks" / "results" / "decode_weights-cpu.json"
+    out = REPO / "benchmarks" / "results" / f"decode_weights-cpu-{report['isa']}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print("wrote", out)
 

@@ -52,7 +52,7 @@ from lmref.data.instructions import (
     make_instruction_dataset,
     tokenize_instructions,
 )
-from lmref.data.synthetic import SynthConfig, generate_synthetic
+from lmref.data.synthetic import SynthConfig, generate_synthetic, matched_control
 from lmref.evaluation.metrics import exact_match
 from lmref.evaluation.paired import PairedDifference
 from lmref.lab.env import cpu_model
@@ -146,22 +146,6 @@ def finetune_and_score(rows: list[dict], seed: int, tokenizer, validation) -> di
     }
 
 
-def control_rows(train, synthetic: list[dict], skip: int) -> list[dict]:
-    """Ordinary templated train items, as many per task as ``synthetic`` holds, taken past the
-    first ``skip`` rows (the seed items) so that the control adds new items, not repeats."""
-    want = Counter(r["task"] for r in synthetic)
-    picked = []
-    for row in train.select(range(skip, len(train))):
-        if want[row["task"]] > 0:
-            want[row["task"]] -= 1
-            picked.append({k: row[k] for k in ("task", "instruction", "answer")})
-        if not +want:  # every task filled
-            break
-    if +want:
-        raise ValueError(f"the train split is too short for the control arm: missing {dict(+want)}")
-    return picked
-
-
 def main() -> None:
     load_start = os.getloadavg()
     raw, _ = make_instruction_dataset(InstructionConfig())
@@ -179,7 +163,7 @@ def main() -> None:
         )
     tokenizer = AutoTokenizer.from_pretrained(BASE)
     validation = raw["validation"].select(range(VALIDATION))
-    control = control_rows(raw["train"], synthetic, len(seed_rows))
+    control = matched_control(raw["train"], synthetic, len(seed_rows))
     arms = {
         "seed only": seed_rows,
         "seed + synthetic": seed_rows + synthetic,

@@ -151,6 +151,21 @@ def test_the_stream_masks_pii_detects_languages_and_drops_contaminated_documents
     assert report["pii"]["EMAIL"] == 1 and report["pii"]["docs_touched"] == 1
     assert report["languages"]["in"] == {"en": 3, "zh": 1}
     assert report["languages"]["out"] == {"en": 2, "zh": 1}
+    # each step timed and counted on its own, in the order the documents meet them
+    steps = report["steps"]
+    assert list(steps) == [
+        "read",
+        "clean",
+        "language",
+        "exact",
+        "near",
+        "filter",
+        "pii",
+        "decontaminate",
+        "write",
+    ]
+    assert steps["pii"]["docs_in"] == 4 and steps["decontaminate"]["docs_out"] == 3
+    assert steps["write"]["docs_in"] == 3 and all(v["seconds"] >= 0 for v in steps.values())
     import pyarrow.parquet as pq
 
     rows = pq.read_table(tmp_path / "out" / "train").to_pylist()

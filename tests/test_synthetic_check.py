@@ -6,11 +6,18 @@ computed answer would be right."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
 from lmref.data.instruction_tasks import TASK_SPECS, checked_example
-from lmref.data.synthetic import LEAD_VERBS, SEED_WORDINGS, SynthConfig, generate_synthetic
+from lmref.data.synthetic import (
+    LEAD_VERBS,
+    SEED_WORDINGS,
+    SynthConfig,
+    generate_synthetic,
+    matched_control,
+)
 from lmref.data.synthetic_check import asks, verify
 
 pytestmark = pytest.mark.unit
@@ -62,3 +69,15 @@ def test_an_unknown_prompt_style_is_refused_before_any_request():
     raw = {"train": [], "validation": [], "test": []}
     with pytest.raises(ValueError, match="unknown prompt 'chat'"):
         generate_synthetic(None, "m", raw, SynthConfig(prompt="chat"))
+
+
+def test_the_matched_control_has_the_synthetic_counts_per_task_and_skips_the_seed_rows():
+    train = [
+        {"task": t, "instruction": f"{t} {i}", "answer": str(i)} for i in range(6) for t in "ab"
+    ]
+    synthetic = [{"task": "a"}, {"task": "a"}, {"task": "b"}]
+    control = matched_control(train, synthetic, skip=4)  # rows 0-3 are the seed items
+    assert Counter(r["task"] for r in control) == {"a": 2, "b": 1}
+    assert all(r in train[4:] for r in control) and len({r["instruction"] for r in control}) == 3
+    with pytest.raises(ValueError, match=r"too short for the control arm: missing \{'a': 1\}"):
+        matched_control(train, [{"task": "a"}] * 5, skip=4)

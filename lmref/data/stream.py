@@ -239,7 +239,6 @@ def _stream_corpus(
         s: ShardWriter(out / s, config.rows_per_shard, config.batch_rows, config.batch_mb)
         for s in SPLITS
     }
-    steps = {name: _Step() for name in ("read", "clean", "exact", "near", "filter", "write")}
     removed: Counter = Counter()
     clean_counts: Counter = Counter()
     pii: Counter = Counter()
@@ -248,6 +247,10 @@ def _stream_corpus(
     # As lmref.data.decontaminate: items of fewer than 8 units are not checked.
     grams = [item_ngrams(t, config.decontaminate_n) for t in eval_texts]
     contamination = NgramIndex([g if len(next(iter(g), ())) >= 8 else set() for g in grams])
+    names = ["read", "clean", "language", "exact", "near", "filter", "pii", "decontaminate"]
+    runs = [True, True, bool(detector), True, True, True, config.mask_pii]
+    runs.append(bool(contamination.items))
+    steps = {n: _Step() for n, on in zip(names, runs) if on} | {"write": _Step()}
     rss_start, clock = peak_rss_mb(), time.perf_counter
     started = clock()
     docs = iter_documents(paths, config.text_key)
@@ -270,12 +273,14 @@ def _stream_corpus(
             if not text:
                 removed["empty_after_clean"] += 1
                 continue
+            size = len(text.encode("utf-8", "surrogatepass"))
             language = UNDETERMINED
             if detector is not None:
                 found = detector.detect_language_of(text)
                 language = found.iso_code_639_1.name.lower() if found else UNDETERMINED
+                t2, t = clock(), t2
+                _count(steps["language"], size, True, t2 - t)
             languages["in"][language] += 1
-            size = len(text.encode("utf-8", "surrogatepass"))
             duplicate = index.is_exact_duplicate(text)
             t3 = clock()
             _count(steps["exact"], size, not duplicate, t3 - t2)
@@ -305,10 +310,16 @@ def _stream_corpus(
                 text, found_pii = mask_pii(text)
                 pii.update(found_pii)
                 pii["docs_touched"] += bool(found_pii)
+                t5, t = clock(), t5
+                _count(steps["pii"], size, True, t5 - t)
             split = split_of(text, config.val_fraction, config.test_fraction, config.salt)
-            if split == "train" and contamination.items and contamination.find(text):
-                removed["contaminated"] += 1
-                continue
+            if split == "train" and contamination.items:
+                hit = contamination.find(text)
+                t5, t = clock(), t5
+                _count(steps["decontaminate"], size, not hit, t5 - t)
+                if hit:
+                    removed["contaminated"] += 1
+                    continue
             languages["out"][language] += 1
             writers[split].write(Document(text, doc.source, language=language))
             _count(steps["write"], size, True, clock() - t5)

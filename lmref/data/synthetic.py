@@ -306,11 +306,32 @@ def generate_synthetic(
     return rows, report
 
 
+def matched_control(
+    train: Sequence[Mapping], synthetic: Sequence[Mapping], skip: int
+) -> list[dict]:
+    """The control arm of a synthetic-data experiment: ordinary (templated) train items, as many
+    per task as ``synthetic`` holds, taken past the first ``skip`` rows (the seed items) so the
+    control adds new items, not repeats. Seed + synthetic against seed + this control, same
+    steps: a gain of the first says the model's wordings helped, not merely more items."""
+    want = Counter(r["task"] for r in synthetic)
+    picked = []
+    for row in list(train)[skip:]:
+        if want[row["task"]] > 0:
+            want[row["task"]] -= 1
+            picked.append({k: row[k] for k in ("task", "instruction", "answer")})
+        if not +want:  # every task filled
+            break
+    if +want:
+        raise ValueError(f"the train split is too short for the control arm: missing {dict(+want)}")
+    return picked
+
+
 __all__ = [
     "LEAD_VERBS",
     "SEED_WORDINGS",
     "SynthConfig",
     "SynthReport",
     "generate_synthetic",
+    "matched_control",
     "parse_input",
 ]

@@ -41,7 +41,7 @@ DECODE_WEIGHTS = ("same", "fp16", "int8", "int8-dynamic")
 
 class SmallLinear:
     """``x @ W.T`` with ``W`` stored in fewer bytes (an fp32 model on an x86 CPU). Measured on
-    SmolLM2-135M in ``benchmarks/results/decode_weights-cpu.json``:
+    SmolLM2-135M in ``benchmarks/results/decode_weights-cpu-avx2.json`` (and ``-avx512``):
 
     - ``"fp16"`` (FBGEMM, the kernels behind ``torch.ops.quantized``): weights rounded to fp16
       and widened as read, arithmetic in fp32: a row's result does not depend on its batch;
