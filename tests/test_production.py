@@ -114,9 +114,8 @@ def submit(client, lines: list[dict], tmp_path, **kw):
     path = tmp_path / "requests.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     uploaded = client.files.create(file=path.open("rb"), purpose="batch")
-    return client.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h", **kw
-    )
+    kw.setdefault("endpoint", "/v1/chat/completions")
+    return client.batches.create(input_file_id=uploaded.id, completion_window="24h", **kw)
 
 
 def wait_done(client, batch_id: str, timeout: float = 120.0):
@@ -213,19 +212,34 @@ def test_a_request_that_keeps_killing_workers_fails_as_a_poison_pill(
 @needs_servers
 def test_poisoned_jobs_fail_alone(backends, api, tiny_model_dir, tmp_path):
     handle, client = api
-    # The quick ones take ~15 ms, the slow one ~1 s on a 2-core CPU: a 0.3 s limit parts them.
+
+    # The quick ones take ~15 ms. The slow one fills the worker's whole queue (16 prompts x
+    # n=16 = 256 rows of 220 tokens, 16 batches one after the other: ~1.8 s on the fastest CPU
+    # here, where one batch of 16 rows took 0.11 s and passed a 0.3 s limit): 0.3 s parts them.
+    # A list of prompts is a completions request, so the whole batch is on /v1/completions.
+    def line(custom_id: str, **body) -> dict:
+        body = {"model": "tiny", "prompt": custom_id, "temperature": 0, "max_tokens": 4, **body}
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body}
+
+    slow_prompts = [f"too slow {i}" for i in range(16)]
     lines = [
-        request_line("ok-1", max_tokens=2),
-        request_line("bad-max-tokens", max_tokens=-3),
-        request_line("ok-2", max_tokens=2),
-        request_line("unknown-model", model="nope"),
-        request_line("too-slow", max_tokens=220, ignore_eos=True, n=16),
-        request_line("ok-3", max_tokens=2),
+        line("ok-1", max_tokens=2),
+        line("bad-max-tokens", max_tokens=-3),
+        line("ok-2", max_tokens=2),
+        line("unknown-model", model="nope"),
+        line("too-slow", prompt=slow_prompts, max_tokens=220, ignore_eos=True, n=16),
+        line("ok-3", max_tokens=2),
     ]
     with Services() as services:
         start_workers(services, backends, tiny_model_dir, ["w3"])
         # metadata job_time_limit_s: each request's Celery soft time limit (hard: +15 s)
-        batch = submit(client, lines, tmp_path, metadata={"job_time_limit_s": "0.3"})
+        batch = submit(
+            client,
+            lines,
+            tmp_path,
+            endpoint="/v1/completions",
+            metadata={"job_time_limit_s": "0.3"},
+        )
         done = wait_done(client, batch.id)
     output, errors = jsonl(client, done.output_file_id), jsonl(client, done.error_file_id)
     assert [x["custom_id"] for x in output] == ["ok-1", "ok-2", "ok-3"]
