@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from benchmarks.peer_servers import cpu_flags  # noqa: E402
 from benchmarks.serving_peer import prompts  # noqa: E402
 from lmref.lab.env import cpu_model  # noqa: E402
 from lmref.serving.batching import Prefill  # noqa: E402
@@ -139,14 +139,13 @@ def main() -> None:
     base = rows["same"]["perplexity_held_out"]
     for row in rows.values():
         row["perplexity_vs_fp32"] = row["perplexity_held_out"] / base - 1
+    flags = cpu_flags()
     report = {
         "benchmark": "decode_weights",
         "device": "cpu",
         "device_name": f"{cpu_model()}, {os.cpu_count()} cores",
-        "isa": "avx512" if "avx512f" in Path("/proc/cpuinfo").read_text() else "avx2",
-        "avx512_flags": sorted(
-            set(re.findall(r"\bavx512\w*|\bamx\w*", Path("/proc/cpuinfo").read_text()))
-        ),
+        "isa": "avx512" if "avx512f" in flags else "avx2",
+        "avx512_flags": sorted(f for f in flags if f.startswith(("avx512", "amx"))),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "settings": {

@@ -53,6 +53,7 @@ from lmref.data.sources import TEXT_SUFFIXES, Document
 from lmref.data.text_rules import warm_up as warm_up_text_rules
 
 SPLITS = ("train", "validation", "test")
+STEPS = ("read", "clean", "language", "exact", "near", "filter", "pii", "decontaminate", "write")
 
 
 @dataclass
@@ -247,10 +248,13 @@ def _stream_corpus(
     # As lmref.data.decontaminate: items of fewer than 8 units are not checked.
     grams = [item_ngrams(t, config.decontaminate_n) for t in eval_texts]
     contamination = NgramIndex([g if len(next(iter(g), ())) >= 8 else set() for g in grams])
-    names = ["read", "clean", "language", "exact", "near", "filter", "pii", "decontaminate"]
-    runs = [True, True, bool(detector), True, True, True, config.mask_pii]
-    runs.append(bool(contamination.items))
-    steps = {n: _Step() for n, on in zip(names, runs) if on} | {"write": _Step()}
+    # The steps in the order a document meets them; the optional ones only when they run
+    running = {
+        "language": detector is not None,
+        "pii": config.mask_pii,
+        "decontaminate": bool(contamination.items),
+    }
+    steps = {name: _Step() for name in STEPS if running.get(name, True)}
     rss_start, clock = peak_rss_mb(), time.perf_counter
     started = clock()
     docs = iter_documents(paths, config.text_key)

@@ -34,6 +34,7 @@ Usage::
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections import Counter
@@ -315,7 +316,7 @@ def matched_control(
     steps: a gain of the first says the model's wordings helped, not merely more items."""
     want = Counter(r["task"] for r in synthetic)
     picked = []
-    for row in list(train)[skip:]:
+    for row in itertools.islice(train, skip, None):  # a list or a datasets.Dataset, not copied
         if want[row["task"]] > 0:
             want[row["task"]] -= 1
             picked.append({k: row[k] for k in ("task", "instruction", "answer")})
