@@ -15,8 +15,9 @@ Usage::
 
     python benchmarks/decode_weights.py     # -> benchmarks/results/decode_weights-cpu-<isa>.json
 
-``<isa>`` is ``avx512`` where the CPU has AVX-512 (VNNI and BF16 come with it on the machines
-here) and ``avx2`` elsewhere: the int8 kernels differ most between the two.
+``<isa>`` is ``amx`` on the Intel Xeon, ``avx512`` where the CPU has AVX-512 without AMX (VNNI
+and BF16 come with it on the machines here) and ``avx2`` elsewhere
+(``benchmarks.peer_servers.cpu_isa``): the int8 kernels differ most between them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.peer_servers import cpu_flags  # noqa: E402
+from benchmarks.peer_servers import cpu_flags, cpu_isa  # noqa: E402
 from benchmarks.serving_peer import prompts  # noqa: E402
 from lmref.lab.env import cpu_model  # noqa: E402
 from lmref.serving.batching import Prefill  # noqa: E402
@@ -144,7 +145,7 @@ def main() -> None:
         "benchmark": "decode_weights",
         "device": "cpu",
         "device_name": f"{cpu_model()}, {os.cpu_count()} cores",
-        "isa": "avx512" if "avx512f" in flags else "avx2",
+        "isa": cpu_isa(),
         "avx512_flags": sorted(f for f in flags if f.startswith(("avx512", "amx"))),
         "torch": torch.__version__,
         "python": platform.python_version(),

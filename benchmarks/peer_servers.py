@@ -53,6 +53,14 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_isa() -> str:
+    """The machine kind a result file is named by: "amx" (the Intel Xeon, AVX-512 with AMX),
+    "avx512" or "avx2". The CPU's name is not enough: "AMD EPYC" has come with either of the
+    last two, and oneDNN's, FBGEMM's and llama.cpp's kernels differ most between them."""
+    flags = cpu_flags()
+    return "amx" if "amx_tile" in flags else "avx512" if "avx512f" in flags else "avx2"
+
+
 # ------------------------------------------------------------------------------------ set up once
 def vllm_python() -> Path:
     """The python of the vLLM CPU venv, created on first use (about 3.5 GB)."""

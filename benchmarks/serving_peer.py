@@ -14,13 +14,16 @@ Single-request decode is set against the memory-bandwidth bound: each new token 
 weight once, so tokens/s <= read bandwidth / weight bytes. The bandwidth is measured here, in
 the same run, at several working-set sizes (a torch sum, best of several): this VM reports a
 large L3, so a model of a few hundred MB is partly served from cache and the bound uses the
-size nearest the weights. Decode tokens/s is 1 / TPOT p50 of the one-client run.
+size nearest the weights. Decode tokens/s is 1 / TPOT p50 of the one-client run. That size is
+measured again just before and just after each server's one-client run (``*_around``): the
+VM's bandwidth drifted by 1.7x within an hour here (a torch sum read 44 GB/s, then 76, then
+39), so a bound read once at the start can be far from the one a server met.
 
 Usage::
 
-    python benchmarks/serving_peer.py           # -> benchmarks/results/serving_peer-cpu.json
+    python benchmarks/serving_peer.py   # -> benchmarks/results/serving_peer-cpu-<isa>.json
     python benchmarks/serving_peer.py --clients 1 16 --servers lmref vllm
-    python benchmarks/serving_peer.py --dtype bfloat16   # -> serving_peer-cpu-bf16.json
+    python benchmarks/serving_peer.py --dtype bfloat16   # -> serving_peer-cpu-<isa>-bf16.json
     git archive <commit> lmref | tar -x -C /tmp/before      # and that commit's lmref too:
     python benchmarks/serving_peer.py --before /tmp/before
 """
@@ -42,7 +45,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.peer_servers import start_peer  # noqa: E402
+from benchmarks.peer_servers import cpu_flags, cpu_isa, start_peer  # noqa: E402
 from lmref.lab.env import cpu_model  # noqa: E402
 from lmref.lab.loadtest import drain, latency_percentiles, spawn_server  # noqa: E402
 
@@ -340,8 +343,14 @@ def main() -> None:
             runs[server] = []
             for clients in args.clients:
                 n = max(args.min_requests, clients * args.requests_per_client)
+                around = [read_bandwidth_gbs(args.torch_threads, near)] if clients == 1 else []
                 r = run_chat_load(handle.url, model, prompts(n), clients, args.max_tokens)
                 r["server"] = server
+                if around:  # this VM's bandwidth drifts within minutes: the bound of this run
+                    r["read_bandwidth_gb_s_around"] = [
+                        *around,
+                        read_bandwidth_gbs(args.torch_threads, near),
+                    ]
                 texts.setdefault(server, {}).update(r.pop("texts"))
                 runs[server].append(r)
                 print(
@@ -383,12 +392,19 @@ def main() -> None:
         if one and one["tpot_p50_ms"] > 0:
             rate = 1000 / one["tpot_p50_ms"]
             single[server] = {"decode_tokens_per_s": rate, "fraction_of_bound": rate / bound}
+            if "read_bandwidth_gb_s_around" in one:  # the bound measured just before and after
+                here = sum(one["read_bandwidth_gb_s_around"]) / 2 * 1e9 / weights
+                single[server].update(
+                    bound_around_tokens_per_s=here, fraction_of_bound_around=rate / here
+                )
     lmref_rates = [at("lmref", c)["output_tokens_per_s"] for c in args.clients if at("lmref", c)]
     vs_vllm = ratios.get("vllm", {})
     report = {
         "benchmark": "serving_peer",
         "device": "cpu",
         "device_name": f"{cpu_model()}, {os.cpu_count()} cores",
+        "isa": cpu_isa(),
+        "avx512_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx"))),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "python": platform.python_version(),
@@ -428,10 +444,12 @@ def main() -> None:
             "met_no_fall_to_64": all(b >= 0.97 * a for a, b in zip(lmref_rates[1:], lmref_rates[2:])),
             "single_request_fraction_of_bound": 0.8,
             "met_single": single.get("lmref", {}).get("fraction_of_bound", 0) >= 0.8,
+            "met_single_around": single.get("lmref", {}).get("fraction_of_bound_around", 0) >= 0.8,
         },
     }  # fmt: skip
     suffix = "" if args.dtype == "float32" else "-bf16"
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"serving_peer-cpu{suffix}.json")
+    name = f"serving_peer-cpu-{report['isa']}{suffix}.json"
+    out = Path(args.out or REPO / "benchmarks" / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({"ratios": ratios, "single": single, "targets": report["targets"]}, indent=1))

@@ -41,6 +41,19 @@ def test_packed_llama_computes_the_same_logits(tiny_model_dir, dtype, tolerance)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
+@pytest.mark.parametrize("rows, hint", [(1, 1), (1, 16), (16, 16), (64, 1)])
+def test_add_to_is_the_residual_plus_the_linear_bit_for_bit(rows, hint):
+    g = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    layer = PackedLinear(weight, bias, hint)
+    x, residual = torch.randn(rows, 40, generator=g), torch.randn(rows, 24, generator=g)
+    kept = residual.clone()
+    got = layer.add_to(residual, x)
+    assert torch.equal(got, residual + layer(x))  # the "sum" post-op: the same rounding
+    assert torch.equal(residual, kept)  # a new tensor: the residual stream is not overwritten
+    torch.testing.assert_close(got, residual + x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+
+
 def test_packed_gpt2_conv1d_is_transposed_right():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(

@@ -4,15 +4,14 @@ The decode step of a small model on a CPU is bound by reading its weights (every
 each once) and, past that, by the number of calls (each costs microseconds of dispatch, whatever
 its size): transformers' Llama layer makes 7 matmuls and dozens of small calls per token.
 ``FusedLlama`` takes the weights of a loaded ``LlamaForCausalLM`` once and keeps them so that a
-layer is 4 matmuls and 15 other computing calls (views aside):
+layer is 4 matmuls and 13 other computing calls (views aside):
 
 - q, k and v stacked into one matrix, gate and up into another (larger matmuls read memory
   closer to its bandwidth: on a 2-core AMD EPYC one 960x576 fp32 matvec took 111 us, the three
   it replaces 182 us);
-- each packed once for oneDNN (``lmref.serving.packed_linear``); the three largest (qkv,
-  gate/up, the output layer) with oneDNN's layout for one row, which measured 18-21% faster
-  for one row and 5-10% slower for 16-64 rows than its layout for 16: decode of a few streams
-  is bound by these reads, decode of many by arithmetic, where 5% of the matmuls matters less;
+- each packed once for oneDNN (``lmref.serving.packed_linear``), in the layout that measured
+  fastest on this kind of CPU (``one_row_layout``), with the residual additions done by the
+  o and down matmuls as they write (oneDNN's "sum" post-op: two calls fewer a layer);
 - ``torch.rms_norm`` (one call, not seven), rotary embedding of q and k together in three
   calls, the softmax scale folded into the mask's addition.
 
@@ -76,6 +75,21 @@ class SmallLinear:
         return self.run(x, self.packed)
 
 
+def one_row_layout() -> int:
+    """The batch-size hint the largest matrices (qkv, gate/up, the output layer) are packed
+    with. oneDNN's layout for one row against its layout for 16, interleaved in one process
+    (``lmref.serving.slot_batch`` steps of SmolLM2-135M, fp32, 2 threads):
+
+    - AVX2 only (an AMD EPYC): the one-row layout read the weights 18-21% faster for one row
+      and 5-10% slower for 16-64 rows; decode of a few streams is bound by these reads, of many
+      by arithmetic, where 5% of the matmuls matters less: 1 there;
+    - AVX-512 (an AMD EPYC with VNNI and BF16): the layout for 16 was faster at every batch,
+      a step 4-15% at one row, 12-25% at 16 and 8-16% at 64 (three runs): 16 there, and on
+      the Intel Xeon too until it is measured (it has AVX-512; AMX does not do fp32).
+    """
+    return 1 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
+
+
 def _linear(weight: torch.Tensor, batch_hint: int, weights: str = "same"):
     """A callable ``x -> x @ weight.T``: smaller weights when asked (``SmallLinear``), else
     oneDNN-packed where it can be, else ``F.linear``."""
@@ -85,6 +99,13 @@ def _linear(weight: torch.Tensor, batch_hint: int, weights: str = "same"):
         return PackedLinear(weight, None, batch_hint)
     weight = weight.detach()  # o, down, lm_head: the model's own tensor, no copy
     return lambda x: F.linear(x, weight)
+
+
+def _add_linear(residual: torch.Tensor, linear, x: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(x)``: one call when ``linear`` is oneDNN-packed."""
+    if isinstance(linear, PackedLinear):
+        return linear.add_to(residual, x)
+    return residual + linear(x)
 
 
 def llama_layers(model):
@@ -123,22 +144,23 @@ class FusedLlama:
         self.intermediate = config.intermediate_size
         self.scale = self.head_dim**-0.5
         self.layers = []
+        largest = one_row_layout()
         for layer in llama_layers(model):
             attn, mlp = layer.self_attn, layer.mlp
             qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             self.layers.append(
                 _Layer(
-                    _linear(qkv, 1, weights),
+                    _linear(qkv, largest, weights),
                     _linear(attn.o_proj.weight, 16, weights),
-                    _linear(gate_up, 1, weights),
+                    _linear(gate_up, largest, weights),
                     _linear(mlp.down_proj.weight, 16, weights),
                     layer.input_layernorm.weight.detach(),
                     layer.post_attention_layernorm.weight.detach(),
                 )
             )
         self.norm = model.model.norm.weight.detach()
-        self.lm_head = _linear(model.lm_head.weight, 1, weights)
+        self.lm_head = _linear(model.lm_head.weight, largest, weights)
 
     @classmethod
     def of(cls, model, weights: str = "same") -> FusedLlama | None:
@@ -196,10 +218,9 @@ class FusedLlama:
             scores = q @ keys[i, :n, :, :width].transpose(-1, -2)  # (n, kv, groups, width)
             weights = torch.softmax(torch.add(bias, scores, alpha=self.scale), dim=-1)
             out = (weights @ values[i, :n, :, :width]).reshape(n, heads * d)
-            x = x + w.o(out)
+            x = _add_linear(x, w.o, out)
             h = torch.rms_norm(x, (self.hidden,), w.norm_mlp, self.eps)
             gate_up = w.gate_up(h)
-            x = x + w.down(
-                F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
-            )
+            act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
+            x = _add_linear(x, w.down, act)
         return self.lm_head(torch.rms_norm(x, (self.hidden,), self.norm, self.eps))

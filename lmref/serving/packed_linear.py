@@ -53,6 +53,7 @@ def packing_available(dtype: torch.dtype = torch.float32) -> bool:
         torch.backends.mkldnn.is_available()
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
+        and hasattr(ops._linear_pointwise, "binary")
     ):
         return False
     if dtype == torch.bfloat16:
@@ -78,6 +79,11 @@ class PackedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` in one call: oneDNN adds ``residual`` as its output is
+        written (a "sum" post-op), equal to the two calls bit for bit (checked in the tests)."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
