@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from lmref.core.threads import release_openmp_workers
 from lmref.serving.batching import Prefill, PrefixCache, RunningBatch
 from lmref.serving.constraints import Grammars
 from lmref.serving.detokenizer import TextStream
@@ -114,6 +115,7 @@ class Engine:
 
     # -- lifecycle
     def start(self) -> None:
+        release_openmp_workers()  # the worker runs the model: this thread's pool would slow it
         self._thread.start()
 
     def _load(self) -> None:

@@ -10,7 +10,7 @@ layer is 4 matmuls and 13 other computing calls (views aside):
   closer to its bandwidth: on a 2-core AMD EPYC one 960x576 fp32 matvec took 111 us, the three
   it replaces 182 us);
 - each packed once for oneDNN (``lmref.serving.packed_linear``), in the layout that measured
-  fastest on this kind of CPU (``one_row_layout``), with the residual additions done by the
+  fastest on this kind of CPU (``largest_matrices_layout``), with the residual additions done by the
   o and down matmuls as they write (oneDNN's "sum" post-op: two calls fewer a layer);
 - ``torch.rms_norm`` (one call, not seven), rotary embedding of q and k together in three
   calls, the softmax scale folded into the mask's addition.
@@ -75,17 +75,18 @@ class SmallLinear:
         return self.run(x, self.packed)
 
 
-def one_row_layout() -> int:
+def largest_matrices_layout() -> int:
     """The batch-size hint the largest matrices (qkv, gate/up, the output layer) are packed
-    with. oneDNN's layout for one row against its layout for 16, interleaved in one process
-    (``lmref.serving.slot_batch`` steps of SmolLM2-135M, fp32, 2 threads):
+    with: oneDNN's layout for one row or its layout for 16 (the rest always take 16's). Which
+    reads faster depends on the CPU (SmolLM2-135M, fp32, 2 threads):
 
     - AVX2 only (an AMD EPYC): the one-row layout read the weights 18-21% faster for one row
       and 5-10% slower for 16-64 rows; decode of a few streams is bound by these reads, of many
       by arithmetic, where 5% of the matmuls matters less: 1 there;
     - AVX-512 (an AMD EPYC with VNNI and BF16): the layout for 16 was faster at every batch,
-      a step 4-15% at one row, 12-25% at 16 and 8-16% at 64 (three runs): 16 there, and on
-      the Intel Xeon too until it is measured (it has AVX-512; AMX does not do fp32).
+      ``slot_batch`` steps interleaved in one process, three runs: 4-15% at one row, 12-25% at
+      16, 8-16% at 64: 16 there, and on the Intel Xeon too until it is measured (it has
+      AVX-512; AMX does not do fp32).
     """
     return 1 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
 
@@ -144,7 +145,7 @@ class FusedLlama:
         self.intermediate = config.intermediate_size
         self.scale = self.head_dim**-0.5
         self.layers = []
-        largest = one_row_layout()
+        largest = largest_matrices_layout()
         for layer in llama_layers(model):
             attn, mlp = layer.self_attn, layer.mlp
             qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
