@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.peer_servers import cpu_flags, cpu_isa  # noqa: E402
+from benchmarks.peer_servers import cpu_isa, isa_flags  # noqa: E402
 from benchmarks.serving_peer import prompts  # noqa: E402
 from lmref.lab.env import cpu_model  # noqa: E402
 from lmref.serving.batching import Prefill  # noqa: E402
@@ -140,13 +140,12 @@ def main() -> None:
     base = rows["same"]["perplexity_held_out"]
     for row in rows.values():
         row["perplexity_vs_fp32"] = row["perplexity_held_out"] / base - 1
-    flags = cpu_flags()
     report = {
         "benchmark": "decode_weights",
         "device": "cpu",
         "device_name": f"{cpu_model()}, {os.cpu_count()} cores",
         "isa": cpu_isa(),
-        "avx512_flags": sorted(f for f in flags if f.startswith(("avx512", "amx"))),
+        "avx512_flags": isa_flags(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "settings": {

@@ -61,6 +61,11 @@ def cpu_isa() -> str:
     return "amx" if "amx_tile" in flags else "avx512" if "avx512f" in flags else "avx2"
 
 
+def isa_flags() -> list[str]:
+    """The CPU's AVX-512 and AMX flags, recorded beside ``cpu_isa`` in a result file."""
+    return sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx")))
+
+
 # ------------------------------------------------------------------------------------ set up once
 def vllm_python() -> Path:
     """The python of the vLLM CPU venv, created on first use (about 3.5 GB)."""

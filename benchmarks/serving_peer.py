@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.peer_servers import cpu_flags, cpu_isa, start_peer  # noqa: E402
+from benchmarks.peer_servers import cpu_isa, isa_flags, start_peer  # noqa: E402
 from lmref.lab.env import cpu_model  # noqa: E402
 from lmref.lab.loadtest import drain, latency_percentiles, spawn_server  # noqa: E402
 
@@ -404,7 +404,7 @@ def main() -> None:
         "device": "cpu",
         "device_name": f"{cpu_model()}, {os.cpu_count()} cores",
         "isa": cpu_isa(),
-        "avx512_flags": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx"))),
+        "avx512_flags": isa_flags(),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "python": platform.python_version(),

@@ -95,19 +95,13 @@ def api(backends, tiny_model_dir):
     handle.stop(drain_timeout=5)
 
 
-def request_line(custom_id: str, **body) -> dict:
-    return {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": {
-            "model": "tiny",
-            "messages": [{"role": "user", "content": custom_id}],
-            "temperature": 0,
-            "max_tokens": 4,
-            **body,
-        },
-    }
+def request_line(custom_id: str, url: str = "/v1/chat/completions", **body) -> dict:
+    """One Batch API input line; its text is its custom_id (a chat message or a prompt)."""
+    text = {"prompt": custom_id} if url == "/v1/completions" else {
+        "messages": [{"role": "user", "content": custom_id}]
+    }  # fmt: skip
+    body = {"model": "tiny", **text, "temperature": 0, "max_tokens": 4, **body}
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
 
 
 def submit(client, lines: list[dict], tmp_path, **kw):
@@ -217,29 +211,20 @@ def test_poisoned_jobs_fail_alone(backends, api, tiny_model_dir, tmp_path):
     # n=16 = 256 rows of 220 tokens, 16 batches one after the other: ~1.8 s on the fastest CPU
     # here, where one batch of 16 rows took 0.11 s and passed a 0.3 s limit): 0.3 s parts them.
     # A list of prompts is a completions request, so the whole batch is on /v1/completions.
-    def line(custom_id: str, **body) -> dict:
-        body = {"model": "tiny", "prompt": custom_id, "temperature": 0, "max_tokens": 4, **body}
-        return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body}
-
+    url = "/v1/completions"
     slow_prompts = [f"too slow {i}" for i in range(16)]
     lines = [
-        line("ok-1", max_tokens=2),
-        line("bad-max-tokens", max_tokens=-3),
-        line("ok-2", max_tokens=2),
-        line("unknown-model", model="nope"),
-        line("too-slow", prompt=slow_prompts, max_tokens=220, ignore_eos=True, n=16),
-        line("ok-3", max_tokens=2),
+        request_line("ok-1", url, max_tokens=2),
+        request_line("bad-max-tokens", url, max_tokens=-3),
+        request_line("ok-2", url, max_tokens=2),
+        request_line("unknown-model", url, model="nope"),
+        request_line("too-slow", url, prompt=slow_prompts, max_tokens=220, ignore_eos=True, n=16),
+        request_line("ok-3", url, max_tokens=2),
     ]
     with Services() as services:
         start_workers(services, backends, tiny_model_dir, ["w3"])
         # metadata job_time_limit_s: each request's Celery soft time limit (hard: +15 s)
-        batch = submit(
-            client,
-            lines,
-            tmp_path,
-            endpoint="/v1/completions",
-            metadata={"job_time_limit_s": "0.3"},
-        )
+        batch = submit(client, lines, tmp_path, endpoint=url, metadata={"job_time_limit_s": "0.3"})
         done = wait_done(client, batch.id)
     output, errors = jsonl(client, done.output_file_id), jsonl(client, done.error_file_id)
     assert [x["custom_id"] for x in output] == ["ok-1", "ok-2", "ok-3"]

@@ -10,8 +10,8 @@ layer is 4 matmuls and 13 other computing calls (views aside):
   closer to its bandwidth: on a 2-core AMD EPYC one 960x576 fp32 matvec took 111 us, the three
   it replaces 182 us);
 - each packed once for oneDNN (``lmref.serving.packed_linear``), in the layout that measured
-  fastest on this kind of CPU (``largest_matrices_layout``), with the residual additions done by the
-  o and down matmuls as they write (oneDNN's "sum" post-op: two calls fewer a layer);
+  fastest on this kind of CPU (``largest_matrices_layout``), with the residual additions done
+  by the o and down matmuls as they write (oneDNN's "sum" post-op: two calls fewer a layer);
 - ``torch.rms_norm`` (one call, not seven), rotary embedding of q and k together in three
   calls, the softmax scale folded into the mask's addition.
 
