@@ -255,6 +255,7 @@ LMREF_VARIANTS = {  # server name -> extra flags of python -m lmref.serve
     "lmref": [],
     "lmref-generic": ["--no-slot-cache"],  # the transformers forward over a DynamicCache
     "lmref-fp16": ["--decode-weights", "fp16"],  # decode reads fp16 weights (fused_llama)
+    "lmref-int8-bf16": ["--decode-weights", "int8-bf16"],  # int8 weights, bf16 activations
     "lmref-unpacked": ["--no-pack-linears"],  # MKL's GEMM on the weights as loaded
     "lmref-before": [],  # the lmref package under --before (an older checkout)
     "lmref-passive": [],  # idle OpenMP threads asleep (OMP_WAIT_POLICY=PASSIVE)
@@ -291,7 +292,7 @@ def main() -> None:
     parser.add_argument(
         "--servers",
         nargs="+",
-        default=["lmref", "lmref-fp16", "lmref-generic", *PEERS],
+        default=["lmref", "lmref-fp16", "lmref-int8-bf16", "lmref-generic", *PEERS],
         help=f"of {', '.join([*LMREF_VARIANTS, *PEERS])}",
     )
     parser.add_argument(
@@ -398,6 +399,8 @@ def main() -> None:
                     bound_around_tokens_per_s=here, fraction_of_bound_around=rate / here
                 )
     lmref_rates = [at("lmref", c)["output_tokens_per_s"] for c in args.clients if at("lmref", c)]
+    int8, q4_1 = single.get("lmref-int8-bf16"), single.get("llama.cpp-q4_1")
+    int8_vs_q4_1 = int8 and q4_1 and int8["decode_tokens_per_s"] / q4_1["decode_tokens_per_s"]
     vs_vllm = ratios.get("vllm", {})
     report = {
         "benchmark": "serving_peer",
@@ -445,6 +448,9 @@ def main() -> None:
             "single_request_fraction_of_bound": 0.8,
             "met_single": single.get("lmref", {}).get("fraction_of_bound", 0) >= 0.8,
             "met_single_around": single.get("lmref", {}).get("fraction_of_bound_around", 0) >= 0.8,
+            # The moonshot's speed half (its perplexity half: benchmarks/decode_weights.py).
+            "int8_single_vs_llama_cpp_q4_1": int8_vs_q4_1,
+            "met_int8_single_vs_q4_1": bool(int8_vs_q4_1) and int8_vs_q4_1 >= 1.0,
         },
     }  # fmt: skip
     suffix = "" if args.dtype == "float32" else "-bf16"

@@ -121,7 +121,8 @@ def test_engine_writes_the_same_text_with_and_without_slots(tiny_model_dir):
 
 
 @pytest.mark.parametrize(
-    ("weights", "tolerance"), [("fp16", 2e-2), ("int8", 5e-2), ("int8-dynamic", 0.5)]
+    ("weights", "tolerance"),
+    [("fp16", 2e-2), ("int8", 5e-2), ("int8-bf16", 5e-2), ("int8-dynamic", 0.5)],
 )
 def test_smaller_decode_weights_stay_near_fp32(model, weights, tolerance):
     prompts = [[5, 6, 7], [9, 10]]
@@ -132,6 +133,7 @@ def test_smaller_decode_weights_stay_near_fp32(model, weights, tolerance):
         batch.join(prefill)
         logits[kind] = batch.step(first.argmax(-1).tolist())
     error = (logits[weights] - logits["same"]).abs().max().item()
+    assert logits[weights].dtype == torch.float32
     assert 0 < error < tolerance  # changed (smaller weights), but little
 
 

@@ -63,7 +63,7 @@ def load_served_model(
 ) -> ServedModel:
     """Load ``path`` (a folder, hub id or course name) for serving, in eval mode. ``fuse``: a
     Llama model also gets the fused decode weights of ``lmref.serving.slot_batch``, in
-    ``decode_weights`` ("same", "fp16", "int8": ``lmref.serving.fused_llama``)."""
+    ``decode_weights`` (``lmref.serving.spec.DecodeWeights``: ``fused_llama.SmallLinear``)."""
     with _LOAD_LOCK:
         model = load_model(path, dtype=dtype, device=device)
         fused = (

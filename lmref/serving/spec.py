@@ -16,6 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# The decode step's weights (lmref.serving.fused_llama.SmallLinear says what each costs).
+DecodeWeights = Literal["same", "fp16", "int8", "int8-bf16", "int8-dynamic"]
+
 
 @dataclass
 class ModelSpec:
@@ -35,7 +38,7 @@ class ModelSpec:
     slot_cache: bool = True  # Llama models decode over preallocated slots (serving.slot_batch)
     # With the slot cache, an fp32 model on CPU: the decode step's weights in fewer bytes
     # (serving.fused_llama.SmallLinear says what each costs; int8-dynamic changes text).
-    decode_weights: Literal["same", "fp16", "int8", "int8-dynamic"] = "same"
+    decode_weights: DecodeWeights = "same"
     admission: Literal["continuous", "static"] = "continuous"  # static: the baseline (scheduler)
     # A folder is served only when it matches its sha256 manifest (lmref.serving.integrity); True
     # also serves one without a manifest, or a hub id (nothing to verify), with a logged warning.
