@@ -261,6 +261,8 @@ LMREF_VARIANTS = {  # server name -> extra flags of python -m lmref.serve
     "lmref-passive": [],  # idle OpenMP threads asleep (OMP_WAIT_POLICY=PASSIVE)
 }
 PEERS = ["vllm", "llama.cpp-f32", "llama.cpp-q4_1", "transformers-serve-cb"]
+# Servers that read fewer weight bytes than --dtype's: no share of the bound is reported for them.
+SMALLER_WEIGHTS = ("lmref-fp16", "lmref-int8-bf16", "llama.cpp-q4_1")
 
 
 def start(
@@ -392,7 +394,10 @@ def main() -> None:
         one = at(server, 1)
         if one and one["tpot_p50_ms"] > 0:
             rate = 1000 / one["tpot_p50_ms"]
-            single[server] = {"decode_tokens_per_s": rate, "fraction_of_bound": rate / bound}
+            single[server] = {"decode_tokens_per_s": rate}
+            if server in SMALLER_WEIGHTS:  # the bound counts --dtype's bytes: not theirs
+                continue
+            single[server]["fraction_of_bound"] = rate / bound
             if "read_bandwidth_gb_s_around" in one:  # the bound measured just before and after
                 here = sum(one["read_bandwidth_gb_s_around"]) / 2 * 1e9 / weights
                 single[server].update(
