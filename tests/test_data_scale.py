@@ -18,7 +18,10 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS_MB = 16
-GROWTH_CAP_MB = 20  # SQLite cache (2 MB) + a row group in Arrow + allocator slack
+# SQLite's cache (2 MB) + a row group in Arrow + allocator slack. benchmarks/data_scale.py saw the
+# growth level off at 21.0-21.4 MB on 94 and 289 MB corpora; here it read 16-21 MB on 16 MB (a cap
+# of 20 failed 4 runs in 5 in one environment and none in another): the cap sits above that level.
+GROWTH_CAP_MB = 28
 
 RUN = """
 import json, sys
@@ -71,7 +74,8 @@ def test_memory_growth_stays_under_its_cap_at_two_sizes(streamed):
     assert small["mb_in"] < report["mb_in"] / 3
     # What the stream adds to RSS beyond its imports and one-off warm-ups: SQLite's page cache
     # (2 MB here), a 1 MB row group as Arrow encodes it, allocator slack; never the corpus
-    # (measured 8.6 MB on 4.5 MB, 16.3 on 16 MB; benchmarks/data_scale.py: 20, 100, 300 MB).
+    # (measured 8.6 MB on 4.5 MB, 16-21 on 16 MB; benchmarks/data_scale.py: 13.4 MB on 19 MB,
+    # 21.0 on 94, 21.4 on 289: the level it stays at).
     for r in (small, report):
         assert r["rss_growth_mb"] < GROWTH_CAP_MB, r
     assert report["peak_rss_mb"] < 400, report
