@@ -43,13 +43,14 @@ from benchmarks.peer_servers import cpu_isa, isa_flags  # noqa: E402
 from benchmarks.serving_peer import prompts  # noqa: E402
 from lmref.lab.env import cpu_model  # noqa: E402
 from lmref.serving.batching import Prefill  # noqa: E402
-from lmref.serving.fused_llama import DECODE_WEIGHTS  # noqa: E402
+from lmref.serving.fused_llama import DECODE_WEIGHTS, output_layer_weights  # noqa: E402
 from lmref.serving.loader import load_served_model  # noqa: E402
 from lmref.serving.slot_batch import SlotBatch  # noqa: E402
 
 MODEL = str(REPO / "artifacts" / "smollm2-135m-instruct")
 BATCHES = (1, 16, 64)  # rows decoding together when the step is timed
 ROUNDS = 3
+BYTES_PER_PARAMETER = {"same": 4, "fp16": 2}  # the int8 kinds: 1
 
 
 def held_out(tokenizer, documents: int = 16, tokens: int = 128) -> list[list[int]]:
@@ -126,14 +127,15 @@ def main() -> None:
         reference = reference or texts
         row = {
             "decode_weights": weights,
-            "bytes_per_parameter": {"same": 4, "fp16": 2}.get(weights, 1),
-            "output_layer_bytes_per_parameter": {"same": 4, "fp16": 2, "int8-bf16": 2}.get(
-                weights, 1
-            ),  # int8-bf16 keeps its output layer in fp16 (fused_llama says why)
+            "bytes_per_parameter": BYTES_PER_PARAMETER.get(weights, 1),
+            "output_layer_bytes_per_parameter": BYTES_PER_PARAMETER.get(
+                output_layer_weights(weights), 1
+            ),
             "perplexity_held_out": decode_perplexity(served, held_out(tok)),
             "greedy_equal_to_fp32": sum(a == b for a, b in zip(texts, reference)),
             "greedy_compared": len(texts),
             "alone_vs_in_batch_equal": None,
+            "step_ms_rounds": {str(n): [] for n in BATCHES},  # filled below, kinds in turn
         }
         # The same prompt alone and among 15 others: equal unless the batch changes its numbers.
         alone = [greedy(served, [c])[0] for c in chats[:4]]
@@ -145,9 +147,8 @@ def main() -> None:
     # timed in turn, round after round, meet the same drift; the median round is reported.
     for _ in range(ROUNDS):
         for weights, (served, chats) in loaded.items():
-            times = rows[weights].setdefault("step_ms_rounds", {str(n): [] for n in BATCHES})
             for n in BATCHES:
-                times[str(n)].append(step_ms(served, (chats * 4)[:n]))
+                rows[weights]["step_ms_rounds"][str(n)].append(step_ms(served, (chats * 4)[:n]))
     for row in rows.values():
         row["step_ms"] = {n: statistics.median(t) for n, t in row["step_ms_rounds"].items()}
         row["tokens_per_s"] = {n: int(n) * 1000 / ms for n, ms in row["step_ms"].items()}

@@ -70,18 +70,18 @@ class SmallLinear:
     def __init__(self, weight: torch.Tensor, kind: str):
         weight = weight.detach().float().contiguous()
         scale = (weight.abs().amax(1) / 127).clamp(min=1e-12)
-        if kind == "int8-bf16":
-            scale = scale.bfloat16()
-        int8 = (weight / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
         if kind == "fp16":
             self.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
             self.run = torch.ops.quantized.linear_dynamic_fp16
-        elif kind == "int8":
+        elif kind in ("int8", "int8-bf16"):
+            if kind == "int8-bf16":
+                scale = scale.bfloat16()  # rounded first: the weights are rounded against it
+            int8 = (weight / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
             self.packed = (int8, scale)
-            self.run = lambda x, p: torch.ops.aten._weight_int8pack_mm(x, p[0], p[1])
-        elif kind == "int8-bf16":
-            self.packed = (int8, scale)
-            self.run = lambda x, p: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), p[0], p[1])
+            if kind == "int8":
+                self.run = lambda x, p: torch.ops.aten._weight_int8pack_mm(x, p[0], p[1])
+            else:
+                self.run = lambda x, p: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), *p)
         else:
             zero = torch.zeros(weight.shape[0], dtype=torch.long)
             quantized = torch.quantize_per_channel(weight, scale.double(), zero, 0, torch.qint8)
@@ -90,6 +90,12 @@ class SmallLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, self.packed)
+
+
+def output_layer_weights(weights: str) -> str:
+    """How the output layer is stored under decode weights ``weights``: as they say, except
+    int8-bf16's, which is fp16 (``FusedLlama.__init__`` says why)."""
+    return "fp16" if weights == "int8-bf16" else weights
 
 
 def largest_matrices_layout() -> int:
@@ -179,11 +185,10 @@ class FusedLlama:
             )
         self.norm = model.model.norm.weight.detach()
         # int8-bf16's output layer reads fp16 weights and writes fp32 logits. In int8-bf16 it
-        # would write bf16 ones (8 significant bits: a logit near 20 rounded to a multiple of 0.125), and
-        # held-out perplexity rose +0.51% that way against +0.29% this way (SmolLM2-135M, AVX-512
-        # EPYC), for 28 MB read instead of 56 (113 in fp32).
-        head = "fp16" if weights == "int8-bf16" else weights
-        self.lm_head = _linear(model.lm_head.weight, largest, head)
+        # would write bf16 ones (8 significant bits: a logit near 20 rounded to a multiple of
+        # 0.125), and held-out perplexity rose +0.51% that way against +0.29% this way
+        # (SmolLM2-135M, AVX-512 EPYC), for 28 MB read instead of 56 (113 in fp32).
+        self.lm_head = _linear(model.lm_head.weight, largest, output_layer_weights(weights))
 
     @classmethod
     def of(cls, model, weights: str = "same") -> FusedLlama | None:
