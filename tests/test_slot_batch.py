@@ -74,19 +74,21 @@ def test_slot_batch_gives_the_generic_batch_logits_through_joins_leaves_and_grow
             order = slots.leave([k for k, r in enumerate(rows_s) if r in kept])
             rows_s = [rows_s[k] for k in order]
             assert sorted(rows_s) == sorted(kept) and len(slots) == len(kept)
-    assert slots.keys.shape[1] >= 4 and slots.keys.shape[3] >= 32  # grew from 1 x 4
+    assert slots.values.shape[1] >= 4 and slots.values.shape[3] >= 32  # grew from 1 x 4
+    layers, slot_count, kv_heads, columns, head_dim = slots.values.shape
+    assert slots.keys.shape == (layers, slot_count, kv_heads, head_dim, columns)  # transposed
     assert slots.leave([]) == [] and len(slots) == 0
-    assert slots.keys.shape[1] == 1 and slots.keys.shape[3] == 4  # idle: back to its first size
+    assert slots.values.shape[1] == 1 and slots.values.shape[3] == 4  # idle: its first size
 
 
 def test_leave_moves_only_rows_past_the_new_end(model):
     slots = SlotBatch(model, FusedLlama.of(model))
     prefill, _ = prefilled(model, [[5, 6], [5, 6, 7], [5, 6, 7, 8], [9]], None)
     slots.join(prefill)
-    before = slots.keys[:, 3, :, :1].clone()
+    before = slots.keys[:, 3, ..., :1].clone(), slots.values[:, 3, :, :1].clone()
     assert slots.leave([0, 2, 3]) == [0, 3, 2]  # row 3 fills row 1's slot; 0 and 2 stay
     assert slots.lengths.tolist() == [2, 1, 4]
-    torch.testing.assert_close(slots.keys[:, 1, :, :1], before)
+    torch.testing.assert_close((slots.keys[:, 1, ..., :1], slots.values[:, 1, :, :1]), before)
 
 
 def test_fused_weights_for_plain_llama_only(tiny_model_dir, model):

@@ -16,7 +16,8 @@ weights that this layout removes:
   times. It holds slots x columns x 2 x layers x kv_heads x head_dim values (SmolLM2-135M in
   fp32: 45 KiB a column, so 64 slots of 256 columns take 720 MiB), as a left-padded cache holds
   rows x its longest row; it keeps that size while rows run and returns to its first size
-  when the last row leaves.
+  when the last row leaves. Keys are stored transposed, (head_dim, columns) a row and head:
+  ``FusedLlama.decode`` says why.
 
 Prefill stays on the model's forward (``batching.Prefill``: chunks, shared prefix, echo): a
 finished prefill's rows copy their real columns into free slots.
@@ -47,7 +48,8 @@ class SlotBatch:
         self.device, self.dtype = weight.device, weight.dtype
         self.rows = 0
         self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)  # tokens per row
-        self.keys = self.values = None  # (layers, slots, kv_heads, columns, head_dim)
+        # values: (layers, slots, kv_heads, columns, head_dim); keys: the last two swapped
+        self.keys = self.values = None
         self._allocate(slots, columns)
 
     def __len__(self) -> int:
@@ -55,22 +57,22 @@ class SlotBatch:
 
     def _allocate(self, slots: int, columns: int) -> None:
         """Room for at least ``slots`` rows of ``columns`` tokens, keeping what is held."""
-        old_slots = 0 if self.keys is None else self.keys.shape[1]
-        old_columns = 0 if self.keys is None else self.keys.shape[3]
+        old_slots = 0 if self.values is None else self.values.shape[1]
+        old_columns = 0 if self.values is None else self.values.shape[3]
         if slots <= old_slots and columns <= old_columns:
             return
         slots = old_slots if slots <= old_slots else max(slots, 2 * old_slots)
         columns = old_columns if columns <= old_columns else max(columns, 2 * old_columns)
         fused = self.fused
-        shape = (len(fused.layers), slots, fused.kv_heads, columns, fused.head_dim)
-        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        layers, kv, d = len(fused.layers), fused.kv_heads, fused.head_dim
+        keys = torch.zeros((layers, slots, kv, d, columns), dtype=self.dtype, device=self.device)
+        values = torch.zeros((layers, slots, kv, columns, d), dtype=self.dtype, device=self.device)
         if old_slots:
-            keys[:, :old_slots, :, :old_columns] = self.keys
+            keys[:, :old_slots, ..., :old_columns] = self.keys
             values[:, :old_slots, :, :old_columns] = self.values
         self.keys, self.values = keys, values
         if columns > old_columns:
-            self.tables = fused.rotary_tables(columns, keys[0, 0, 0])
+            self.tables = fused.rotary_tables(columns, values[0, 0, 0])
 
     def join(self, prefill: Prefill) -> None:
         """Copy a finished prefill's rows (their attended columns) into the next free slots."""
@@ -81,7 +83,7 @@ class SlotBatch:
         keys = torch.stack([layer.keys for layer in prefill.cache.layers])  # all layers at once
         values = torch.stack([layer.values for layer in prefill.cache.layers])
         for i, size in enumerate(sizes):
-            self.keys[:, first + i, :, :size] = keys[:, i][:, :, real[i]]
+            self.keys[:, first + i, ..., :size] = keys[:, i][:, :, real[i]].transpose(-1, -2)
             self.values[:, first + i, :, :size] = values[:, i][:, :, real[i]]
         self.lengths = torch.cat([self.lengths[:first], lengths.to(self.device)])
         self.rows += len(sizes)
@@ -102,7 +104,8 @@ class SlotBatch:
         self.rows = kept
         if (
             not kept
-            and self.keys.shape[1] * self.keys.shape[3] > self.first_size[0] * self.first_size[1]
+            and self.values.shape[1] * self.values.shape[3]
+            > self.first_size[0] * self.first_size[1]
         ):
             self.keys = self.values = None  # idle: give back what a busy spell took
             self._allocate(*self.first_size)
