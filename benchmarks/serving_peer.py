@@ -324,7 +324,7 @@ def measure_server(server: str, args, near: int) -> tuple[list[dict], dict[int, 
 def median_rounds(server_rounds: list[list[dict]]) -> list[dict]:
     """Per client count, the round with the median tokens/s (the lower middle of an even
     count), with every round's tokens/s beside it: on a 2-core AMD EPYC VM one server's
-    64-client figure moved by up to 1.4x between rounds of one run (369 to 515 tokens/s)."""
+    figure at one client count moved by up to 1.3-1.4x between the rounds of a run."""
     out = []
     for same_clients in zip(*server_rounds):
         ranked = sorted(same_clients, key=lambda r: r["output_tokens_per_s"])
