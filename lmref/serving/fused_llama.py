@@ -79,7 +79,7 @@ class SmallLinear:
             int8 = (weight / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
             self.packed = (int8, scale)
             if kind == "int8":
-                self.run = lambda x, p: torch.ops.aten._weight_int8pack_mm(x, p[0], p[1])
+                self.run = lambda x, p: torch.ops.aten._weight_int8pack_mm(x, *p)
             else:
                 self.run = lambda x, p: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), *p)
         else:

@@ -33,6 +33,8 @@ Usage::
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmref.serving.batching import Prefill
@@ -55,10 +57,14 @@ class SlotBatch:
     def __len__(self) -> int:
         return self.rows
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(slots, columns) the cache has room for; (0, 0) before it is allocated."""
+        return (0, 0) if self.values is None else (self.values.shape[1], self.values.shape[3])
+
     def _allocate(self, slots: int, columns: int) -> None:
         """Room for at least ``slots`` rows of ``columns`` tokens, keeping what is held."""
-        old_slots = 0 if self.values is None else self.values.shape[1]
-        old_columns = 0 if self.values is None else self.values.shape[3]
+        old_slots, old_columns = self.size
         if slots <= old_slots and columns <= old_columns:
             return
         slots = old_slots if slots <= old_slots else max(slots, 2 * old_slots)
@@ -102,11 +108,7 @@ class SlotBatch:
             order[hole] = mover
         self.lengths = self.lengths[torch.tensor(order, dtype=torch.long, device=self.device)]
         self.rows = kept
-        if (
-            not kept
-            and self.values.shape[1] * self.values.shape[3]
-            > self.first_size[0] * self.first_size[1]
-        ):
+        if not kept and math.prod(self.size) > math.prod(self.first_size):
             self.keys = self.values = None  # idle: give back what a busy spell took
             self._allocate(*self.first_size)
         return order
