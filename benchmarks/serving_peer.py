@@ -363,7 +363,7 @@ def main() -> None:
                         help="run every server this many times, in turn; report the median round")  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if args.before:
+    if args.before and "lmref-before" not in args.servers:
         args.servers = [*args.servers, "lmref-before"]
     if not Path(args.model, "config.json").exists():
         sys.exit(

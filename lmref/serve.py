@@ -59,6 +59,7 @@ import sys
 import torch
 from flask import Flask
 
+from lmref.core.allocator import keep_freed_memory
 from lmref.core.cli import DataclassArgumentParser, flags_dataclass
 from lmref.core.credentials import redact, service_url
 from lmref.serving.app import ServingConfig, create_app
@@ -353,6 +354,7 @@ def serve(config: ServingConfig, shared: SharedServices | None = None) -> int:
     for what in ("cache_url", "broker_url", "store_url", "key_store_url", "config_store_url"):
         if getattr(shared, what):  # where it is, never the password
             log.info("%s %s", what, redact(getattr(shared, what)))
+    keep_freed_memory()  # before any thread allocates: lmref.core.allocator says why
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     refused = refused_models(config)

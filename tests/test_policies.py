@@ -173,6 +173,7 @@ def _calls(source: str, names: set[str]) -> list[int]:
 
 
 POLICY_HOMES = {
+    "core/allocator.py": ({"mallopt"}, "the allocator's settings"),
     "core/losses.py": ({"cross_entropy"}, "the causal-LM loss"),
     "core/memory.py": ({"ru_maxrss", "max_memory_allocated"}, "peak memory"),
     "core/ranks.py": ({"get_rank", "get_world_size"}, "rank and world"),

@@ -12,6 +12,7 @@ import torch
 from lmref.serving.batching import Prefill, PrefixCache, RunningBatch
 from lmref.serving.fused_llama import FusedLlama
 from lmref.serving.slot_batch import SlotBatch
+from lmref.serving.warm_up import warm_up
 
 pytestmark = pytest.mark.unit
 
@@ -117,6 +118,36 @@ def test_engine_writes_the_same_text_with_and_without_slots(tiny_model_dir):
                 engine.submit(j)
             texts.append([engine.results(j)[0].text for j in jobs])
             assert isinstance(engine._batch, SlotBatch) is slot_cache
+        finally:
+            engine.close()
+    assert texts[0] == texts[1]
+
+
+def test_the_warm_up_leaves_nothing_but_the_memory_a_full_batch_runs_in(tiny_model_dir, model):
+    """The engine's start-up batch (lmref.serving.warm_up) leaves no row, no counted prompt
+    token and no learnt prefix; a burst of max_batch_size rows then decodes in the very slot
+    cache it touched (not reallocated), and writes the same text as without the warm-up."""
+    from tests.test_batching import job, make_engine
+
+    for batch in (SlotBatch(model, FusedLlama.of(model), slots=3), RunningBatch(model)):
+        warm_up(batch, model, rows=3, tokens=5, pad_id=0)
+        assert len(batch) == 0
+    texts = []
+    for tokens in (8, 0):
+        engine = make_engine(tiny_model_dir, max_batch_size=4, warm_up_tokens=tokens)
+        try:
+            cache = engine._batch.keys.data_ptr()
+            assert len(engine._batch) == 0 and engine._batch.size == (4, 256)
+            assert engine._prefix.ids == []
+            counted = engine.metrics.registry.get_sample_value(
+                "lmref:prompt_tokens_total", {"model_name": "tiny"}
+            )
+            assert not counted  # None or 0: no prompt token counted before any request
+            jobs = [job(p, 12 + 5 * i) for i, p in enumerate(["def a(", "class B", "x = ", "# "])]
+            for j in jobs:
+                engine.submit(j)
+            texts.append([engine.results(j)[0].text for j in jobs])
+            assert engine._batch.keys.data_ptr() == cache
         finally:
             engine.close()
     assert texts[0] == texts[1]

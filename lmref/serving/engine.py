@@ -69,6 +69,7 @@ from lmref.serving.sampler import GREEDY_BELOW, SamplingRows, step_logprobs
 from lmref.serving.scheduler import POLICIES, AdmissionPolicy, Scheduler
 from lmref.serving.slot_batch import SlotBatch
 from lmref.serving.spec import ModelSpec
+from lmref.serving.warm_up import warm_up
 
 # The names the app, the production stage and the tests import from here.
 __all__ = [
@@ -126,6 +127,10 @@ class Engine:
         self.grammars = Grammars(self.tokenizer, self.served.vocab_size, self.served.eos_ids)
         self.outputs = OutputProcessor(
             self.tokenizer, self.served.eos_ids, self.metrics, spec.name, self.cache
+        )
+        self._reset()  # then a full batch once, before any request (lmref.serving.warm_up)
+        warm_up(
+            self._batch, self.model, spec.max_batch_size, spec.warm_up_tokens, self.served.pad_id
         )
 
     @property
@@ -237,7 +242,6 @@ class Engine:
         self.loaded.set()
         if self.load_error:
             return
-        self._reset()
         while True:
             busy = len(self._rows) + len(self._prefill_rows)
             jobs = self.scheduler.next_jobs(busy, prefilling=self._prefill is not None)
@@ -262,7 +266,8 @@ class Engine:
 
     def _reset(self) -> None:
         fused = self.served.fused  # a Llama's fused decode weights: the slot cache's fast path
-        self._batch = SlotBatch(self.model, fused) if fused else RunningBatch(self.model)
+        slots = self.spec.max_batch_size  # the slot cache is kept at this size while idle
+        self._batch = SlotBatch(self.model, fused, slots) if fused else RunningBatch(self.model)
         self._prefix = PrefixCache(self.model, self.spec.prefix_cache_min_tokens)
         self._rows: list[Request] = []  # decoding, in the batch's row order
         self._sampling: SamplingRows | None = None  # the same rows' sampling settings

@@ -16,8 +16,10 @@ weights that this layout removes:
   times. It holds slots x columns x 2 x layers x kv_heads x head_dim values (SmolLM2-135M in
   fp32: 45 KiB a column, so 64 slots of 256 columns take 720 MiB), as a left-padded cache holds
   rows x its longest row; it keeps that size while rows run and returns to its first size
-  when the last row leaves. Keys are stored transposed, (head_dim, columns) a row and head:
-  ``FusedLlama.decode`` says why.
+  when the last row leaves. The engine's first size is ``max_batch_size`` slots of 256
+  columns, allocated and touched once at start (``lmref.serving.warm_up``) and kept, so a
+  burst of requests meets no fresh memory. Keys are stored transposed, (head_dim, columns) a
+  row and head: ``FusedLlama.decode`` says why.
 
 Prefill stays on the model's forward (``batching.Prefill``: chunks, shared prefix, echo): a
 finished prefill's rows copy their real columns into free slots.

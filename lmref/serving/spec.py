@@ -30,6 +30,9 @@ class ModelSpec:
     batch_wait_ms: float = 5.0  # how long an idle worker gathers requests (a busy one: none)
     prefill_chunk_tokens: int = 256  # prompt columns per prefill forward; decode steps between
     prefix_cache_min_tokens: int = 16  # a shared prompt start this long is computed once; 0: off
+    # At start, this many tokens in each of max_batch_size prompts are prefilled and stepped once,
+    # so the first burst meets memory already touched (lmref.serving.warm_up); 0: no warm-up.
+    warm_up_tokens: int = 32
     max_queue_size: int = 256  # rows waiting; more -> QueueFull (the app answers 429)
     device: str = "auto"  # cuda when present, else cpu
     chat_template: str | None = None  # Jinja; None: the tokenizer's, else DEFAULT_CHAT_TEMPLATE
