@@ -26,7 +26,9 @@ class ModelSpec:
 
     name: str
     path: str
-    max_batch_size: int = 16  # rows (prompts) decoding together; 1 turns batching off
+    # Rows (prompts) decoding together; 1 turns batching off. A Llama's slot cache is allocated
+    # for this many rows at start and kept (SmolLM2-135M fp32: 11 MiB a row of 256 tokens).
+    max_batch_size: int = 16
     batch_wait_ms: float = 5.0  # how long an idle worker gathers requests (a busy one: none)
     prefill_chunk_tokens: int = 256  # prompt columns per prefill forward; decode steps between
     prefix_cache_min_tokens: int = 16  # a shared prompt start this long is computed once; 0: off
