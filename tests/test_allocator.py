@@ -60,3 +60,14 @@ def test_freed_memory_stays_for_the_next_burst_only_when_kept():
     assert default[0] < 64 and default[1] < 64  # given back after each burst
     assert kept[0] > 0.9 * 256  # still held after the first
     assert kept[1] < kept[0] + 64  # and the second burst reused it
+
+
+def test_without_a_glibc_nothing_is_changed(monkeypatch, caplog):
+    import ctypes.util
+
+    from lmref.core.allocator import keep_freed_memory
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libc-that-is-not-here.so")
+    with caplog.at_level("INFO", logger="lmref.core.allocator"):
+        assert keep_freed_memory() is False
+    assert "libc-that-is-not-here.so has no glibc mallopt" in caplog.text

@@ -47,12 +47,13 @@ def keep_freed_memory() -> bool:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-        if not hasattr(libc, "gnu_get_libc_version"):  # musl's mallopt ignores everything
-            raise AttributeError("not glibc")
-    except (OSError, AttributeError, TypeError):
+    except (OSError, TypeError):  # no C library found (name None) or it cannot be loaded
+        libc = None
+    # musl has a mallopt that ignores everything: glibc is told apart by a function of its own.
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version")):
         log.info("freed memory goes back to the system: %s has no glibc mallopt", name)
         return False
+    mallopt = libc.mallopt
     settings = {
         "M_ARENA_MAX": (_M_ARENA_MAX, 1),  # the engine thread allocates from the main heap too
         "M_MMAP_THRESHOLD": (_M_MMAP_THRESHOLD, KEEP_BELOW_BYTES),
