@@ -45,9 +45,11 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed memory in this process for reuse; False (and a log line) when the
     C library is not glibc or refuses a setting."""
     name = ctypes.util.find_library("c")
+    # name None (not found): on Linux CDLL(None) is the process's own symbols, glibc's among
+    # them; on Windows it raises TypeError. OSError: a library that cannot be loaded.
     try:
         libc = ctypes.CDLL(name)
-    except (OSError, TypeError):  # no C library found (name None) or it cannot be loaded
+    except (OSError, TypeError):
         libc = None
     # musl has a mallopt that ignores everything: glibc is told apart by a function of its own.
     if not (hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version")):
