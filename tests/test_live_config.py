@@ -165,8 +165,13 @@ def test_bad_changes_are_refused_with_a_reason(replicas, tiny_model_dir):
 
 
 @needs_redis
+@pytest.mark.skipif(not shutil.which("prometheus"), reason="prometheus (Debian)")
 def test_canary_promotes_a_good_version_and_rolls_back_a_slow_one(replicas, tiny_model_dir):
-    from lmref.production.canary import CanaryConfig, run_canary
+    """Both ways the canary reads its numbers: the good version's from the replicas' /metrics,
+    the slow one's from a real Prometheus scraping them; then the two readings are compared."""
+    from lmref.lab.lifecycle_servers import start_prometheus
+    from lmref.lab.prometheus_api import query
+    from lmref.production.canary import CanaryConfig, quantile, query_prometheus, run_canary, scrape
 
     a, b = replicas
     urls = [a.url, b.url]
@@ -178,27 +183,46 @@ def test_canary_promotes_a_good_version_and_rolls_back_a_slow_one(replicas, tiny
     slow = {"name": "slow", "model": str(tiny_model_dir), "batch_wait_ms": 1000}
     assert admin("POST", a.url, "/v1/admin/models", slow).ok
     wait_applied(replicas)
-    load = Load(replicas, limit=10_000)
-    try:
-        common = dict(alias="prod", dwell_s=2.0, min_requests=5, max_latency_ratio=3.0)
-        good = run_canary(
-            CanaryConfig(champion="v1", candidate="good", steps=(25, 100), **common),
-            a.url,
-            urls,
-            KEY,
-        )
-        bad = run_canary(
-            CanaryConfig(champion="good", candidate="slow", steps=(10, 50, 100), **common),
-            b.url,
-            urls,
-            KEY,
-        )
-    finally:
-        results = load.stop()
-    print(f"\ncanary good: {good.decision}; slow: {bad.decision}: {bad.reason}")
-    assert good.decision == "promoted", good
-    assert bad.decision == "rolled_back", bad
-    assert "champion" in bad.reason and len(bad.steps) == 1
-    assert all(s == 200 for _, s, _ in results)
-    wait_applied(replicas)
-    assert all(config(x.url)["serving"]["aliases"]["prod"] == {"good": 1.0} for x in replicas)
+    with Services() as services:
+        prometheus = services.add(start_prometheus([f"127.0.0.1:{r.port}" for r in replicas]))
+        load = Load(replicas, limit=10_000)
+        try:
+            common = dict(alias="prod", dwell_s=2.0, min_requests=5, max_latency_ratio=3.0)
+            good = run_canary(
+                CanaryConfig(champion="v1", candidate="good", steps=(25, 100), **common),
+                a.url,
+                urls,
+                KEY,
+            )
+            bad = run_canary(
+                CanaryConfig(champion="good", candidate="slow", steps=(10, 50, 100), **common),
+                b.url,
+                api_key=KEY,
+                prometheus_url=prometheus.url,
+            )
+        finally:
+            results = load.stop()
+        print(f"\ncanary good: {good.decision}; slow: {bad.decision}: {bad.reason}")
+        assert good.decision == "promoted", good
+        assert bad.decision == "rolled_back", bad
+        assert "champion" in bad.reason and len(bad.steps) == 1
+        assert bad.steps[0].numbers["slow"]["requests"] >= 5  # judged on Prometheus's numbers
+        assert all(s == 200 for _, s, _ in results)
+        wait_applied(replicas)
+        assert all(config(x.url)["serving"]["aliases"]["prod"] == {"good": 1.0} for x in replicas)
+
+        # With the load stopped, Prometheus's sums (after its next scrape) equal the replicas' own,
+        # and the canary's p99 equals PromQL's histogram_quantile over the same buckets.
+        versions = ("v1", "good", "slow")
+        deadline, direct = time.monotonic() + 15, scrape(urls)
+        direct = {v: direct[v] for v in versions}
+        while {v: (summed := query_prometheus(prometheus.url)).get(v) for v in versions} != direct:
+            assert time.monotonic() < deadline, (summed, direct)
+            time.sleep(0.5)
+        for version in versions:
+            promql = (
+                "histogram_quantile(0.99, sum by (le) "
+                f'(lmref:e2e_request_latency_seconds_bucket{{model_name="{version}"}}))'
+            )
+            expected = float(query(prometheus.url, promql)[0]["value"][1])
+            assert quantile(0.99, direct[version]["buckets"]) == pytest.approx(expected)
