@@ -71,3 +71,16 @@ def test_without_a_glibc_nothing_is_changed(monkeypatch, caplog):
     with caplog.at_level("INFO", logger="lmref.core.allocator"):
         assert keep_freed_memory() is False
     assert "libc-that-is-not-here.so has no glibc mallopt" in caplog.text
+
+
+def test_a_batch_worker_keeps_freed_memory_only_where_it_runs_the_engine(monkeypatch):
+    from lmref.production import worker
+    from lmref.production.celery_app import BatchConfig
+
+    called = []
+    monkeypatch.setattr(worker, "keep_freed_memory", lambda: called.append(True))
+    monkeypatch.setattr(worker.BatchWorker, "serving", property(lambda self: called.append(False)))
+    worker.BatchWorker(BatchConfig(), env={}).load()
+    assert called == [True, False]  # the policy first, then the engine loads
+    worker.BatchWorker(BatchConfig(), env={"LMREF_WORKER_UPSTREAM": "http://127.0.0.1:1"}).load()
+    assert called == [True, False]  # a forwarding worker runs no engine: its allocator is left

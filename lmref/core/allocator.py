@@ -15,9 +15,11 @@ settings against 498, 481 and 461 without.
 ``keep_freed_memory`` makes glibc keep what it freed: one arena for every thread, blocks under
 1 GiB from the heap, and free space at the heap's top given back only past 2 GiB. The process's
 resident memory then stays at its high-water mark, as a GPU server's does (vLLM holds its KV
-cache for the process's life; PyTorch's CUDA allocator caches freed blocks). Called once by the
-server's process (``python -m lmref.serve``), before its threads start: a library imported into
-someone's notebook does not change their allocator. A C library other than glibc (musl, macOS):
+cache for the process's life; PyTorch's CUDA allocator caches freed blocks). Called once by
+each process that runs the engine, before its threads start: the server's
+(``python -m lmref.serve``) and each pool process of a Batch worker
+(``lmref.production.worker``). A library imported into someone's notebook does not change
+their allocator. A C library other than glibc (musl, macOS):
 nothing is changed, and it says so.
 
 Usage::

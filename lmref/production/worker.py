@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 from celery import Celery, Task, signals
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
+from lmref.core.allocator import keep_freed_memory
 from lmref.core.credentials import service_url
 from lmref.production.celery_app import TASK_NAME, BatchConfig, make_celery
 from lmref.production.connections import STORE_ERRORS
@@ -159,7 +160,8 @@ class BatchWorker:
     def load(self, **_: Any) -> None:
         """``worker_process_init``: the model loads before the first request comes."""
         started = time.perf_counter()
-        if not self.upstream:
+        if not self.upstream:  # this process runs the engine, as a replica does
+            keep_freed_memory()  # before the engine's threads start: lmref.core.allocator says why
             self.serving  # noqa: B018 (loads the models)
         # Celery says "ready." before its pool processes finish this handler: this line (on
         # stdout, which Celery logs) is the moment the worker can really serve.
