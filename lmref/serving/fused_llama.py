@@ -12,6 +12,8 @@ layer is 4 matmuls and 13 other computing calls (views aside):
 - each packed once for oneDNN (``lmref.serving.packed_linear``), in the layout that measured
   fastest on this kind of CPU (``largest_matrices_layout``), with the residual additions done
   by the o and down matmuls as they write (oneDNN's "sum" post-op: two calls fewer a layer);
+  in fp32 one row goes through ``lmref.serving.matvec``'s kernel instead, which streams the
+  weights faster (it keeps a plain copy of them for that);
 - ``torch.rms_norm`` (one call, not seven), rotary embedding of q and k together in three
   calls, the softmax scale folded into the mask's addition.
 
@@ -34,6 +36,7 @@ from typing import get_args
 import torch
 import torch.nn.functional as F
 
+from lmref.serving.matvec import OneRowLinear, matvec_kernel
 from lmref.serving.packed_linear import PackedLinear, packing_available
 from lmref.serving.spec import DecodeWeights
 
@@ -116,18 +119,22 @@ def largest_matrices_layout() -> int:
 
 def _linear(weight: torch.Tensor, batch_hint: int, weights: str = "same"):
     """A callable ``x -> x @ weight.T``: smaller weights when asked (``SmallLinear``), else
-    oneDNN-packed where it can be, else ``F.linear``."""
+    oneDNN-packed where it can be (fp32: one row through ``lmref.serving.matvec``'s kernel where
+    it is built), else ``F.linear``."""
     if weights != "same":
         return SmallLinear(weight, weights)
     if weight.device.type == "cpu" and packing_available(weight.dtype):
+        kernel = matvec_kernel() if weight.dtype == torch.float32 else None
+        if kernel is not None:
+            return OneRowLinear(weight, batch_hint, kernel)
         return PackedLinear(weight, None, batch_hint)
     weight = weight.detach()  # o, down, lm_head: the model's own tensor, no copy
     return lambda x: F.linear(x, weight)
 
 
 def _add_linear(residual: torch.Tensor, linear, x: torch.Tensor) -> torch.Tensor:
-    """``residual + linear(x)``: one call when ``linear`` is oneDNN-packed."""
-    if isinstance(linear, PackedLinear):
+    """``residual + linear(x)``: one call when ``linear`` is oneDNN-packed or one-row."""
+    if isinstance(linear, (PackedLinear, OneRowLinear)):
         return linear.add_to(residual, x)
     return residual + linear(x)
 
