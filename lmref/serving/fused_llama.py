@@ -60,7 +60,7 @@ class SmallLinear:
       are bf16 too, so the weights are rounded against the scale the kernel reads. The kernel
       gives a row the same bits alone or in a batch, but activations rounded to bf16 turn the
       fp32 rest's tiny batch differences into different text (1 of 4 prompts kept its greedy
-      text alone and among 15 others; fp32 4 of 4);
+      text alone and among 15 others, 3 of 4 in a later run; fp32 4 of 4 in both);
     - ``"int8-dynamic"`` (FBGEMM): the same int8 weights, and activations quantized at each
       call to 7 bits (``reduce_range``: AVX2's 16-bit pairwise sums cannot saturate) with ONE
       scale for the whole input: outlier channels cost accuracy, and a row's result depends on
@@ -113,6 +113,10 @@ def largest_matrices_layout() -> int:
       ``slot_batch`` steps interleaved in one process, three runs: 4-15% at one row, 12-25% at
       16, 8-16% at 64: 16 there, and on the Intel Xeon too until it is measured (it has
       AVX-512; AMX does not do fp32).
+
+    Where fp32 one-row steps go through ``lmref.serving.matvec``'s kernel, oneDNN's layout only
+    serves more rows, and ``_linear`` takes 16's on every CPU (inferred from the AVX2 numbers
+    above, not measured with the kernel there).
     """
     return 1 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
 
@@ -125,8 +129,8 @@ def _linear(weight: torch.Tensor, batch_hint: int, weights: str = "same"):
         return SmallLinear(weight, weights)
     if weight.device.type == "cpu" and packing_available(weight.dtype):
         kernel = matvec_kernel() if weight.dtype == torch.float32 else None
-        if kernel is not None:
-            return OneRowLinear(weight, batch_hint, kernel)
+        if kernel is not None:  # oneDNN then sees 2+ rows only: 16's layout, the faster for them
+            return OneRowLinear(weight, 16, kernel)
         return PackedLinear(weight, None, batch_hint)
     weight = weight.detach()  # o, down, lm_head: the model's own tensor, no copy
     return lambda x: F.linear(x, weight)

@@ -1,25 +1,29 @@
 """One row against a weight matrix at the memory's speed: the fp32 matvec of single-stream decode.
 
 Decoding one stream multiplies one row by every weight matrix of the model, reading each weight
-once: the step takes as long as streaming the weights does. oneDNN's packed matmul
-(``lmref.serving.packed_linear``, the fastest kernel torch reaches here) streams them at
-about 80% of the speed a torch sum reads the same bytes; MKL's at 30-40%; numpy's OpenBLAS
-faster, but its thread pool fights torch's in the step; inductor's compiled multiply-reduce and
-its GEMM template no faster than oneDNN in the step. So this is the project's one hand-written
-kernel (``matvec.cpp``, about 40 lines of AVX-512 or AVX2): each thread streams its block of
-rows front to back, four rows sharing each load of the row vector, on torch's own thread pool.
-Measured on a 2-core AMD EPYC (AVX-512), SmolLM2-135M's 121 decode matrices read cold, one row,
-in one run: 46.9 GB/s against oneDNN's 39.8 and a torch sum's 50.9 over the same bytes; the
-whole one-row decode step (``SlotBatch``, interleaved) 13.98 ms against 17.56.
+once: the step takes as long as streaming the weights does. Measured on a 2-core AMD EPYC
+(AVX-512), one row against SmolLM2-135M's 121 decode matrices read cold, each kernel against a
+torch sum and oneDNN in the same run: oneDNN's packed matmul (``lmref.serving.packed_linear``, the fastest torch reaches
+here) reads them at 72-79% of the speed a torch sum reads the same bytes; MKL's GEMM at about
+a third; inductor's compiled multiply-reduce as fast as oneDNN (38.9 against 39.8 GB/s) and its
+GEMM template slower; numpy's OpenBLAS faster, but its thread pool fights torch's in the step.
+So this is the project's one hand-written kernel (``matvec.cpp``, about 40 lines of AVX-512 or
+AVX2): each thread streams its block of rows front to back, four rows sharing each load of the
+row vector, on torch's own OpenMP pool. It read at 44.9 GB/s against oneDNN's 37.5 and the
+sum's 47.2; the one-row decode step (``SlotBatch``, interleaved in one process) took 11.1-11.4
+ms against 14.2-14.3; served single-stream, 74.4 against 66.5 tokens/s, as fast as llama.cpp on
+the F32 GGUF (74.3; ``benchmarks/results/serving_peer-cpu-avx512-matvec.json``).
 
 ``OneRowLinear`` holds a matrix both ways: plain for this kernel (one row) and packed for oneDNN
-(more rows, where its blocked GEMM wins). The plain copies cost memory: 312 MB for
-SmolLM2-135M's q/k/v, o, gate/up and down (the output layer is the embedding's own tensor).
+(more rows, where its blocked GEMM wins: steps of 16, 32 and 64 rows are unchanged). The plain
+tensors cost memory: 424 MB for SmolLM2-135M (q/k/v and gate/up stacked, 278 MB; o and down,
+which ``pack_linears`` would otherwise free, 146 MB; the output layer is the embedding's own
+tensor); the process's resident memory grew by 220 MB.
 
 Built once per machine and vector width with ``torch.utils.cpp_extension`` (g++ and ninja, from
 Debian in ``make setup``, which builds it) into torch's extension folder. Where it cannot be
 built or the CPU has neither AVX-512 nor AVX2, or with ``LMREF_MATVEC=0``, ``matvec_kernel()``
-is None and decode runs oneDNN for every row count, as before; the log says why once.
+is None and decode runs oneDNN for every row count, as before (a failed build is logged once).
 
 Usage::
 
