@@ -20,8 +20,9 @@ tensors cost memory: 424 MB for SmolLM2-135M (q/k/v and gate/up stacked, 278 MB;
 which ``pack_linears`` would otherwise free, 146 MB; the output layer is the embedding's own
 tensor); the process's resident memory grew by 220 MB.
 
-Built once per machine and vector width with ``torch.utils.cpp_extension`` (g++ and ninja, from
-Debian in ``make setup``, which builds it) into torch's extension folder. Where it cannot be
+Built once per environment and vector width with ``torch.utils.cpp_extension`` (g++ and ninja,
+from Debian in ``make setup``, which builds it) into ``<venv>/lmref-kernels/`` (torch's own
+extension folder where the environment is not writable). Where it cannot be
 built or the CPU has neither AVX-512 nor AVX2, or with ``LMREF_MATVEC=0``, ``matvec_kernel()``
 is None and decode runs oneDNN for every row count, as before (a failed build is logged once).
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import sys
 import threading
 import time
 from pathlib import Path
@@ -80,11 +82,18 @@ def matvec_kernel(width: str | None = None):
 def _build(width: str):
     from torch.utils.cpp_extension import load
 
+    name = f"lmref_matvec_{width}"  # one per width: a home shared by several machine kinds
+    # In the environment's own folder when it is writable (a venv): built against its torch, and
+    # not rebuilt in turn by another checkout, as torch's shared default folder would be.
+    folder = Path(sys.prefix, "lmref-kernels", name) if os.access(sys.prefix, os.W_OK) else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
         module = load(
-            name=f"lmref_matvec_{width}",  # a folder per width: one home, several machine kinds
+            name=name,
             sources=[str(SOURCE)],
+            build_directory=None if folder is None else str(folder),
             # -fopenmp: at::parallel_for is inline, and without it runs on one thread. The
             # library it links is the libgomp torch has loaded already (the same soname).
             extra_cflags=["-O3", "-fopenmp", *FLAGS[width]],
