@@ -260,6 +260,7 @@ LMREF_VARIANTS = {  # server name -> extra flags of python -m lmref.serve
     "lmref-unpacked": ["--no-pack-linears"],  # MKL's GEMM on the weights as loaded
     "lmref-before": [],  # the lmref package under --before (an older checkout)
     "lmref-passive": [],  # idle OpenMP threads asleep (OMP_WAIT_POLICY=PASSIVE)
+    "lmref-no-matvec": [],  # one row through oneDNN too, not lmref.serving.matvec's kernel
 }
 PEERS = ["vllm", "llama.cpp-f32", "llama.cpp-q4_1", "transformers-serve-cb"]
 # Servers that read fewer weight bytes than --dtype's: no share of the bound is reported for them.
@@ -282,6 +283,8 @@ def start(
         env["PYTHONPATH"] = before
     if server == "lmref-passive":  # lmref.serve's comment has the numbers
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if server == "lmref-no-matvec":
+        env["LMREF_MATVEC"] = "0"
     flags = ["--model", f"smollm2={model_path}", "--torch-threads", str(threads),
              "--cache-size", "0", "--max-batch-size", str(max_batch), "--threads", "160",
              "--max-queue-size", "1024", "--dtype", dtype, *LMREF_VARIANTS[server]]  # fmt: skip
