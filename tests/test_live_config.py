@@ -216,7 +216,10 @@ def test_canary_promotes_a_good_version_and_rolls_back_a_slow_one(replicas, tiny
         versions = ("v1", "good", "slow")
         deadline, direct = time.monotonic() + 15, scrape(urls)
         direct = {v: direct[v] for v in versions}
-        while {v: (summed := query_prometheus(prometheus.url)).get(v) for v in versions} != direct:
+        while True:  # one reading of Prometheus a round, compared whole
+            summed = query_prometheus(prometheus.url)
+            if {v: summed.get(v) for v in versions} == direct:
+                break
             assert time.monotonic() < deadline, (summed, direct)
             time.sleep(0.5)
         for version in versions:

@@ -71,7 +71,7 @@ def test_bad_input_is_refused_by_name():
 def test_one_row_goes_through_the_kernel_and_more_rows_through_onednn():
     kernel = kernel_for()
     weight = torch.randn(40, 24)
-    linear, packed = OneRowLinear(weight, 16, kernel), PackedLinear(weight, None, 16)
+    linear, packed = OneRowLinear(weight, kernel), PackedLinear(weight, None, 16)
     assert (linear.out_features, linear.in_features) == (40, 24)
     one, three, residual = torch.randn(1, 24), torch.randn(3, 24), torch.randn(3, 40)
     torch.testing.assert_close(linear(one), kernel.matvec(one, weight), rtol=0, atol=0)

@@ -115,8 +115,8 @@ def largest_matrices_layout() -> int:
       AVX-512; AMX does not do fp32).
 
     Where fp32 one-row steps go through ``lmref.serving.matvec``'s kernel, oneDNN's layout only
-    serves more rows, and ``_linear`` takes 16's on every CPU (inferred from the AVX2 numbers
-    above, not measured with the kernel there).
+    serves more rows, and ``OneRowLinear`` takes 16's on every CPU (inferred from the AVX2
+    numbers above, not measured with the kernel there).
     """
     return 1 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
 
@@ -129,8 +129,8 @@ def _linear(weight: torch.Tensor, batch_hint: int, weights: str = "same"):
         return SmallLinear(weight, weights)
     if weight.device.type == "cpu" and packing_available(weight.dtype):
         kernel = matvec_kernel() if weight.dtype == torch.float32 else None
-        if kernel is not None:  # oneDNN then sees 2+ rows only: 16's layout, the faster for them
-            return OneRowLinear(weight, 16, kernel)
+        if kernel is not None:
+            return OneRowLinear(weight, kernel)
         return PackedLinear(weight, None, batch_hint)
     weight = weight.detach()  # o, down, lm_head: the model's own tensor, no copy
     return lambda x: F.linear(x, weight)

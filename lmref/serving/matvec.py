@@ -33,7 +33,7 @@ Usage::
     kernel = matvec_kernel()                    # None: not available here (logged)
     y = kernel.matvec(x, weight)                # x (1, in), weight (out, in): fp32, contiguous
     y = kernel.matvec(x, weight, residual)      # residual + x @ weight.T in one pass
-    linear = OneRowLinear(weight, 16, kernel)   # one row: the kernel; more: oneDNN
+    linear = OneRowLinear(weight, kernel)       # one row: the kernel; more: oneDNN
 """
 
 from __future__ import annotations
@@ -110,10 +110,12 @@ def _build(width: str):
 class OneRowLinear:
     """``x @ W.T``: one row through the matvec kernel, more rows through oneDNN's packed GEMM."""
 
-    def __init__(self, weight: torch.Tensor, batch_hint: int, kernel):
+    def __init__(self, weight: torch.Tensor, kernel):
         self.weight = weight.detach().contiguous()  # a model's own tensor is not copied
         self.out_features, self.in_features = self.weight.shape
-        self.packed = PackedLinear(self.weight, None, batch_hint)
+        # oneDNN sees 2+ rows only: PackedLinear's default layout, the one for 16, is the faster
+        # for them on every CPU measured (fused_llama.largest_matrices_layout has the numbers).
+        self.packed = PackedLinear(self.weight, None)
         self.kernel = kernel
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
