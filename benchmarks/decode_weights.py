@@ -15,6 +15,7 @@ split's blocks), in one process:
 Usage::
 
     python benchmarks/decode_weights.py     # -> benchmarks/results/decode_weights-cpu-<isa>.json
+    python benchmarks/decode_weights.py --weights same int8 --out /tmp/dw.json   # some kinds
 
 ``<isa>`` is ``amx`` on the Intel Xeon, ``avx512`` where the CPU has AVX-512 without AMX (VNNI
 and BF16 come with it on the machines here) and ``avx2`` elsewhere
@@ -23,6 +24,7 @@ and BF16 come with it on the machines here) and ``avx2`` elsewhere
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -115,10 +117,15 @@ def step_ms(served, encoded: list[list[int]], steps: int = 10) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", nargs="+", choices=DECODE_WEIGHTS, default=DECODE_WEIGHTS,
+                        help="the kinds to measure (fp32, 'same', always comes first)")  # fmt: skip
+    parser.add_argument("--out", help="default benchmarks/results/decode_weights-cpu-<isa>.json")
+    args = parser.parse_args()
     torch.set_num_threads(2)
     rows, loaded = {}, {}
     reference = None
-    for weights in DECODE_WEIGHTS:
+    for weights in ["same", *(w for w in args.weights if w != "same")]:
         served = load_served_model(MODEL, pack=True, decode_weights=weights)
         tok = served.tokenizer
         chats = [tok.apply_chat_template(m, add_generation_prompt=True) for m in prompts(16)]
@@ -176,7 +183,9 @@ def main() -> None:
         },
         "results": rows,
     }
-    out = REPO / "benchmarks" / "results" / f"decode_weights-cpu-{report['isa']}.json"
+    out = Path(
+        args.out or REPO / "benchmarks" / "results" / f"decode_weights-cpu-{report['isa']}.json"
+    )
     out.write_text(json.dumps(report, indent=2) + "\n")
     print("wrote", out)
 

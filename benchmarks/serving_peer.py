@@ -256,6 +256,7 @@ LMREF_VARIANTS = {  # server name -> extra flags of python -m lmref.serve
     "lmref": [],
     "lmref-generic": ["--no-slot-cache"],  # the transformers forward over a DynamicCache
     "lmref-fp16": ["--decode-weights", "fp16"],  # decode reads fp16 weights (fused_llama)
+    "lmref-int8": ["--decode-weights", "int8"],  # int8 weights, lmref.serving.matvec's kernel
     "lmref-int8-bf16": ["--decode-weights", "int8-bf16"],  # int8 weights, bf16 activations
     "lmref-unpacked": ["--no-pack-linears"],  # MKL's GEMM on the weights as loaded
     "lmref-before": [],  # the lmref package under --before (an older checkout)
@@ -264,7 +265,7 @@ LMREF_VARIANTS = {  # server name -> extra flags of python -m lmref.serve
 }
 PEERS = ["vllm", "llama.cpp-f32", "llama.cpp-q4_1", "transformers-serve-cb"]
 # Servers that read fewer weight bytes than --dtype's: no share of the bound is reported for them.
-SMALLER_WEIGHTS = ("lmref-fp16", "lmref-int8-bf16", "llama.cpp-q4_1")
+SMALLER_WEIGHTS = ("lmref-fp16", "lmref-int8", "lmref-int8-bf16", "llama.cpp-q4_1")
 
 
 def start(
@@ -344,7 +345,7 @@ def main() -> None:
     parser.add_argument(
         "--servers",
         nargs="+",
-        default=["lmref", "lmref-fp16", "lmref-int8-bf16", "lmref-generic", *PEERS],
+        default=["lmref", "lmref-fp16", "lmref-int8", "lmref-int8-bf16", "lmref-generic", *PEERS],
         help=f"of {', '.join([*LMREF_VARIANTS, *PEERS])}",
     )
     parser.add_argument(
@@ -435,7 +436,8 @@ def main() -> None:
                     bound_around_tokens_per_s=here, fraction_of_bound_around=rate / here
                 )
     lmref_rates = [at("lmref", c)["output_tokens_per_s"] for c in args.clients if at("lmref", c)]
-    int8, q4_1 = single.get("lmref-int8-bf16"), single.get("llama.cpp-q4_1")
+    int8_server = next((s for s in ("lmref-int8", "lmref-int8-bf16") if s in single), None)
+    int8, q4_1 = single.get(int8_server), single.get("llama.cpp-q4_1")
     int8_vs_q4_1 = int8 and q4_1 and int8["decode_tokens_per_s"] / q4_1["decode_tokens_per_s"]
     vs_vllm = ratios.get("vllm", {})
     report = {
@@ -486,6 +488,7 @@ def main() -> None:
             "met_single": single.get("lmref", {}).get("fraction_of_bound", 0) >= 0.8,
             "met_single_around": single.get("lmref", {}).get("fraction_of_bound_around", 0) >= 0.8,
             # The moonshot's speed half (its perplexity half: benchmarks/decode_weights.py).
+            "int8_server": int8_server,
             "int8_single_vs_llama_cpp_q4_1": int8_vs_q4_1,
             "met_int8_single_vs_q4_1": bool(int8_vs_q4_1) and int8_vs_q4_1 >= 1.0,
         },

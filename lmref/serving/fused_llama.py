@@ -12,8 +12,8 @@ layer is 4 matmuls and 13 other computing calls (views aside):
 - each packed once for oneDNN (``lmref.serving.packed_linear``), in the layout that measured
   fastest on this kind of CPU (``largest_matrices_layout``), with the residual additions done
   by the o and down matmuls as they write (oneDNN's "sum" post-op: two calls fewer a layer);
-  in fp32 one row goes through ``lmref.serving.matvec``'s kernel instead, which streams the
-  weights faster (it keeps a plain copy of them for that);
+  in fp32 up to 8 rows go through ``lmref.serving.matvec``'s kernel instead, which streams the
+  weights faster (it keeps a plain copy of them for that), and int8 weights always do;
 - ``torch.rms_norm`` (one call, not seven), rotary embedding of q and k together in three
   calls, the softmax scale folded into the mask's addition.
 
@@ -36,7 +36,7 @@ from typing import get_args
 import torch
 import torch.nn.functional as F
 
-from lmref.serving.matvec import OneRowLinear, matvec_kernel
+from lmref.serving.matvec import KERNEL_ROWS, FewRowsLinear, Int8Linear, matvec_kernel
 from lmref.serving.packed_linear import PackedLinear, packing_available
 from lmref.serving.spec import DecodeWeights
 
@@ -49,12 +49,14 @@ class SmallLinear:
 
     - ``"fp16"`` (FBGEMM, the kernels behind ``torch.ops.quantized``): weights rounded to fp16
       and widened as read, arithmetic in fp32: a row's result does not depend on its batch;
-    - ``"int8"``: weight-only, int8 per output channel (scale = max |w| / 127), torch's
-      ``_weight_int8pack_mm`` (the kernel of torchao's int8 weight-only CPU path); activations
-      stay fp32, so a row's result does not depend on its batch either. That kernel is fast
-      for bf16 inputs only: with fp32 ones a 3072x576 matvec took 572 us, 9x the bf16 one, and
-      16 rows took 41x (9.7 ms against 0.24; AVX-512 EPYC; with torch's AVX2 kernels there,
-      595 us against 105 at one row);
+    - ``"int8"``: int8 per output channel (scale = max |w| / 127). Where
+      ``lmref.serving.matvec``'s kernel is built (``_linear`` then makes an ``Int8Linear``,
+      not this), each row of activations is rounded to int16 with its own scale and the
+      products summed exactly: fast at every batch, and a row's result does not depend on its
+      batch. Without it (this class), torch's ``_weight_int8pack_mm`` (the kernel of torchao's
+      int8 weight-only CPU path) with fp32 activations, fast for bf16 inputs only: a 3072x576
+      matvec took 572 us, 9x the bf16 one, and 16 rows took 41x (9.7 ms against 0.24; AVX-512
+      EPYC; with torch's AVX2 kernels there, 595 us against 105 at one row);
     - ``"int8-bf16"``: the same int8 weights and kernel, fed bf16 activations; it returns bf16
       (the decode step's additions widen it back into its fp32 residual stream). Its scales
       are bf16 too, so the weights are rounded against the scale the kernel reads. The kernel
@@ -114,33 +116,43 @@ def largest_matrices_layout() -> int:
       16, 8-16% at 64: 16 there, and on the Intel Xeon too until it is measured (it has
       AVX-512; AMX does not do fp32).
 
-    Where fp32 one-row steps go through ``lmref.serving.matvec``'s kernel, oneDNN's layout only
-    serves more rows, and ``OneRowLinear`` takes 16's on every CPU (inferred from the AVX2
-    numbers above, not measured with the kernel there).
+    Where fp32 steps of up to 8 rows go through ``lmref.serving.matvec``'s kernel, oneDNN's
+    layout only serves more rows, and ``FewRowsLinear`` takes 16's on every CPU (inferred from
+    the AVX2 numbers above, not measured with the kernel there).
     """
     return 1 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
 
 
 def _linear(weight: torch.Tensor, batch_hint: int, weights: str = "same"):
-    """A callable ``x -> x @ weight.T``: smaller weights when asked (``SmallLinear``), else
-    oneDNN-packed where it can be (fp32: one row through ``lmref.serving.matvec``'s kernel where
-    it is built), else ``F.linear``."""
+    """A callable ``x -> x @ weight.T``: smaller weights when asked (int8 through
+    ``lmref.serving.matvec``'s kernel where it is built, else ``SmallLinear``), else
+    oneDNN-packed where it can be (fp32: up to 8 rows through ``lmref.serving.matvec``'s kernel
+    where it is built), else ``F.linear``."""
+    if weights == "int8" and weight.device.type == "cpu" and (kernel := matvec_kernel()):
+        return Int8Linear(weight, kernel)
     if weights != "same":
         return SmallLinear(weight, weights)
     if weight.device.type == "cpu" and packing_available(weight.dtype):
         kernel = matvec_kernel() if weight.dtype == torch.float32 else None
         if kernel is not None:
-            return OneRowLinear(weight, kernel)
+            return FewRowsLinear(weight, kernel)
         return PackedLinear(weight, None, batch_hint)
     weight = weight.detach()  # o, down, lm_head: the model's own tensor, no copy
     return lambda x: F.linear(x, weight)
 
 
 def _add_linear(residual: torch.Tensor, linear, x: torch.Tensor) -> torch.Tensor:
-    """``residual + linear(x)``: one call when ``linear`` is oneDNN-packed or one-row."""
-    if isinstance(linear, (PackedLinear, OneRowLinear)):
+    """``residual + linear(x)``: one call when ``linear`` is oneDNN-packed or the kernel's."""
+    if isinstance(linear, (PackedLinear, FewRowsLinear, Int8Linear)):
         return linear.add_to(residual, x)
     return residual + linear(x)
+
+
+def _normed_linear(linear, x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """``linear(torch.rms_norm(x, ..., gain, eps))``: one call when ``linear`` is the kernel's."""
+    if isinstance(linear, (FewRowsLinear, Int8Linear)):
+        return linear.after_norm(x, gain, eps)
+    return linear(torch.rms_norm(x, (x.shape[-1],), gain, eps))
 
 
 def llama_layers(model):
@@ -200,6 +212,7 @@ class FusedLlama:
         # 0.125), and held-out perplexity rose +0.51% that way against +0.29% this way
         # (SmolLM2-135M, AVX-512 EPYC), for 28 MB read instead of 56 (113 in fp32).
         self.lm_head = _linear(model.lm_head.weight, largest, output_layer_weights(weights))
+        self.kernel = matvec_kernel()  # its rotary and cache writes; None: torch's calls
 
     @classmethod
     def of(cls, model, weights: str = "same") -> FusedLlama | None:
@@ -247,26 +260,38 @@ class FusedLlama:
         n, kv, d, half = tokens.shape[0], self.kv_heads, self.head_dim, self.head_dim // 2
         heads, groups = self.heads, self.heads // self.kv_heads
         rows = torch.arange(n, device=tokens.device)
-        # One mask for all layers: a row attends to its own columns up to its new token.
-        bias = torch.zeros((n, 1, 1, width), dtype=keys.dtype, device=keys.device)
-        columns = torch.arange(width, device=keys.device)
-        bias.masked_fill_(columns > positions.view(n, 1, 1, 1), float("-inf"))
-        cos, sin = tables[0][positions].unsqueeze(1), tables[1][positions].unsqueeze(1)
+        cos, sin = tables[0][positions], tables[1][positions]  # (n, d): each row's position
+        # The kernel's rotary and cache writes where it is built and the cache is CPU fp32 (one
+        # call for five), and its attention for up to KERNEL_ROWS rows (one call for four; with
+        # more rows torch's batched matmuls are faster: at 64 rows over 300 columns, 7-10% of
+        # the fp32 step). Else torch's calls, with one mask for all layers: a row attends to its
+        # own columns up to its new token.
+        store = self.kernel if keys.is_cpu and keys.dtype == torch.float32 else None
+        attend = store if n <= KERNEL_ROWS else None
+        if attend is None:
+            bias = torch.zeros((n, 1, 1, width), dtype=keys.dtype, device=keys.device)
+            columns = torch.arange(width, device=keys.device)
+            bias.masked_fill_(columns > positions.view(n, 1, 1, 1), float("-inf"))
         x = self.model.model.embed_tokens(tokens)
         for i, w in enumerate(self.layers):
-            h = torch.rms_norm(x, (self.hidden,), w.norm_attention, self.eps)
-            qkv = w.qkv(h).view(n, heads + 2 * kv, d)
-            qk = qkv[:, : heads + kv]
-            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # rotary, q and k at once
-            keys[i, rows, :, :, positions] = qk[:, heads:]
-            values[i, rows, :, positions] = qkv[:, heads + kv :].to(values.dtype)  # int8-bf16
-            q = qk[:, :heads].view(n, kv, groups, d)  # grouped heads read their shared keys
-            scores = q @ keys[i, :n, :, :, :width]  # (n, kv, groups, width)
-            weights = torch.softmax(torch.add(bias, scores, alpha=self.scale), dim=-1)
-            out = (weights @ values[i, :n, :, :width]).reshape(n, heads * d)
+            qkv = _normed_linear(w.qkv, x, w.norm_attention, self.eps).view(n, heads + 2 * kv, d)
+            if store is not None and qkv.dtype == torch.float32:  # int8-bf16's is bf16
+                q = store.rope_store(qkv.contiguous(), cos, sin, keys, values, i, positions)
+            else:
+                qk = qkv[:, : heads + kv]  # rotary, q and k at once:
+                qk = torch.addcmul(qk * cos[:, None], qk.roll(half, -1), sin[:, None])
+                keys[i, rows, :, :, positions] = qk[:, heads:]
+                values[i, rows, :, positions] = qkv[:, heads + kv :].to(values.dtype)
+                q = qk[:, :heads]
+            if attend is not None:
+                out = attend.attend(q.contiguous(), keys, values, i, positions, self.scale)
+            else:
+                q = q.view(n, kv, groups, d)  # grouped heads read their shared keys
+                scores = q @ keys[i, :n, :, :, :width]  # (n, kv, groups, width)
+                weights = torch.softmax(torch.add(bias, scores, alpha=self.scale), dim=-1)
+                out = (weights @ values[i, :n, :, :width]).reshape(n, heads * d)
             x = _add_linear(x, w.o, out)
-            h = torch.rms_norm(x, (self.hidden,), w.norm_mlp, self.eps)
-            gate_up = w.gate_up(h)
+            gate_up = _normed_linear(w.gate_up, x, w.norm_mlp, self.eps)
             act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
             x = _add_linear(x, w.down, act)
-        return self.lm_head(torch.rms_norm(x, (self.hidden,), self.norm, self.eps))
+        return _normed_linear(self.lm_head, x, self.norm, self.eps)

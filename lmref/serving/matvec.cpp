@@ -1,14 +1,21 @@
-// One row against a weight matrix, y = x W^T (+ residual), fp32, at the memory's speed: the
-// matvec of single-stream decode. lmref/serving/matvec.py builds it and says why it exists.
+// A few rows against a weight matrix, y = x W^T (+ residual), at the memory's speed: the matvec
+// of single-stream decode. W is fp32, or int8 with a scale per output row (widened to fp32 as it
+// is read: arithmetic in fp32). lmref/serving/matvec.py builds it and says why it exists.
 //
 // A matvec reads each weight once and does one multiply-add with it, so its speed is how fast
 // it streams W. Each thread takes a block of rows and reads its part of W front to back; four
-// rows at a time share each load of x (x stays in L1: 576 to 1536 floats).
+// rows of W at a time share each load of x (x stays in L1: 576 to 1536 floats). With several
+// rows of x, each block of 4 rows of W (a few KB, in L1) meets every group of up to 4 rows of
+// x before the next block is read; a row's sum is formed the same way whatever the other rows
+// are, so its result does not depend on its batch.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <vector>
+#include <cmath>
+#include <cstdint>
 
 #if defined(__AVX512F__)
 using Vec = __m512;
@@ -17,6 +24,21 @@ static inline Vec vzero() { return _mm512_setzero_ps(); }
 static inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+using IVec = __m512i;  // 32 int16, or 16 int32 sums of pairs of their products
+constexpr int64_t kPairs = 32;
+static inline IVec izero() { return _mm512_setzero_si512(); }
+static inline IVec iload(const int8_t* p) {  // 32 int8 widened to int16
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p));
+}
+static inline IVec iload(const int16_t* p) { return _mm512_loadu_si512(p); }
+static inline IVec idot(IVec a, IVec b, IVec acc) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, a, b);  // VNNI: the two below in one instruction
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+static inline float isum(IVec v) { return vsum(_mm512_cvtepi32_ps(v)); }
 #elif defined(__AVX2__) && defined(__FMA__)
 using Vec = __m256;
 constexpr int64_t kWidth = 8;
@@ -28,67 +50,322 @@ static inline float vsum(Vec v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+using IVec = __m256i;  // 16 int16, or 8 int32 sums of pairs of their products
+constexpr int64_t kPairs = 16;
+static inline IVec izero() { return _mm256_setzero_si256(); }
+static inline IVec iload(const int8_t* p) {  // 16 int8 widened to int16
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p));
+}
+static inline IVec iload(const int16_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline IVec idot(IVec a, IVec b, IVec acc) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+}
+static inline float isum(IVec v) { return vsum(_mm256_cvtepi32_ps(v)); }
 #else
 #error "built with -mavx512f or -mavx2 -mfma (lmref/serving/matvec.py picks the flags)"
 #endif
 
-// One row of w (in columns) against x: the rows left over when out is not a multiple of 4.
-static inline float row_dot(const float* w, const float* x, int64_t in) {
-  const int64_t body = in - in % kWidth;
-  Vec a = vzero();
-  for (int64_t i = 0; i < body; i += kWidth) a = vfma(vload(w + i), vload(x + i), a);
-  float s = vsum(a);
-  for (int64_t i = body; i < in; ++i) s += w[i] * x[i];
-  return s;
+// The two kinds of W: fp32 against fp32 x, and int8 against x quantized to int16 (integer
+// products summed exactly in int32, then scaled: both scales applied once per sum).
+struct Fp32 {
+  using W = float;
+  using X = float;
+  using Acc = Vec;
+  static constexpr int64_t kStep = kWidth;
+  static Acc zero() { return vzero(); }
+  static Acc load(const float* p) { return vload(p); }
+  static Acc dot(Acc w, Acc x, Acc acc) { return vfma(w, x, acc); }
+  static float sum(Acc a) { return vsum(a); }
+};
+struct Int8 {
+  using W = int8_t;
+  using X = int16_t;
+  using Acc = IVec;
+  static constexpr int64_t kStep = kPairs;
+  static Acc zero() { return izero(); }
+  static Acc load(const int8_t* p) { return iload(p); }
+  static Acc load(const int16_t* p) { return iload(p); }
+  static Acc dot(Acc w, Acc x, Acc acc) { return idot(w, x, acc); }
+  static float sum(Acc a) { return isum(a); }
+};
+
+// How far ahead of its reads a thread asks for W. Without it, the int8 matrices of one
+// SmolLM2 step (134.6 MB, most under 2 MB) were read at 26 GB/s, where the fp32 ones (4x the
+// bytes, the same rows) reached 63: a small matrix ends before the hardware prefetcher has
+// ramped up. Measured on the AVX-512 EPYC, one row, cold (ms for the int8 set): 1 KB ahead 4.2,
+// 2.3 KB 3.7, 4.5 KB 3.1, 9 KB 2.4-2.5, 16 KB 2.8, 32 KB 2.9, 64 KB 3.3, none 5.0; fp32
+// 8.7-8.8 at 9 KB against 9.5-9.7 with none in one run (the VM's speed drifted in the next).
+constexpr int64_t kAhead = 9216;
+
+struct Problem {  // y (m, out) = x (m, in) W^T (out, in), scaled, + residual
+  const void* w;
+  const void* x;
+  const float* w_scale;  // per row of W, or null (fp32)
+  const float* x_scale;  // per row of x, or null (fp32)
+  const float* residual;  // (m, out) or null
+  float* y;
+  int64_t in, out, m;
+};
+
+// Rows of W [first, first + R) (R: 4, or 1 for the rows left over) against rows of x
+// [row, row + G) (G: 1 to 4): every W vector loaded (and widened) once for the G rows of x.
+template <typename K, int R, int G>
+static inline void tile(const Problem& p, int64_t first, int64_t row) {
+  using W = typename K::W;
+  using X = typename K::X;
+  const int64_t body = p.in - p.in % K::kStep;
+  const W* wr[R];
+  const X* xr[G];
+  for (int k = 0; k < R; ++k) wr[k] = static_cast<const W*>(p.w) + (first + k) * p.in;
+  for (int g = 0; g < G; ++g) xr[g] = static_cast<const X*>(p.x) + (row + g) * p.in;
+  typename K::Acc a[G][R];
+  for (int g = 0; g < G; ++g)
+    for (int k = 0; k < R; ++k) a[g][k] = K::zero();
+  for (int64_t i = 0; i < body; i += K::kStep) {
+    typename K::Acc wk[R];
+    for (int k = 0; k < R; ++k) _mm_prefetch((const char*)(wr[k] + i) + kAhead, _MM_HINT_T0);
+    for (int k = 0; k < R; ++k) wk[k] = K::load(wr[k] + i);
+    for (int g = 0; g < G; ++g) {
+      const auto xi = K::load(xr[g] + i);
+      for (int k = 0; k < R; ++k) a[g][k] = K::dot(wk[k], xi, a[g][k]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int k = 0; k < R; ++k) {
+      float s = K::sum(a[g][k]);
+      for (int64_t i = body; i < p.in; ++i) s += float(wr[k][i]) * float(xr[g][i]);
+      if (p.w_scale) s *= p.w_scale[first + k] * p.x_scale[row + g];
+      const int64_t at = (row + g) * p.out + first + k;
+      p.y[at] = p.residual ? s + p.residual[at] : s;
+    }
 }
 
-torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& weight,
-                     const c10::optional<torch::Tensor>& residual) {
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == torch::kFloat,
-              "matvec: weight must be a contiguous fp32 (out, in) matrix");
+// Rows of W [first, first + R) against every row of x, in groups of up to 4 rows of x.
+template <typename K, int R>
+static inline void rows_of_w(const Problem& p, int64_t first) {
+  int64_t row = 0;
+  for (; row + 4 <= p.m; row += 4) tile<K, R, 4>(p, first, row);
+  switch (p.m - row) {
+    case 3: tile<K, R, 3>(p, first, row); break;
+    case 2: tile<K, R, 2>(p, first, row); break;
+    case 1: tile<K, R, 1>(p, first, row); break;
+  }
+}
+
+template <typename K>
+static void run(const Problem& p) {
+  const int64_t blocks = p.out / 4;
+  // Blocks of 4 rows, at least 16 blocks a task so that small matrices are not split finely.
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) rows_of_w<K, 4>(p, b * 4);
+  });
+  for (int64_t k = blocks * 4; k < p.out; ++k) rows_of_w<K, 1>(p, k);  // at most 3 rows left
+}
+
+// Each row of x to int16 with its own scale, max |x| / 32767: 15 significant bits against the
+// row's largest value (a row's result does not depend on the other rows).
+static void quantize_rows(const float* x, int64_t m, int64_t in, int16_t* q, float* scale) {
+  for (int64_t row = 0; row < m; ++row, x += in, q += in) {
+    float largest = 0.f;
+    for (int64_t i = 0; i < in; ++i) largest = std::max(largest, std::fabs(x[i]));
+    scale[row] = largest / 32767.f;
+    const float inverse = largest > 0.f ? 32767.f / largest : 0.f;
+    for (int64_t i = 0; i < in; ++i) q[i] = static_cast<int16_t>(std::nearbyint(x[i] * inverse));
+  }
+}
+
+// RMSNorm of each row of x, as torch.rms_norm computes it: x * rsqrt(mean(x^2) + eps) * gain.
+// A step's norms feed its matmuls only, so the kernel takes them on: one call instead of two,
+// where torch.rms_norm alone took 6.7 us for one row of 576 (0.4 ms of a one-row step).
+static torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& gain, double eps) {
+  const int64_t m = x.size(0), in = x.size(1);
+  TORCH_CHECK(gain.dim() == 1 && gain.size(0) == in && gain.is_contiguous() &&
+                  gain.scalar_type() == torch::kFloat,
+              "matvec: norm must be a contiguous fp32 vector of ", in, " values");
+  auto normed = torch::empty_like(x);
+  const float* g = gain.data_ptr<float>();
+  for (int64_t row = 0; row < m; ++row) {
+    const float* xr = x.data_ptr<float>() + row * in;
+    float* out = normed.data_ptr<float>() + row * in;
+    float squares = 0.f;
+    for (int64_t i = 0; i < in; ++i) squares += xr[i] * xr[i];
+    const float r = 1.f / std::sqrt(squares / in + static_cast<float>(eps));
+    for (int64_t i = 0; i < in; ++i) out[i] = xr[i] * r * g[i];
+  }
+  return normed;
+}
+
+torch::Tensor matvec(const torch::Tensor& x_in, const torch::Tensor& weight,
+                     const c10::optional<torch::Tensor>& residual,
+                     const c10::optional<torch::Tensor>& scale,
+                     const c10::optional<torch::Tensor>& norm, double eps) {
+  const bool int8 = weight.scalar_type() == torch::kChar;
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
+                  (int8 || weight.scalar_type() == torch::kFloat),
+              "matvec: weight must be a contiguous fp32 or int8 (out, in) matrix");
   const int64_t out = weight.size(0), in = weight.size(1);
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == in && x.is_contiguous() &&
-                  x.scalar_type() == torch::kFloat,
-              "matvec: x must be one contiguous fp32 row of ", in, " values, got ", x.sizes());
-  auto y = torch::empty({1, out}, x.options());
-  const float* r = nullptr;
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == in && x_in.is_contiguous() &&
+                  x_in.scalar_type() == torch::kFloat,
+              "matvec: x must be contiguous fp32 rows of ", in, " values, got ", x_in.sizes());
+  const torch::Tensor x = norm.has_value() ? rms_norm(x_in, *norm, eps) : x_in;
+  const int64_t m = x.size(0);
+  auto y = torch::empty({m, out}, x.options());
+  Problem p{weight.data_ptr(), x.data_ptr(), nullptr, nullptr, nullptr, y.data_ptr<float>(),
+            in, out, m};
   if (residual.has_value()) {
     TORCH_CHECK(residual->sizes() == y.sizes() && residual->is_contiguous() &&
                     residual->scalar_type() == torch::kFloat,
-                "matvec: residual must be a contiguous fp32 (1, ", out, ") row");
-    r = residual->data_ptr<float>();
+                "matvec: residual must be contiguous fp32 of shape ", y.sizes());
+    p.residual = residual->data_ptr<float>();
   }
-  const float* w = weight.data_ptr<float>();
-  const float* xv = x.data_ptr<float>();
-  float* yv = y.data_ptr<float>();
-  const int64_t body = in - in % kWidth, blocks = out / 4;
-  // Blocks of 4 rows, at least 16 blocks a task so that small matrices are not split finely.
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t first = begin * 4; first < end * 4; first += 4) {
-      const float *w0 = w + first * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
-      Vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-      for (int64_t i = 0; i < body; i += kWidth) {
-        const Vec xi = vload(xv + i);
-        a0 = vfma(vload(w0 + i), xi, a0);
-        a1 = vfma(vload(w1 + i), xi, a1);
-        a2 = vfma(vload(w2 + i), xi, a2);
-        a3 = vfma(vload(w3 + i), xi, a3);
-      }
-      float s[4] = {vsum(a0), vsum(a1), vsum(a2), vsum(a3)};
-      for (int64_t k = 0; k < 4; ++k) {
-        for (int64_t i = body; i < in; ++i) s[k] += w[(first + k) * in + i] * xv[i];
-        yv[first + k] = r ? s[k] + r[first + k] : s[k];
-      }
-    }
-  });
-  for (int64_t k = blocks * 4; k < out; ++k) {  // at most 3 rows left
-    const float s = row_dot(w + k * in, xv, in);
-    yv[k] = r ? s + r[k] : s;
+  TORCH_CHECK(int8 == scale.has_value(), "matvec: an int8 weight needs its scale, fp32 none");
+  if (!int8) {
+    run<Fp32>(p);
+    return y;
   }
+  TORCH_CHECK(scale->dim() == 1 && scale->size(0) == out && scale->is_contiguous() &&
+                  scale->scalar_type() == torch::kFloat,
+              "matvec: scale must be a contiguous fp32 vector of ", out, " values");
+  auto quantized = torch::empty({m, in}, x.options().dtype(torch::kShort));
+  auto x_scale = torch::empty({m}, x.options());
+  quantize_rows(x.data_ptr<float>(), m, in, quantized.data_ptr<int16_t>(),
+                x_scale.data_ptr<float>());
+  p.x = quantized.data_ptr();
+  p.w_scale = scale->data_ptr<float>();
+  p.x_scale = x_scale.data_ptr<float>();
+  run<Int8>(p);
   return y;
 }
 
+// The rotary embedding of a decode step's q and k heads, and the new key and value of each row
+// written into the slot cache (lmref.serving.fused_llama's layout): five torch calls a layer
+// (a multiply, a roll, an addcmul and two indexed writes) in one, about 12 us of a one-row
+// step's layer. Rows are slots 0..n-1; keys (layers, slots, kv, d, columns), values
+// (layers, slots, kv, columns, d). Returns the rotated q heads, (n, heads, d).
+constexpr int64_t kMaxHeadDim = 1024;
+
+torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos,
+                         const torch::Tensor& sin, const torch::Tensor& keys,
+                         const torch::Tensor& values, int64_t layer,
+                         const torch::Tensor& positions) {
+  for (const auto* t : {&qkv, &cos, &sin, &keys, &values})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat && t->is_cpu(),
+                "rope_store: qkv, cos, sin, keys and values must be contiguous fp32 CPU tensors");
+  TORCH_CHECK(qkv.dim() == 3 && keys.dim() == 5 && values.dim() == 5,
+              "rope_store: qkv (rows, heads + 2 kv, d), keys and values 5-d");
+  const int64_t n = qkv.size(0), d = qkv.size(2), kv = keys.size(2), columns = keys.size(4);
+  const int64_t heads = qkv.size(1) - 2 * kv, half = d / 2;
+  TORCH_CHECK(d % 2 == 0 && d <= kMaxHeadDim && heads > 0 && keys.size(3) == d && values.size(3) == columns &&
+                  values.size(4) == d && values.size(2) == kv && n <= keys.size(1) &&
+                  0 <= layer && layer < keys.size(0),
+              "rope_store: qkv ", qkv.sizes(), " does not fit keys ", keys.sizes(), " and values ",
+              values.sizes(), " at layer ", layer);
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == n && cos.size(1) == d,
+              "rope_store: cos and sin must be (rows, d)");
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == n &&
+                  positions.scalar_type() == torch::kLong && positions.is_contiguous(),
+              "rope_store: positions must be a contiguous int64 vector of the rows");
+  auto q = torch::empty({n, heads, d}, qkv.options());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t slots = keys.size(1);
+  for (int64_t r = 0; r < n; ++r) {
+    TORCH_CHECK(0 <= pos[r] && pos[r] < columns, "rope_store: position ", pos[r],
+                " outside the cache's ", columns, " columns");
+    const float* c = cos.data_ptr<float>() + r * d;
+    const float* s = sin.data_ptr<float>() + r * d;
+    const float* row = qkv.data_ptr<float>() + r * (heads + 2 * kv) * d;
+    for (int64_t h = 0; h < heads + kv; ++h) {  // q heads, then k heads: rotated
+      const float* x = row + h * d;
+      float rotated[kMaxHeadDim];  // x * cos + roll(x, d / 2) * signed sin
+      for (int64_t j = 0; j < half; ++j) rotated[j] = x[j] * c[j] + x[j + half] * s[j];
+      for (int64_t j = half; j < d; ++j) rotated[j] = x[j] * c[j] + x[j - half] * s[j];
+      if (h < heads) {
+        std::copy(rotated, rotated + d, q.data_ptr<float>() + (r * heads + h) * d);
+      } else {  // keys[layer, r, h - heads, :, pos]: one column, strided
+        float* k = keys.data_ptr<float>() + (((layer * slots + r) * kv + h - heads) * d) * columns;
+        for (int64_t j = 0; j < d; ++j) k[j * columns + pos[r]] = rotated[j];
+      }
+    }
+    for (int64_t h = 0; h < kv; ++h) {  // values[layer, r, h, pos, :]: one row, as computed
+      const float* v = row + (heads + kv + h) * d;
+      float* out = values.data_ptr<float>() + (((layer * slots + r) * kv + h) * columns + pos[r]) * d;
+      std::copy(v, v + d, out);
+    }
+  }
+  return q;
+}
+
+// One decode step's attention for each row over its own slot's columns 0..position (no mask to
+// build or add): q (rows, heads, d) against layer's keys and values, heads grouped over the kv
+// heads they share. (q k) * scale, softmax, the weighted sum of values: what the torch version
+// in fused_llama does in two batched matmuls, an addition and a softmax, about 20 us a layer
+// for one row, mostly the calls' own cost. Returns (rows, heads * d).
+torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
+                     int64_t layer, const torch::Tensor& positions, double scale) {
+  for (const auto* t : {&q, &keys, &values})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat && t->is_cpu(),
+                "attend: q, keys and values must be contiguous fp32 CPU tensors");
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 5 && values.dim() == 5, "attend: q (rows, heads, d)");
+  const int64_t n = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t slots = keys.size(1), kv = keys.size(2), columns = keys.size(4);
+  TORCH_CHECK(kv > 0 && heads % kv == 0 && keys.size(3) == d && values.size(4) == d &&
+                  values.size(3) == columns && n <= slots && 0 <= layer && layer < keys.size(0),
+              "attend: q ", q.sizes(), " does not fit keys ", keys.sizes(), " at layer ", layer);
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == n &&
+                  positions.scalar_type() == torch::kLong && positions.is_contiguous(),
+              "attend: positions must be a contiguous int64 vector of the rows");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r)
+    TORCH_CHECK(0 <= pos[r] && pos[r] < columns, "attend: position ", pos[r], " outside ",
+                columns, " columns");
+  auto out = torch::empty({n, heads * d}, q.options());
+  const int64_t groups = heads / kv;
+  const float s = static_cast<float>(scale);
+  at::parallel_for(0, n * kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(columns);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t / kv, h = t % kv, width = pos[r] + 1;
+      const float* k = keys.data_ptr<float>() + ((layer * slots + r) * kv + h) * d * columns;
+      const float* v = values.data_ptr<float>() + ((layer * slots + r) * kv + h) * columns * d;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t head = h * groups + g;
+        const float* qh = q.data_ptr<float>() + (r * heads + head) * d;
+        float* o = out.data_ptr<float>() + (r * heads + head) * d;
+        float* sc = scores.data();
+        std::fill(sc, sc + width, 0.f);
+        for (int64_t j = 0; j < d; ++j) {  // keys lie (d, columns): a row of them per q value
+          const float qj = qh[j];
+          const float* kj = k + j * columns;
+          for (int64_t c = 0; c < width; ++c) sc[c] += qj * kj[c];
+        }
+        float largest = -INFINITY;
+        for (int64_t c = 0; c < width; ++c) largest = std::max(largest, sc[c] *= s);
+        float total = 0.f;
+        for (int64_t c = 0; c < width; ++c) total += (sc[c] = std::exp(sc[c] - largest));
+        std::fill(o, o + d, 0.f);
+        for (int64_t c = 0; c < width; ++c) {
+          const float p = sc[c] / total;
+          const float* vc = v + c * d;
+          for (int64_t j = 0; j < d; ++j) o[j] += p * vc[j];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("matvec", &matvec, "y = x W^T (+ residual) for one fp32 row", py::arg("x"),
-        py::arg("weight"), py::arg("residual") = py::none());
+  m.def("attend", &attend, "each row's attention over its slot's columns 0..position",
+        py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("layer"), py::arg("positions"),
+        py::arg("scale"));
+  m.def("rope_store", &rope_store,
+        "rotate a decode step's q and k heads, write k and v into the cache at each row's "
+        "position; returns q",
+        py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("keys"), py::arg("values"),
+        py::arg("layer"), py::arg("positions"));
+  m.def("matvec", &matvec,
+        "y = rms_norm(x) W^T (+ residual): fp32 rows; fp32 W, or int8 W with its scale; the "
+        "norm (its gain and eps) only when given",
+        py::arg("x"), py::arg("weight"), py::arg("residual") = py::none(),
+        py::arg("scale") = py::none(), py::arg("norm") = py::none(), py::arg("eps") = 1e-6);
 }
