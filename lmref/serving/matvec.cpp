@@ -1,6 +1,10 @@
-// A few rows against a weight matrix, y = x W^T (+ residual), at the memory's speed: the matvec
-// of single-stream decode. W is fp32, or int8 with a scale per output row (widened to fp32 as it
-// is read: arithmetic in fp32). lmref/serving/matvec.py builds it and says why it exists.
+// The CPU kernels of a few-row decode step (lmref/serving/matvec.py builds them and says why
+// they exist; lmref/serving/fused_llama.py calls them):
+//   matvec      y = rms_norm(x) W^T (+ residual), the norm only when asked, at the memory's
+//               speed; W fp32, or int8 with a scale per output row (x then rounded to int16 a
+//               row at a time, products summed exactly in int32);
+//   rope_store  the rotary embedding of q and k, and k and v written into the slot cache;
+//   attend      each row's attention over its own slot's columns.
 //
 // A matvec reads each weight once and does one multiply-add with it, so its speed is how fast
 // it streams W. Each thread takes a block of rows and reads its part of W front to back; four
@@ -13,9 +17,9 @@
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <vector>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #if defined(__AVX512F__)
 using Vec = __m512;

@@ -25,7 +25,14 @@ Two uses, both in ``lmref.serving.fused_llama``'s decode step:
 - ``Int8Linear`` (``--decode-weights int8``): int8 weights, a scale per output row; each row
   of x rounded to int16 with its own scale, the products summed exactly in int32 (AVX512-VNNI's
   one instruction where the CPU has it). Every row count goes through the kernel, and a row's
-  result does not depend on its batch.
+  result does not depend on its batch. Served single-stream on the AVX-512 EPYC: 159.2 tokens/s
+  against llama.cpp's 151.2 on its Q4_1 file (``serving_peer-cpu-avx512-int8.json``).
+
+Both can take the RMSNorm before them (``after_norm``), and the module has the step's rotary and
+cache writes (``rope_store``) and few-row attention (``attend``): once the matmuls stream at the
+memory's speed, a one-row step of 30 layers is as much the cost of its ~600 small torch calls
+(6.7 us a norm, 7-12 us an attention matmul) as of its weights. With them, a one-row int8 step
+took 3.35 ms against 4.6 (interleaved in one process).
 
 Built once per environment and vector width with ``torch.utils.cpp_extension`` (g++ and ninja,
 from Debian in ``make setup``, which builds it) into ``<venv>/lmref-kernels/`` (torch's own

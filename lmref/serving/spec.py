@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-# The decode step's weights (lmref.serving.fused_llama.SmallLinear says what each costs).
+# The decode step's weights (lmref.serving.fused_llama.SmallLinear says what each costs; int8
+# runs through lmref.serving.matvec.Int8Linear where its kernel is built).
 DecodeWeights = Literal["same", "fp16", "int8", "int8-bf16", "int8-dynamic"]
 
 
@@ -42,7 +43,8 @@ class ModelSpec:
     pack_linears: bool = True  # CPU: weights packed once for oneDNN (lmref.serving.packed_linear)
     slot_cache: bool = True  # Llama models decode over preallocated slots (serving.slot_batch)
     # With the slot cache, an fp32 model on CPU: the decode step's weights in fewer bytes
-    # (serving.fused_llama.SmallLinear says what each costs; int8-dynamic changes text).
+    # (serving.fused_llama.SmallLinear says what each costs; int8-dynamic changes text; int8
+    # is the fastest where serving.matvec's kernel is built).
     decode_weights: DecodeWeights = "same"
     admission: Literal["continuous", "static"] = "continuous"  # static: the baseline (scheduler)
     # A folder is served only when it matches its sha256 manifest (lmref.serving.integrity); True
