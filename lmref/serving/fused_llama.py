@@ -216,7 +216,7 @@ class FusedLlama:
         # 0.125), and held-out perplexity rose +0.51% that way against +0.29% this way
         # (SmolLM2-135M, AVX-512 EPYC), for 28 MB read instead of 56 (113 in fp32).
         self.lm_head = _linear(model.lm_head.weight, largest, output_layer_weights(weights))
-        self.kernel = matvec_kernel()  # its rotary and cache writes; None: torch's calls
+        self.kernel = matvec_kernel()  # its rotary, cache writes and attention; None: torch
 
     @classmethod
     def of(cls, model, weights: str = "same") -> FusedLlama | None:

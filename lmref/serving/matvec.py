@@ -140,9 +140,9 @@ def _build(width: str):
             verbose=False,
         )
     except Exception as err:  # no compiler or ninja, a failed build: oneDNN serves every row
-        log.warning("one-row matvec kernel unavailable, decode uses oneDNN: %s", err)
+        log.warning("decode kernels unavailable, decode uses oneDNN and torch's calls: %s", err)
         return None
-    log.info("one-row matvec kernel (%s) ready in %.1f s", width, time.perf_counter() - started)
+    log.info("decode kernels (%s) ready in %.1f s", width, time.perf_counter() - started)
     return module
 
 
@@ -206,4 +206,4 @@ class Int8Linear:
 if __name__ == "__main__":  # `make setup`: build it now, not at a server's first start
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     kernel = matvec_kernel()
-    print(f"one-row matvec kernel for {vector_width()}: {'built' if kernel else 'not used'}")
+    print(f"decode kernels for {vector_width()}: {'built' if kernel else 'not used'}")
