@@ -827,6 +827,7 @@ def test_error_after_stream_start_is_an_event(tiny_model_dir):
 
 
 def test_sigterm_drains_in_flight_requests(tiny_model_dir):
+    REQUESTS = 24  # noqa: N806
     server = spawn_server(
         [
             "--model",
@@ -851,13 +852,17 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir):
                 key=None,
             )
 
-        # One at a time, 6 x 240 tokens: the drain lasts a few hundred steps. The tiny model
-        # steps in about 0.2 ms here, so the late request is sent as soon as /ready says the
-        # drain began, not after a fixed sleep (one of 0.2 s once outlasted the whole drain).
-        pool = cf.ThreadPoolExecutor(6)
-        futures = [pool.submit(one, i) for i in range(6)]
+        # One at a time, 24 x 240 tokens: the drain lasts thousands of steps. The tiny model
+        # steps in about 0.1 ms here, so the late request is sent as soon as /ready says the
+        # drain began, not after a fixed sleep (one of 0.2 s once outlasted the whole drain, and
+        # 6 x 240 tokens once ended before /ready was first read after the signal).
+        pool = cf.ThreadPoolExecutor(REQUESTS)
+        futures = [pool.submit(one, i) for i in range(REQUESTS)]
         deadline = time.monotonic() + 30
-        while metric(server.url, "lmref:num_requests_waiting") < 5 and time.monotonic() < deadline:
+        while (
+            metric(server.url, "lmref:num_requests_waiting") < REQUESTS - 1
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.02)
         server.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -868,7 +873,7 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir):
         assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
         done = [f.result(timeout=60) for f in futures]
         pool.shutdown()
-        assert [r.status_code for r in done] == [200] * 6
+        assert [r.status_code for r in done] == [200] * REQUESTS
         assert all(r.json()["usage"]["completion_tokens"] == 240 for r in done)
         assert server.proc.wait(30) == 0
         assert any('"drained": true' in line for line in server.output)

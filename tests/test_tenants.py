@@ -192,7 +192,9 @@ def test_cancel_skips_queued_requests_and_keeps_what_finished(deployment, tmp_pa
 def small_waits_behind_big(a, b, tmp_path, big: int, run: str) -> tuple[float, int]:
     """Key A queues ``big`` requests, then key B one: B's wait and A's results by then
     (``run``: new prompts each time, so no answer comes from the worker's cache)."""
-    a_batch = create(a, upload(a, lines(f"big-{run}", big, max_tokens=16), tmp_path).id)
+    # 64 tokens a line: long enough that A's batch outlasts the polling around B's (at 16, the
+    # faster decode of 2026-12 finished 32 of A's 100 lines while B's one was being polled for).
+    a_batch = create(a, upload(a, lines(f"big-{run}", big, max_tokens=64), tmp_path).id)
     deadline = time.monotonic() + 60
     while a.batches.retrieve(a_batch.id).request_counts.completed < 1:  # the worker is busy
         assert time.monotonic() < deadline
