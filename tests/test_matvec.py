@@ -231,6 +231,7 @@ def test_rotary_and_attention_refuse_what_does_not_fit_the_cache():
     assert keys[1, 1, 0, :, 5].abs().sum() > 0 and values[1, 0, 0, 3].equal(qkv[0, 3])
     with pytest.raises(RuntimeError, match="position 16 outside"):
         kernel.rope_store(qkv, cos, sin, keys, values, 0, torch.tensor([0, 16]))
+    assert not keys[0].any() and not values[0].any()  # refused before row 0 was written
     with pytest.raises(RuntimeError, match="at layer 2"):
         kernel.rope_store(qkv, cos, sin, keys, values, 2, at)
     with pytest.raises(RuntimeError, match="contiguous fp32"):

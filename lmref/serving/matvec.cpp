@@ -241,40 +241,71 @@ torch::Tensor matvec(const torch::Tensor& x_in, const torch::Tensor& weight,
   return y;
 }
 
+// One layer of the slot cache as rope_store and attend read and write it (lmref.serving.
+// fused_llama's layout): keys (layers, slots, kv, d, columns), values (layers, slots, kv,
+// columns, d); rows are slots 0..n-1, row r's new token at positions[r]. Everything is checked
+// here, before either kernel writes anything: a bad position fails the call, not its later rows.
+struct SlotCache {
+  float* keys;
+  float* values;
+  const int64_t* positions;
+  int64_t kv, d, columns, first_slot;  // first_slot: layer * slots
+
+  SlotCache(const char* who, const torch::Tensor& keys_all, const torch::Tensor& values_all,
+            int64_t layer, const torch::Tensor& rows_positions, int64_t n, int64_t head_dim) {
+    for (const auto* t : {&keys_all, &values_all})
+      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat && t->is_cpu(), who,
+                  ": keys and values must be contiguous fp32 CPU tensors");
+    TORCH_CHECK(keys_all.dim() == 5 && values_all.dim() == 5, who, ": keys and values 5-d");
+    const int64_t slots = keys_all.size(1);
+    kv = keys_all.size(2), d = keys_all.size(3), columns = keys_all.size(4);
+    TORCH_CHECK(kv > 0 && d == head_dim && values_all.sizes() ==
+                    torch::IntArrayRef({keys_all.size(0), slots, kv, columns, d}) &&
+                    n <= slots && 0 <= layer && layer < keys_all.size(0),
+                who, ": rows of head_dim ", head_dim, " do not fit keys ", keys_all.sizes(),
+                " and values ", values_all.sizes(), " at layer ", layer);
+    TORCH_CHECK(rows_positions.dim() == 1 && rows_positions.size(0) == n &&
+                    rows_positions.scalar_type() == torch::kLong && rows_positions.is_contiguous(),
+                who, ": positions must be a contiguous int64 vector of the rows");
+    positions = rows_positions.data_ptr<int64_t>();
+    for (int64_t r = 0; r < n; ++r)
+      TORCH_CHECK(0 <= positions[r] && positions[r] < columns, who, ": position ", positions[r],
+                  " outside the cache's ", columns, " columns");
+    keys = keys_all.data_ptr<float>(), values = values_all.data_ptr<float>();
+    first_slot = layer * slots;
+  }
+  float* keys_of(int64_t r, int64_t h) const {  // (d, columns)
+    return keys + ((first_slot + r) * kv + h) * d * columns;
+  }
+  float* values_of(int64_t r, int64_t h) const {  // (columns, d)
+    return values + ((first_slot + r) * kv + h) * columns * d;
+  }
+};
+
 // The rotary embedding of a decode step's q and k heads, and the new key and value of each row
-// written into the slot cache (lmref.serving.fused_llama's layout): five torch calls a layer
-// (a multiply, a roll, an addcmul and two indexed writes) in one, about 12 us of a one-row
-// step's layer. Rows are slots 0..n-1; keys (layers, slots, kv, d, columns), values
-// (layers, slots, kv, columns, d). Returns the rotated q heads, (n, heads, d).
+// written into the slot cache: five torch calls a layer (a multiply, a roll, an addcmul and two
+// indexed writes) in one, about 12 us of a one-row step's layer. Returns the rotated q heads,
+// (n, heads, d).
 constexpr int64_t kMaxHeadDim = 1024;
 
 torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos,
                          const torch::Tensor& sin, const torch::Tensor& keys,
                          const torch::Tensor& values, int64_t layer,
                          const torch::Tensor& positions) {
-  for (const auto* t : {&qkv, &cos, &sin, &keys, &values})
+  for (const auto* t : {&qkv, &cos, &sin})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat && t->is_cpu(),
-                "rope_store: qkv, cos, sin, keys and values must be contiguous fp32 CPU tensors");
-  TORCH_CHECK(qkv.dim() == 3 && keys.dim() == 5 && values.dim() == 5,
-              "rope_store: qkv (rows, heads + 2 kv, d), keys and values 5-d");
-  const int64_t n = qkv.size(0), d = qkv.size(2), kv = keys.size(2), columns = keys.size(4);
-  const int64_t heads = qkv.size(1) - 2 * kv, half = d / 2;
-  TORCH_CHECK(d % 2 == 0 && d <= kMaxHeadDim && heads > 0 && keys.size(3) == d && values.size(3) == columns &&
-                  values.size(4) == d && values.size(2) == kv && n <= keys.size(1) &&
-                  0 <= layer && layer < keys.size(0),
-              "rope_store: qkv ", qkv.sizes(), " does not fit keys ", keys.sizes(), " and values ",
-              values.sizes(), " at layer ", layer);
+                "rope_store: qkv, cos and sin must be contiguous fp32 CPU tensors");
+  TORCH_CHECK(qkv.dim() == 3, "rope_store: qkv must be (rows, heads + 2 kv, d)");
+  const int64_t n = qkv.size(0), d = qkv.size(2), half = d / 2;
+  const SlotCache cache("rope_store", keys, values, layer, positions, n, d);
+  const int64_t kv = cache.kv, heads = qkv.size(1) - 2 * kv;
+  TORCH_CHECK(d % 2 == 0 && d <= kMaxHeadDim && heads > 0, "rope_store: qkv ", qkv.sizes(),
+              " does not fit keys ", keys.sizes());
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == n && cos.size(1) == d,
               "rope_store: cos and sin must be (rows, d)");
-  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == n &&
-                  positions.scalar_type() == torch::kLong && positions.is_contiguous(),
-              "rope_store: positions must be a contiguous int64 vector of the rows");
   auto q = torch::empty({n, heads, d}, qkv.options());
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const int64_t slots = keys.size(1);
   for (int64_t r = 0; r < n; ++r) {
-    TORCH_CHECK(0 <= pos[r] && pos[r] < columns, "rope_store: position ", pos[r],
-                " outside the cache's ", columns, " columns");
+    const int64_t at = cache.positions[r];
     const float* c = cos.data_ptr<float>() + r * d;
     const float* s = sin.data_ptr<float>() + r * d;
     const float* row = qkv.data_ptr<float>() + r * (heads + 2 * kv) * d;
@@ -285,15 +316,14 @@ torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos,
       for (int64_t j = half; j < d; ++j) rotated[j] = x[j] * c[j] + x[j - half] * s[j];
       if (h < heads) {
         std::copy(rotated, rotated + d, q.data_ptr<float>() + (r * heads + h) * d);
-      } else {  // keys[layer, r, h - heads, :, pos]: one column, strided
-        float* k = keys.data_ptr<float>() + (((layer * slots + r) * kv + h - heads) * d) * columns;
-        for (int64_t j = 0; j < d; ++j) k[j * columns + pos[r]] = rotated[j];
+      } else {  // keys[layer, r, h - heads, :, at]: one column, strided
+        float* k = cache.keys_of(r, h - heads);
+        for (int64_t j = 0; j < d; ++j) k[j * cache.columns + at] = rotated[j];
       }
     }
-    for (int64_t h = 0; h < kv; ++h) {  // values[layer, r, h, pos, :]: one row, as computed
+    for (int64_t h = 0; h < kv; ++h) {  // values[layer, r, h, at, :]: one row, as computed
       const float* v = row + (heads + kv + h) * d;
-      float* out = values.data_ptr<float>() + (((layer * slots + r) * kv + h) * columns + pos[r]) * d;
-      std::copy(v, v + d, out);
+      std::copy(v, v + d, cache.values_of(r, h) + at * d);
     }
   }
   return q;
@@ -306,31 +336,21 @@ torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos,
 // for one row, mostly the calls' own cost. Returns (rows, heads * d).
 torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
                      int64_t layer, const torch::Tensor& positions, double scale) {
-  for (const auto* t : {&q, &keys, &values})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat && t->is_cpu(),
-                "attend: q, keys and values must be contiguous fp32 CPU tensors");
-  TORCH_CHECK(q.dim() == 3 && keys.dim() == 5 && values.dim() == 5, "attend: q (rows, heads, d)");
+  TORCH_CHECK(q.is_contiguous() && q.scalar_type() == torch::kFloat && q.is_cpu() && q.dim() == 3,
+              "attend: q must be a contiguous fp32 CPU (rows, heads, d) tensor");
   const int64_t n = q.size(0), heads = q.size(1), d = q.size(2);
-  const int64_t slots = keys.size(1), kv = keys.size(2), columns = keys.size(4);
-  TORCH_CHECK(kv > 0 && heads % kv == 0 && keys.size(3) == d && values.size(4) == d &&
-                  values.size(3) == columns && n <= slots && 0 <= layer && layer < keys.size(0),
-              "attend: q ", q.sizes(), " does not fit keys ", keys.sizes(), " at layer ", layer);
-  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == n &&
-                  positions.scalar_type() == torch::kLong && positions.is_contiguous(),
-              "attend: positions must be a contiguous int64 vector of the rows");
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t r = 0; r < n; ++r)
-    TORCH_CHECK(0 <= pos[r] && pos[r] < columns, "attend: position ", pos[r], " outside ",
-                columns, " columns");
+  const SlotCache cache("attend", keys, values, layer, positions, n, d);
+  const int64_t kv = cache.kv, columns = cache.columns;
+  TORCH_CHECK(heads % kv == 0, "attend: ", heads, " q heads do not share ", kv, " kv heads");
   auto out = torch::empty({n, heads * d}, q.options());
   const int64_t groups = heads / kv;
   const float s = static_cast<float>(scale);
   at::parallel_for(0, n * kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(columns);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t r = t / kv, h = t % kv, width = pos[r] + 1;
-      const float* k = keys.data_ptr<float>() + ((layer * slots + r) * kv + h) * d * columns;
-      const float* v = values.data_ptr<float>() + ((layer * slots + r) * kv + h) * columns * d;
+      const int64_t r = t / kv, h = t % kv, width = cache.positions[r] + 1;
+      const float* k = cache.keys_of(r, h);
+      const float* v = cache.values_of(r, h);
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t head = h * groups + g;
         const float* qh = q.data_ptr<float>() + (r * heads + head) * d;

@@ -121,7 +121,8 @@ def matvec_kernel(width: str | None = None):
 def _build(width: str):
     from torch.utils.cpp_extension import load
 
-    name = f"lmref_matvec_{width.replace('-', '_')}"  # one per width: a home shared by several machine kinds
+    # One per width: a home shared by several machine kinds.
+    name = f"lmref_matvec_{width.replace('-', '_')}"
     # In the environment's own folder when it is writable (a venv): built against its torch, and
     # not rebuilt in turn by another checkout, as torch's shared default folder would be.
     folder = Path(sys.prefix, "lmref-kernels", name) if os.access(sys.prefix, os.W_OK) else None
