@@ -191,13 +191,14 @@ def test_one_row_decode_with_the_kernel_gives_the_forward_logits(monkeypatch):
 def test_the_avx2_build_gives_the_same_products():
     check_shapes(kernel_for("avx2"))
     check_int8_shapes(kernel_for("avx2"))
+    check_attention(kernel_for("avx2"))
 
 
 @unit
 @needs_kernel
 def test_the_kernels_rotary_cache_writes_and_attention_equal_torchs_calls():
     # Rows of different lengths (each attends to its own columns only), 3 and 11 rows: the
-    # kernel's attention (up to KERNEL_ROWS rows) and torch's after the kernel's cache writes.
+    # kernel's rotary, cache writes and attention against torch's calls.
     config = LlamaConfig(vocab_size=150, hidden_size=48, intermediate_size=76,
                          num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2)  # fmt: skip
     torch.manual_seed(0)
@@ -218,6 +219,33 @@ def test_the_kernels_rotary_cache_writes_and_attention_equal_torchs_calls():
                 logits[name].append(batch.step(logits[name][-1].argmax(-1).tolist()))
         for got, want in zip(logits["kernel"], logits["torch"]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def check_attention(kernel) -> None:
+    # 72 values a head (whole vectors and 8 past them), a cache of 150 columns, rows attending
+    # to 1 to 150 of them (whole vectors of columns, and a few past them): the kernel's blocks
+    # and its remainders. Columns past a row's position hold 1e3: reading one would show.
+    torch.manual_seed(0)
+    rows, heads, kv, d, columns = 9, 6, 2, 72, 150
+    positions = torch.tensor([0, 14, 15, 16, 63, 64, 65, 100, 149])
+    keys, values = torch.randn(2, rows, kv, d, columns), torch.randn(2, rows, kv, columns, d)
+    for r, p in enumerate(positions.tolist()):
+        keys[1, r, :, :, p + 1 :] = 1e3
+        values[1, r, :, p + 1 :] = 1e3
+    q = torch.randn(rows, heads, d)
+    got = kernel.attend(q, keys, values, 1, positions, 0.125)
+    for r, p in enumerate(positions.tolist()):
+        k = keys[1, r, :, :, : p + 1].double().repeat_interleave(heads // kv, 0)  # (heads, d, p+1)
+        v = values[1, r, :, : p + 1].double().repeat_interleave(heads // kv, 0)
+        weights = torch.softmax((q[r].double()[:, None] @ k)[:, 0] * 0.125, -1)
+        want = (weights[:, None] @ v)[:, 0].reshape(-1)
+        torch.testing.assert_close(got[r].double(), want, rtol=1e-5, atol=1e-5)
+
+
+@unit
+@needs_kernel
+def test_attention_is_each_rows_softmax_over_its_own_columns():
+    check_attention(kernel_for())
 
 
 @unit

@@ -38,6 +38,12 @@ def test_greedy_rows_take_the_argmax():
     assert tokens.tolist() == logits.argmax(-1).tolist()
     mixed = sample(logits, rows_of([0.0, 1.0, 0.0, 0.7], [1.0, 0.9, 1.0, 1.0], [0, 5, 0, 6]))
     assert mixed[[0, 2]].tolist() == logits[[0, 2]].argmax(-1).tolist()
+    # Ties go to the first largest, as argmax's do (a vocabulary-wide row, as served)
+    tied = torch.zeros(3, 49152)
+    tied[0, [9, 40000]] = 2.0
+    tied[1, [30000, 30001, 5]] = 1.0
+    greedy = sample(tied, rows_of([0.0] * 3, [1.0] * 3, [0] * 3))
+    assert greedy.tolist() == tied.argmax(-1).tolist() == [9, 5, 0]
 
 
 def test_seeded_rows_give_the_same_tokens_alone_and_in_any_batch():

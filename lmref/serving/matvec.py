@@ -7,9 +7,10 @@ torch sum and oneDNN in the same run: oneDNN's packed matmul (``lmref.serving.pa
 the fastest torch reaches here) reads them at 72-79% of the speed a torch sum reads the same
 bytes; MKL's GEMM at about a third; inductor's compiled multiply-reduce as fast as oneDNN (38.9
 against 39.8 GB/s) and its GEMM template slower; numpy's OpenBLAS faster, but its thread pool
-fights torch's in the step. So this is the project's one hand-written kernel (``matvec.cpp``,
-AVX-512 or AVX2): each thread streams its block of rows front to back, four rows of W sharing
-each load of x, asking for W 9 KB ahead of its reads, on torch's own OpenMP pool. It read at
+fights torch's in the step. So this is the project's hand-written kernel (``matvec.cpp``, AVX-512
+or AVX2, its vectors in ``simd.h``; the attention side in ``attend.cpp``): each thread streams
+its block of rows front to back, four rows of W sharing each load of x, asking for W 9 KB ahead
+of its reads, on torch's own OpenMP pool. It read at
 44.9 GB/s against oneDNN's 37.5 and the sum's 47.2; the one-row decode step (``SlotBatch``,
 interleaved in one process) took 11.1-11.4 ms against 14.2-14.3; served single-stream, 74.4
 against 66.5 tokens/s, as fast as llama.cpp on the F32 GGUF (74.3;
@@ -29,10 +30,13 @@ Two uses, both in ``lmref.serving.fused_llama``'s decode step:
   against llama.cpp's 151.2 on its Q4_1 file (``serving_peer-cpu-avx512-int8.json``).
 
 Both can take the RMSNorm before them (``after_norm``), and the module has the step's rotary and
-cache writes (``rope_store``) and few-row attention (``attend``): once the matmuls stream at the
-memory's speed, a one-row step of 30 layers is as much the cost of its ~600 small torch calls
-(6.7 us a norm, 7-12 us an attention matmul) as of its weights. With them, a one-row int8 step
-took 3.35 ms against 4.6 (interleaved in one process).
+cache writes (``rope_store``) and attention (``attend``, any row count): once the matmuls stream
+at the memory's speed, a one-row step of 30 layers is as much the cost of its ~600 small torch
+calls (6.7 us a norm, 7-12 us an attention matmul) as of its weights. With them, a one-row int8
+step took 3.35 ms against 4.6 (interleaved in one process). With the norm and int16 rounding in
+vectors on both threads and ``attend`` at every row count (its products kept in registers, its
+exp in vectors), int8 steps of 16 and 64 rows took 31.3 and 104.6 ms against 33.9 and 123.9,
+fp32 ones 64.8 and 143.0 against 68.1 and 148.9 (median of 3 interleaved processes, Intel Xeon).
 
 Built once per environment and vector width with ``torch.utils.cpp_extension`` (g++ and ninja,
 from Debian in ``make setup``, which builds it) into ``<venv>/lmref-kernels/`` (torch's own
@@ -68,9 +72,9 @@ import torch
 from lmref.serving.packed_linear import PackedLinear
 
 log = logging.getLogger("lmref.serving.matvec")
-SOURCE = Path(__file__).with_name("matvec.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("matvec.cpp", "attend.cpp")]  # simd.h too
 AVX512 = ["-mavx512f", "-mavx512bw", "-mfma"]
-FLAGS = {  # vector width -> compiler flags (matvec.cpp's #if); VNNI: int8 sums in one instruction
+FLAGS = {  # vector width -> compiler flags (simd.h's #if); VNNI: int8 sums in one instruction
     "avx512-vnni": [*AVX512, "-mavx512vnni"],
     "avx512": AVX512,
     "avx2": ["-mavx2", "-mfma"],
@@ -132,7 +136,7 @@ def _build(width: str):
     try:
         module = load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             build_directory=None if folder is None else str(folder),
             # -fopenmp: at::parallel_for is inline, and without it runs on one thread. The
             # library it links is the libgomp torch has loaded already (the same soname).
