@@ -61,7 +61,9 @@ def held_out(tokenizer, documents: int = 16, tokens: int = 128) -> list[list[int
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    data = REPO / "artifacts" / "data"
+    from lmref.lab.course import ensure_data
+
+    data = ensure_data()  # notebook 01's data, built here on a machine that has not run it
     course = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
     out = []
     for block in load_from_disk(str(data / "corpus"))["test"]["input_ids"]:
@@ -70,7 +72,7 @@ def held_out(tokenizer, documents: int = 16, tokens: int = 128) -> list[list[int
             out.append(ids[:tokens])
         if len(out) == documents:
             return out
-    raise SystemExit("too few long test documents: run `make artifacts` first")
+    raise SystemExit(f"{data / 'corpus'}: fewer than {documents} test documents of {tokens} tokens")
 
 
 def decode_perplexity(served, documents: list[list[int]]) -> float:
