@@ -100,34 +100,22 @@ torch::Tensor rope_store(const torch::Tensor& qkv, const torch::Tensor& cos,
   return q;
 }
 
-// attend's two products, a block of B vectors at a time kept in registers over the whole sum
-// (as plain loops, each multiply-add loaded and stored its running sum: torch's bmm was as fast).
-// Scores: columns [c, c + B kWidth) of one q head against keys (d, columns) as they lie.
+// attend's two products are one shape: out[offset + b] = sum over i < count of a[i] *
+// m[i * stride + offset + b], for a block of B vectors of b, the sums kept in registers over the
+// whole of i (as plain loops, each multiply-add loaded and stored its running sum, and torch's
+// bmm was as fast). Scores: m the keys (d, columns), i over d, a the q head, b over columns.
+// Output: m the values (columns, d), i over the columns, a the softmax weights, b over d.
 template <int B>
-static inline void score_block(const float* k, int64_t columns, int64_t d, const float* qh,
-                               float* scores, int64_t c) {
+static inline void weighted_rows(const float* m, int64_t stride, int64_t count, const float* a,
+                                 float* out, int64_t offset) {
   Vec acc[B];
   for (int b = 0; b < B; ++b) acc[b] = vzero();
-  for (int64_t j = 0; j < d; ++j) {
-    const Vec qj = vset(qh[j]);
-    const float* kj = k + j * columns + c;
-    for (int b = 0; b < B; ++b) acc[b] = vfma(qj, vload(kj + b * kWidth), acc[b]);
+  for (int64_t i = 0; i < count; ++i) {
+    const Vec ai = vset(a[i]);
+    const float* row = m + i * stride + offset;
+    for (int b = 0; b < B; ++b) acc[b] = vfma(ai, vload(row + b * kWidth), acc[b]);
   }
-  for (int b = 0; b < B; ++b) vstore(scores + c + b * kWidth, acc[b]);
-}
-
-// Output values [j, j + B kWidth) of one q head: its weights against values (width, d).
-template <int B>
-static inline void value_block(const float* v, int64_t width, int64_t d, const float* weights,
-                               float* o, int64_t j) {
-  Vec acc[B];
-  for (int b = 0; b < B; ++b) acc[b] = vzero();
-  for (int64_t c = 0; c < width; ++c) {
-    const Vec wc = vset(weights[c]);
-    const float* vc = v + c * d + j;
-    for (int b = 0; b < B; ++b) acc[b] = vfma(wc, vload(vc + b * kWidth), acc[b]);
-  }
-  for (int b = 0; b < B; ++b) vstore(o + j + b * kWidth, acc[b]);
+  for (int b = 0; b < B; ++b) vstore(out + offset + b * kWidth, acc[b]);
 }
 
 // One decode step's attention for each row over its own slot's columns 0..position (no mask to
@@ -157,8 +145,8 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& keys, const to
       float* o = out.data_ptr<float>() + (r * heads + head) * d;
       float* sc = scores.data();
       int64_t c = 0;  // whole vectors of columns; the last few one at a time (none past width)
-      for (; c + 4 * kWidth <= width; c += 4 * kWidth) score_block<4>(k, columns, d, qh, sc, c);
-      for (; c + kWidth <= width; c += kWidth) score_block<1>(k, columns, d, qh, sc, c);
+      for (; c + 4 * kWidth <= width; c += 4 * kWidth) weighted_rows<4>(k, columns, d, qh, sc, c);
+      for (; c + kWidth <= width; c += kWidth) weighted_rows<1>(k, columns, d, qh, sc, c);
       for (; c < width; ++c) {
         float a = 0.f;
         for (int64_t j = 0; j < d; ++j) a += qh[j] * k[j * columns + c];
@@ -181,8 +169,8 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& keys, const to
       const float inverse = 1.f / vsum(total_v);  // the padding's exp(-87)s: 1e-38 each
       for (c = 0; c < width; ++c) sc[c] *= inverse;
       int64_t j = 0;
-      for (; j + 4 * kWidth <= d; j += 4 * kWidth) value_block<4>(v, width, d, sc, o, j);
-      for (; j + kWidth <= d; j += kWidth) value_block<1>(v, width, d, sc, o, j);
+      for (; j + 4 * kWidth <= d; j += 4 * kWidth) weighted_rows<4>(v, d, width, sc, o, j);
+      for (; j + kWidth <= d; j += kWidth) weighted_rows<1>(v, d, width, sc, o, j);
       for (; j < d; ++j) {
         float a = 0.f;
         for (c = 0; c < width; ++c) a += sc[c] * v[c * d + j];
