@@ -827,7 +827,7 @@ def test_error_after_stream_start_is_an_event(tiny_model_dir):
 
 
 def test_sigterm_drains_in_flight_requests(tiny_model_dir):
-    REQUESTS = 24  # noqa: N806
+    REQUESTS, QUEUED = 48, 16  # noqa: N806
     server = spawn_server(
         [
             "--model",
@@ -852,18 +852,18 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir):
                 key=None,
             )
 
-        # One at a time, 24 x 240 tokens: the drain lasts thousands of steps. The tiny model
-        # steps in about 0.1 ms here, so the late request is sent as soon as /ready says the
-        # drain began, not after a fixed sleep (one of 0.2 s once outlasted the whole drain, and
-        # 6 x 240 tokens once ended before /ready was first read after the signal).
+        # One at a time, 240 tokens each: the signal comes with at least 16 requests queued, a
+        # drain of thousands of steps. The tiny model steps in about 0.1 ms here, so the late
+        # request is sent as soon as /ready says the drain began, not after a fixed sleep (one of
+        # 0.2 s once outlasted the whole drain, and 6 x 240 tokens once ended before /ready was
+        # first read after the signal). Not all 48 queued at once: the server finished the first
+        # ones while the last were sent, and waiting for 23 of 24 once waited out its 30 s.
         pool = cf.ThreadPoolExecutor(REQUESTS)
         futures = [pool.submit(one, i) for i in range(REQUESTS)]
         deadline = time.monotonic() + 30
-        while (
-            metric(server.url, "lmref:num_requests_waiting") < REQUESTS - 1
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.02)
+        while metric(server.url, "lmref:num_requests_waiting") < QUEUED:
+            assert time.monotonic() < deadline, f"{QUEUED} requests never queued at once"
+            time.sleep(0.002)
         server.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         while requests.get(server.url + "/ready", timeout=10).status_code != 503:
